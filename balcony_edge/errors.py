@@ -1,0 +1,21 @@
+"""The one exception family of balcony-edge: each carries a message naming the bad value and the fix."""
+
+
+class BalconyError(Exception):
+    """A problem the user can fix; the CLI prints it as one line and exits non-zero."""
+
+
+class BaseModelError(BalconyError):
+    """The base model cannot be found, read or used."""
+
+
+class CheckpointError(BalconyError):
+    """A balcony checkpoint is missing, incomplete or belongs to another model."""
+
+
+class DataError(BalconyError):
+    """Training or evaluation text cannot be read or is too short."""
+
+
+class ExitsError(BalconyError):
+    """An exit list is malformed or out of range."""

@@ -1,0 +1,31 @@
+"""Exit lists: parsed from the command line or JSON, validated against the base model's depth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .errors import ExitsError
+
+
+def parse_exits(value: str | Iterable[int], num_layers: int) -> tuple[int, ...]:
+    """Exits as sorted unique integers with 1 <= k < num_layers (layers)."""
+    items = [part.strip() for part in value.split(",")] if isinstance(value, str) else list(value)
+    if not items or items == [""]:
+        raise ExitsError(f"no exits given; name exit depths such as --exits 8,16,24 (1 to {num_layers - 1})")
+    exits = []
+    for item in items:
+        try:
+            if isinstance(item, float) or isinstance(item, bool):
+                raise ValueError
+            exits.append(int(item))
+        except (TypeError, ValueError):
+            raise ExitsError(f"exit {item!r} is not an integer; give depths such as --exits 8,16,24") from None
+    duplicated = sorted({k for k in exits if exits.count(k) > 1})
+    if duplicated:
+        raise ExitsError(f"exit {duplicated[0]} is given twice; list each exit depth once")
+    for k in exits:
+        if not 1 <= k < num_layers:
+            raise ExitsError(
+                f"exit {k} is out of range: this base model has {num_layers} layers, so exits go from 1 to {num_layers - 1}"
+            )
+    return tuple(sorted(exits))

@@ -1,0 +1,173 @@
+"""The Balcony model: a frozen decoder LM plus, at each exit depth k, one trainable decoder layer and RMSNorm.
+
+Exit k computes lm_head(norm_k(balcony_k(h_k))), where h_k is the hidden state after k backbone layers.
+One backbone pass yields every exit's hidden states; `exit_model(k)` is the same computation as an
+ordinary causal LM of k + 1 layers (shared modules, no copies), used for generation and export.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .errors import ExitsError
+from .exits import parse_exits
+
+BALCONY_INITS = ("last", "random")
+NORM_INITS = ("final", "exit_input")
+# Measured on SmolLM2-135M (README, "Initialisation"): the final norm's gains start the exit logits at the
+# right temperature; the exit layer's input norm (gains near 0.3) starts them far too flat.
+DEFAULT_NORM_INIT = "final"
+
+
+@dataclass(frozen=True)
+class BalconyConfig:
+    """Which exits carry a balcony and how the balconies start."""
+
+    exits: tuple[int, ...]
+    balcony_init: str = "last"
+    norm_init: str = DEFAULT_NORM_INIT
+
+    def __post_init__(self) -> None:
+        if self.balcony_init not in BALCONY_INITS:
+            raise ExitsError(f"balcony init {self.balcony_init!r} is unknown; choose one of {', '.join(BALCONY_INITS)}")
+        if self.norm_init not in NORM_INITS:
+            raise ExitsError(f"norm init {self.norm_init!r} is unknown; choose one of {', '.join(NORM_INITS)}")
+
+
+@dataclass
+class ExitHiddens:
+    """Hidden states of one backbone pass: final (normed), backbone h_k, and each exit's normed balcony output."""
+
+    final: torch.Tensor
+    backbone: dict[int, torch.Tensor] = field(default_factory=dict)
+    exits: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+_LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
+
+
+class BalconyModel(nn.Module):
+    """Frozen base causal LM with one balcony decoder layer and RMSNorm per exit; the LM head is shared."""
+
+    def __init__(self, base: PreTrainedModel, config: BalconyConfig, seed: int = 0):
+        super().__init__()
+        self.base = base
+        self.base.eval()
+        self.base.requires_grad_(False)
+        self.config = BalconyConfig(parse_exits(config.exits, self.num_layers), config.balcony_init, config.norm_init)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.balconies = nn.ModuleDict({str(k): self._new_balcony(k) for k in self.exits})
+        torch.random.set_rng_state(generator_state)
+        self.norms = nn.ModuleDict({str(k): self._new_norm(k) for k in self.exits})
+        self._exit_models: dict[int, PreTrainedModel] = {}
+
+    @property
+    def exits(self) -> tuple[int, ...]:
+        return self.config.exits
+
+    @property
+    def num_layers(self) -> int:
+        return self.base.config.num_hidden_layers
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base.model.layers
+
+    def _new_balcony(self, k: int) -> nn.Module:
+        layer = copy.deepcopy(self.layers[-1])
+        layer.self_attn.layer_idx = k  # its KV-cache slot in the k + 1 layer exit model
+        if self.config.balcony_init == "random":
+            std = getattr(self.base.config, "initializer_range", 0.02)
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=std)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                elif type(module).__name__.endswith("RMSNorm"):
+                    nn.init.ones_(module.weight)
+        return layer.requires_grad_(True)
+
+    def _new_norm(self, k: int) -> nn.Module:
+        source = self.base.model.norm if self.config.norm_init == "final" else self.layers[k].input_layernorm
+        return copy.deepcopy(source).requires_grad_(True)
+
+    def train(self, mode: bool = True) -> BalconyModel:
+        super().train(mode)
+        self.base.eval()  # the backbone never leaves eval mode
+        return self
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared, frozen LM head: hidden [..., d] -> logits [..., vocab]."""
+        return self.base.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor) -> ExitHiddens:
+        """One backbone pass over packed (unpadded) token blocks [batch, seq]; balconies run on h_k."""
+        captured: dict[int, torch.Tensor] = {}
+        layer_kwargs: dict = {}
+
+        def keep_output(k):
+            return lambda module, args, output: captured.__setitem__(k, output)
+
+        def keep_kwargs(module, args, kwargs):
+            layer_kwargs.update({name: kwargs.get(name) for name in _LAYER_KWARGS})
+
+        # The balcony is a copy of the last layer, so it takes the mask that layer gets (sliding windows too).
+        hooks = [self.layers[k - 1].register_forward_hook(keep_output(k)) for k in self.exits]
+        hooks.append(self.layers[-1].register_forward_pre_hook(keep_kwargs, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                final = self.base.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        finally:
+            for hook in hooks:
+                hook.remove()
+        hiddens = ExitHiddens(final=final, backbone=captured)
+        for k in self.exits:
+            hiddens.exits[k] = self.norms[str(k)](self.balconies[str(k)](captured[k], **layer_kwargs))
+        return hiddens
+
+    @torch.no_grad()
+    def all_logits(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Logits of every exit and of the full model (key num_layers) from one backbone pass."""
+        hiddens = self.forward(input_ids)
+        logits = {k: self.head(h) for k, h in hiddens.exits.items()}
+        logits[self.num_layers] = self.head(hiddens.final)
+        return logits
+
+    def exit_model(self, k: int) -> PreTrainedModel:
+        """Exit k as an ordinary causal LM of k + 1 layers sharing this model's modules (k = num_layers: the base)."""
+        if k == self.num_layers:
+            return self.base
+        if k not in self.exits:
+            raise ExitsError(f"exit {k} has no balcony; trained exits: {', '.join(map(str, self.exits))} (or {self.num_layers}, the full model)")
+        if k not in self._exit_models:
+            config = copy.deepcopy(self.base.config)
+            config.num_hidden_layers = k + 1
+            if getattr(config, "layer_types", None):
+                config.layer_types = list(config.layer_types[:k]) + [config.layer_types[-1]]
+            with torch.device("meta"):
+                model = type(self.base)(config)
+            model.model.embed_tokens = self.base.model.embed_tokens
+            model.model.layers = nn.ModuleList([*self.layers[:k], self.balconies[str(k)]])
+            model.model.norm = self.norms[str(k)]
+            model.model.rotary_emb = self.base.model.rotary_emb
+            model.lm_head = self.base.lm_head
+            model.generation_config = self.base.generation_config
+            self._exit_models[k] = model.eval()
+        return self._exit_models[k]
+
+    def balcony_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trainable tensors: `balconies.{k}.*` and `norms.{k}.*`."""
+        return {
+            name: tensor
+            for name, tensor in self.state_dict().items()
+            if name.startswith(("balconies.", "norms."))
+        }
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
