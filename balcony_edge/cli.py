@@ -130,6 +130,51 @@ def generate(
     print(loaded.tokenizer.decode(new, skip_special_tokens=True))
 
 
+@app.command()
+def export(
+    checkpoint: CheckpointArg = None,
+    out: Annotated[Optional[Path], typer.Option(help="Export folder; default: <cache>/exports/<checkpoint>-<precision>.")] = None,
+    exits: Annotated[Optional[str], typer.Option(help="Trained exits to export, comma-separated; default: all. The full model always is.")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for GPUs).")] = "fp32",
+    quantize: Annotated[Optional[str], typer.Option(help="Weight-only quantisation: int8 or int4 (onnxruntime MatMulNBits).")] = None,
+    base: BaseOpt = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
+    verify: Annotated[bool, typer.Option(help="Check every graph in onnxruntime against the torch model.")] = True,
+) -> None:
+    """Export each exit and the full model to ONNX graphs sharing one weights file, with a manifest."""
+    from .export.exporter import REPORT_FILE, ExportConfig, export_checkpoint
+    from .export.inspect import exits_table, inspect_export
+
+    config = ExportConfig(checkpoint=checkpoint, out=out, exits=exits, dtype=dtype, quantize=quantize, base=base, force=force, verify=verify)
+    folder = export_checkpoint(config)
+    report = json.loads((folder / REPORT_FILE).read_text())
+    console.print(exits_table(inspect_export(folder)))
+    console.print(
+        f"exported {folder}: weights {report['weights_file_bytes'] / 1e6:.1f} MB "
+        f"(parameters {report['parameter_bytes'] / 1e6:.1f} MB), {report['export_seconds']:.0f} s"
+    )
+
+
+@app.command()
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="Export folder written by `balcony-edge export`.")],
+) -> None:
+    """Exits, files, sizes, usable onnxruntime providers and checksums of an export folder."""
+    from .errors import ManifestError
+    from .export.inspect import exits_table, files_table, inspect_export
+
+    inspection = inspect_export(folder)
+    console.print(exits_table(inspection))
+    console.print(files_table(inspection))
+    console.print(f"onnxruntime providers usable here: {', '.join(inspection.providers)}")
+    if inspection.checksum_failures:
+        name, why = next(iter(inspection.checksum_failures.items()))
+        raise ManifestError(
+            f"{len(inspection.checksum_failures)} file(s) of {folder} fail their checksum ({name}: {why}); export again"
+        )
+    console.print("[green]checksums OK[/green]")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

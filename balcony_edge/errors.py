@@ -19,3 +19,11 @@ class DataError(BalconyError):
 
 class ExitsError(BalconyError):
     """An exit list is malformed or out of range."""
+
+
+class ExportError(BalconyError):
+    """An ONNX export cannot be made with the given options, or failed its verification."""
+
+
+class ManifestError(BalconyError):
+    """An export folder's manifest is missing, malformed or of another schema version."""

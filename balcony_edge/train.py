@@ -330,6 +330,8 @@ class Trainer:
                 progress.update(task, completed=self.step, rate=f"{rate:,.0f}", kl=shown)
                 if self.step % c.save_every == 0 and self.step < self.total_steps:
                     self.save()
+                    if self.dist.main and not console.is_terminal:  # a log file gets a line per checkpoint
+                        say(f"step {self.step}/{self.total_steps} {shown} {rate:,.0f} tok/s; checkpoint saved")
         self.save()
         return self.summary()
 

@@ -1,0 +1,256 @@
+"""`balcony-edge export`: a checkpoint becomes a folder of ONNX graphs (each exit and the full model) sharing one
+weights file, plus tokenizer files, report.json and manifest.json; written beside the target, then renamed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from ..base_model import BaseModel, cache_dir
+from ..checkpoint import SHIPPED_CHECKPOINT, CheckpointInfo, load_checkpoint, read_info, write_folder_atomically
+from ..console import say
+from ..errors import ExportError
+from ..exits import parse_exits
+from ..generate import eos_token_ids
+from ..model import BalconyModel
+from ..runtime.manifest import MANIFEST_FILE, ExitGraph, GenerationDefaults, KVShape, Manifest, file_sha256
+from .onnx_graph import export_exit_graph
+from .quantize import check_quantization, quantization_info, quantize_graph
+from .verify import verification_failures, verify_export
+from .weights import WeightFile, weight_bytes_per_token
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+REPORT_FILE = "report.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SHIPPED_EXPORT_NAME = "smollm2-balcony"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export and how; None means: the shipped checkpoint, the default folder, every trained exit."""
+
+    checkpoint: Path | None = None
+    out: Path | None = None
+    exits: str | tuple[int, ...] | None = None
+    dtype: str = "fp32"
+    quantize: str | None = None
+    base: str | None = None  # base model spec; default: the checkpoint's
+    force: bool = False
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ExportError(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        check_quantization(self.quantize)
+
+    @property
+    def precision(self) -> str:
+        """fp32, fp16, int8, int4, or fp16-int4 (fp16 activations, int4 weights)."""
+        if self.quantize is None:
+            return self.dtype
+        return self.quantize if self.dtype == "fp32" else f"{self.dtype}-{self.quantize}"
+
+    @property
+    def exact(self) -> bool:
+        """Whether the export must match torch to fp32 tolerance (and greedy tokens exactly)."""
+        return self.dtype == "fp32" and self.quantize is None
+
+
+def default_export_dir(checkpoint: Path, precision: str) -> Path:
+    """<cache dir>/exports/<checkpoint name>-<precision>; the shipped checkpoint is `smollm2-balcony`."""
+    name = SHIPPED_EXPORT_NAME if Path(checkpoint).resolve() == SHIPPED_CHECKPOINT.resolve() else Path(checkpoint).name
+    return cache_dir() / "exports" / f"{name}-{precision}"
+
+
+def export_checkpoint(config: ExportConfig) -> Path:
+    """Export a checkpoint's exits and full model to an ONNX folder (verified unless config.verify is False)."""
+    checkpoint = Path(config.checkpoint) if config.checkpoint is not None else SHIPPED_CHECKPOINT
+    out = Path(config.out) if config.out is not None else default_export_dir(checkpoint, config.precision)
+    check_target(out, config.force)
+    exits = select_exits(config.exits, read_info(checkpoint), checkpoint)
+    model, info, base = load_checkpoint(checkpoint, config.base)
+    export_model = with_dtype(model, DTYPES[config.dtype])
+    check_disk_space(out, parameter_bytes(export_model))
+
+    def fill(staging: Path) -> None:
+        write_export(staging, config, model, export_model, info, base, exits)
+
+    try:
+        write_folder_atomically(out, fill)
+    except OSError as err:
+        raise ExportError(f"cannot write the export {out} ({err.strerror or err}); free disk space or choose another --out") from None
+    return out
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse an existing target without --force, a target that is not an export, and an unwritable parent."""
+    if out.exists():
+        if not force:
+            raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
+        if not (out / MANIFEST_FILE).is_file() and (out.is_file() or any(out.iterdir())):
+            raise ExportError(f"{out} exists and is not a balcony-edge export (no {MANIFEST_FILE}); choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        raise ExportError(f"cannot write to {out.parent} ({err.strerror or err}); choose a writable --out") from None
+
+
+def select_exits(requested: str | tuple[int, ...] | None, info: CheckpointInfo, checkpoint: Path) -> tuple[int, ...]:
+    """The exits to export: all trained ones by default, else the requested ones, which must all be trained."""
+    trained = info.config.exits
+    if requested is None:
+        return trained
+    exits = parse_exits(requested, info.base["num_layers"])
+    untrained = [k for k in exits if k not in trained]
+    if untrained:
+        raise ExportError(
+            f"exit {untrained[0]} has no trained balcony in {checkpoint}; trained exits: {', '.join(map(str, trained))}; "
+            "pick --exits among them"
+        )
+    return exits
+
+
+def with_dtype(model: BalconyModel, dtype: torch.dtype) -> BalconyModel:
+    """The model itself in float32, else a copy whose parameters are in dtype (buffers such as RoPE stay float32)."""
+    if dtype == torch.float32:
+        return model
+    converted = copy.deepcopy(model)
+    for parameter in converted.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return converted
+
+
+def parameter_bytes(model: BalconyModel) -> int:
+    """Bytes of every distinct parameter: the base model plus the balconies and exit norms."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def check_disk_space(out: Path, needed: int) -> None:
+    """Refuse to start an export that cannot fit on the target's disk (bytes)."""
+    free = shutil.disk_usage(out.parent).free
+    if free < needed * 1.1:
+        raise ExportError(
+            f"not enough disk space for {out}: the export needs about {needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free; "
+            "free some space or choose another --out"
+        )
+
+
+def write_export(
+    staging: Path,
+    config: ExportConfig,
+    model: BalconyModel,
+    export_model: BalconyModel,
+    info: CheckpointInfo,
+    base: BaseModel,
+    exits: tuple[int, ...],
+) -> None:
+    """Fill a staging folder: graphs and weights, tokenizer files, report.json (verified), manifest.json last."""
+    started = time.perf_counter()
+    with WeightFile(staging) as weights:
+        graphs = [write_graph(staging, export_model, k, exits, config, weights) for k in (*exits, model.num_layers)]
+    manifest = Manifest(
+        base=info.base,
+        num_layers=model.num_layers,
+        vocab_size=model.base.config.vocab_size,
+        dtype=config.dtype,
+        quantization=quantization_info(config.quantize),
+        weights_file=weights.name,
+        kv=kv_shape(model.base.config, config.dtype),
+        cache_slots=[f"layer.{i}" for i in range(model.num_layers)] + [f"balcony.{k}" for k in exits],
+        exits=graphs,
+        generation=generation_defaults(model, base.tokenizer),
+        tokenizer_files=copy_tokenizer_files(base.folder, staging),
+        chat_template=CHAT_TEMPLATE_FILE if (staging / CHAT_TEMPLATE_FILE).is_file() else None,
+    )
+    report = {
+        "precision": config.precision,
+        "export_seconds": round(time.perf_counter() - started, 1),
+        "weights_file_bytes": weights.size,
+        "parameter_bytes": parameter_bytes(export_model),
+        "graph_bytes": {entry.graph: (staging / entry.graph).stat().st_size for entry in graphs},
+        "verification": None,
+    }
+    if config.verify:
+        say("verifying every graph against the torch model")
+        started = time.perf_counter()
+        report["verification"] = verify_export(staging, manifest, model, base.tokenizer)
+        report["verify_seconds"] = round(time.perf_counter() - started, 1)
+        failures = verification_failures(report["verification"], config.exact)
+        if failures:
+            raise ExportError(f"verification failed, nothing written: {failures[0]}; report this with the checkpoint")
+    (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    manifest.files = {path.name: file_sha256(path) for path in sorted(staging.iterdir())}
+    (staging / MANIFEST_FILE).write_text(manifest.to_json())
+
+
+def graph_file(exit: int, num_layers: int) -> str:
+    return "full.onnx" if exit == num_layers else f"exit_{exit}.onnx"
+
+
+def write_graph(
+    staging: Path, model: BalconyModel, exit: int, exits: tuple[int, ...], config: ExportConfig, weights: WeightFile
+) -> ExitGraph:
+    """Export, quantise if asked, move the weights into the shared file and save one exit's graph."""
+    full = exit == model.num_layers
+    layers = exit if full else exit + 1
+    say(f"exporting {'the full model' if full else f'exit {exit}'} ({layers} layers, {config.precision})")
+    proto = ir.serde.serialize_model(export_exit_graph(model, exit, DTYPES[config.dtype], tie_head=config.quantize is None))
+    if config.quantize is not None:
+        proto = quantize_graph(proto, config.quantize)
+    weights.externalize(proto)
+    name = graph_file(exit, model.num_layers)
+    onnx.save(proto, staging / name)
+    balcony_slot = [] if full else [model.num_layers + exits.index(exit)]
+    return ExitGraph(
+        exit=exit,
+        graph=name,
+        num_layers=layers,
+        cache_slots=list(range(exit)) + balcony_slot,
+        weight_bytes_per_token=weight_bytes_per_token(proto, weights),
+    )
+
+
+def kv_shape(config, dtype: str) -> KVShape:
+    """Per-slot cache shape from a Hugging Face config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return KVShape(
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        num_attention_heads=config.num_attention_heads,
+        hidden_size=config.hidden_size,
+        dtype={"fp32": "float32", "fp16": "float16"}[dtype],
+    )
+
+
+def generation_defaults(model: BalconyModel, tokenizer) -> GenerationDefaults:
+    """EOS ids (generation config and tokenizer), bos, pad and the context length (tokens)."""
+    generation = model.base.generation_config
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else generation.bos_token_id
+    pad = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
+    return GenerationDefaults(
+        eos_token_ids=sorted(eos_token_ids(model, tokenizer)),
+        bos_token_id=bos,
+        pad_token_id=pad,
+        context_length=model.base.config.max_position_embeddings,
+    )
+
+
+def copy_tokenizer_files(source: Path, staging: Path) -> list[str]:
+    """Copy the tokenizer, its config, the chat template and generation config; tokenizer.json is required."""
+    if not (Path(source) / "tokenizer.json").is_file():
+        raise ExportError(f"{source} has no tokenizer.json; the runtime needs a fast tokenizer: save the base with one")
+    copied = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(source) / name, staging / name)
+    return copied

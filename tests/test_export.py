@@ -1,0 +1,367 @@
+"""Export: one ONNX graph per exit plus the full model, weights stored once, a manifest, verified against torch."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from export_fixtures import TINY_EXITS, TINY_LAYERS, tiny_base, tiny_base_folder, tiny_checkpoint, tiny_export, tiny_model  # noqa: F401
+
+from balcony_edge.cli import main
+from balcony_edge.errors import ExportError
+from balcony_edge.export import exporter
+from balcony_edge.export.exporter import ExportConfig, export_checkpoint
+from balcony_edge.export.inspect import inspect_export
+from balcony_edge.export.verify import GraphDecoder
+from balcony_edge.export.weights import PAGE_ALIGNMENT, WeightFile
+from balcony_edge.generate import generate_greedy
+from balcony_edge.runtime.manifest import Manifest, graph_input_names, graph_output_names
+
+PROMPT = [5, 17, 42, 99, 7]
+
+
+def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    """Run `balcony-edge ARGS` through main(); returns the exit code and stdout + stderr."""
+    monkeypatch.setattr(sys, "argv", ["balcony-edge", *map(str, args)])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    captured = capsys.readouterr()
+    return exit.value.code or 0, captured.out + captured.err
+
+
+def external_tensors(folder: Path) -> dict[str, list[tuple[str, int, int]]]:
+    """Every initializer stored in a data file: name -> [(location, offset, length) per graph using it]."""
+    found: dict[str, list[tuple[str, int, int]]] = {}
+    for entry in Manifest.load(folder).exits:
+        graph = onnx.load(folder / entry.graph, load_external_data=False)
+        for tensor in graph.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = {item.key: item.value for item in tensor.external_data}
+                found.setdefault(tensor.name, []).append((info["location"], int(info["offset"]), int(info["length"])))
+    return found
+
+
+def session(folder: Path, exit: int) -> ort.InferenceSession:
+    return ort.InferenceSession(str(folder / Manifest.load(folder).exit_graph(exit).graph), providers=["CPUExecutionProvider"])
+
+
+# --- the graphs --------------------------------------------------------------------------------------------
+
+
+def test_every_exit_and_the_full_model_get_a_graph(tiny_export):
+    manifest = Manifest.load(tiny_export)
+    assert [e.exit for e in manifest.exits] == [*TINY_EXITS, TINY_LAYERS]
+    assert [e.num_layers for e in manifest.exits] == [k + 1 for k in TINY_EXITS] + [TINY_LAYERS]
+    assert all((tiny_export / e.graph).is_file() for e in manifest.exits)
+
+
+@pytest.mark.parametrize("exit", [*TINY_EXITS, TINY_LAYERS])
+def test_graph_has_the_decoder_io_contract_with_dynamic_dims(tiny_export, exit):
+    manifest = Manifest.load(tiny_export)
+    layers, kv = manifest.exit_graph(exit).num_layers, manifest.kv
+    graph = session(tiny_export, exit)
+    assert [i.name for i in graph.get_inputs()] == graph_input_names(layers)
+    assert [o.name for o in graph.get_outputs()] == graph_output_names(layers)
+    shapes = {i.name: i.shape for i in graph.get_inputs()}
+    assert shapes["input_ids"] == ["batch_size", "sequence_length"]
+    assert shapes["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert shapes["past_key_values.0.key"] == ["batch_size", kv.num_kv_heads, "past_sequence_length", kv.head_dim]
+
+    def run(ids: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
+        batch, length, cached = ids.shape[0], ids.shape[1], past[0].shape[2]
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones((batch, cached + length), np.int64),
+            "position_ids": np.tile(np.arange(cached, cached + length), (batch, 1)),
+        }
+        feeds.update(zip(graph_input_names(layers)[3:], past))
+        return graph.run(None, feeds)
+
+    empty = [np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), np.float32)] * (2 * layers)
+    logits, *present = run(np.array([PROMPT]), empty)  # prefill: batch 1, 5 tokens
+    assert logits.shape == (1, 5, manifest.vocab_size)
+    assert present[0].shape == (1, kv.num_kv_heads, 5, kv.head_dim)
+    step, *present = run(np.array([[3]]), present)  # decode one token with 5 cached
+    assert present[-1].shape == (1, kv.num_kv_heads, 6, kv.head_dim)
+    whole, *_ = run(np.array([PROMPT + [3]]), empty)
+    np.testing.assert_allclose(step[0, -1], whole[0, -1], atol=1e-5)
+    batched, *_ = run(np.array([PROMPT, PROMPT[::-1]]), [np.concatenate([p, p]) for p in empty])
+    np.testing.assert_allclose(batched[0], logits[0], atol=1e-5)
+
+
+# --- weights once ------------------------------------------------------------------------------------------
+
+
+def test_every_weight_lies_once_in_the_one_data_file(tiny_export, tiny_model):
+    tensors = external_tensors(tiny_export)
+    for entry in Manifest.load(tiny_export).exits:
+        graph = onnx.load(tiny_export / entry.graph, load_external_data=False)
+        inline = [t.name for t in graph.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() > 256]
+        assert inline == [], f"{entry.graph} keeps weights inline"
+    assert {location for places in tensors.values() for location, _, _ in places} == {"weights.bin"}
+    assert all(len(set(places)) == 1 for places in tensors.values()), "a shared weight points to two places"
+    data = (tiny_export / "weights.bin").read_bytes()
+    spans = sorted(places[0][1:] for places in tensors.values())
+    assert all(offset + length <= next_offset for (offset, length), (next_offset, _) in zip(spans, spans[1:]))
+    digests = [hashlib.sha256(data[offset : offset + length]).hexdigest() for offset, length in spans]
+    assert len(set(digests)) == len(digests), "the same content is stored twice"
+    assert all(offset % PAGE_ALIGNMENT == 0 for offset, length in spans if length >= PAGE_ALIGNMENT)
+    parameters = sum(p.numel() * p.element_size() for p in tiny_model.parameters())
+    assert parameters <= len(data) <= 1.05 * parameters
+
+
+def test_stored_weights_are_the_torch_parameters(tiny_export, tiny_model):
+    data = (tiny_export / "weights.bin").read_bytes()
+    state = tiny_model.state_dict()
+    for name, [(_, offset, length), *_] in external_tensors(tiny_export).items():
+        stored = np.frombuffer(data[offset : offset + length], dtype=np.float32)
+        expected = state[name.removesuffix(".T")].numpy()
+        expected = expected.T if name.endswith(".T") else expected
+        np.testing.assert_array_equal(stored, np.ascontiguousarray(expected).ravel(), err_msg=name)
+    assert {n.removesuffix(".T") for n in external_tensors(tiny_export)} == set(dict(tiny_model.named_parameters()))
+
+
+def test_tied_head_reads_the_embedding_itself(tiny_export):
+    full = onnx.load(tiny_export / "full.onnx", load_external_data=False)
+    names = {t.name for t in full.graph.initializer}
+    assert "base.model.embed_tokens.weight" in names and not any("lm_head" in n or "embed_tokens.weight.T" in n for n in names)
+    gemm = [n for n in full.graph.node if n.op_type == "Gemm"]
+    assert [n.input[1] for n in gemm] == ["base.model.embed_tokens.weight"]
+
+
+# --- manifest, report and inspect --------------------------------------------------------------------------
+
+
+def test_manifest_describes_the_export(tiny_export, tiny_model):
+    manifest = Manifest.load(tiny_export)
+    config = tiny_model.base.config
+    assert manifest.base["sha256"] == tiny_model.base_identity.sha256
+    assert manifest.cache_slots == ["layer.0", "layer.1", "layer.2", "layer.3", "balcony.1", "balcony.2"]
+    assert manifest.exit_graph(2).cache_slots == [0, 1, 5]
+    assert manifest.exit_graph(TINY_LAYERS).cache_slots == [0, 1, 2, 3]
+    assert (manifest.kv.num_kv_heads, manifest.kv.head_dim, manifest.kv.dtype) == (2, 16, "float32")
+    assert manifest.generation.eos_token_ids == [config.eos_token_id]
+    assert manifest.generation.context_length == config.max_position_embeddings
+    assert manifest.chat_template == "chat_template.jinja"
+    assert set(manifest.tokenizer_files) <= set(manifest.files)
+    assert set(manifest.files) == {p.name for p in tiny_export.iterdir()} - {"manifest.json"}
+    per_token = [e.weight_bytes_per_token for e in manifest.exits]
+    assert per_token == sorted(per_token) and per_token[0] > 0
+
+
+def test_fp32_export_matches_torch_logits_and_greedy_tokens(tiny_export, tiny_model):
+    manifest = Manifest.load(tiny_export)
+    for entry in manifest.exits:
+        decoder = GraphDecoder(tiny_export / entry.graph, entry, manifest.kv)
+        logits = decoder.step(PROMPT)
+        with torch.no_grad():
+            expected = tiny_model.exit_model(entry.exit)(input_ids=torch.tensor([PROMPT])).logits[0].numpy()
+        np.testing.assert_allclose(logits, expected, atol=1e-4)
+        assert decoder.greedy(logits, 16) == generate_greedy(tiny_model, entry.exit, PROMPT, 16)
+
+
+def test_report_records_the_verification(tiny_export):
+    report = json.loads((tiny_export / "report.json").read_text())
+    checks = report["verification"]["exits"]
+    assert [c["exit"] for c in checks] == [*TINY_EXITS, TINY_LAYERS]
+    assert all(c["max_abs_diff"] <= 1e-4 and c["greedy_matched"] == c["greedy_tokens"] == 32 for c in checks)
+    assert report["export_seconds"] > 0 and report["weights_file_bytes"] >= report["parameter_bytes"]
+
+
+def test_inspect_passes_a_clean_export_and_fails_a_corrupted_byte(tiny_export, tmp_path, capsys, monkeypatch):
+    code, output = run_cli(["inspect", tiny_export], capsys, monkeypatch)
+    assert code == 0 and "checksums OK" in output and "CPUExecutionProvider" in output
+    assert "CPUExecutionProvider" in inspect_export(tiny_export).providers
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export, copy)
+    with open(copy / "weights.bin", "r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    code, output = run_cli(["inspect", copy], capsys, monkeypatch)
+    assert code == 1 and "weights.bin: sha256 differs" in output
+    assert inspect_export(copy).checksum_failures == {"weights.bin": "sha256 differs"}
+
+
+# --- precision ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_export_runs_without_nan_and_reports_agreement(tiny_checkpoint, tmp_path, method):
+    out = export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=tmp_path / method, exits="1", quantize=method))
+    manifest = Manifest.load(out)
+    assert manifest.quantization["method"] == method and manifest.quantization["block_size"] == 32
+    checks = json.loads((out / "report.json").read_text())["verification"]["exits"]
+    assert [c["exit"] for c in checks] == [1, TINY_LAYERS]
+    assert all(c["finite"] and 0.0 <= c["top1_agreement"] <= 1.0 for c in checks)
+    full = onnx.load(out / "full.onnx", load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in full.graph.node) == 7 * TINY_LAYERS + 1  # the head too
+    tensors = external_tensors(out)
+    assert all(len(set(places)) == 1 for places in tensors.values())
+    assert f"base.model.layers.0.self_attn.q_proj.weight.T_Q{method[3:]}" in tensors
+    shared = [name for name, places in tensors.items() if len(places) == 2]
+    assert "base.model.embed_tokens.weight" in shared and "base.model.layers.0.mlp.up_proj.weight.T_scales" in shared
+
+
+def test_fp16_export_halves_the_weights_and_agrees_with_fp32(tiny_checkpoint, tiny_export, tmp_path):
+    out = export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=tmp_path / "fp16", exits="2", dtype="fp16"))
+    manifest = Manifest.load(out)
+    assert manifest.dtype == "fp16" and manifest.kv.dtype == "float16"
+    fp32_bytes = (tiny_export / "weights.bin").stat().st_size
+    assert (out / "weights.bin").stat().st_size < 0.55 * fp32_bytes
+    checks = json.loads((out / "report.json").read_text())["verification"]["exits"]
+    assert all(c["finite"] and c["top1_agreement"] >= 0.9 and c["max_abs_diff"] < 0.05 for c in checks)
+
+
+# --- bad input, one line each ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--exits", "3"], "exit 3 has no trained balcony"),
+        (["--exits", "9"], "exit 9 is out of range"),
+        (["--dtype", "bf16"], "--dtype 'bf16' is unknown; choose one of fp32, fp16"),
+        (["--quantize", "int3"], "--quantize 'int3' is unknown; choose one of int8, int4"),
+    ],
+)
+def test_bad_options_fail_in_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, message):
+    code, output = run_cli(["export", tiny_checkpoint, "--out", tmp_path / "out", *args], capsys, monkeypatch)
+    assert code == 1 and message in output
+    assert len(output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_untrained_exit_names_the_trained_ones(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    _, output = run_cli(["export", tiny_checkpoint, "--out", tmp_path / "out", "--exits", "1,3"], capsys, monkeypatch)
+    assert "trained exits: 1, 2" in output
+
+
+def test_unwritable_and_existing_targets_are_refused(tiny_checkpoint, tiny_export, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    code, output = run_cli(["export", tiny_checkpoint, "--out", tmp_path / "a-file" / "out"], capsys, monkeypatch)
+    assert code == 1 and "cannot write to" in output and "choose a writable --out" in output
+    code, output = run_cli(["export", tiny_checkpoint, "--out", tiny_export], capsys, monkeypatch)
+    assert code == 1 and "already exists; pass --force" in output
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("precious")
+    code, output = run_cli(["export", tiny_checkpoint, "--out", tmp_path / "home", "--force"], capsys, monkeypatch)
+    assert code == 1 and "is not a balcony-edge export" in output
+    assert (tmp_path / "home" / "notes.txt").read_text() == "precious"
+
+
+def test_incomplete_checkpoint_and_missing_base_are_refused(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(tiny_checkpoint, incomplete)
+    (incomplete / "balconies.safetensors").unlink()
+    code, output = run_cli(["export", incomplete, "--out", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 1 and "incomplete: balconies.safetensors is missing" in output
+
+    orphan = tmp_path / "orphan"
+    shutil.copytree(tiny_checkpoint, orphan)
+    config = json.loads((orphan / "balcony_config.json").read_text())
+    config["base_model"]["source"] = str(tmp_path / "no-such-model")
+    (orphan / "balcony_config.json").write_text(json.dumps(config))
+    code, output = run_cli(["export", orphan, "--out", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 1 and "not found" in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_running_out_of_disk_mid_way_leaves_nothing_behind(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    appended = []
+
+    def full_disk(self, data, digest):
+        if appended:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        appended.append(len(data))
+        return original(self, data, digest)
+
+    original = WeightFile._append
+    monkeypatch.setattr(WeightFile, "_append", full_disk)
+    code, output = run_cli(["export", tiny_checkpoint, "--out", tmp_path / "exports" / "out"], capsys, monkeypatch)
+    assert code == 1 and "No space left on device" in output and "free disk space" in output
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
+def test_interrupted_export_leaves_nothing_behind(tiny_checkpoint, tmp_path, monkeypatch):
+    exported = []
+
+    def interrupt_at_the_second_graph(*args, **kwargs):
+        if exported:
+            raise KeyboardInterrupt
+        exported.append(original(*args, **kwargs))
+        return exported[-1]
+
+    original = exporter.export_exit_graph
+    monkeypatch.setattr(exporter, "export_exit_graph", interrupt_at_the_second_graph)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=tmp_path / "exports" / "out", exits="1"))
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
+def test_force_replaces_an_existing_export(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = ["export", tiny_checkpoint, "--out", out, "--exits", "1", "--no-verify"]
+    assert run_cli(args, capsys, monkeypatch)[0] == 0
+    first = Manifest.load(out)
+    assert json.loads((out / "report.json").read_text())["verification"] is None
+    code, output = run_cli([*args, "--force", "--quantize", "int4"], capsys, monkeypatch)
+    assert code == 0 and "exported" in output
+    assert first.quantization is None and Manifest.load(out).quantization["method"] == "int4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_default_out_dir_is_in_the_cache(tiny_checkpoint, monkeypatch, tmp_path):
+    monkeypatch.setenv("BALCONY_EDGE_CACHE", str(tmp_path))
+    assert exporter.default_export_dir(tiny_checkpoint, "int4") == tmp_path / "exports" / "tiny-balcony-int4"
+    assert exporter.default_export_dir(exporter.SHIPPED_CHECKPOINT, "fp32") == tmp_path / "exports" / "smollm2-balcony-fp32"
+
+
+def test_export_error_is_a_balcony_error():
+    from balcony_edge.errors import BalconyError
+
+    assert issubclass(ExportError, BalconyError)
+
+
+# --- the default model, end to end (slow: minutes) ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_model_with_three_exits_exports_in_minutes_and_matches_torch(tmp_path):
+    from balcony_edge.base_model import load_base_model
+    from balcony_edge.checkpoint import build_model, save_checkpoint
+    from balcony_edge.model import BalconyConfig
+
+    base = load_base_model("smollm2")
+    model = build_model(base, BalconyConfig((8, 16, 24)))
+    save_checkpoint(model, "smollm2", tmp_path / "checkpoint", training={})
+    started = time.perf_counter()
+    out = export_checkpoint(ExportConfig(checkpoint=tmp_path / "checkpoint", out=tmp_path / "export"))
+    elapsed = time.perf_counter() - started
+    assert elapsed < 360, f"export took {elapsed:.0f} s"
+
+    manifest = Manifest.load(out)
+    assert [e.exit for e in manifest.exits] == [8, 16, 24, 30]
+    assert (manifest.kv.num_kv_heads, manifest.kv.head_dim, manifest.generation.context_length) == (3, 64, 8192)
+    report = json.loads((out / "report.json").read_text())
+    checks = report["verification"]["exits"]
+    assert all(c["max_abs_diff"] <= 1e-3 and c["greedy_matched"] == 32 for c in checks)
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert parameters <= (out / "weights.bin").stat().st_size <= 1.05 * parameters
+    on_disk = sum(p.stat().st_size for p in out.iterdir())
+    assert on_disk <= 1.05 * parameters
+    assert inspect_export(out).checksum_failures == {}
+    print(f"\ndefault model export: {elapsed:.0f} s, {on_disk / 1e6:.1f} MB on disk, parameters {parameters / 1e6:.1f} MB")
+    print(json.dumps(checks, indent=1))

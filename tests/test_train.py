@@ -1,0 +1,120 @@
+"""Training: the loss falls, --resume continues exactly, two gloo ranks equal one process, budgets hold."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from balcony_edge.checkpoint import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, load_checkpoint
+from balcony_edge.errors import BalconyError, CheckpointError
+from balcony_edge.train import BlockOrder, TrainConfig, Trainer, lr_factor, train
+
+
+def _config(tiny_base_dir, text_dir, out, **overrides):
+    settings = dict(
+        exits=(1, 3), out=str(out), base=str(tiny_base_dir), data=[str(text_dir)], seq_len=32, batch_size=4,
+        micro_batch_size=2, lr=3e-3, max_tokens=4 * 32 * 8, save_every=4, precision="fp32", threads=1,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_loss_decreases_on_a_tiny_model(tiny_base_dir, text_dir, tmp_path):
+    config = _config(tiny_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 30, lr=1e-2, balcony_init="random")
+    summary = train(config)
+    history = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())["training"]
+    assert summary["steps"] == 30 and history["tokens_seen"] == 30 * 4 * 32
+    trainer_state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=False)
+    kls = [sum(entry["kl"].values()) for entry in trainer_state["kl_history"]]
+    assert sum(kls[-5:]) / 5 < 0.7 * sum(kls[:5]) / 5
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_base_dir, text_dir, tmp_path, monkeypatch):
+    whole = train(_config(tiny_base_dir, text_dir, tmp_path / "whole"))
+    real_step = Trainer.train_step
+
+    def crash_at_step_six(self, step):
+        if step == 5:
+            raise KeyboardInterrupt  # killed after the periodic checkpoint of step 4
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_six)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_base_dir, text_dir, tmp_path / "split"))
+    assert torch.load(tmp_path / "split" / STATE_FILE, weights_only=False)["step"] == 4
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    train(_config(tiny_base_dir, text_dir, tmp_path / "split"), resume=True)
+    a = load_file(tmp_path / "whole" / WEIGHTS_FILE)
+    b = load_file(tmp_path / "split" / WEIGHTS_FILE)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    history_a = torch.load(tmp_path / "whole" / STATE_FILE, weights_only=False)["kl_history"]
+    history_b = torch.load(tmp_path / "split" / STATE_FILE, weights_only=False)["kl_history"]
+    assert history_a == history_b
+    assert whole["steps"] == 8
+
+
+def test_resume_refuses_other_exits_or_settings(tiny_base_dir, text_dir, tmp_path):
+    train(_config(tiny_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 2))
+    with pytest.raises(CheckpointError, match="trains exits 1,3"):
+        Trainer(_config(tiny_base_dir, text_dir, tmp_path / "run", exits=(1, 2)), resume=True)
+    with pytest.raises(CheckpointError, match="lr"):
+        Trainer(_config(tiny_base_dir, text_dir, tmp_path / "run", lr=1e-4), resume=True)
+    with pytest.raises(CheckpointError, match="not found"):
+        Trainer(_config(tiny_base_dir, text_dir, tmp_path / "elsewhere"), resume=True)
+
+
+def test_max_minutes_stops_and_leaves_a_resumable_checkpoint(tiny_base_dir, text_dir, tmp_path):
+    summary = train(_config(tiny_base_dir, text_dir, tmp_path / "run", max_minutes=1e-6))
+    assert summary["steps"] == 0
+    assert (tmp_path / "run" / STATE_FILE).is_file()
+    model, info, _ = load_checkpoint(tmp_path / "run")
+    assert info.config.exits == (1, 3)
+
+
+def test_batch_must_split_into_micro_batches(tiny_base_dir, text_dir, tmp_path):
+    with pytest.raises(BalconyError, match="multiple of --micro-batch-size"):
+        Trainer(_config(tiny_base_dir, text_dir, tmp_path / "run", batch_size=3))
+
+
+def test_block_order_is_a_permutation_per_epoch():
+    order = BlockOrder(10, seed=3)
+    first, second = [order[g] for g in range(10)], [order[g] for g in range(10, 20)]
+    assert sorted(first) == sorted(second) == list(range(10))
+    assert first != second
+    assert [BlockOrder(10, seed=3)[g] for g in range(20)] == first + second
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    factors = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_ddp_with_two_gloo_processes_gives_the_weights_of_one_process(tiny_base_dir, text_dir, tmp_path):
+    common = [
+        "--exits", "1,3", "--base", str(tiny_base_dir), "--data", str(text_dir), "--seq-len", "32",
+        "--batch-size", "4", "--micro-batch-size", "2", "--max-tokens", str(4 * 32 * 3), "--precision", "fp32",
+        "--threads", "1", "--lr", "3e-3",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "balcony_edge", "train", "--out", str(tmp_path / "one"), *common], check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         "-m", "balcony_edge", "train", "--out", str(tmp_path / "two"), *common],
+        check=True, env=env,
+    )
+    one, two = load_file(tmp_path / "one" / WEIGHTS_FILE), load_file(tmp_path / "two" / WEIGHTS_FILE)
+    initial = load_checkpoint(tmp_path / "one")[0]
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
+    summary = json.loads((tmp_path / "two" / CONFIG_FILE).read_text())["training"]
+    assert summary["ranks"] == 2 and summary["steps"] == 3
+    assert initial is not None
