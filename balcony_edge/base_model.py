@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .console import say
+from .paths import cache_dir
 from .errors import BaseModelError
 
 DEFAULT_BASE = "smollm2"
@@ -44,14 +45,6 @@ class BaseModel:
     tokenizer: object
     folder: Path
     identity: BaseIdentity
-
-
-def cache_dir() -> Path:
-    """The user's balcony-edge cache folder (BALCONY_EDGE_CACHE, else XDG cache)."""
-    explicit = os.environ.get("BALCONY_EDGE_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "balcony-edge"
 
 
 def default_gguf_path() -> Path:

@@ -27,3 +27,15 @@ class ExportError(BalconyError):
 
 class ManifestError(BalconyError):
     """An export folder's manifest is missing, malformed or of another schema version."""
+
+
+class SignalError(BalconyError):
+    """A device-signal source or trace is malformed or cannot be used."""
+
+
+class ControllerError(BalconyError):
+    """A budget, exit profile or controller setting is malformed or names an exit that does not exist."""
+
+
+class TelemetryError(BalconyError):
+    """A telemetry file cannot be read, or a plot of it cannot be made."""

@@ -1,0 +1,21 @@
+"""Where balcony-edge keeps what it makes for the user (torch-free: the runtime uses it too)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SHIPPED_EXPORT_NAME = "smollm2-balcony"
+
+
+def cache_dir() -> Path:
+    """The user's balcony-edge cache folder (BALCONY_EDGE_CACHE, else $XDG_CACHE_HOME or ~/.cache, /balcony-edge)."""
+    explicit = os.environ.get("BALCONY_EDGE_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "balcony-edge"
+
+
+def default_export_dir(name: str = SHIPPED_EXPORT_NAME, precision: str = "fp32") -> Path:
+    """<cache dir>/exports/<name>-<precision>: where `export` writes by default and `chat` looks first."""
+    return cache_dir() / "exports" / f"{name}-{precision}"

@@ -1,0 +1,333 @@
+"""Device signals: sysfs trees of a Jetson Orin and a laptop, psutil, jtop, NVML, traces, and the hub (torch-free)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from collections import namedtuple
+from pathlib import Path
+
+import psutil
+import pytest
+
+from balcony_edge.errors import SignalError
+from balcony_edge.runtime import signals as signals_module
+from balcony_edge.runtime.signals import (
+    FixedSource,
+    JtopSource,
+    NvmlSource,
+    PsutilSource,
+    SignalHub,
+    Signals,
+    SysfsSource,
+    TraceSource,
+    default_sources,
+    jtop_signals,
+)
+
+INA3221 = "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon3"
+
+
+def _write(root: Path, relative: str, text: str) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+
+
+def _zone(root: Path, index: int, kind: str, millidegc: int) -> None:
+    _write(root, f"sys/devices/virtual/thermal/thermal_zone{index}/type", kind)
+    _write(root, f"sys/devices/virtual/thermal/thermal_zone{index}/temp", str(millidegc))
+
+
+def _rail(root: Path, hwmon: str, channel: int, label: str, millivolt: int, milliamp: int) -> None:
+    _write(root, f"{hwmon}/in{channel}_label", label)
+    _write(root, f"{hwmon}/in{channel}_input", str(millivolt))
+    _write(root, f"{hwmon}/curr{channel}_input", str(milliamp))
+
+
+def _supply(root: Path, name: str, **files: str) -> None:
+    for key, value in files.items():
+        _write(root, f"sys/class/power_supply/{name}/{key}", value)
+
+
+def jetson_orin_tree(root: Path) -> Path:
+    """A Jetson Orin Nano's sysfs: CPU/GPU/CV/SOC/junction zones (one offline) and one INA3221 with VDD_IN."""
+    _zone(root, 0, "cpu-thermal", 48500)
+    _zone(root, 1, "gpu-thermal", 51000)
+    _zone(root, 2, "cv0-thermal", -256000)  # offline on an Orin Nano
+    _zone(root, 3, "soc0-thermal", 47000)
+    _zone(root, 4, "tj-thermal", 52250)
+    _rail(root, INA3221, 1, "VDD_IN", 5036, 1032)
+    _rail(root, INA3221, 2, "VDD_CPU_GPU_CV", 5028, 398)
+    _rail(root, INA3221, 3, "VDD_SOC", 5032, 584)
+    _rail(root, INA3221, 7, "sum of shunt voltages", 40, 2000)
+    return root
+
+
+def laptop_tree(root: Path, plugged: bool) -> Path:
+    """A laptop's sysfs: ACPI and package zones, a Wi-Fi zone, BAT0, AC and a wireless mouse's battery."""
+    _zone(root, 0, "acpitz", 45000)
+    _zone(root, 1, "x86_pkg_temp", 67000)
+    _zone(root, 2, "iwlwifi_1", 80000)  # the Wi-Fi card: not the compute die
+    _supply(root, "BAT0", type="Battery", capacity="64", status="Charging" if plugged else "Discharging", power_now="12345000")
+    _supply(root, "AC", type="Mains", online="1" if plugged else "0")
+    _supply(root, "hid-00:11:22-battery", type="Battery", scope="Device", capacity="5", status="Discharging")
+    return root
+
+
+def test_sysfs_reads_jetson_orin_zones_and_vdd_in(tmp_path):
+    reading = SysfsSource(jetson_orin_tree(tmp_path)).read()
+    assert reading.temperature_degc == 52.25  # tj-thermal, the hottest; the offline CV zone is ignored
+    assert reading.gpu_temperature_degc == 51.0
+    assert reading.power_mw == pytest.approx(5036 * 1032 / 1000)  # VDD_IN is the board's input: 5197.152 mW
+    assert reading.extra["VDD_CPU_GPU_CV_mw"] == pytest.approx(2001.144)
+    assert reading.extra["VDD_SOC_mw"] == pytest.approx(2938.688)
+    assert reading.extra["cpu-thermal_degc"] == 48.5
+    assert "cv0-thermal_degc" not in reading.extra
+    assert not any("sum" in key for key in reading.extra)
+    assert reading.battery_percent is None and reading.on_battery is None and reading.gpu_power_mw is None
+
+
+def test_sysfs_sums_rails_without_vdd_in_and_finds_the_gpu_rail(tmp_path):
+    hwmon = "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon1"
+    _rail(tmp_path, hwmon, 1, "GPU", 19000, 100)
+    _rail(tmp_path, hwmon, 2, "CPU", 19000, 200)
+    _rail(tmp_path, hwmon, 3, "NC", 19000, 999)  # not connected
+    reading = SysfsSource(tmp_path).read()
+    assert reading.power_mw == pytest.approx(1900 + 3800)
+    assert reading.gpu_power_mw == pytest.approx(1900)
+
+
+def test_sysfs_reads_a_laptop_on_battery(tmp_path):
+    reading = SysfsSource(laptop_tree(tmp_path, plugged=False)).read()
+    assert reading.temperature_degc == 67.0  # x86_pkg_temp; the 80 degC Wi-Fi zone does not count
+    assert reading.battery_percent == 64.0  # the mouse's 5% battery is not the machine's
+    assert reading.on_battery is True
+    assert reading.power_mw == pytest.approx(12345.0)  # power_now 12345000 uW while discharging
+    assert reading.extra == {"acpitz_degc": 45.0, "x86_pkg_temp_degc": 67.0}
+
+
+def test_sysfs_reads_a_laptop_plugged_in(tmp_path):
+    reading = SysfsSource(laptop_tree(tmp_path, plugged=True)).read()
+    assert reading.on_battery is False
+    assert reading.battery_percent == 64.0
+    assert reading.power_mw is None  # battery power while charging is not the board's input
+
+
+def test_sysfs_leaves_out_an_unreadable_zone(tmp_path):
+    jetson_orin_tree(tmp_path)
+    broken = tmp_path / "sys/devices/virtual/thermal/thermal_zone4/temp"
+    broken.unlink()
+    broken.mkdir()  # reading it raises IsADirectoryError, like a zone that errors on a real board
+    reading = SysfsSource(tmp_path).read()
+    assert reading.temperature_degc == 51.0
+    assert reading.power_mw == pytest.approx(5197.152)
+
+
+def test_sysfs_on_an_empty_tree_reads_nothing(tmp_path):
+    assert SysfsSource(tmp_path).read().is_empty()
+
+
+def test_psutil_source_reads_battery_and_hottest_sensor(monkeypatch):
+    battery = namedtuple("sbattery", "percent secsleft power_plugged")
+    shwtemp = namedtuple("shwtemp", "label current high critical")
+    monkeypatch.setattr(psutil, "sensors_battery", lambda: battery(41.5, 3600, False), raising=False)
+    monkeypatch.setattr(
+        psutil,
+        "sensors_temperatures",
+        lambda: {
+            "coretemp": [shwtemp("Package id 0", 71.0, 100.0, 100.0), shwtemp("Core 0", 69.0, 100.0, 100.0)],
+            "iwlwifi_1": [shwtemp("", 90.0, None, None)],
+            "nvme": [shwtemp("Composite", -273.0, None, None)],
+        },
+        raising=False,
+    )
+    reading = PsutilSource().read()
+    assert (reading.battery_percent, reading.on_battery, reading.temperature_degc) == (41.5, True, 71.0)
+
+
+def test_jtop_dicts_become_signals():
+    temperature = {"cpu": {"online": True, "temp": 55.5}, "gpu": {"online": True, "temp": 53.0},
+                   "cv0": {"online": False, "temp": -256}, "tj": {"online": True, "temp": 56.25}}
+    power = {"rail": {"VDD_CPU_GPU_CV": {"power": 2400, "online": True}, "VDD_SOC": {"power": 1400}},
+             "tot": {"power": 6100, "name": "VDD_IN"}}
+    reading = jtop_signals(temperature, power)
+    assert (reading.temperature_degc, reading.gpu_temperature_degc, reading.power_mw) == (56.25, 53.0, 6100.0)
+    assert reading.extra == {"cpu_degc": 55.5, "gpu_degc": 53.0, "tj_degc": 56.25, "VDD_CPU_GPU_CV_mw": 2400.0, "VDD_SOC_mw": 1400.0}
+
+
+def test_jtop_and_nvml_without_their_packages_fail_once_in_the_hub(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jtop", None)  # import fails as if jetson-stats were not installed
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    hub = SignalHub([JtopSource(), NvmlSource(), FixedSource(temperature_degc=40)])
+    assert hub.read().temperature_degc == 40.0
+    assert hub.read().temperature_degc == 40.0
+    assert len(hub.warnings) == 2
+    assert "jetson-stats is not installed" in hub.warnings[0]
+    assert [source.name for source in hub.sources] == ["fixed"]
+
+
+def test_nvml_source_reads_gpu_temperature_and_power(monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(
+        NVML_TEMPERATURE_GPU=0,
+        nvmlInit=lambda: calls.append("init"),
+        nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetHandleByIndex=lambda index: f"gpu{index}",
+        nvmlDeviceGetTemperature=lambda handle, sensor: 63,
+        nvmlDeviceGetPowerUsage=lambda handle: 71250,  # NVML reports mW
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    source = NvmlSource()
+    reading = source.read()
+    assert (reading.gpu_temperature_degc, reading.gpu_power_mw, reading.temperature_degc) == (63.0, 71250.0, None)
+    source.read()
+    source.close()
+    assert calls == ["init", "shutdown"]
+
+
+def test_merge_takes_the_hottest_temperature_and_fills_gaps():
+    first = Signals(temperature_degc=60.0, power_mw=5000.0, extra={"a_degc": 1.0})
+    second = Signals(temperature_degc=72.0, power_mw=9000.0, battery_percent=80.0, on_battery=False, extra={"a_degc": 2.0, "b_mw": 3.0})
+    merged = first.merge(second)
+    assert merged == Signals(temperature_degc=72.0, power_mw=5000.0, battery_percent=80.0, on_battery=False,
+                             extra={"a_degc": 1.0, "b_mw": 3.0})
+
+
+def test_signals_round_trip_through_a_flat_dict():
+    reading = Signals(temperature_degc=70.0, on_battery=True, extra={"tj-thermal_degc": 70.0})
+    assert reading.to_dict() == {"tj-thermal_degc": 70.0, "temperature_degc": 70.0, "on_battery": True}
+    assert Signals.from_dict(reading.to_dict()) == reading
+
+
+class _Failing:
+    name = "broken"
+    live = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def read(self, token_index=None):
+        self.calls += 1
+        raise OSError("Input/output error: /sys/devices/virtual/thermal/thermal_zone9/temp")
+
+
+def test_a_failing_source_is_reported_once_and_skipped(tmp_path):
+    seen = []
+    broken = _Failing()
+    hub = SignalHub([broken, SysfsSource(jetson_orin_tree(tmp_path))], min_interval_s=0, on_warning=seen.append)
+    for _ in range(5):
+        reading = hub.read()
+        assert reading.temperature_degc == 52.25 and reading.power_mw == pytest.approx(5197.152)
+    assert broken.calls == 1
+    assert seen == hub.warnings
+    assert hub.warnings == [
+        "signal source broken failed and is skipped from now on: OSError: "
+        "Input/output error: /sys/devices/virtual/thermal/thermal_zone9/temp"
+    ]
+
+
+def test_an_unreadable_trace_is_a_clear_error(tmp_path):
+    with pytest.raises(SignalError, match="cannot read signal trace .*missing.jsonl"):
+        TraceSource(tmp_path / "missing.jsonl")
+
+
+class _Counting:
+    name = "counting"
+    live = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def read(self, token_index=None):
+        self.calls += 1
+        return Signals(temperature_degc=50.0 + self.calls)
+
+
+def test_hub_reads_live_sources_at_most_once_per_interval():
+    now = [0.0]
+    live = _Counting()
+    hub = SignalHub([live, FixedSource(battery_percent=90)], min_interval_s=0.2, clock=lambda: now[0])
+    assert hub.read().temperature_degc == 51.0
+    now[0] = 0.15
+    assert hub.read() == Signals(temperature_degc=51.0, battery_percent=90.0)  # cached
+    now[0] = 0.25
+    assert hub.read().temperature_degc == 52.0
+    assert live.calls == 2
+
+
+def _trace(tmp_path: Path, lines: list[dict]) -> Path:
+    path = tmp_path / "trace.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_trace_replays_on_the_clock(tmp_path):
+    path = _trace(tmp_path, [
+        {"t_s": 0.5, "temperature_degc": 55, "battery_percent": 80, "on_battery": True},
+        {"t_s": 2.5, "temperature_degc": 70},
+        {"t_s": 1.0, "temperature_degc": 60, "battery_percent": 79},
+    ])
+    now = [100.0]
+    source = TraceSource(path, clock="time", now=lambda: now[0])
+    readings = []
+    for at in (100.0, 100.5, 100.9, 101.0, 102.49, 102.5, 500.0):
+        now[0] = at
+        readings.append(source.read(token_index=999))  # the token index does not matter on the time clock
+    assert readings[0] == Signals()  # before the first line
+    assert readings[1] == Signals(temperature_degc=55.0, battery_percent=80.0, on_battery=True)
+    assert readings[2] == readings[1]
+    assert readings[3] == readings[4] == Signals(temperature_degc=60.0, battery_percent=79.0)
+    assert readings[5] == readings[6] == Signals(temperature_degc=70.0)
+
+
+def test_trace_replays_by_token(tmp_path):
+    path = _trace(tmp_path, [{"token": 0, "temperature_degc": 50}, {"token": 10, "temperature_degc": 80, "fan_rpm": 3000}])
+    source = TraceSource(path, clock="token")
+    assert source.read(0).temperature_degc == 50.0
+    assert source.read(9).temperature_degc == 50.0
+    assert source.read(10) == Signals(temperature_degc=80.0, extra={"fan_rpm": 3000.0})
+    assert source.read().temperature_degc == 80.0  # no index: the last one given
+    hub = SignalHub([source], min_interval_s=10.0)  # a trace is not rate-limited
+    assert [hub.read(t).temperature_degc for t in (3, 12, 4)] == [50.0, 80.0, 50.0]
+
+
+def test_trace_lines_without_their_clock_key_are_refused(tmp_path):
+    path = _trace(tmp_path, [{"t_s": 0, "temperature_degc": 50}, {"temperature_degc": 60}])
+    with pytest.raises(SignalError, match=r"trace.jsonl:2 has no 't_s'"):
+        TraceSource(path)
+    path.write_text('{"token": 0, "temperature_degc": "hot"}\n')
+    with pytest.raises(SignalError, match=r"trace.jsonl:1: signal temperature_degc='hot' is not a number"):
+        TraceSource(path, clock="token")
+    with pytest.raises(SignalError, match="trace clock 'tokens' is not one of time, token"):
+        TraceSource(path, clock="tokens")
+
+
+def test_fixed_source_parses_key_value_text():
+    source = FixedSource.from_text("temperature_degc=83, battery_percent=40,on_battery=true,fan_rpm=2500")
+    assert source.read() == Signals(temperature_degc=83.0, battery_percent=40.0, on_battery=True, extra={"fan_rpm": 2500.0})
+    with pytest.raises(SignalError, match="'temperature_degc' is not key=value"):
+        FixedSource.from_text("temperature_degc")
+    with pytest.raises(SignalError, match="on_battery='maybe' is not a boolean"):
+        FixedSource.from_text("on_battery=maybe")
+
+
+def test_default_sources_keep_only_what_reads_something(tmp_path, monkeypatch):
+    monkeypatch.setattr(psutil, "sensors_battery", lambda: None, raising=False)
+    monkeypatch.setattr(psutil, "sensors_temperatures", lambda: {}, raising=False)
+    monkeypatch.setattr(signals_module.JtopSource, "available", staticmethod(lambda: False))
+    monkeypatch.setattr(signals_module.NvmlSource, "available", staticmethod(lambda: False))
+    assert [source.name for source in default_sources(jetson_orin_tree(tmp_path))] == ["sysfs"]
+    assert default_sources(tmp_path / "nothing") == []
+
+
+def test_signals_controller_and_telemetry_import_without_torch():
+    code = (
+        "import sys\n"
+        "import balcony_edge.runtime.signals, balcony_edge.runtime.controller, balcony_edge.runtime.telemetry\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'matplotlib'))\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
