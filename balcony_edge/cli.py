@@ -142,16 +142,18 @@ def export(
     verify: Annotated[bool, typer.Option(help="Check every graph in onnxruntime against the torch model.")] = True,
 ) -> None:
     """Export each exit and the full model to ONNX graphs sharing one weights file, with a manifest."""
-    from .export.exporter import REPORT_FILE, ExportConfig, export_checkpoint
-    from .export.inspect import exits_table, inspect_export
+    from .export.exporter import ExportConfig, export_checkpoint
+    from .export.inspect import exits_table
+    from .runtime.manifest import REPORT_FILE, Manifest
 
     config = ExportConfig(checkpoint=checkpoint, out=out, exits=exits, dtype=dtype, quantize=quantize, base=base, force=force, verify=verify)
     folder = export_checkpoint(config)
     report = json.loads((folder / REPORT_FILE).read_text())
-    console.print(exits_table(inspect_export(folder)))
+    console.print(exits_table(folder, Manifest.load(folder), report))
+    verified = f"verified in {report['verify_seconds']:.0f} s" if report["verification"] else "not verified"
     console.print(
         f"exported {folder}: weights {report['weights_file_bytes'] / 1e6:.1f} MB "
-        f"(parameters {report['parameter_bytes'] / 1e6:.1f} MB), {report['export_seconds']:.0f} s"
+        f"(parameters {report['parameter_bytes'] / 1e6:.1f} MB); graphs in {report['export_seconds']:.0f} s, {verified}"
     )
 
 
@@ -164,7 +166,7 @@ def inspect(
     from .export.inspect import exits_table, files_table, inspect_export
 
     inspection = inspect_export(folder)
-    console.print(exits_table(inspection))
+    console.print(exits_table(folder, inspection.manifest, inspection.report))
     console.print(files_table(inspection))
     console.print(f"onnxruntime providers usable here: {', '.join(inspection.providers)}")
     if inspection.checksum_failures:

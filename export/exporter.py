@@ -13,26 +13,43 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import onnxruntime
 import torch
+import transformers
 
-from ..base_model import BaseModel, cache_dir
-from ..checkpoint import SHIPPED_CHECKPOINT, CheckpointInfo, load_checkpoint, read_info, write_folder_atomically
+from .. import __version__
+from ..base_model import BaseModel
+from ..checkpoint import (
+    SHIPPED_CHECKPOINT,
+    CheckpointInfo,
+    load_checkpoint,
+    read_info,
+    write_folder_atomically,
+)
 from ..console import say
 from ..errors import ExportError
 from ..exits import parse_exits
 from ..generate import eos_token_ids
 from ..model import BalconyModel
-from ..runtime.manifest import MANIFEST_FILE, ExitGraph, GenerationDefaults, KVShape, Manifest, file_sha256
+from ..paths import SHIPPED_EXPORT_NAME, default_export_dir
+from ..runtime.manifest import (
+    MANIFEST_FILE,
+    REPORT_FILE,
+    ExitGraph,
+    GenerationDefaults,
+    KVShape,
+    Manifest,
+    file_sha256,
+)
 from .onnx_graph import export_exit_graph
+from .quality import exit_agreement
 from .quantize import check_quantization, quantization_info, quantize_graph
 from .verify import verification_failures, verify_export
-from .weights import WeightFile, weight_bytes_per_token
+from .weights import WEIGHTS_FILE, WeightFile, weight_bytes_per_token
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-REPORT_FILE = "report.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-SHIPPED_EXPORT_NAME = "smollm2-balcony"
 
 
 @dataclass(frozen=True)
@@ -66,18 +83,17 @@ class ExportConfig:
         return self.dtype == "fp32" and self.quantize is None
 
 
-def default_export_dir(checkpoint: Path, precision: str) -> Path:
-    """<cache dir>/exports/<checkpoint name>-<precision>; the shipped checkpoint is `smollm2-balcony`."""
-    name = SHIPPED_EXPORT_NAME if Path(checkpoint).resolve() == SHIPPED_CHECKPOINT.resolve() else Path(checkpoint).name
-    return cache_dir() / "exports" / f"{name}-{precision}"
+def export_name(checkpoint: Path) -> str:
+    """The name an export folder takes by default: `smollm2-balcony` for the shipped checkpoint, else its folder name."""
+    return SHIPPED_EXPORT_NAME if Path(checkpoint).resolve() == SHIPPED_CHECKPOINT.resolve() else Path(checkpoint).name
 
 
 def export_checkpoint(config: ExportConfig) -> Path:
     """Export a checkpoint's exits and full model to an ONNX folder (verified unless config.verify is False)."""
     checkpoint = Path(config.checkpoint) if config.checkpoint is not None else SHIPPED_CHECKPOINT
-    out = Path(config.out) if config.out is not None else default_export_dir(checkpoint, config.precision)
-    check_target(out, config.force)
+    out = Path(config.out) if config.out is not None else default_export_dir(export_name(checkpoint), config.precision)
     exits = select_exits(config.exits, read_info(checkpoint), checkpoint)
+    check_target(out, config.force)
     model, info, base = load_checkpoint(checkpoint, config.base)
     export_model = with_dtype(model, DTYPES[config.dtype])
     check_disk_space(out, parameter_bytes(export_model))
@@ -141,7 +157,7 @@ def check_disk_space(out: Path, needed: int) -> None:
     free = shutil.disk_usage(out.parent).free
     if free < needed * 1.1:
         raise ExportError(
-            f"not enough disk space for {out}: the export needs about {needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free; "
+            f"not enough disk space for {out}: the export needs up to {needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free; "
             "free some space or choose another --out"
         )
 
@@ -157,8 +173,13 @@ def write_export(
 ) -> None:
     """Fill a staging folder: graphs and weights, tokenizer files, report.json (verified), manifest.json last."""
     started = time.perf_counter()
-    with WeightFile(staging) as weights:
-        graphs = [write_graph(staging, export_model, k, exits, config, weights) for k in (*exits, model.num_layers)]
+    quality, quality_tokens = exit_agreement(model, base.tokenizer)
+    with open(staging / WEIGHTS_FILE, "wb") as handle:
+        weights = WeightFile(handle)
+        graphs = [
+            write_graph(staging, export_model, k, exits, config, weights, quality[k]) for k in (*exits, model.num_layers)
+        ]
+    tokenizer_files = copy_tokenizer_files(base.folder, staging)
     manifest = Manifest(
         base=info.base,
         num_layers=model.num_layers,
@@ -166,19 +187,22 @@ def write_export(
         dtype=config.dtype,
         quantization=quantization_info(config.quantize),
         weights_file=weights.name,
+        weights=weights.tensors,
         kv=kv_shape(model.base.config, config.dtype),
         cache_slots=[f"layer.{i}" for i in range(model.num_layers)] + [f"balcony.{k}" for k in exits],
         exits=graphs,
         generation=generation_defaults(model, base.tokenizer),
-        tokenizer_files=copy_tokenizer_files(base.folder, staging),
-        chat_template=CHAT_TEMPLATE_FILE if (staging / CHAT_TEMPLATE_FILE).is_file() else None,
+        tokenizer_files=tokenizer_files,
+        chat_template=write_chat_template(base.tokenizer, staging),
     )
     report = {
         "precision": config.precision,
+        "exported_with": tool_versions(),
         "export_seconds": round(time.perf_counter() - started, 1),
         "weights_file_bytes": weights.size,
         "parameter_bytes": parameter_bytes(export_model),
         "graph_bytes": {entry.graph: (staging / entry.graph).stat().st_size for entry in graphs},
+        "quality_tokens": quality_tokens,
         "verification": None,
     }
     if config.verify:
@@ -194,12 +218,29 @@ def write_export(
     (staging / MANIFEST_FILE).write_text(manifest.to_json())
 
 
+def tool_versions() -> dict[str, str]:
+    """Versions of the packages that made the graphs."""
+    return {
+        "balcony_edge": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
 def graph_file(exit: int, num_layers: int) -> str:
     return "full.onnx" if exit == num_layers else f"exit_{exit}.onnx"
 
 
 def write_graph(
-    staging: Path, model: BalconyModel, exit: int, exits: tuple[int, ...], config: ExportConfig, weights: WeightFile
+    staging: Path,
+    model: BalconyModel,
+    exit: int,
+    exits: tuple[int, ...],
+    config: ExportConfig,
+    weights: WeightFile,
+    quality: float,
 ) -> ExitGraph:
     """Export, quantise if asked, move the weights into the shared file and save one exit's graph."""
     full = exit == model.num_layers
@@ -217,7 +258,9 @@ def write_graph(
         graph=name,
         num_layers=layers,
         cache_slots=list(range(exit)) + balcony_slot,
+        weights=[tensor.name for tensor in proto.graph.initializer if tensor.name in weights.tensors],
         weight_bytes_per_token=weight_bytes_per_token(proto, weights),
+        quality=round(quality, 4),
     )
 
 
@@ -246,8 +289,16 @@ def generation_defaults(model: BalconyModel, tokenizer) -> GenerationDefaults:
     )
 
 
+def write_chat_template(tokenizer, staging: Path) -> str | None:
+    """Write the tokenizer's chat template (the one `generate` applies) as a Jinja file; its name, or None."""
+    if not isinstance(tokenizer.chat_template, str):
+        return None
+    (staging / CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template)
+    return CHAT_TEMPLATE_FILE
+
+
 def copy_tokenizer_files(source: Path, staging: Path) -> list[str]:
-    """Copy the tokenizer, its config, the chat template and generation config; tokenizer.json is required."""
+    """Copy the tokenizer, its config and the generation config; tokenizer.json is required."""
     if not (Path(source) / "tokenizer.json").is_file():
         raise ExportError(f"{source} has no tokenizer.json; the runtime needs a fast tokenizer: save the base with one")
     copied = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]

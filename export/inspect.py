@@ -3,6 +3,8 @@ work here, and whether every file still matches its manifest checksum."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from rich.table import Table
 
-from ..runtime.manifest import MANIFEST_FILE, Manifest, checksum_failures
+from ..runtime.manifest import MANIFEST_FILE, REPORT_FILE, Manifest, checksum_failures
 
 _PROBE_OPSET = 18
 _PROBE_IR_VERSION = 10  # onnxruntime reads IR versions up to its own; 10 is old enough for all recent ones
@@ -43,7 +45,9 @@ def usable_providers() -> list[str]:
     options.log_severity_level = 4
     usable = []
     for provider in ort.get_available_providers():
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=[provider])
+        # onnxruntime prints "EP Error ... Falling back" on stdout when a provider cannot start.
+        with contextlib.redirect_stdout(io.StringIO()):
+            session = ort.InferenceSession(probe.SerializeToString(), options, providers=[provider])
         if provider in session.get_providers():
             usable.append(provider)
     return usable
@@ -53,7 +57,7 @@ def inspect_export(folder: Path | str) -> Inspection:
     """Read an export folder's manifest and report, list its files and check their checksums."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    report_path = folder / "report.json"
+    report_path = folder / REPORT_FILE
     return Inspection(
         folder=folder,
         manifest=manifest,
@@ -64,26 +68,25 @@ def inspect_export(folder: Path | str) -> Inspection:
     )
 
 
-def exits_table(inspection: Inspection) -> Table:
-    """One row per exit: layers, graph, weights read per token, cache slots and the verification figures."""
-    manifest = inspection.manifest
-    checks = {c["exit"]: c for c in ((inspection.report or {}).get("verification") or {}).get("exits", [])}
+def exits_table(folder: Path, manifest: Manifest, report: dict | None) -> Table:
+    """One row per exit: layers, weights read per token, cache slots and the verification figures."""
+    checks = {c["exit"]: c for c in ((report or {}).get("verification") or {}).get("exits", [])}
     precision = manifest.dtype + (f" + {manifest.quantization['method']}" if manifest.quantization else "")
-    table = Table(title=f"{inspection.folder} ({manifest.base['name']}, {precision})")
-    for column in ("exit", "layers", "graph", "MB/token", "cache slots", "max |diff|", "top-1", "greedy"):
-        table.add_column(column, justify="right")
+    table = Table(title=f"{manifest.base['name']}, {precision}: {folder}")
+    for column in ("exit", "layers", "MB/token", "cache slots", "max |diff|", "top-1", "greedy"):
+        table.add_column(column, justify="right", no_wrap=True)
     for entry in manifest.exits:
         check = checks.get(entry.exit)
         figures = (
             (f"{check['max_abs_diff']:.1e}", f"{check['top1_agreement']:.3f}", f"{check['greedy_matched']}/{check['greedy_tokens']}")
             if check
-            else ("", "", "")
+            else ("-", "-", "-")
         )
-        slots = f"{entry.cache_slots[0]}..{entry.cache_slots[-1]}" if entry.is_full else f"0..{entry.exit - 1}, {entry.cache_slots[-1]}"
+        backbone = f"0-{entry.exit - 1}" if entry.exit > 1 else "0"
+        slots = backbone if entry.is_full else f"{backbone}, {entry.cache_slots[-1]}"
         table.add_row(
             "full" if entry.is_full else str(entry.exit),
             str(entry.num_layers),
-            entry.graph,
             f"{entry.weight_bytes_per_token / 1e6:.1f}",
             slots,
             *figures,

@@ -17,7 +17,6 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from ..model import BalconyModel
-
 from ..runtime.manifest import graph_input_names, graph_output_names
 
 OPSET = 18

@@ -36,21 +36,24 @@ def quantization_info(method: str | None) -> dict | None:
     }
 
 
+def _matmul_nbits_quantizer():
+    """onnxruntime's MatMulNBitsQuantizer, imported without the root-logger INFO level its module sets on import."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return MatMulNBitsQuantizer
+
+
 def quantize_graph(model: onnx.ModelProto, method: str) -> onnx.ModelProto:
     """Every MatMul with a weight initializer becomes MatMulNBits; the weight `W` becomes `W_Q{bits}` + `W_scales`.
 
     Deterministic, so a weight shared by several graphs quantises to the same bytes in each.
     """
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(
+    quantizer = _matmul_nbits_quantizer()(
         model, bits=QUANTIZATION_BITS[method], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL
     )
-    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        quantizer.process()
-    finally:
-        logger.setLevel(level)
+    quantizer.process()
     return quantizer.model.model

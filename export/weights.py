@@ -4,14 +4,14 @@ at offsets onnxruntime can memory-map."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from pathlib import Path
+from typing import BinaryIO
 
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
 from ..errors import ExportError
+from ..runtime.manifest import WeightEntry
 
 WEIGHTS_FILE = "weights.bin"
 # Weights are named after BalconyModel parameters (quantizers add suffixes such as `_Q4`, `_scales`);
@@ -28,29 +28,15 @@ def is_weight(name: str) -> bool:
     return name.startswith(WEIGHT_PREFIXES)
 
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one weight lies in the data file (bytes)."""
-
-    offset: int
-    length: int
-    sha256: str
-
-
 class WeightFile:
-    """The one external-data file of an export; `externalize` moves a graph's weights into it, each once."""
+    """The one external-data file of an export, written through `handle`; `externalize` moves each weight in once."""
 
-    def __init__(self, folder: Path, name: str = WEIGHTS_FILE):
-        self.name = name
-        self.tensors: dict[str, StoredTensor] = {}
+    def __init__(self, handle: BinaryIO, name: str = WEIGHTS_FILE):
+        self.name = name  # the file name graphs refer to, relative to the export folder
+        self.tensors: dict[str, WeightEntry] = {}
+        self._sha256: dict[str, str] = {}
         self._size = 0
-        self._handle = open(Path(folder) / name, "wb")
-
-    def __enter__(self) -> WeightFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.close()
+        self._handle = handle
 
     @property
     def size(self) -> int:
@@ -61,26 +47,29 @@ class WeightFile:
         """Point every weight initializer of `model` into this file, writing those not stored yet."""
         for tensor in model.graph.initializer:
             if is_weight(tensor.name):
-                stored = self._store(tensor.name, _raw_bytes(tensor))
+                stored = self._store(tensor)
                 set_external_data(tensor, self.name, stored.offset, stored.length)
                 tensor.ClearField("raw_data")
 
-    def _store(self, name: str, data: bytes) -> StoredTensor:
+    def _store(self, tensor: onnx.TensorProto) -> WeightEntry:
+        data = _raw_bytes(tensor)
         digest = hashlib.sha256(data).hexdigest()
-        stored = self.tensors.get(name)
-        if stored is None:
-            stored = self.tensors[name] = self._append(data, digest)
-        elif stored.sha256 != digest:
-            raise ExportError(f"weight {name} differs between two exit graphs; the model changed during export, export again")
-        return stored
+        if tensor.name not in self.tensors:
+            offset = self._append(data)
+            dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type).name
+            self.tensors[tensor.name] = WeightEntry(offset, len(data), dtype, list(tensor.dims))
+            self._sha256[tensor.name] = digest
+        elif self._sha256[tensor.name] != digest:
+            raise ExportError(f"weight {tensor.name} differs between two exit graphs; the model changed during export, export again")
+        return self.tensors[tensor.name]
 
-    def _append(self, data: bytes, digest: str) -> StoredTensor:
+    def _append(self, data: bytes) -> int:
         alignment = PAGE_ALIGNMENT if len(data) >= PAGE_ALIGNMENT else SMALL_ALIGNMENT
         offset = -(-self._size // alignment) * alignment
         self._handle.write(b"\0" * (offset - self._size))
         self._handle.write(data)
         self._size = offset + len(data)
-        return StoredTensor(offset, len(data), digest)
+        return offset
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:

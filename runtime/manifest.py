@@ -14,6 +14,7 @@ from ..errors import ManifestError
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+REPORT_FILE = "report.json"  # the export's verification report, beside the manifest
 
 # Graph I/O names (the optimum / onnxruntime-genai convention); {i} is the layer index inside one graph.
 INPUT_IDS = "input_ids"
@@ -24,6 +25,20 @@ PAST_KEY = "past_key_values.{i}.key"
 PAST_VALUE = "past_key_values.{i}.value"
 PRESENT_KEY = "present.{i}.key"
 PRESENT_VALUE = "present.{i}.value"
+
+
+def default_io_names() -> dict[str, str]:
+    """The graph I/O names by role; `{i}` stands for the layer index inside one graph."""
+    return {
+        "input_ids": INPUT_IDS,
+        "attention_mask": ATTENTION_MASK,
+        "position_ids": POSITION_IDS,
+        "logits": LOGITS,
+        "past_key": PAST_KEY,
+        "past_value": PAST_VALUE,
+        "present_key": PRESENT_KEY,
+        "present_value": PRESENT_VALUE,
+    }
 
 
 def graph_input_names(num_layers: int) -> list[str]:
@@ -39,6 +54,16 @@ def graph_output_names(num_layers: int) -> list[str]:
 
 
 @dataclass(frozen=True)
+class WeightEntry:
+    """One tensor in the weights file: where it lies (bytes) and how to view those bytes."""
+
+    offset: int
+    length: int
+    dtype: str  # numpy name: float32, float16, uint8 (packed quantised weights)
+    shape: list[int]
+
+
+@dataclass(frozen=True)
 class ExitGraph:
     """One exit's graph: exit k runs backbone layers 0..k-1, then balcony k (k = num_layers: the full model)."""
 
@@ -46,7 +71,9 @@ class ExitGraph:
     graph: str  # .onnx file in the export folder
     num_layers: int  # decoder layers in the graph: exit + 1, or num_layers for the full model
     cache_slots: list[int]  # graph layer i reads and writes KV-cache slot cache_slots[i]
+    weights: list[str]  # the graph's initializers that live in the weights file (keys of Manifest.weights)
     weight_bytes_per_token: int  # bytes of weights read to decode one token (embedding: one row)
+    quality: float | None = None  # top-1 agreement with the full model's next token, 0..1 (full model: 1.0)
 
     @property
     def is_full(self) -> bool:
@@ -84,12 +111,14 @@ class Manifest:
     dtype: str  # fp32 or fp16: weights, activations, logits and KV cache
     quantization: dict | None  # None, or method (int8 / int4), bits, block_size, accuracy_level, tool
     weights_file: str  # the one external-data file every graph points into
+    weights: dict[str, WeightEntry]  # every tensor in weights_file, each stored once
     kv: KVShape
     cache_slots: list[str]  # slot names: layer.{i} shared by all exits, then balcony.{k} one per exit
     exits: list[ExitGraph]  # ascending; the last is the full model
     generation: GenerationDefaults
     tokenizer_files: list[str]
     chat_template: str | None  # file name of the Jinja chat template, if the model has one
+    io_names: dict[str, str] = field(default_factory=default_io_names)  # graph I/O names by role
     files: dict[str, str] = field(default_factory=dict)  # every file but manifest.json -> sha256
     schema_version: int = SCHEMA_VERSION
 
@@ -117,6 +146,7 @@ class Manifest:
                 **{
                     **raw,
                     "kv": KVShape(**raw["kv"]),
+                    "weights": {name: WeightEntry(**entry) for name, entry in raw["weights"].items()},
                     "exits": [ExitGraph(**entry) for entry in raw["exits"]],
                     "generation": GenerationDefaults(**raw["generation"]),
                 }

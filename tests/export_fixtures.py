@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from balcony_edge.base_model import load_base_model  # noqa: E402
-from balcony_edge.checkpoint import build_model, save_checkpoint  # noqa: E402
-from balcony_edge.export.exporter import ExportConfig, export_checkpoint  # noqa: E402
-from balcony_edge.model import BalconyConfig  # noqa: E402
+from balcony_edge.base_model import load_base_model
+from balcony_edge.checkpoint import build_model, save_checkpoint
+from balcony_edge.export.exporter import ExportConfig, export_checkpoint
+from balcony_edge.model import BalconyConfig
 
 TINY_EXITS = (1, 2)
 TINY_LAYERS = 4

@@ -1,9 +1,12 @@
 """Export: one ONNX graph per exit plus the full model, weights stored once, a manifest, verified against torch."""
 
+# ruff: noqa: F811  (the fixtures come from export_fixtures; pytest passes them in by name)
+
 from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import shutil
 import sys
@@ -15,7 +18,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from export_fixtures import TINY_EXITS, TINY_LAYERS, tiny_base, tiny_base_folder, tiny_checkpoint, tiny_export, tiny_model  # noqa: F401
+from export_fixtures import (  # noqa: F401
+    CHAT_TEMPLATE,
+    TINY_EXITS,
+    TINY_LAYERS,
+    tiny_base,
+    tiny_base_folder,
+    tiny_checkpoint,
+    tiny_export,
+    tiny_model,
+)
 
 from balcony_edge.cli import main
 from balcony_edge.errors import ExportError
@@ -112,7 +124,7 @@ def test_every_weight_lies_once_in_the_one_data_file(tiny_export, tiny_model):
     assert all(len(set(places)) == 1 for places in tensors.values()), "a shared weight points to two places"
     data = (tiny_export / "weights.bin").read_bytes()
     spans = sorted(places[0][1:] for places in tensors.values())
-    assert all(offset + length <= next_offset for (offset, length), (next_offset, _) in zip(spans, spans[1:]))
+    assert all(offset + length <= next_offset for (offset, length), (next_offset, _) in itertools.pairwise(spans))
     digests = [hashlib.sha256(data[offset : offset + length]).hexdigest() for offset, length in spans]
     assert len(set(digests)) == len(digests), "the same content is stored twice"
     assert all(offset % PAGE_ALIGNMENT == 0 for offset, length in spans if length >= PAGE_ALIGNMENT)
@@ -129,6 +141,19 @@ def test_stored_weights_are_the_torch_parameters(tiny_export, tiny_model):
         expected = expected.T if name.endswith(".T") else expected
         np.testing.assert_array_equal(stored, np.ascontiguousarray(expected).ravel(), err_msg=name)
     assert {n.removesuffix(".T") for n in external_tensors(tiny_export)} == set(dict(tiny_model.named_parameters()))
+
+
+def test_manifest_weight_table_matches_the_graphs(tiny_export):
+    manifest = Manifest.load(tiny_export)
+    tensors = external_tensors(tiny_export)
+    assert {name: places[0][1:] for name, places in tensors.items()} == {
+        name: (entry.offset, entry.length) for name, entry in manifest.weights.items()
+    }
+    for entry in manifest.exits:
+        graph = onnx.load(tiny_export / entry.graph, load_external_data=False)
+        assert entry.weights == [t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    embedding = manifest.weights["base.model.embed_tokens.weight"]
+    assert (embedding.dtype, embedding.shape) == ("float32", [manifest.vocab_size, manifest.kv.hidden_size])
 
 
 def test_tied_head_reads_the_embedding_itself(tiny_export):
@@ -152,11 +177,13 @@ def test_manifest_describes_the_export(tiny_export, tiny_model):
     assert (manifest.kv.num_kv_heads, manifest.kv.head_dim, manifest.kv.dtype) == (2, 16, "float32")
     assert manifest.generation.eos_token_ids == [config.eos_token_id]
     assert manifest.generation.context_length == config.max_position_embeddings
-    assert manifest.chat_template == "chat_template.jinja"
+    assert (tiny_export / manifest.chat_template).read_text() == CHAT_TEMPLATE
+    assert "tokenizer.json" in manifest.tokenizer_files
     assert set(manifest.tokenizer_files) <= set(manifest.files)
     assert set(manifest.files) == {p.name for p in tiny_export.iterdir()} - {"manifest.json"}
     per_token = [e.weight_bytes_per_token for e in manifest.exits]
     assert per_token == sorted(per_token) and per_token[0] > 0
+    assert all(0.0 <= e.quality <= 1.0 for e in manifest.exits) and manifest.exits[-1].quality == 1.0
 
 
 def test_fp32_export_matches_torch_logits_and_greedy_tokens(tiny_export, tiny_model):
@@ -198,14 +225,16 @@ def test_inspect_passes_a_clean_export_and_fails_a_corrupted_byte(tiny_export, t
 # --- precision ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantized_export_runs_without_nan_and_reports_agreement(tiny_checkpoint, tmp_path, method):
-    out = export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=tmp_path / method, exits="1", quantize=method))
+@pytest.mark.parametrize(("dtype", "method"), [("fp32", "int8"), ("fp32", "int4"), ("fp16", "int4")])
+def test_quantized_export_runs_without_nan_and_reports_agreement(tiny_checkpoint, tmp_path, dtype, method):
+    config = ExportConfig(checkpoint=tiny_checkpoint, out=tmp_path / method, exits="1", dtype=dtype, quantize=method)
+    out = export_checkpoint(config)
     manifest = Manifest.load(out)
     assert manifest.quantization["method"] == method and manifest.quantization["block_size"] == 32
+    assert manifest.kv.dtype == {"fp32": "float32", "fp16": "float16"}[dtype]
     checks = json.loads((out / "report.json").read_text())["verification"]["exits"]
     assert [c["exit"] for c in checks] == [1, TINY_LAYERS]
-    assert all(c["finite"] and 0.0 <= c["top1_agreement"] <= 1.0 for c in checks)
+    assert all(c["finite"] and 0.5 <= c["top1_agreement"] <= 1.0 for c in checks)
     full = onnx.load(out / "full.onnx", load_external_data=False)
     assert sum(n.op_type == "MatMulNBits" for n in full.graph.node) == 7 * TINY_LAYERS + 1  # the head too
     tensors = external_tensors(out)
@@ -282,11 +311,11 @@ def test_incomplete_checkpoint_and_missing_base_are_refused(tiny_checkpoint, tmp
 def test_running_out_of_disk_mid_way_leaves_nothing_behind(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     appended = []
 
-    def full_disk(self, data, digest):
+    def full_disk(self, data):
         if appended:
             raise OSError(errno.ENOSPC, "No space left on device")
         appended.append(len(data))
-        return original(self, data, digest)
+        return original(self, data)
 
     original = WeightFile._append
     monkeypatch.setattr(WeightFile, "_append", full_disk)
@@ -313,20 +342,20 @@ def test_interrupted_export_leaves_nothing_behind(tiny_checkpoint, tmp_path, mon
 
 def test_force_replaces_an_existing_export(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    args = ["export", tiny_checkpoint, "--out", out, "--exits", "1", "--no-verify"]
-    assert run_cli(args, capsys, monkeypatch)[0] == 0
-    first = Manifest.load(out)
-    assert json.loads((out / "report.json").read_text())["verification"] is None
-    code, output = run_cli([*args, "--force", "--quantize", "int4"], capsys, monkeypatch)
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    (out / "stale.onnx").write_text("")
+    args = ["export", tiny_checkpoint, "--out", out, "--exits", "1", "--no-verify", "--force"]
+    code, output = run_cli(args, capsys, monkeypatch)
     assert code == 0 and "exported" in output
-    assert first.quantization is None and Manifest.load(out).quantization["method"] == "int4"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [e.exit for e in Manifest.load(out).exits] == [1, TINY_LAYERS] and not (out / "stale.onnx").exists()
+    assert json.loads((out / "report.json").read_text())["verification"] is None
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_default_out_dir_is_in_the_cache(tiny_checkpoint, monkeypatch, tmp_path):
-    monkeypatch.setenv("BALCONY_EDGE_CACHE", str(tmp_path))
-    assert exporter.default_export_dir(tiny_checkpoint, "int4") == tmp_path / "exports" / "tiny-balcony-int4"
-    assert exporter.default_export_dir(exporter.SHIPPED_CHECKPOINT, "fp32") == tmp_path / "exports" / "smollm2-balcony-fp32"
+def test_default_out_dir_is_named_after_the_checkpoint(tiny_checkpoint):
+    assert exporter.export_name(tiny_checkpoint) == "tiny-balcony"
+    assert exporter.export_name(exporter.SHIPPED_CHECKPOINT) == "smollm2-balcony"
 
 
 def test_export_error_is_a_balcony_error():

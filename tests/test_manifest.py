@@ -14,6 +14,7 @@ from balcony_edge.runtime.manifest import (
     GenerationDefaults,
     KVShape,
     Manifest,
+    WeightEntry,
     checksum_failures,
     file_sha256,
     graph_input_names,
@@ -29,12 +30,16 @@ def _manifest(files: dict[str, str] | None = None) -> Manifest:
         dtype="fp32",
         quantization=None,
         weights_file="weights.bin",
+        weights={
+            "base.model.embed_tokens.weight": WeightEntry(offset=0, length=113246208, dtype="float32", shape=[49152, 576]),
+            "norms.8.weight": WeightEntry(offset=113246208, length=2304, dtype="float32", shape=[576]),
+        },
         kv=KVShape(num_kv_heads=3, head_dim=64, num_attention_heads=9, hidden_size=576, dtype="float32"),
         cache_slots=[f"layer.{i}" for i in range(30)] + ["balcony.8", "balcony.16"],
         exits=[
-            ExitGraph(exit=8, graph="exit_8.onnx", num_layers=9, cache_slots=[*range(8), 30], weight_bytes_per_token=1),
-            ExitGraph(exit=16, graph="exit_16.onnx", num_layers=17, cache_slots=[*range(16), 31], weight_bytes_per_token=2),
-            ExitGraph(exit=30, graph="full.onnx", num_layers=30, cache_slots=list(range(30)), weight_bytes_per_token=3),
+            ExitGraph(8, "exit_8.onnx", 9, [*range(8), 30], ["norms.8.weight"], weight_bytes_per_token=1, quality=0.39),
+            ExitGraph(16, "exit_16.onnx", 17, [*range(16), 31], [], weight_bytes_per_token=2, quality=0.46),
+            ExitGraph(30, "full.onnx", 30, list(range(30)), [], weight_bytes_per_token=3, quality=1.0),
         ],
         generation=GenerationDefaults(eos_token_ids=[2], bos_token_id=1, pad_token_id=2, context_length=8192),
         tokenizer_files=["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"],
@@ -48,6 +53,7 @@ def test_manifest_round_trips_through_json():
     again = Manifest.from_json(manifest.to_json())
     assert again == manifest
     assert again.exit_graph(16).cache_slots[-1] == 31
+    assert again.weights["norms.8.weight"] == WeightEntry(113246208, 2304, "float32", [576])
     assert again.exit_graph(30).is_full and not again.exit_graph(8).is_full
     assert json.loads(manifest.to_json())["schema_version"] == SCHEMA_VERSION
 
@@ -95,6 +101,8 @@ def test_graph_io_names_follow_the_optimum_convention():
         "past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value",
     ]
     assert graph_output_names(1) == ["logits", "present.0.key", "present.0.value"]
+    io_names = _manifest().io_names
+    assert io_names["past_key"].format(i=3) == "past_key_values.3.key" and io_names["present_value"] == "present.{i}.value"
 
 
 def test_manifest_module_needs_no_torch():
@@ -102,4 +110,4 @@ def test_manifest_module_needs_no_torch():
     import sys
 
     code = "import sys, balcony_edge.runtime.manifest; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
