@@ -177,6 +177,91 @@ def inspect(
     console.print("[green]checksums OK[/green]")
 
 
+ExportArg = Annotated[
+    Optional[Path], typer.Argument(help="Export folder; default: the default export, created from the shipped checkpoint on first use.")
+]
+
+
+def _default_export() -> Path:
+    """The default export folder, exported from the shipped checkpoint the first time (needs the train extra)."""
+    from .paths import default_export_dir
+
+    folder = default_export_dir()
+    if (folder / "manifest.json").is_file():
+        return folder
+    try:
+        from .export.exporter import ExportConfig, export_checkpoint
+    except ImportError:
+        raise BalconyError(
+            f"no default export at {folder}; create one with `balcony-edge export` where the train extra is installed, "
+            "or give an export folder"
+        ) from None
+    console.print(f"[dim]first use: exporting the shipped checkpoint to {folder} (a few minutes, once)[/dim]")
+    return export_checkpoint(ExportConfig(checkpoint=None, out=folder))
+
+
+def _signal_hub(signals: Optional[str], clock: str):
+    from .runtime.signals import FixedSource, SignalHub, TraceSource, default_sources
+
+    if signals is None:
+        sources = default_sources()
+    elif signals.endswith(".jsonl") or Path(signals).is_file():
+        sources = [TraceSource(signals, clock=clock)]
+    else:
+        sources = [FixedSource.from_text(signals)]
+    return SignalHub(sources, on_warning=lambda text: console.print(f"[yellow]signals: {text}[/yellow]"))
+
+
+@app.command()
+def chat(
+    export_folder: ExportArg = None,
+    budget: Annotated[str, typer.Option(help="auto, full, eco, an exit such as 16, or a per-token latency target such as 40ms.")] = "auto",
+    prompt: Annotated[Optional[str], typer.Option(help="Answer this one prompt and exit (no interactive chat).")] = None,
+    signals: Annotated[Optional[str], typer.Option(help="A JSONL trace to replay, or fixed values such as temperature_degc=80,battery_percent=30; default: this device's sensors.")] = None,
+    signals_clock: Annotated[str, typer.Option(help="Replay a trace by `time` (t_s) or by `token`.")] = "time",
+    telemetry: Annotated[Optional[Path], typer.Option(help="Write one JSON line per token here.")] = None,
+    plain: Annotated[bool, typer.Option(help="Mark exit changes with [N] instead of colours.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer at most.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.6,
+    top_k: Annotated[int, typer.Option(help="0: no limit.")] = 0,
+    top_p: Annotated[float, typer.Option()] = 0.9,
+    repetition_penalty: Annotated[float, typer.Option()] = 1.1,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    provider: Annotated[Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for onnxruntime.")] = None,
+    sliding_window: Annotated[bool, typer.Option(help="Past the context length, keep the newest half instead of stopping.")] = False,
+) -> None:
+    """Chat with the model, switching exits between tokens from the budget and the device's signals."""
+    from .runtime import Engine, SamplingConfig
+    from .runtime.chat import ChatSession
+    from .runtime.telemetry import TelemetryWriter
+
+    engine = Engine.load(export_folder or _default_export(), providers=provider, threads=threads)
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    writer = TelemetryWriter(telemetry) if telemetry else None
+    with _signal_hub(signals, signals_clock) as hub:
+        session = ChatSession(engine, budget, sampling, hub, writer, max_new_tokens, plain, sliding_window=sliding_window)
+        try:
+            if prompt is not None:
+                session.answer(prompt)
+            else:
+                session.run()
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+@app.command()
+def plot(
+    telemetry: Annotated[Path, typer.Argument(help="A telemetry JSONL file written by `chat --telemetry`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="PNG to write.")] = Path("telemetry.png"),
+) -> None:
+    """Plot exit, latency and signals over the tokens of a telemetry file."""
+    from .runtime.telemetry import plot_telemetry, read_telemetry
+
+    console.print(f"wrote {plot_telemetry(read_telemetry(telemetry), out)}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

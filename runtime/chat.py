@@ -1,0 +1,157 @@
+"""The interactive chat: streaming answers with each token's exit visible, a status line, and slash commands."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from ..errors import BalconyError
+from .controller import Budget
+from .engine import Engine, GeneratedToken
+from .sampling import SamplingConfig
+from .signals import SignalHub
+from .telemetry import TelemetryWriter
+
+EXIT_COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
+HELP = "commands: /exit N (pin an exit), /budget X (auto, full, eco, 16, 40ms), /stats, /reset, /quit; Ctrl-C stops an answer"
+
+
+@dataclass
+class ChatStats:
+    """Counts over the session: tokens and latency per exit (ms), catch-up positions."""
+
+    tokens: Counter = field(default_factory=Counter)
+    latency_ms: dict = field(default_factory=lambda: defaultdict(float))
+    catch_up_tokens: int = 0
+
+    def add(self, token: GeneratedToken) -> None:
+        self.tokens[token.exit] += 1
+        self.latency_ms[token.exit] += token.latency_ms
+        self.catch_up_tokens += token.catch_up_tokens
+
+    def lines(self) -> list[str]:
+        rows = [
+            f"exit {exit:>3}: {count:>5} tokens, mean {self.latency_ms[exit] / count:6.1f} ms/token"
+            for exit, count in sorted(self.tokens.items())
+        ]
+        return rows + [f"catch-up positions recomputed: {self.catch_up_tokens}"]
+
+
+class ChatSession:
+    """One conversation with an engine: message history, its sequence (KV cache) and the current budget."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        budget: str,
+        sampling: SamplingConfig,
+        signals: SignalHub,
+        telemetry: TelemetryWriter | None = None,
+        max_new_tokens: int = 256,
+        plain: bool = False,
+        console: Console | None = None,
+        sliding_window: bool = False,
+    ):
+        self.engine, self.sampling, self.signals, self.telemetry = engine, sampling, signals, telemetry
+        self.budget = Budget.parse(budget)
+        self.max_new_tokens, self.plain, self.sliding_window = max_new_tokens, plain, sliding_window
+        self.console = console or Console(highlight=False)
+        self.colours = {exit: EXIT_COLOURS[i % len(EXIT_COLOURS)] for i, exit in enumerate(engine.exits[:-1])}
+        self.colours[engine.exits[-1]] = "default"
+        self.stats = ChatStats()
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = []
+        self.sequence = self.engine.sequence(sliding_window=self.sliding_window)
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; returns False when the chat should end."""
+        name, _, argument = line[1:].partition(" ")
+        argument = argument.strip()
+        try:
+            if name in ("quit", "q"):
+                return False
+            if name == "exit" and argument:
+                self.budget = Budget.parse(argument)
+            elif name == "budget" and argument:
+                self.budget = Budget.parse(argument)
+            elif name == "stats":
+                for row in self.stats.lines() + [f"provider: {self.engine.describe()}"]:
+                    self.console.print(f"[dim]{row}[/dim]")
+                return True
+            elif name == "reset":
+                self.reset()
+                self.console.print("[dim]conversation cleared[/dim]")
+                return True
+            else:
+                self.console.print(f"[dim]{HELP}[/dim]")
+                return True
+            self.console.print(f"[dim]budget: {self.budget}[/dim]")
+        except BalconyError as err:
+            self.console.print(f"[red]{err}[/red]")
+        return True
+
+    def answer(self, text: str) -> list[GeneratedToken]:
+        """Stream the answer to one user message; Ctrl-C stops it and keeps what was said."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.engine.codec.chat_prompt(self.messages)
+        if ids[: len(self.sequence.tokens)] == self.sequence.tokens:
+            new_ids = ids[len(self.sequence.tokens):]
+        else:  # the template rendered earlier turns differently: start the cache over
+            self.sequence, new_ids = self.engine.sequence(sliding_window=self.sliding_window), ids
+        tokens: list[GeneratedToken] = []
+        started, shown_exit = time.perf_counter(), None
+        try:
+            for token in self.engine.generate(
+                new_ids, self.max_new_tokens, self.budget, self.sampling, self.signals,
+                telemetry=self.telemetry, sequence=self.sequence,
+            ):
+                tokens.append(token)
+                self.stats.add(token)
+                if self.plain:
+                    marker = f"[{token.exit}]" if token.exit != shown_exit else ""
+                    self.console.print(marker + token.text, end="", markup=False, soft_wrap=True)
+                else:
+                    self.console.print(token.text, end="", style=self.colours.get(token.exit), markup=False, soft_wrap=True)
+                shown_exit = token.exit
+        except KeyboardInterrupt:
+            self.console.print(" [dim](stopped)[/dim]", end="")
+        self.console.print()
+        reply = self.engine.codec.decode([t.id for t in tokens])
+        self.messages.append({"role": "assistant", "content": reply})
+        self.console.print(self.status_line(tokens, time.perf_counter() - started), style="dim")
+        return tokens
+
+    def status_line(self, tokens: list[GeneratedToken], seconds: float) -> str:
+        """tok/s, the last exit, temperature, battery and power of the last answer."""
+        signals = tokens[-1].signals if tokens else {}
+        parts = [f"{len(tokens) / seconds:.1f} tok/s" if seconds > 0 else "", f"exit {tokens[-1].exit}" if tokens else ""]
+        if "temperature_degc" in signals:
+            parts.append(f"{signals['temperature_degc']:.0f} degC")
+        if "battery_percent" in signals:
+            parts.append(f"battery {signals['battery_percent']:.0f}%" + (" (on battery)" if signals.get("on_battery") else ""))
+        if "power_mw" in signals:
+            parts.append(f"{signals['power_mw'] / 1000:.1f} W")
+        parts.append(f"budget {self.budget}")
+        return " | ".join(p for p in parts if p)
+
+    def run(self, read_line=input) -> None:
+        """The interactive loop: read a line, answer it or run its command, until /quit or end of input."""
+        self.console.print(f"[dim]balcony-edge chat on {self.engine.describe()}; {HELP}[/dim]")
+        while True:
+            try:
+                line = read_line("> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                self.console.print()
+                return
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            self.answer(line)

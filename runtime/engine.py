@@ -1,0 +1,219 @@
+"""The Engine: an export folder loaded into one onnxruntime session per exit, and token-by-token generation
+whose exit a controller picks before every token from a budget and device signals."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ..errors import BalconyError
+from ..paths import cache_dir, default_export_dir
+from .controller import Budget, Controller, ControllerConfig, ExitProfile
+from .manifest import Manifest, checksum_failures
+from .sampling import Sampler, SamplingConfig
+from .sequence import ExitRunner, Sequence
+from .sessions import SessionSettings, SharedWeights, device_of, open_session, resolve_providers
+from .signals import SignalHub
+from .telemetry import TelemetryWriter
+from .text import StreamDecoder, TextCodec
+
+CALIBRATION_PROMPT_TOKENS = 32
+CALIBRATION_STEPS = 8
+
+
+@dataclass
+class GeneratedToken:
+    """One generated token: its text piece, the exit that computed it and what it cost."""
+
+    id: int
+    text: str
+    exit: int
+    latency_ms: float  # from choosing the exit to having the token, catch-up included (ms)
+    catch_up_tokens: int  # positions recomputed first because earlier tokens ran at shallower exits
+    reason: str  # why the controller chose this exit
+    signals: dict = field(default_factory=dict)
+
+
+class Engine:
+    """An exported Balcony model ready to generate: sessions per exit sharing one copy of the weights."""
+
+    def __init__(self, folder: Path, manifest: Manifest, settings: SessionSettings, verify_checksums: bool = True):
+        self.folder, self.manifest = Path(folder), manifest
+        if verify_checksums:
+            failures = checksum_failures(folder, manifest)
+            if failures:
+                name, why = next(iter(failures.items()))
+                raise BalconyError(f"{folder}/{name}: {why} from manifest.json; export again (`balcony-edge export --force`)")
+        self.codec = TextCodec(folder, manifest)
+        self.provider, self.fallbacks, self.weights, self.runners = self._open_sessions(settings)
+        self._profiles: list[ExitProfile] | None = None
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path | None = None,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        verify_checksums: bool = True,
+    ) -> Engine:
+        """Load an export folder (default: the default export); providers tried in order: TensorRT, CUDA, CPU."""
+        folder = Path(folder) if folder is not None else default_export_dir()
+        if not folder.is_dir():
+            raise BalconyError(f"export folder {folder} does not exist; create it with `balcony-edge export`")
+        settings = SessionSettings(providers=resolve_providers(providers), threads=threads, trt_cache=str(cache_dir() / "tensorrt"))
+        return cls(folder, Manifest.load(folder), settings, verify_checksums)
+
+    def _open_sessions(self, settings: SessionSettings):
+        """Sessions on the first provider that opens them all; what failed before is kept in `fallbacks`."""
+        fallbacks: dict[str, str] = {}
+        for provider in settings.providers:
+            device = device_of(provider)
+            try:
+                weights = SharedWeights(self.folder, self.manifest, device)
+                runners = {}
+                for entry in self.manifest.exits:
+                    session = _quietly(lambda: open_session(self.folder, entry, weights, provider, settings))
+                    if session.get_providers()[0] != provider:
+                        raise RuntimeError(f"onnxruntime fell back to {session.get_providers()[0]}")
+                    runners[entry.exit] = ExitRunner(session, entry, device)
+                return provider, fallbacks, weights, runners
+            except Exception as err:  # a provider that cannot start is skipped, with the reason reported
+                fallbacks[provider] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BalconyError(f"no onnxruntime provider could open {self.folder}: {fallbacks}; check the onnxruntime install")
+
+    @property
+    def exits(self) -> list[int]:
+        """Every exit depth of this export, ascending; the last is the full model."""
+        return [entry.exit for entry in self.manifest.exits]
+
+    def sequence(self, token_ids: list[int] = (), sliding_window: bool = False) -> Sequence:
+        """A new conversation state (its own KV cache) over these sessions."""
+        return Sequence(self.manifest, self.runners, token_ids, sliding_window)
+
+    def describe(self) -> str:
+        """One line: provider in use and the ones that failed."""
+        text = f"{self.provider} ({len(self.runners)} exits: {', '.join(map(str, self.exits))})"
+        if self.fallbacks:
+            text += "; unavailable: " + "; ".join(f"{p}: {why}" for p, why in self.fallbacks.items())
+        return text
+
+    def profiles(self) -> list[ExitProfile]:
+        """Each exit's decode cost on this device (ms/token), measured on first use and cached per export and provider."""
+        if self._profiles is None:
+            path = self._calibration_path()
+            if path.is_file():
+                measured = json.loads(path.read_text())
+            else:
+                measured = self.calibrate()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(measured))
+                tmp.replace(path)
+            self._profiles = [
+                ExitProfile(entry.exit, measured[str(entry.exit)], entry.weight_bytes_per_token, entry.quality)
+                for entry in self.manifest.exits
+            ]
+        return self._profiles
+
+    def _calibration_path(self) -> Path:
+        graphs = "-".join(self.manifest.files[e.graph][:8] for e in self.manifest.exits)
+        threads = ort.SessionOptions().intra_op_num_threads
+        return cache_dir() / "calibration" / f"{graphs}-{self.provider}-{threads}.json"
+
+    def calibrate(self) -> dict[str, float]:
+        """Median decode step per exit after a short prompt (ms), exit -> ms."""
+        prompt = list(range(10, 10 + CALIBRATION_PROMPT_TOKENS))
+        measured = {}
+        for exit in self.exits:
+            sequence = self.sequence(prompt)
+            sequence.logits(exit)
+            times = []
+            for step in range(CALIBRATION_STEPS):
+                sequence.append(11 + step)
+                start = time.perf_counter()
+                sequence.logits(exit)
+                times.append((time.perf_counter() - start) * 1000)
+            measured[str(exit)] = statistics.median(times)
+        return measured
+
+    def prompt_ids(self, prompt: str | list[dict] | list[int], chat: bool = True) -> list[int]:
+        """Token ids of a prompt: ids as given, a message list or a string through the chat template, or raw text."""
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+            return list(prompt)
+        if isinstance(prompt, list):
+            return self.codec.chat_prompt(prompt)
+        return self.codec.chat_prompt([{"role": "user", "content": prompt}]) if chat else self.codec.encode(prompt)
+
+    def generate(
+        self,
+        prompt: str | list[dict] | list[int],
+        max_new_tokens: int = 128,
+        budget: str | Budget = "auto",
+        sampling: SamplingConfig = SamplingConfig(),
+        signals: SignalHub | None = None,
+        controller_config: ControllerConfig | None = None,
+        stop: tuple[str, ...] = (),
+        telemetry: TelemetryWriter | None = None,
+        sequence: Sequence | None = None,
+        chat: bool = True,
+    ) -> Iterator[GeneratedToken]:
+        """Stream new tokens for a prompt; the exit of each is chosen just before it is computed."""
+        budget = budget if isinstance(budget, Budget) else Budget.parse(str(budget))
+        controller = Controller(self._controller_profiles(budget), budget, controller_config)
+        sequence = sequence if sequence is not None else self.sequence()
+        sequence.extend(self.prompt_ids(prompt, chat))
+        hub = signals or SignalHub([])
+        sampler, decoder = Sampler(sampling), StreamDecoder(self.codec)
+        eos = set(self.manifest.generation.eos_token_ids)
+        last_latency = None
+        for index in range(max_new_tokens):
+            reading = hub.read(token_index=index)
+            decision = controller.choose(reading, last_latency, index)
+            started = time.perf_counter()
+            logits = sequence.logits(decision.exit)
+            token = sampler(logits, sequence.tokens)
+            latency = (time.perf_counter() - started) * 1000
+            last_latency = latency if index else None  # the first token carries the prompt's prefill
+            stopped = token in eos
+            shown = len(decoder.emitted)
+            if not stopped:
+                decoder.push(token)
+            cut = _first_stop(decoder.emitted, stop)
+            stopped = stopped or cut is not None or index == max_new_tokens - 1
+            if stopped and cut is None:
+                decoder.flush()
+            piece = decoder.emitted[shown : max(shown, cut if cut is not None else len(decoder.emitted))]
+            generated = GeneratedToken(token, piece, decision.exit, latency, sequence.last_catch_up, decision.reason, reading.to_dict())
+            if telemetry is not None:
+                telemetry.write(index, token, piece, decision.exit, latency, generated.catch_up_tokens, reading, decision.reason)
+            yield generated
+            if stopped:
+                return
+            sequence.append(token)
+
+    def _controller_profiles(self, budget: Budget) -> list[ExitProfile]:
+        """Fixed budgets need no calibration; the others use measured costs."""
+        if budget.is_fixed:
+            return [ExitProfile(e.exit, 1.0, e.weight_bytes_per_token, e.quality) for e in self.manifest.exits]
+        return self.profiles()
+
+
+def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string begins in text (characters), or None."""
+    found = [text.index(s) for s in stop if s and s in text]
+    return min(found) if found else None
+
+
+def _quietly(make):
+    """Run make() with onnxruntime's logging limited to fatal errors (a failing provider logs loudly)."""
+    ort.set_default_logger_severity(4)
+    try:
+        return make()
+    finally:
+        ort.set_default_logger_severity(2)

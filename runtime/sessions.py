@@ -1,0 +1,99 @@
+"""One onnxruntime session per exit, all sharing one copy of the weights, on the first provider that works."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import BalconyError
+from .manifest import ExitGraph, Manifest
+
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How sessions are made: providers to try in order, CPU threads, and the TensorRT cache folder."""
+
+    providers: tuple[str, ...] = PROVIDER_ORDER
+    threads: int | None = None  # intra-op threads; None: onnxruntime's default (all cores)
+    trt_cache: str | None = None  # folder for TensorRT engine and timing caches
+
+
+def resolve_providers(requested: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Provider names from short or full names, in order, keeping only those this onnxruntime build has."""
+    available = set(ort.get_available_providers())
+    names = [PROVIDER_ALIASES.get(p.lower(), p) for p in (requested or PROVIDER_ORDER)]
+    unknown = [p for p in names if p not in PROVIDER_ORDER]
+    if unknown:
+        raise BalconyError(f"provider {unknown[0]!r} is unknown; choose from tensorrt, cuda, cpu")
+    usable = tuple(p for p in names if p in available)
+    if not usable:
+        raise BalconyError(f"none of the providers {', '.join(names)} is in this onnxruntime (it has {', '.join(sorted(available))})")
+    return usable
+
+
+def _provider_options(provider: str, settings: SessionSettings, device: str) -> tuple[str, dict]:
+    if provider == "TensorrtExecutionProvider":
+        cache = settings.trt_cache or str(Path.home() / ".cache" / "balcony-edge" / "tensorrt")
+        os.makedirs(cache, exist_ok=True)
+        return provider, {
+            "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": cache,
+        }
+    return provider, {}
+
+
+def device_of(provider: str) -> str:
+    """Where a provider keeps tensors: `cuda` for TensorRT and CUDA, else `cpu`."""
+    return "cuda" if provider in ("TensorrtExecutionProvider", "CUDAExecutionProvider") else "cpu"
+
+
+class SharedWeights:
+    """The export's weights as OrtValues, made once from a memory map of the weights file and lent to every session."""
+
+    def __init__(self, folder: Path, manifest: Manifest, device: str):
+        self.manifest, self.device = manifest, device
+        self._map = np.memmap(Path(folder) / manifest.weights_file, dtype=np.uint8, mode="r")
+        self._values: dict[str, ort.OrtValue] = {}
+
+    def value(self, name: str) -> ort.OrtValue:
+        if name not in self._values:
+            entry = self.manifest.weights[name]
+            raw = self._map[entry.offset : entry.offset + entry.length]
+            array = raw.view(np.dtype(entry.dtype)).reshape(entry.shape)
+            self._values[name] = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+        return self._values[name]
+
+    def nbytes(self) -> int:
+        """Bytes of weights lent to sessions so far."""
+        return sum(self.manifest.weights[name].length for name in self._values)
+
+
+def _session_options(settings: SessionSettings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if settings.threads:
+        options.intra_op_num_threads = settings.threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+def open_session(folder: Path, entry: ExitGraph, weights: SharedWeights, provider: str, settings: SessionSettings) -> ort.InferenceSession:
+    """A session for one exit graph whose weights are the shared OrtValues (no copy of its own)."""
+    options = _session_options(settings)
+    for name in entry.weights:
+        options.add_initializer(name, weights.value(name))
+    providers = [_provider_options(provider, settings, weights.device)]
+    if provider != "CPUExecutionProvider":
+        providers.append(("CPUExecutionProvider", {}))  # for the nodes the accelerator does not take
+    return ort.InferenceSession(str(Path(folder) / entry.graph), sess_options=options, providers=providers)

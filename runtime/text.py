@@ -1,0 +1,81 @@
+"""Text in and out of an export folder: the tokenizer (tokenizers), the chat template (jinja2), streaming detokenisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from ..errors import BalconyError
+from .manifest import Manifest
+
+
+class TextCodec:
+    """Encodes prompts and chat messages to token ids and decodes ids back to text."""
+
+    def __init__(self, folder: Path, manifest: Manifest):
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise BalconyError(f"{folder} has no tokenizer.json; export the model again")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        generation = manifest.generation
+        self.bos_token = self._token(generation.bos_token_id)
+        self.eos_token = self._token(generation.eos_token_ids[0] if generation.eos_token_ids else None)
+        self.template = None
+        if manifest.chat_template:
+            source = (Path(folder) / manifest.chat_template).read_text()
+            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            environment.globals["raise_exception"] = _raise_template_error
+            self.template = environment.from_string(source)
+
+    def _token(self, token_id: int | None) -> str:
+        return "" if token_id is None else (self.tokenizer.id_to_token(token_id) or "")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens added)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids, special tokens left out."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template (plain concatenation without one)."""
+        if self.template is None:
+            return self.encode("\n".join(m["content"] for m in messages))
+        text = self.template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token, eos_token=self.eos_token
+        )
+        return self.encode(text)
+
+
+def _raise_template_error(message: str):
+    raise jinja2.TemplateError(message)
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the new text it completes (may be empty)."""
+        self.ids.append(token_id)
+        text = self.codec.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self.emitted):] if text.startswith(self.emitted) else text
+        self.emitted = text
+        return piece
+
+    def flush(self) -> str:
+        """The text held back at the end of generation (an incomplete character shows as U+FFFD)."""
+        text = self.codec.decode(self.ids)
+        piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return piece

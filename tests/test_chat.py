@@ -1,0 +1,90 @@
+"""`balcony-edge chat` driven through a pseudo-terminal, one-shot prompts with telemetry, and `plot`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from export_fixtures import tiny_base, tiny_base_folder, tiny_checkpoint, tiny_export  # noqa: F401
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "TERM": "dumb"}
+
+
+def test_interactive_chat_streams_answers_and_obeys_commands(tiny_export):
+    chat = pexpect.spawn(
+        sys.executable, ["-m", "balcony_edge", "chat", str(tiny_export), "--budget", "1", "--plain", "--temperature", "0",
+                         "--max-new-tokens", "8", "--signals", "temperature_degc=55,battery_percent=80"],
+        env=ENV, encoding="utf-8", timeout=120,
+    )
+    chat.expect("> ")
+    chat.sendline("Write a short story about the sea.")
+    chat.expect(r"\[1\]")  # the first token's exit marker
+    chat.expect(r"tok/s \| exit 1 \| 55 degC \| battery 80% \| budget 1")
+    chat.expect("> ")
+    chat.sendline("/exit 4")
+    chat.expect("budget: 4")
+    chat.sendline("And then?")
+    chat.expect(r"\[4\]")
+    chat.expect("exit 4")
+    chat.expect("> ")
+    chat.sendline("/stats")
+    chat.expect(r"exit   1: +\d+ tokens")
+    chat.expect(r"exit   4: +\d+ tokens")
+    chat.expect("CPUExecutionProvider")
+    chat.sendline("/budget nonsense")
+    chat.expect("not understood")
+    chat.sendline("/reset")
+    chat.expect("conversation cleared")
+    chat.sendline("/quit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(tiny_export):
+    chat = pexpect.spawn(
+        sys.executable, ["-m", "balcony_edge", "chat", str(tiny_export), "--budget", "full", "--plain", "--max-new-tokens", "100000",
+                         "--signals", "temperature_degc=50", "--sliding-window"],
+        env=ENV, encoding="utf-8", timeout=120,
+    )
+    chat.expect("> ")
+    chat.sendline("Tell me everything.")
+    chat.expect(r"\[4\]")
+    chat.sendintr()
+    chat.expect(r"\(stopped\)")
+    chat.expect("> ")
+    chat.sendline("/quit")
+    chat.expect(pexpect.EOF)
+
+
+def test_one_shot_prompt_with_replayed_trace_writes_telemetry_and_a_plot(tiny_export, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(json.dumps({"token": t, "temperature_degc": 60 + 2 * t, "battery_percent": 90}) for t in range(20)))
+    telemetry = tmp_path / "run.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "balcony_edge", "chat", str(tiny_export), "--prompt", "The harbour", "--budget", "auto",
+         "--signals", str(trace), "--signals-clock", "token", "--telemetry", str(telemetry), "--max-new-tokens", "12",
+         "--temperature", "0"],
+        capture_output=True, text=True, env=ENV,
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in telemetry.read_text().splitlines()]
+    assert 1 <= len(records) <= 12
+    assert records[0]["signals"]["temperature_degc"] == 60
+    assert all({"t_s", "token_id", "exit", "latency_ms", "catch_up_tokens", "reason", "signals"} <= r.keys() for r in records)
+    plotted = subprocess.run([sys.executable, "-m", "balcony_edge", "plot", str(telemetry), "-o", str(tmp_path / "run.png")],
+                             capture_output=True, text=True, env=ENV)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "run.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("budget, words", [("fast", "not understood"), ("3", "exit 3")])
+def test_bad_budgets_are_one_line_errors(tiny_export, budget, words):
+    result = subprocess.run(
+        [sys.executable, "-m", "balcony_edge", "chat", str(tiny_export), "--prompt", "x", "--budget", budget],
+        capture_output=True, text=True, env=ENV,
+    )
+    assert result.returncode == 1 and words in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -1,0 +1,133 @@
+"""The runtime engine: exact exit switching, generation equal to torch, context limits, shared weights."""
+
+import numpy as np
+import pytest
+
+from balcony_edge.runtime import Engine
+from balcony_edge.runtime.sequence import ContextFullError
+
+from export_fixtures import tiny_base, tiny_base_folder, tiny_checkpoint, tiny_export, tiny_model  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_export):
+    return Engine.load(tiny_export, providers=["cpu"], threads=1)
+
+
+def _static_logits(engine, tokens):
+    """Every exit's logits after every prefix, each exit run alone: exit -> [len(tokens), vocab]."""
+    table = {}
+    for exit in engine.exits:
+        sequence = engine.sequence(tokens[:1])
+        rows = [sequence.logits(exit)]
+        for token in tokens[1:]:
+            sequence.append(token)
+            rows.append(sequence.logits(exit))
+        table[exit] = np.stack(rows)
+    return table
+
+
+def test_switching_exit_gives_static_exit_logits(engine):
+    rng = np.random.default_rng(0)
+    vocab = engine.manifest.vocab_size
+    for trial in range(4):
+        tokens = rng.integers(0, vocab, size=40).tolist()
+        static = _static_logits(engine, tokens)
+        sequence = engine.sequence(tokens[:5])
+        schedule = rng.choice(engine.exits, size=len(tokens) - 4)
+        if trial == 0:
+            schedule[:] = engine.exits[0]
+            schedule[-1] = engine.exits[-1]  # one deepening after a long shallow backlog
+        for position, exit in zip(range(4, len(tokens)), schedule):
+            logits = sequence.logits(int(exit))
+            np.testing.assert_allclose(logits, static[int(exit)][position], rtol=0, atol=1e-4)
+            if position + 1 < len(tokens):
+                sequence.append(tokens[position + 1])
+
+
+def test_deepening_recomputes_exactly_the_backlog(engine):
+    shallow, deep = engine.exits[0], engine.exits[-1]
+    sequence = engine.sequence([3, 4, 5])
+    sequence.logits(deep)
+    assert sequence.last_catch_up == 0  # the prompt is a prefill, not a catch-up
+    sequence.append(6)
+    sequence.logits(shallow)
+    assert sequence.last_catch_up == 3  # the shallow exit's balcony had not seen the prompt
+    for token in range(7, 7 + 6):
+        sequence.append(token)
+        sequence.logits(shallow)
+        assert sequence.last_catch_up == 0
+    sequence.append(20)
+    sequence.logits(deep)
+    assert sequence.last_catch_up == 7
+    sequence.append(21)
+    sequence.logits(deep)
+    assert sequence.last_catch_up == 0
+
+
+@pytest.mark.parametrize("position", ["exit", "full"])
+def test_constant_budget_greedy_text_equals_torch(engine, tiny_model, position):
+    from balcony_edge.generate import generate_greedy
+
+    exit = engine.exits[0] if position == "exit" else engine.exits[-1]
+    prompt = engine.prompt_ids("Write a short story about the sea.")
+    tokens = [t.id for t in engine.generate(prompt, max_new_tokens=24, budget=str(exit))]
+    expected = generate_greedy(tiny_model, exit, prompt, 24, set(engine.manifest.generation.eos_token_ids))
+    assert tokens == expected
+    assert all(t.exit == exit for t in engine.generate(prompt, max_new_tokens=4, budget=str(exit)))
+
+
+def test_generated_tokens_report_exit_latency_and_text(engine):
+    tokens = list(engine.generate("The harbour", max_new_tokens=6, budget="auto"))
+    assert 1 <= len(tokens) <= 6
+    assert all(t.exit in engine.exits and t.latency_ms > 0 and t.reason for t in tokens)
+    assert "".join(t.text for t in tokens) == engine.codec.decode([t.id for t in tokens if t.id not in engine.manifest.generation.eos_token_ids])
+
+
+def test_stop_strings_end_the_answer_without_the_stop_text(engine):
+    tokens = list(engine.generate("The harbour", max_new_tokens=30, budget="full"))
+    text = "".join(t.text for t in tokens)
+    stop = text[3:6]
+    assert stop
+    stopped = list(engine.generate("The harbour", max_new_tokens=30, budget="full", stop=(stop,)))
+    assert "".join(t.text for t in stopped) == text[: text.index(stop)]
+
+
+def test_context_length_is_a_clear_error_or_an_opt_in_window(engine):
+    limit = engine.manifest.generation.context_length
+    sequence = engine.sequence([t % 300 for t in range(limit)])
+    with pytest.raises(ContextFullError, match="context length of 512 tokens"):
+        sequence.append(1)
+    windowed = engine.sequence([t % 300 for t in range(10, 10 + limit)], sliding_window=True)
+    windowed.append(7)
+    assert len(windowed.tokens) == limit // 2 + 1 and windowed.tokens[-1] == 7
+    reference = engine.sequence(windowed.tokens)
+    np.testing.assert_allclose(windowed.logits(engine.exits[0]), reference.logits(engine.exits[0]), atol=1e-5)
+
+
+def test_all_sessions_share_one_copy_of_the_weights(engine):
+    weights = engine.manifest.weights
+    lent = engine.weights.nbytes()
+    assert lent == sum(entry.length for entry in weights.values())
+    assert {id(runner.session) for runner in engine.runners.values()}.__len__() == len(engine.exits)
+    assert engine.provider == "CPUExecutionProvider"
+
+
+def test_a_corrupted_export_is_refused(tiny_export, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export, copy)
+    with open(copy / engine_graph(copy), "r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(Exception, match="sha256 differs"):
+        Engine.load(copy, providers=["cpu"])
+
+
+def engine_graph(folder):
+    from balcony_edge.runtime.manifest import Manifest
+
+    return Manifest.load(folder).exits[0].graph
