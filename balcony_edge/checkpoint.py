@@ -51,6 +51,7 @@ def write_folder_atomically(target: Path, fill) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         fill(staging)
+        _make_readable(staging)
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, retired / target.name)
@@ -61,6 +62,15 @@ def write_folder_atomically(target: Path, fill) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _make_readable(folder: Path) -> None:
+    """Give the staging folder and its files the usual permissions (mkdtemp makes them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def save_checkpoint(

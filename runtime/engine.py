@@ -18,7 +18,7 @@ from .controller import Budget, Controller, ControllerConfig, ExitProfile
 from .manifest import Manifest, checksum_failures
 from .sampling import Sampler, SamplingConfig
 from .sequence import ExitRunner, Sequence
-from .sessions import SessionSettings, SharedWeights, device_of, open_session, resolve_providers
+from .sessions import SessionSettings, SharedWeights, default_prepack, device_of, open_session, resolve_providers
 from .signals import SignalHub
 from .telemetry import TelemetryWriter
 from .text import StreamDecoder, TextCodec
@@ -51,6 +51,8 @@ class Engine:
                 name, why = next(iter(failures.items()))
                 raise BalconyError(f"{folder}/{name}: {why} from manifest.json; export again (`balcony-edge export --force`)")
         self.codec = TextCodec(folder, manifest)
+        self.settings = settings
+        self.prepack = settings.prepack if settings.prepack is not None else default_prepack(manifest)
         self.provider, self.fallbacks, self.weights, self.runners = self._open_sessions(settings)
         self._profiles: list[ExitProfile] | None = None
 
@@ -61,12 +63,19 @@ class Engine:
         providers: list[str] | None = None,
         threads: int | None = None,
         verify_checksums: bool = True,
+        prepack: bool | None = None,
     ) -> Engine:
-        """Load an export folder (default: the default export); providers tried in order: TensorRT, CUDA, CPU."""
+        """Load an export folder (default: the default export); providers tried in order: TensorRT, CUDA, CPU.
+
+        prepack: CPU MatMul weight prepacking (faster, but a copy of the weights per exit); None: on for quantised
+        exports, off for float ones (`sessions.default_prepack`).
+        """
         folder = Path(folder) if folder is not None else default_export_dir()
         if not folder.is_dir():
             raise BalconyError(f"export folder {folder} does not exist; create it with `balcony-edge export`")
-        settings = SessionSettings(providers=resolve_providers(providers), threads=threads, trt_cache=str(cache_dir() / "tensorrt"))
+        settings = SessionSettings(
+            providers=resolve_providers(providers), threads=threads, trt_cache=str(cache_dir() / "tensorrt"), prepack=prepack
+        )
         return cls(folder, Manifest.load(folder), settings, verify_checksums)
 
     def _open_sessions(self, settings: SessionSettings):
@@ -124,7 +133,8 @@ class Engine:
     def _calibration_path(self) -> Path:
         graphs = "-".join(self.manifest.files[e.graph][:8] for e in self.manifest.exits)
         threads = ort.SessionOptions().intra_op_num_threads
-        return cache_dir() / "calibration" / f"{graphs}-{self.provider}-{threads}.json"
+        packed = "" if self.prepack else "-unpacked"
+        return cache_dir() / "calibration" / f"{graphs}-{self.provider}-{threads}{packed}.json"
 
     def calibrate(self) -> dict[str, float]:
         """Median decode step per exit after a short prompt (ms), exit -> ms."""
@@ -171,7 +181,7 @@ class Engine:
         hub = signals or SignalHub([])
         sampler, decoder = Sampler(sampling), StreamDecoder(self.codec)
         eos = set(self.manifest.generation.eos_token_ids)
-        last_latency = None
+        last_latency, shown = None, 0  # shown: characters of the answer already yielded
         for index in range(max_new_tokens):
             reading = hub.read(token_index=index)
             decision = controller.choose(reading, last_latency, index)
@@ -181,14 +191,19 @@ class Engine:
             latency = (time.perf_counter() - started) * 1000
             last_latency = latency if index else None  # the first token carries the prompt's prefill
             stopped = token in eos
-            shown = len(decoder.emitted)
             if not stopped:
                 decoder.push(token)
             cut = _first_stop(decoder.emitted, stop)
             stopped = stopped or cut is not None or index == max_new_tokens - 1
             if stopped and cut is None:
                 decoder.flush()
-            piece = decoder.emitted[shown : max(shown, cut if cut is not None else len(decoder.emitted))]
+            if cut is not None:
+                visible = cut
+            elif stopped:
+                visible = len(decoder.emitted)
+            else:  # hold back what may be the start of a stop string
+                visible = len(decoder.emitted) - _stop_prefix_length(decoder.emitted, stop)
+            piece, shown = decoder.emitted[shown : max(shown, visible)], max(shown, visible)
             generated = GeneratedToken(token, piece, decision.exit, latency, sequence.last_catch_up, decision.reason, reading.to_dict())
             if telemetry is not None:
                 telemetry.write(index, token, piece, decision.exit, latency, generated.catch_up_tokens, reading, decision.reason)
@@ -208,6 +223,11 @@ def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
     """Where the earliest stop string begins in text (characters), or None."""
     found = [text.index(s) for s in stop if s and s in text]
     return min(found) if found else None
+
+
+def _stop_prefix_length(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the longest end of text that begins some stop string (characters)."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def _quietly(make):

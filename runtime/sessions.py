@@ -23,6 +23,18 @@ class SessionSettings:
     providers: tuple[str, ...] = PROVIDER_ORDER
     threads: int | None = None  # intra-op threads; None: onnxruntime's default (all cores)
     trt_cache: str | None = None  # folder for TensorRT engine and timing caches
+    prepack: bool | None = None  # CPU MatMul weight prepacking; None: `default_prepack` of the export's precision
+
+
+def default_prepack(manifest: Manifest) -> bool:
+    """Whether CPU sessions prepack MatMul weights unless told: yes for quantised exports, no for float ones.
+
+    onnxruntime prepacks per session, also weights lent through add_initializer, and this Python API offers no
+    container to share the packed copies; so in float every exit's session would hold its own copy of the
+    backbone layers it runs (fp32 SmolLM2, four sessions: about 2.1 GB instead of the 0.6 GB mapped file). Float
+    MatMul runs about 15% slower unpacked; MatMulNBits is unusable unpacked (int4: 20x slower). See docs/bench.md.
+    """
+    return manifest.quantization is not None
 
 
 def resolve_providers(requested: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -78,19 +90,23 @@ class SharedWeights:
         return sum(self.manifest.weights[name].length for name in self._values)
 
 
-def _session_options(settings: SessionSettings) -> ort.SessionOptions:
+def session_options(threads: int | None, prepack: bool) -> ort.SessionOptions:
+    """Options of every session: all graph optimisations, intra-op threads (None: all cores), prepacking on or off."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if settings.threads:
-        options.intra_op_num_threads = settings.threads
+    if threads:
+        options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
 def open_session(folder: Path, entry: ExitGraph, weights: SharedWeights, provider: str, settings: SessionSettings) -> ort.InferenceSession:
     """A session for one exit graph whose weights are the shared OrtValues (no copy of its own)."""
-    options = _session_options(settings)
+    prepack = settings.prepack if settings.prepack is not None else default_prepack(weights.manifest)
+    options = session_options(settings.threads, prepack)
     for name in entry.weights:
         options.add_initializer(name, weights.value(name))
     providers = [_provider_options(provider, settings, weights.device)]

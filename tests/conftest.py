@@ -32,18 +32,35 @@ def synthetic_text(documents: int, words: int, seed: int = 0) -> list[str]:
     return out
 
 
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SENTENCES = [
+    "The harbour was quiet in the early morning.",
+    "Fishing boats rocked against the pier while gulls circled overhead.",
+    "Write a short story about the sea and the people who work on it.",
+    "A small model runs on a small device at many speeds.",
+]
+
+
 def make_tokenizer():
-    """A 300-token byte-level BPE tokenizer trained on synthetic text, as a transformers fast tokenizer."""
+    """A 400-token byte-level BPE tokenizer with chat special tokens and template, as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
+    tokenizer = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tokenizer.train_from_iterator(synthetic_text(50, 100), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(SENTENCES * 20 + synthetic_text(50, 100), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>", pad_token="<|im_end|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
@@ -60,24 +77,37 @@ def make_base_folder(folder, model_type: str = "llama", layers: int = 4, seed: i
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=len(tokenizer),
-        max_position_embeddings=256,
+        max_position_embeddings=512,
         tie_word_embeddings=True,
         initializer_range=0.2,  # peaked distributions, so that distillation has something to learn
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    spread(model.parameters(), seed)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
+def spread(parameters, seed: int = 1) -> None:
+    """Give every weight distinct content (fresh norms are all ones), so that content hashes tell them apart."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+TINY_EXITS = (1, 2)
+TINY_LAYERS = 4
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
-    """A tiny 4-layer random Llama folder."""
-    return make_base_folder(tmp_path_factory.mktemp("tiny-llama"))
+    """A Hugging Face folder: random 4-layer Llama (hidden 64, 4 heads, 2 KV heads, tied embeddings) + tokenizer."""
+    return make_base_folder(tmp_path_factory.mktemp("tiny-llama"), layers=TINY_LAYERS)
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +132,41 @@ def smollm2():
     from balcony_edge.base_model import load_base_model
 
     return load_base_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def default_export(tmp_path_factory):
+    """The shipped checkpoint exported in fp32 and verified against torch (minutes: shared by the slow tests)."""
+    from balcony_edge.export.exporter import ExportConfig, export_checkpoint
+
+    return export_checkpoint(ExportConfig(checkpoint=None, out=tmp_path_factory.mktemp("default") / "smollm2-balcony-fp32"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_base, tiny_base_dir, tmp_path_factory):
+    """A checkpoint with random balconies at exits 1 and 2 of the tiny model."""
+    from balcony_edge.checkpoint import build_model, save_checkpoint
+    from balcony_edge.model import BalconyConfig
+
+    model = build_model(tiny_base, BalconyConfig(TINY_EXITS, balcony_init="random"))
+    spread(model.balcony_state_dict().values())
+    folder = tmp_path_factory.mktemp("checkpoints") / "tiny-balcony"
+    save_checkpoint(model, str(tiny_base_dir), folder, training={})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint, tiny_base):
+    from balcony_edge.checkpoint import load_checkpoint
+
+    model, _, _ = load_checkpoint(tiny_checkpoint, tiny_base)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported in fp32 (every trained exit, verified)."""
+    from balcony_edge.export.exporter import ExportConfig, export_checkpoint
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-fp32"
+    return export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=out))

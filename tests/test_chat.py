@@ -8,7 +8,6 @@ import sys
 import pexpect
 import pytest
 
-from export_fixtures import tiny_base, tiny_base_folder, tiny_checkpoint, tiny_export  # noqa: F401
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "TERM": "dumb"}
 

@@ -6,7 +6,6 @@ import pytest
 from balcony_edge.runtime import Engine
 from balcony_edge.runtime.sequence import ContextFullError
 
-from export_fixtures import tiny_base, tiny_base_folder, tiny_checkpoint, tiny_export, tiny_model  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-from export_fixtures import tiny_base, tiny_base_folder, tiny_checkpoint, tiny_export  # noqa: F401
 
 BLOCKER = """
 import sys

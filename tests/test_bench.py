@@ -1,0 +1,146 @@
+"""The benchmark's own logic on the tiny model: JSON shape, switch-cost arithmetic, bare loop and floors exact.
+
+No timing thresholds: speed is measured by `balcony-edge bench`, and its figures are in docs/bench.md.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from balcony_edge.bench import BenchConfig, run_bench
+from balcony_edge.bench.decode import BareDecoder, EngineDecoder, greedy_run, summarize
+from balcony_edge.bench.floors import floor_graphs, truncated_model
+from balcony_edge.bench.quality import perplexities_from_eval
+from balcony_edge.bench.report import target_lines
+from balcony_edge.bench.switching import deepening_time, switch_cost_steps
+from balcony_edge.cli import app
+from balcony_edge.errors import BalconyError
+from balcony_edge.runtime import Engine
+from balcony_edge.runtime.manifest import Manifest
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("BALCONY_EDGE_CACHE", str(tmp_path_factory.getbasetemp() / "bench-cache"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_export):
+    return Engine.load(tiny_export, providers=["cpu"], threads=1)
+
+
+def _bare(folder, graph):
+    kv = Manifest.load(folder).kv
+    return BareDecoder(graph, 1, kv.num_kv_heads, kv.head_dim)
+
+
+def test_switch_cost_is_median_deepening_time_in_deep_steps():
+    assert switch_cost_steps([0.30, 0.10, 0.20], deep_step_s=0.1) == pytest.approx(2.0)
+    assert switch_cost_steps([0.05], deep_step_s=0.05) == pytest.approx(1.0)
+
+
+def test_summary_takes_medians_over_runs():
+    from balcony_edge.bench.decode import RunTiming
+
+    runs = [RunTiming(10, 0.5, 0.6, [0.1, 0.1], [1]), RunTiming(10, 1.0, 1.1, [0.2, 0.2], [1]), RunTiming(10, 2.0, 2.1, [0.4, 0.4], [1])]
+    stats = summarize(runs)
+    assert stats.decode_tok_s == pytest.approx(5.0)  # the median run: 2 steps in 0.4 s
+    assert stats.prefill_tok_s == pytest.approx(10.0)  # 10 tokens in 1.0 s
+    assert stats.ttft_ms == pytest.approx(1100.0)
+    assert stats.step_ms == pytest.approx(200.0)
+
+
+def test_bare_loop_on_the_full_graph_makes_the_engine_tokens(engine, tiny_export):
+    full = engine.manifest.exits[-1]
+    prompt = list(range(5, 25))
+    bare = greedy_run(_bare(tiny_export, tiny_export / full.graph), prompt, 12)
+    through_engine = greedy_run(EngineDecoder(engine, full.exit), prompt, 12)
+    assert bare.tokens == through_engine.tokens
+    assert len(bare.step_s) == 12 and bare.prompt_tokens == 20
+
+
+def test_floor_graph_equals_the_truncated_torch_model(tiny_export, tiny_base):
+    manifest = Manifest.load(tiny_export)
+    graphs = floor_graphs(manifest, [2], base=tiny_base, say=lambda text: None)
+    prompt = [3, 9, 4, 17, 8, 30]
+    decoder = _bare(tiny_export, graphs[2])
+    got = [decoder.prefill(prompt)] + [decoder.step(t) for t in (11, 12)]
+    with torch.no_grad():
+        ids = torch.tensor([prompt + [11, 12]])
+        expected = truncated_model(tiny_base.model, 2)(ids).logits[0].numpy()
+    for row, position in zip(got, (5, 6, 7)):
+        np.testing.assert_allclose(row, expected[position], atol=1e-4)
+    again = floor_graphs(manifest, [2], base=None, say=lambda text: pytest.fail("a cached floor was exported again"))
+    assert again == graphs
+
+
+def test_deepening_recomputes_exactly_the_backlog(engine):
+    shallow, deep = engine.exits[0], engine.exits[-1]
+    for backlog in (1, 5):
+        assert deepening_time(engine, list(range(4, 12)), shallow, deep, backlog) > 0
+
+
+def test_perplexities_come_from_eval_json():
+    eval_json = {"full": {"ppl": 30.0}, "exits": [{"exit": 8, "ppl": 150.0}, {"exit": 16, "ppl": 90.0}]}
+    assert perplexities_from_eval(eval_json, 30) == {8: 150.0, 16: 90.0, 30: 30.0}
+    with pytest.raises(BalconyError, match="eval --json"):
+        perplexities_from_eval({"exits": [{"exit": 8}]}, 30)
+
+
+def test_bench_result_has_every_figure(tiny_export, tmp_path):
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps({"full": {"ppl": 40.0}, "exits": [{"exit": 1, "ppl": 90.0}, {"exit": 2, "ppl": 60.0}]}))
+    config = BenchConfig(export=tiny_export, new_tokens=4, prompt_tokens=16, repeats=1, threads=1, eval_file=eval_file, say=lambda t: None)
+    result = run_bench(config)
+    assert [row["exit"] for row in result["exits"]] == [1, 2, 4]
+    for row in result["exits"]:
+        for key in ("decode_tok_s", "floor_tok_s", "prefill_tok_s", "bandwidth_gb_s", "ttft_ms", "vs_floor"):
+            assert row[key] > 0, key
+        assert row["bandwidth_gb_s"] == pytest.approx(row["weight_bytes_per_token"] * row["decode_tok_s"] / 1e9, abs=0.01)
+    assert [row["ppl"] for row in result["exits"]] == [90.0, 60.0, 40.0]
+    assert set(result["switch_cost_steps"]) == {"1", "4", "16", "64"}
+    assert result["engine_vs_bare"] > 0 and result["engine_vs_torch"] > 0
+    assert result["bare_tokens_match"] is True
+    assert result["memory"]["all_exits"]["exits"] == [1, 2, 4] and result["memory"]["full_only"]["exits"] == [4]
+    assert result["memory_ratio_all_vs_full"] > 0
+    assert "skipped" in result["peers"]["llama_cpp"]  # only the default model has a GGUF
+    assert result["machine"]["provider"] == "CPUExecutionProvider" and result["prompt_tokens"] == 16
+    assert len(target_lines(result)) == 5
+    json.dumps(result)  # serialisable as is
+
+
+def test_bench_command_writes_json_and_plot(tiny_export, tmp_path):
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", str(tiny_export), "--json", str(out), "--plot", str(plot), "--new-tokens", "3", "--prompt-tokens", "8",
+            "--repeats", "1", "--threads", "1", "--no-floor", "--no-peers", "--no-memory"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    result = json.loads(out.read_text())
+    assert result["exits"][0]["floor_tok_s"] is None and result["exits"][-1]["floor_tok_s"] > 0  # bare loop on the full graph
+    assert result["engine_vs_torch"] is None and result["memory_ratio_all_vs_full"] is None
+    assert any("floors skipped" in note for note in result["notes"])
+    assert plot.stat().st_size > 0
+
+
+def test_bench_without_torch_skips_floors_and_torch_with_notes(tiny_export):
+    import subprocess
+    import sys
+
+    from test_runtime_imports import BLOCKER
+
+    script = BLOCKER + f"""
+import json
+from pathlib import Path
+from balcony_edge.bench import BenchConfig, run_bench
+config = BenchConfig(export=Path({str(tiny_export)!r}), new_tokens=3, prompt_tokens=8, repeats=1, threads=1, memory=False, say=lambda t: None)
+print(json.dumps(run_bench(config)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [row["floor_tok_s"] is None for row in result["exits"]] == [True, True, False]  # the bare loop still runs
+    assert "skipped" in result["peers"]["torch"] and result["engine_vs_torch"] is None
+    assert any("floors skipped" in note and "torch" in note for note in result["notes"])
