@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .console import say
 from .paths import cache_dir
+from .runtime.manifest import file_sha256
 from .errors import BaseModelError
 
 DEFAULT_BASE = "smollm2"
@@ -98,14 +99,6 @@ def _gguf_architecture(path: Path) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _converted_gguf(gguf_path: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors folder under the cache; later calls reuse it."""
     architecture = _gguf_architecture(gguf_path)
@@ -113,7 +106,7 @@ def _converted_gguf(gguf_path: Path) -> Path:
         raise BaseModelError(
             f"{gguf_path.name} is a GGUF of architecture {architecture!r}; supported: {', '.join(_GGUF_TO_MODEL_TYPE)}"
         )
-    target = cache_dir() / "models" / f"{gguf_path.stem}-{_file_sha256(gguf_path)[:16]}"
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}"
     if (target / "config.json").is_file():
         return target
     _ensure_disk_space(target.parent, needed=gguf_path.stat().st_size * 9)

@@ -262,6 +262,49 @@ def plot(
     console.print(f"wrote {plot_telemetry(read_telemetry(telemetry), out)}")
 
 
+@app.command()
+def bench(
+    export_folder: ExportArg = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the whole result as one JSON object here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a speed (and perplexity against speed) plot (PNG) here.")] = None,
+    new_tokens: Annotated[int, typer.Option(help="Greedy decode steps per run (tokens).")] = 128,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prefill and time to first token (tokens).")] = 256,
+    repeats: Annotated[int, typer.Option(help="Measured runs per figure, after one warm-up; medians are reported.")] = 3,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for onnxruntime and torch; default: theirs.")] = None,
+    provider: Annotated[str, typer.Option(help="tensorrt, cuda or cpu.")] = "cpu",
+    prepack: Annotated[Optional[bool], typer.Option("--prepack/--no-prepack", help="CPU weight prepacking; default: the engine's for the precision.")] = None,
+    floor: Annotated[bool, typer.Option("--floor/--no-floor", help="Measure each exit's floor (a truncated base model; needs torch once).")] = True,
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Measure torch generate and llama.cpp on the same base model.")] = True,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure RSS of all exits against the full model alone.")] = True,
+    eval_file: Annotated[Optional[Path], typer.Option("--eval", help="`balcony-edge eval --json` output: perplexity per exit beside its speed.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint of the export, for a short perplexity eval in torch (without --eval).")] = None,
+) -> None:
+    """Speed per exit against its floor, engine overhead, switching cost, memory and peers, in one run."""
+    from .bench import BenchConfig, run_bench
+    from .bench.report import exits_table, plot_bench, target_lines
+
+    def progress(text: str) -> None:
+        console.print(f"[dim]{text}[/dim]")
+
+    config = BenchConfig(
+        export=export_folder or _default_export(), new_tokens=new_tokens, prompt_tokens=prompt_tokens, repeats=repeats,
+        threads=threads, provider=provider, prepack=prepack, floors=floor, peers=peers, memory=memory,
+        eval_file=eval_file, checkpoint=checkpoint, say=progress,
+    )
+    result = run_bench(config)
+    console.print(exits_table(result))
+    for line in target_lines(result):
+        console.print(line)
+    for note in result["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+    if plot:
+        plot_bench(result, str(plot))
+        console.print(f"wrote {plot}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

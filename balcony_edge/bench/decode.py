@@ -1,0 +1,140 @@
+"""Greedy decoding timed phase by phase (prefill, first token, each decode step), through the engine or a bare
+onnxruntime loop; medians over repeats after a warm-up."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..runtime.manifest import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    POSITION_IDS,
+    graph_input_names,
+    graph_output_names,
+)
+from ..runtime.sessions import session_options
+
+
+@dataclass
+class RunTiming:
+    """One greedy run: prompt prefill, first token, then one time per decode step (s), and the tokens made."""
+
+    prompt_tokens: int
+    prefill_s: float  # the prompt through the model, up to its last logits
+    first_token_s: float  # prefill plus choosing the first token
+    step_s: list[float]  # each decode step: feed the previous token, get the next
+    tokens: list[int]
+
+    @property
+    def decode_tok_s(self) -> float:
+        return len(self.step_s) / sum(self.step_s)
+
+
+@dataclass
+class DecodeStats:
+    """Medians over repeated runs: decode and prefill speed (tokens/s), time to first token (ms), step (ms)."""
+
+    decode_tok_s: float
+    prefill_tok_s: float
+    ttft_ms: float
+    step_ms: float  # median decode step over every step of every run
+    tokens: list[int]  # tokens of the first measured run (all runs are greedy, so all equal)
+
+    def to_json(self) -> dict:
+        return {
+            "decode_tok_s": round(self.decode_tok_s, 2),
+            "prefill_tok_s": round(self.prefill_tok_s, 1),
+            "ttft_ms": round(self.ttft_ms, 2),
+            "step_ms": round(self.step_ms, 3),
+        }
+
+
+def summarize(runs: list[RunTiming]) -> DecodeStats:
+    """Medians of several runs of the same decoder."""
+    return DecodeStats(
+        decode_tok_s=statistics.median(run.decode_tok_s for run in runs),
+        prefill_tok_s=statistics.median(run.prompt_tokens / run.prefill_s for run in runs),
+        ttft_ms=statistics.median(run.first_token_s for run in runs) * 1000,
+        step_ms=statistics.median(s for run in runs for s in run.step_s) * 1000,
+        tokens=runs[0].tokens,
+    )
+
+
+class EngineDecoder:
+    """The runtime's own decode path at one fixed exit: `Sequence.append` + `Sequence.logits(exit)`."""
+
+    def __init__(self, engine, exit: int):
+        self.engine, self.exit = engine, exit
+        self.sequence = None
+
+    def prefill(self, prompt: list[int]) -> np.ndarray:
+        self.sequence = self.engine.sequence(prompt)
+        return self.sequence.logits(self.exit)
+
+    def step(self, token: int) -> np.ndarray:
+        self.sequence.append(token)
+        return self.sequence.logits(self.exit)
+
+
+class BareDecoder:
+    """A plain onnxruntime loop over one causal-LM graph: past = the previous run's present, nothing else around it.
+
+    The session is onnxruntime's default (it reads its own external data, prepacks weights), with the given threads.
+    """
+
+    def __init__(self, graph: Path, threads: int | None, kv_heads: int, head_dim: int, dtype=np.float32, providers=None):
+        options = session_options(threads, prepack=True)
+        self.session = ort.InferenceSession(str(graph), sess_options=options, providers=providers or ["CPUExecutionProvider"])
+        self.layers = (len(self.session.get_inputs()) - 3) // 2
+        self.input_names = graph_input_names(self.layers)
+        self.output_names = graph_output_names(self.layers)
+        self.empty = np.zeros((1, kv_heads, 0, head_dim), dtype=dtype)
+        self.past: list[np.ndarray] = []
+        self.length = 0
+
+    def _run(self, token_ids: list[int]) -> np.ndarray:
+        count = len(token_ids)
+        feed = {
+            INPUT_IDS: np.asarray([token_ids], dtype=np.int64),
+            ATTENTION_MASK: np.ones((1, self.length + count), dtype=np.int64),
+            POSITION_IDS: np.arange(self.length, self.length + count, dtype=np.int64)[None, :],
+        }
+        feed.update(zip(self.input_names[3:], self.past))
+        outputs = self.session.run(self.output_names, feed)
+        self.past, self.length = outputs[1:], self.length + count
+        return outputs[0][0, -1]  # logits come first
+
+    def prefill(self, prompt: list[int]) -> np.ndarray:
+        self.past, self.length = [self.empty] * (2 * self.layers), 0
+        return self._run(list(prompt))
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run([token])
+
+
+def greedy_run(decoder, prompt: list[int], new_tokens: int) -> RunTiming:
+    """Prefill the prompt, then `new_tokens` greedy decode steps, each timed (s)."""
+    started = time.perf_counter()
+    logits = decoder.prefill(prompt)
+    prefilled = time.perf_counter()
+    token = int(np.argmax(logits))
+    first = time.perf_counter()
+    tokens, steps = [token], []
+    for _ in range(new_tokens):
+        begin = time.perf_counter()
+        token = int(np.argmax(decoder.step(token)))
+        steps.append(time.perf_counter() - begin)
+        tokens.append(token)
+    return RunTiming(len(prompt), prefilled - started, first - started, steps, tokens)
+
+
+def measure(decoder, prompt: list[int], new_tokens: int, repeats: int, warmup_tokens: int = 8) -> DecodeStats:
+    """Medians of `repeats` greedy runs after one short warm-up run."""
+    greedy_run(decoder, prompt, min(warmup_tokens, new_tokens))
+    return summarize([greedy_run(decoder, prompt, new_tokens) for _ in range(repeats)])

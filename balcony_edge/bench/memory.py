@@ -1,0 +1,101 @@
+"""Memory of loaded sessions, each measurement in a fresh Python process so that none pollutes another.
+
+`python -m balcony_edge.bench.memory FOLDER --mode all|full` loads the engine with every exit or the full model
+alone, decodes a few tokens at each loaded exit (so that mapped weights are really read), and prints one JSON
+object: process RSS and, on CUDA, the GPU memory this process holds (bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+MODES = ("all", "full")
+WARM_TOKENS = 8
+
+
+def measure_in_subprocess(folder: Path, mode: str, provider: str, threads: int | None, prepack: bool | None) -> dict:
+    """RSS (and GPU) bytes of a fresh process holding `mode` sessions of the export, after a short decode."""
+    command = [sys.executable, "-m", "balcony_edge.bench.memory", str(folder), "--mode", mode, "--provider", provider]
+    if threads:
+        command += ["--threads", str(threads)]
+    if prepack is not None:
+        command += ["--prepack" if prepack else "--no-prepack"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        from ..errors import BalconyError
+
+        raise BalconyError(f"the memory probe failed ({mode}): {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory_ratio(folder: Path, provider: str, threads: int | None, prepack: bool | None) -> dict:
+    """All exits loaded against the full model alone: both measurements and their ratio."""
+    measured = {mode: measure_in_subprocess(folder, mode, provider, threads, prepack) for mode in MODES}
+    key = "gpu_bytes" if measured["full"].get("gpu_bytes") else "rss_bytes"
+    return {
+        "all_exits": measured["all"],
+        "full_only": measured["full"],
+        "measured": key,
+        "ratio_all_vs_full": round(measured["all"][key] / measured["full"][key], 3),
+    }
+
+
+def _gpu_bytes() -> int | None:
+    """GPU memory held by this process (NVML), or None without an NVIDIA GPU or nvidia-ml-py."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if process.pid == os.getpid():
+                return int(process.usedGpuMemory)
+    except Exception:  # no NVML here: CPU-only measurement
+        return None
+    return None
+
+
+def probe(folder: Path, mode: str, provider: str, threads: int | None, prepack: bool | None) -> dict:
+    """Load, touch every weight by decoding, and read this process's memory."""
+    import psutil
+
+    from ..runtime.engine import Engine
+    from ..runtime.manifest import Manifest
+    from ..runtime.sessions import SessionSettings, resolve_providers
+
+    manifest = Manifest.load(folder)
+    if mode == "full":
+        manifest = replace(manifest, exits=[e for e in manifest.exits if e.is_full])
+    settings = SessionSettings(providers=resolve_providers([provider]), threads=threads, prepack=prepack)
+    engine = Engine(folder, manifest, settings, verify_checksums=False)
+    for exit in engine.exits:
+        sequence = engine.sequence(list(range(1, 1 + WARM_TOKENS)))
+        for token in range(WARM_TOKENS):
+            sequence.logits(exit)
+            sequence.append(token + 1)
+    result = {"mode": mode, "exits": engine.exits, "rss_bytes": psutil.Process().memory_info().rss, "prepack": engine.prepack}
+    gpu = _gpu_bytes() if engine.provider != "CPUExecutionProvider" else None
+    if gpu is not None:
+        result["gpu_bytes"] = gpu
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--provider", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None)
+    args = parser.parse_args()
+    print(json.dumps(probe(args.folder, args.mode, args.provider, args.threads, args.prepack)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Other ways to run the same base model on the same machine: torch `generate`, and llama.cpp on the GGUF file.
+
+Each returns `{"decode_tok_s": ..., "ttft_ms": ...}` with the same prompt and token counts as the engine, or
+`{"skipped": why}` when it cannot run here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+
+
+def torch_generate(base_spec: str, prompt: list[int], new_tokens: int, repeats: int, threads: int | None, gpu: bool = False) -> dict:
+    """transformers `generate` of the base model: greedy, batch 1, KV cache; decode speed excludes the first token.
+
+    gpu: run on CUDA when torch has it (to compare with an engine on the CUDA or TensorRT provider).
+    """
+    try:
+        import torch
+
+        from ..base_model import load_base_model
+    except ImportError:
+        return {"skipped": "torch is not installed (the train extra)"}
+    if threads:
+        torch.set_num_threads(threads)
+    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    model = load_base_model(base_spec).model.to(device)
+    ids = torch.tensor([prompt], dtype=torch.int64, device=device)
+
+    def timed(count: int) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
+                           do_sample=False, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    return {
+        **_decode_and_first_token(timed, new_tokens, repeats),
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "torch": torch.__version__,
+    }
+
+
+def llama_cpp(gguf_path, prompt_text: str, new_tokens: int, repeats: int, threads: int | None) -> dict:
+    """llama-cpp-python on a GGUF file (its own quantisation), greedy; skipped when llama_cpp is not installed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python, about 10 minutes to build)"}
+    import os
+
+    from llama_cpp import Llama
+
+    # use_extra_bufts=False: a source build with AMX crashed inside llama_decode on quantised files without it.
+    llm = Llama(model_path=str(gguf_path), n_ctx=2048, n_threads=threads or os.cpu_count(), verbose=False, use_extra_bufts=False)
+    tokens = llm.tokenize(prompt_text.encode())
+
+    def timed(count: int) -> float:
+        llm.reset()
+        started = time.perf_counter()
+        for made, _ in enumerate(llm.generate(tokens, top_k=1, temp=0.0, reset=True), start=1):
+            if made >= count:
+                break
+        return time.perf_counter() - started
+
+    return {
+        **_decode_and_first_token(timed, new_tokens, repeats),
+        "file": str(gguf_path),
+        "prompt_tokens": len(tokens),
+    }
+
+
+def _decode_and_first_token(timed, new_tokens: int, repeats: int) -> dict:
+    """Decode tok/s and time to first token (ms) from timed(count) -> seconds to make count tokens, after a warm-up."""
+    timed(8)
+    firsts, fulls = [], []
+    for _ in range(repeats):
+        firsts.append(timed(1))
+        fulls.append(timed(new_tokens + 1))
+    first = statistics.median(firsts)
+    return {"decode_tok_s": round(new_tokens / (statistics.median(fulls) - first), 2), "ttft_ms": round(first * 1000, 2)}

@@ -1,0 +1,100 @@
+"""A bench result shown: the rich table, the summary lines against the targets, and the speed/quality plot."""
+
+from __future__ import annotations
+
+# The targets of issue 5 (ratios): docs/bench.md says how each is measured.
+TARGETS = {
+    "vs_floor": 0.9,  # every exit at least this fraction of its plain truncated model
+    "engine_vs_bare": 0.95,
+    "engine_vs_torch": 1.4,
+    "switch_cost_16": 3.0,  # at most, in decode steps of the deep exit
+    "memory_ratio_all_vs_full": 1.15,  # at most
+}
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def exits_table(result: dict):
+    """Per exit: decode, floor, ratio, prefill, first token, weights per token, bandwidth, perplexity."""
+    from rich.table import Table
+
+    title = (
+        f"{result['precision']} on {result['provider']}, {result['machine']['cpu'] or 'this machine'}, "
+        f"threads {result['threads'] or 'default'}, prepack {'on' if result['prepack'] else 'off'}; "
+        f"medians of {result['repeats']}: {result['new_tokens']} new tokens after a {result['prompt_tokens']}-token prompt"
+    )
+    table = Table(title=title)
+    columns = ("exit", "layers", "decode tok/s", "floor tok/s", "x floor", "prefill tok/s", "TTFT ms", "MB/token", "GB/s", "ppl")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in result["exits"]:
+        table.add_row(
+            "full" if row["full"] else str(row["exit"]), str(row["layers"]), _fmt(row["decode_tok_s"], ".1f"),
+            _fmt(row["floor_tok_s"], ".1f"), _fmt(row["vs_floor"], ".2f"), _fmt(row["prefill_tok_s"], ".0f"),
+            _fmt(row["ttft_ms"], ".0f"), f"{row['weight_bytes_per_token'] / 1e6:.1f}", _fmt(row["bandwidth_gb_s"], ".1f"),
+            _fmt(row["ppl"], ".2f"),
+        )
+    return table
+
+
+def target_lines(result: dict) -> list[str]:
+    """One line per target: the measured ratio, the target, met or missed."""
+    lines = []
+
+    def line(name: str, value, target: float, at_most: bool = False) -> None:
+        if value is None:
+            lines.append(f"{name}: not measured")
+            return
+        met = value <= target if at_most else value >= target
+        sign = "<=" if at_most else ">="
+        lines.append(f"{name}: {value:.2f} (target {sign} {target}) {'met' if met else 'MISSED'}")
+
+    floors = [row["vs_floor"] for row in result["exits"] if row["vs_floor"] is not None]
+    line("slowest exit / floor", min(floors) if floors else None, TARGETS["vs_floor"])
+    line("engine / bare loop (full)", result.get("engine_vs_bare"), TARGETS["engine_vs_bare"])
+    line("engine / torch generate (full)", result.get("engine_vs_torch"), TARGETS["engine_vs_torch"])
+    switch = result.get("switch_cost_steps", {})
+    line("deepening after 16 tokens (deep steps)", switch.get("16"), TARGETS["switch_cost_16"], at_most=True)
+    line("memory, all exits / full alone", result.get("memory_ratio_all_vs_full"), TARGETS["memory_ratio_all_vs_full"], at_most=True)
+    return lines
+
+
+def plot_bench(result: dict, path: str) -> None:
+    """Left: decode tokens/s per exit beside its floor; right: perplexity against tokens/s (when known)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["exits"]
+    labels = ["full" if r["full"] else str(r["exit"]) for r in rows]
+    fig, (ax_speed, ax_quality) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = range(len(rows))
+    ax_speed.bar([x - 0.2 for x in xs], [r["decode_tok_s"] for r in rows], width=0.4, label="exit (engine)")
+    ax_speed.bar([x + 0.2 for x in xs], [r["floor_tok_s"] or 0 for r in rows], width=0.4, label="floor (truncated base, bare loop)")
+    torch_speed = result.get("peers", {}).get("torch", {}).get("decode_tok_s")
+    if torch_speed:
+        ax_speed.axhline(torch_speed, color="grey", linestyle="--", label="torch generate (full)")
+    ax_speed.set_xticks(list(xs), labels)
+    ax_speed.set_xlabel("exit")
+    ax_speed.set_ylabel("decode tokens/s (batch 1)")
+    ax_speed.legend()
+    with_ppl = [r for r in rows if r["ppl"] is not None]
+    if with_ppl:
+        ax_quality.plot([r["decode_tok_s"] for r in with_ppl], [r["ppl"] for r in with_ppl], "o-")
+        for r in with_ppl:
+            ax_quality.annotate("full" if r["full"] else f"exit {r['exit']}", (r["decode_tok_s"], r["ppl"]))
+        ax_quality.set_yscale("log")
+        ax_quality.set_ylabel("held-out perplexity")
+    else:
+        ax_quality.plot([r["decode_tok_s"] for r in rows], [r["bandwidth_gb_s"] for r in rows], "o-")
+        ax_quality.set_ylabel("achieved weight bandwidth (GB/s); no perplexities given")
+    ax_quality.set_xlabel("decode tokens/s")
+    for ax in (ax_speed, ax_quality):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{result['precision']} on {result['provider']}, threads {result['threads'] or 'default'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
