@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .console import say
 from .paths import cache_dir
-from .runtime.manifest import file_sha256
+from .checksums import file_sha256
 from .errors import BaseModelError
 
 DEFAULT_BASE = "smollm2"

@@ -5,11 +5,11 @@ Torch-free on purpose (json, dataclasses, hashlib): the runtime reads everything
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..checksums import file_sha256
 from ..errors import ManifestError
 
 SCHEMA_VERSION = 1
@@ -161,15 +161,6 @@ class Manifest:
         if not path.is_file():
             raise ManifestError(f"{folder} has no {MANIFEST_FILE}; give a folder written by `balcony-edge export`")
         return cls.from_json(path.read_text())
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checksum_failures(folder: Path | str, manifest: Manifest) -> dict[str, str]:
