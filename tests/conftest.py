@@ -64,7 +64,7 @@ def make_tokenizer():
     return fast
 
 
-def make_base_folder(folder, model_type: str = "llama", layers: int = 4, seed: int = 0):
+def make_base_folder(folder, model_type: str = "llama", layers: int = 4, seed: int = 0, initializer_range: float = 0.02):
     """Save a tiny random causal LM of the given family and the tiny tokenizer into `folder`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -79,7 +79,7 @@ def make_base_folder(folder, model_type: str = "llama", layers: int = 4, seed: i
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
         tie_word_embeddings=True,
-        initializer_range=0.2,  # peaked distributions, so that distillation has something to learn
+        initializer_range=initializer_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -108,6 +108,12 @@ TINY_LAYERS = 4
 def tiny_base_dir(tmp_path_factory):
     """A Hugging Face folder: random 4-layer Llama (hidden 64, 4 heads, 2 KV heads, tied embeddings) + tokenizer."""
     return make_base_folder(tmp_path_factory.mktemp("tiny-llama"), layers=TINY_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def peaked_base_dir(tmp_path_factory):
+    """Like tiny_base_dir but with larger weights: peaked next-token distributions give distillation something to learn."""
+    return make_base_folder(tmp_path_factory.mktemp("peaked-llama"), layers=TINY_LAYERS, initializer_range=0.2)
 
 
 @pytest.fixture(scope="session")

@@ -14,17 +14,17 @@ from balcony_edge.errors import BalconyError, CheckpointError
 from balcony_edge.train import BlockOrder, TrainConfig, Trainer, lr_factor, train
 
 
-def _config(tiny_base_dir, text_dir, out, **overrides):
+def _config(peaked_base_dir, text_dir, out, **overrides):
     settings = dict(
-        exits=(1, 3), out=str(out), base=str(tiny_base_dir), data=[str(text_dir)], seq_len=32, batch_size=4,
+        exits=(1, 3), out=str(out), base=str(peaked_base_dir), data=[str(text_dir)], seq_len=32, batch_size=4,
         micro_batch_size=2, lr=3e-3, max_tokens=4 * 32 * 8, save_every=4, precision="fp32", threads=1,
     )
     settings.update(overrides)
     return TrainConfig(**settings)
 
 
-def test_loss_decreases_on_a_tiny_model(tiny_base_dir, text_dir, tmp_path):
-    config = _config(tiny_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 30, lr=1e-2, balcony_init="random")
+def test_loss_decreases_on_a_tiny_model(peaked_base_dir, text_dir, tmp_path):
+    config = _config(peaked_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 30, lr=1e-2, balcony_init="random")
     summary = train(config)
     history = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())["training"]
     assert summary["steps"] == 30 and history["tokens_seen"] == 30 * 4 * 32
@@ -33,8 +33,8 @@ def test_loss_decreases_on_a_tiny_model(tiny_base_dir, text_dir, tmp_path):
     assert sum(kls[-5:]) / 5 < 0.7 * sum(kls[:5]) / 5
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_base_dir, text_dir, tmp_path, monkeypatch):
-    whole = train(_config(tiny_base_dir, text_dir, tmp_path / "whole"))
+def test_resume_continues_exactly_like_an_uninterrupted_run(peaked_base_dir, text_dir, tmp_path, monkeypatch):
+    whole = train(_config(peaked_base_dir, text_dir, tmp_path / "whole"))
     real_step = Trainer.train_step
 
     def crash_at_step_six(self, step):
@@ -44,10 +44,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_base_dir, text_
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_step_six)
     with pytest.raises(KeyboardInterrupt):
-        train(_config(tiny_base_dir, text_dir, tmp_path / "split"))
+        train(_config(peaked_base_dir, text_dir, tmp_path / "split"))
     assert torch.load(tmp_path / "split" / STATE_FILE, weights_only=False)["step"] == 4
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    train(_config(tiny_base_dir, text_dir, tmp_path / "split"), resume=True)
+    train(_config(peaked_base_dir, text_dir, tmp_path / "split"), resume=True)
     a = load_file(tmp_path / "whole" / WEIGHTS_FILE)
     b = load_file(tmp_path / "split" / WEIGHTS_FILE)
     assert a.keys() == b.keys()
@@ -59,27 +59,27 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_base_dir, text_
     assert whole["steps"] == 8
 
 
-def test_resume_refuses_other_exits_or_settings(tiny_base_dir, text_dir, tmp_path):
-    train(_config(tiny_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 2))
+def test_resume_refuses_other_exits_or_settings(peaked_base_dir, text_dir, tmp_path):
+    train(_config(peaked_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 2))
     with pytest.raises(CheckpointError, match="trains exits 1,3"):
-        Trainer(_config(tiny_base_dir, text_dir, tmp_path / "run", exits=(1, 2)), resume=True)
+        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "run", exits=(1, 2)), resume=True)
     with pytest.raises(CheckpointError, match="lr"):
-        Trainer(_config(tiny_base_dir, text_dir, tmp_path / "run", lr=1e-4), resume=True)
+        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "run", lr=1e-4), resume=True)
     with pytest.raises(CheckpointError, match="not found"):
-        Trainer(_config(tiny_base_dir, text_dir, tmp_path / "elsewhere"), resume=True)
+        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "elsewhere"), resume=True)
 
 
-def test_max_minutes_stops_and_leaves_a_resumable_checkpoint(tiny_base_dir, text_dir, tmp_path):
-    summary = train(_config(tiny_base_dir, text_dir, tmp_path / "run", max_minutes=1e-6))
+def test_max_minutes_stops_and_leaves_a_resumable_checkpoint(peaked_base_dir, text_dir, tmp_path):
+    summary = train(_config(peaked_base_dir, text_dir, tmp_path / "run", max_minutes=1e-6))
     assert summary["steps"] == 0
     assert (tmp_path / "run" / STATE_FILE).is_file()
     model, info, _ = load_checkpoint(tmp_path / "run")
     assert info.config.exits == (1, 3)
 
 
-def test_batch_must_split_into_micro_batches(tiny_base_dir, text_dir, tmp_path):
+def test_batch_must_split_into_micro_batches(peaked_base_dir, text_dir, tmp_path):
     with pytest.raises(BalconyError, match="multiple of --micro-batch-size"):
-        Trainer(_config(tiny_base_dir, text_dir, tmp_path / "run", batch_size=3))
+        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "run", batch_size=3))
 
 
 def test_block_order_is_a_permutation_per_epoch():
@@ -97,9 +97,9 @@ def test_learning_rate_warms_up_then_decays_to_its_floor():
     assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
 
 
-def test_ddp_with_two_gloo_processes_gives_the_weights_of_one_process(tiny_base_dir, text_dir, tmp_path):
+def test_ddp_with_two_gloo_processes_gives_the_weights_of_one_process(peaked_base_dir, text_dir, tmp_path):
     common = [
-        "--exits", "1,3", "--base", str(tiny_base_dir), "--data", str(text_dir), "--seq-len", "32",
+        "--exits", "1,3", "--base", str(peaked_base_dir), "--data", str(text_dir), "--seq-len", "32",
         "--batch-size", "4", "--micro-batch-size", "2", "--max-tokens", str(4 * 32 * 3), "--precision", "fp32",
         "--threads", "1", "--lr", "3e-3",
     ]
