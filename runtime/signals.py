@@ -6,6 +6,8 @@ their source is used, so a machine without them loses those readings and nothing
 
 from __future__ import annotations
 
+import contextlib
+
 import bisect
 import importlib.util
 import json
@@ -515,10 +517,8 @@ def _close(source: object) -> None:
     close = getattr(source, "close", None)
     if close is None:
         return
-    try:
+    with contextlib.suppress(Exception):  # a source that fails while closing has nothing more to give
         close()
-    except Exception:  # noqa: BLE001 - a source that fails while closing has nothing more to give
-        pass
 
 
 def default_sources(root: str | Path = "/") -> list[SignalSource]:

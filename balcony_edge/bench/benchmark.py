@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import platform
 from dataclasses import dataclass, field
@@ -57,13 +59,11 @@ def bench_prompt(engine: Engine, length: int) -> list[int]:
 def machine_info(provider: str, threads: int | None) -> dict:
     """CPU model, cores, OS, provider and threads the figures were measured with."""
     cpu = platform.processor() or ""
-    try:
+    with contextlib.suppress(OSError):  # no /proc/cpuinfo: keep platform's name
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     import psutil
 
     return {
