@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -175,8 +174,3 @@ def load_base_model(spec: str = DEFAULT_BASE) -> BaseModel:
         sha256=state_dict_sha256(model),
     )
     return BaseModel(model=model, tokenizer=tokenizer, folder=folder, identity=identity)
-
-
-def describe(identity: BaseIdentity) -> str:
-    """A short human description of a base model identity."""
-    return json.dumps(identity.to_json())

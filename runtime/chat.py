@@ -77,9 +77,7 @@ class ChatSession:
         try:
             if name in ("quit", "q"):
                 return False
-            if name == "exit" and argument:
-                self.budget = Budget.parse(argument)
-            elif name == "budget" and argument:
+            if name in ("exit", "budget") and argument:  # /exit N is the budget N
                 self.budget = Budget.parse(argument)
             elif name == "stats":
                 for row in self.stats.lines() + [f"provider: {self.engine.describe()}"]:

@@ -132,7 +132,7 @@ class Engine:
 
     def _calibration_path(self) -> Path:
         graphs = "-".join(self.manifest.files[e.graph][:8] for e in self.manifest.exits)
-        threads = ort.SessionOptions().intra_op_num_threads
+        threads = self.settings.threads or 0  # 0: onnxruntime's default
         packed = "" if self.prepack else "-unpacked"
         return cache_dir() / "calibration" / f"{graphs}-{self.provider}-{threads}{packed}.json"
 

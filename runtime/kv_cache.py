@@ -39,17 +39,6 @@ class KVCache:
         """Keep a graph's present keys/values (covering positions 0..length-1) as the slot's cache."""
         self.keys[slot], self.values[slot], self.filled[slot] = keys, values, length
 
-    def truncate(self, length: int) -> None:
-        """Forget every position from `length` on (tokens)."""
-        for slot, filled in enumerate(self.filled):
-            if filled > length:
-                self.keys[slot], self.values[slot] = self.past(slot, length)
-                self.filled[slot] = length
-
-    def nbytes(self) -> int:
-        """Bytes held by the cache."""
-        return sum(self.filled) * 2 * self._empty.shape[1] * self._empty.shape[3] * self._empty.itemsize
-
 
 def _prefix(tensor, length: int) -> np.ndarray:
     """The first `length` positions of a [1, heads, tokens, head_dim] tensor (numpy, or an OrtValue on a device)."""
