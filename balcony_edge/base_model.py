@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
+import json
+import pickle
 import shutil
-import tempfile
+import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+from .atomic import write_folder_atomically
 from .console import say
 from .paths import cache_dir
 from .checksums import file_sha256
@@ -22,6 +28,9 @@ DEFAULT_BASE = "smollm2"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+# The weight files transformers looks for in a folder, in its order of preference. Pickled .bin weights can stay:
+# transformers 5 unpickles them with torch.load(weights_only=True), which refuses code and objects other than tensors.
+_WEIGHT_FILE_NAMES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
 @dataclass(frozen=True)
@@ -75,16 +84,94 @@ def resolve_base_folder(spec: str) -> tuple[Path, str]:
 
 
 def _check_hf_folder(path: Path) -> None:
-    if not (path / "config.json").is_file():
-        raise BaseModelError(f"{path} has no config.json: give a Hugging Face causal LM folder (Llama, Qwen2, Mistral)")
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError, KeyError) as err:
-        raise BaseModelError(f"{path}/config.json cannot be read ({err}); give a Llama-family causal LM folder") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    """Refuse a folder whose config or weight files are missing or unreadable, before transformers reads them."""
+    _check_model_type(path / "config.json")
+    for weights in _weight_files(path):
+        if weights.suffix == ".safetensors":
+            _check_safetensors(weights)
+
+
+def _check_model_type(config_file: Path) -> None:
+    if not config_file.is_file():
         raise BaseModelError(
-            f"{path} holds a {config.model_type!r} model, not a Llama-family causal LM; "
+            f"{config_file.parent} has no config.json: give a Hugging Face causal LM folder (Llama, Qwen2, Mistral)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise BaseModelError(f"{config_file} is not valid JSON ({_one_line(err)}); restore it from the model's source") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type is None:
+        raise BaseModelError(
+            f"{config_file} names no model_type: restore it from the model's source "
+            f"(a Llama-family model has one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BaseModelError(
+            f"{config_file.parent} holds a {model_type!r} model, not a Llama-family causal LM; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files transformers will read from `folder`; refuses a folder without them or with a shard missing."""
+    name = next((name for name in _WEIGHT_FILE_NAMES if (folder / name).is_file()), None)
+    if name is None:
+        raise BaseModelError(
+            f"{folder} has no weights ({SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {WEIGHTS_NAME}): "
+            "copy the model's weight files into it or download the model again"
+        )
+    if not name.endswith(".index.json"):
+        return [folder / name]
+    index = folder / name
+    try:
+        shards = sorted({folder / shard for shard in json.loads(index.read_text())["weight_map"].values()})
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as err:
+        raise BaseModelError(f"{index} is not a valid weight index ({_one_line(err)}); download the model again") from None
+    missing = [shard.name for shard in shards if not shard.is_file()]
+    if missing:
+        raise BaseModelError(
+            f"{index} names {', '.join(missing)}, missing from {folder}: download the missing shards or the model again"
+        )
+    return shards
+
+
+def _check_safetensors(file: Path) -> None:
+    # Opening reads and checks only the header (mmap), so a corrupt or cut file is found before any weight is read.
+    try:
+        with safe_open(file, framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise BaseModelError(f"{file} is corrupt or cut short ({err}); download or save it again") from None
+
+
+@contextmanager
+def _refusing_malformed(problem: str, fix: str):
+    """Turn what transformers, torch and tokenizers raise over a malformed model file into one BaseModelError line."""
+    try:
+        yield
+    except Exception as err:
+        # torch reports a cut .bin and transformers a weight of the wrong shape as RuntimeError, and tokenizers a
+        # malformed vocabulary as a bare Exception; any other type is a bug and keeps its traceback.
+        malformed = (OSError, ValueError, LookupError, RuntimeError, struct.error, StrictDataclassError)
+        if not isinstance(err, malformed) and type(err) is not Exception:
+            raise
+        raise BaseModelError(f"{problem} ({_one_line(err)}); {fix}") from None
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """A foreign error message on one line, at most `limit` characters, so that ours stays one line."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _refuse_missing_weights(loading_info: dict, source: Path) -> None:
+    # transformers fills a weight missing from the file with random values and only logs it: refuse instead.
+    missing = sorted(loading_info["missing_keys"])
+    if missing:
+        raise BaseModelError(
+            f"{source} lacks {len(missing)} of the weight tensors its config needs (first: {missing[0]}); "
+            "download the model again"
         )
 
 
@@ -93,44 +180,56 @@ def _gguf_architecture(path: Path) -> str:
 
     try:
         field = gguf.GGUFReader(path).fields["general.architecture"]
-    except (ValueError, KeyError, OSError) as err:
-        raise BaseModelError(f"{path} is not a readable GGUF file ({err}); give a valid .gguf file") from None
-    return bytes(field.parts[field.data[0]]).decode()
+        return bytes(field.parts[field.data[0]]).decode()
+    except (OSError, ValueError, LookupError) as err:
+        raise BaseModelError(
+            f"{path} is not a readable GGUF file, corrupt or cut short ({_one_line(err)}); download it again"
+        ) from None
 
 
 def _converted_gguf(gguf_path: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors folder under the cache; later calls reuse it."""
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}"
+    # The target only ever appears whole (write_folder_atomically), so config.json means complete.
+    if (target / "config.json").is_file():
+        return target
     architecture = _gguf_architecture(gguf_path)
     if architecture not in _GGUF_TO_MODEL_TYPE:
         raise BaseModelError(
             f"{gguf_path.name} is a GGUF of architecture {architecture!r}; supported: {', '.join(_GGUF_TO_MODEL_TYPE)}"
         )
-    target = cache_dir() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}"
-    if (target / "config.json").is_file():
-        return target
     _ensure_disk_space(target.parent, needed=gguf_path.stat().st_size * 9)
     say(f"dequantising {gguf_path.name} once into {target} (float32 safetensors; about a minute)")
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        config = loaded.config
-        # A GGUF-loaded model refuses save_pretrained; a plain model of the same config takes its weights.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(loaded.state_dict())
-        plain.save_pretrained(staging)
+    with _refusing_malformed(f"{gguf_path} cannot be converted", "give a GGUF made by llama.cpp's convert_hf_to_gguf.py"):
+        tokenizer, model = _dequantised_gguf(gguf_path)
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
+
+    try:  # whatever stops the writing (a full disk, Ctrl-C), no half-converted folder stays behind
+        write_folder_atomically(target, fill)
     except OSError as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise BaseModelError(f"could not write the converted model to {target} ({err}); free disk space or set BALCONY_EDGE_CACHE") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        raise BaseModelError(
+            f"could not write the converted model to {target} ({err}); free disk space or set BALCONY_EDGE_CACHE"
+        ) from None
     say(f"cached the base model in {target}")
     return target
+
+
+def _dequantised_gguf(gguf_path: Path) -> tuple[object, PreTrainedModel]:
+    """The GGUF's tokenizer, and its model dequantised into a plain float32 model that save_pretrained accepts."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded, loading_info = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True
+    )
+    _refuse_missing_weights(loading_info, gguf_path)
+    config = loaded.config
+    # A GGUF-loaded model refuses save_pretrained; a plain model of the same config takes its weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    return tokenizer, plain
 
 
 def _ensure_disk_space(folder: Path, needed: int) -> None:
@@ -160,11 +259,9 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
 def load_base_model(spec: str = DEFAULT_BASE) -> BaseModel:
     """Load a base model frozen, in float32 and eval mode, from `smollm2`, a folder or a GGUF file."""
     folder, name = resolve_base_folder(spec)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    with _refusing_malformed(f"cannot read the tokenizer in {folder}", "copy its tokenizer files from the model's source"):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise BaseModelError(f"cannot load the causal LM in {folder} ({err}); give a complete model folder") from None
+    model = _load_model(folder)
     model.eval()
     model.requires_grad_(False)
     identity = BaseIdentity(
@@ -174,3 +271,18 @@ def load_base_model(spec: str = DEFAULT_BASE) -> BaseModel:
         sha256=state_dict_sha256(model),
     )
     return BaseModel(model=model, tokenizer=tokenizer, folder=folder, identity=identity)
+
+
+def _load_model(folder: Path) -> PreTrainedModel:
+    try:
+        with _refusing_malformed(f"cannot load the causal LM in {folder}", "download the model again"):
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
+            )
+    except pickle.UnpicklingError:
+        raise BaseModelError(
+            f"torch refuses the pickled weights in {folder}: they hold more than plain tensors or are corrupt; "
+            "convert the model to safetensors from a copy you trust"
+        ) from None
+    _refuse_missing_weights(loading_info, folder)
+    return model

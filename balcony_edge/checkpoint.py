@@ -3,8 +3,11 @@ balconies.safetensors (balcony weights only); a run folder may also hold trainin
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import reprlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -12,10 +15,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .base_model import BaseModel, load_base_model
-from .errors import CheckpointError
+from .atomic import readable_folder, write_folder_atomically
+from .base_model import SUPPORTED_MODEL_TYPES, BaseModel, load_base_model
+from .errors import CheckpointError, ExitsError
+from .exits import parse_exits
 from .model import BalconyConfig, BalconyModel
 
 SCHEMA_VERSION = 1
@@ -44,33 +49,9 @@ class CheckpointInfo:
         }
 
 
-def write_folder_atomically(target: Path, fill) -> None:
-    """Call fill(staging_folder), then move the staging folder onto target; a crash leaves target untouched."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        fill(staging)
-        _make_readable(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _make_readable(folder: Path) -> None:
-    """Give the staging folder and its files the usual permissions (mkdtemp makes them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
+def resume_hint(out: Path) -> str:
+    """How to continue a training run from its run folder."""
+    return f"continue with `balcony-edge train --resume --out {out}` and the run's other options"
 
 
 def save_checkpoint(
@@ -86,16 +67,28 @@ def save_checkpoint(
     info = CheckpointInfo(base=base, config=model.config, training=training)
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.balcony_state_dict().items()}
 
+    # Serialised in memory and written by Python, so that a failed write (disk full) is an OSError with its errno;
+    # safetensors and torch.save writing to a path report it as SafetensorError / RuntimeError.
     def fill(staging: Path) -> None:
-        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
         (staging / CONFIG_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
         if state is not None:
-            torch.save(state, staging / STATE_FILE)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            (staging / STATE_FILE).write_bytes(buffer.getbuffer())
 
     try:
         write_folder_atomically(Path(folder), fill)
     except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint {folder} ({err}); check free disk space and permissions") from None
+        then = resume_hint(folder) if state is not None else "save again"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"disk full while writing checkpoint {folder}; any previous checkpoint there is untouched: free disk space, then {then}"
+            ) from None
+        raise CheckpointError(
+            f"cannot write checkpoint {folder} ({err.strerror or err}); any previous checkpoint there is untouched: "
+            f"check permissions and free space, then {then}"
+        ) from None
 
 
 def model_identity(model: BalconyModel, base_spec: str) -> dict:
@@ -108,23 +101,59 @@ def model_identity(model: BalconyModel, base_spec: str) -> dict:
 
 def read_info(folder: Path) -> CheckpointInfo:
     """Read and check balcony_config.json of a checkpoint folder."""
-    folder = Path(folder)
+    folder = readable_folder(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist; give a folder written by `balcony-edge train`")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing; train again or copy the whole folder")
+    path = folder / CONFIG_FILE
     try:
-        raw = json.loads((folder / CONFIG_FILE).read_text())
-        if raw.get("schema_version") != SCHEMA_VERSION:
-            raise CheckpointError(
-                f"{folder / CONFIG_FILE} has schema version {raw.get('schema_version')!r}, this balcony-edge reads "
-                f"{SCHEMA_VERSION}; use the matching balcony-edge version"
-            )
-        config = BalconyConfig(tuple(raw["exits"]), raw["balcony_init"], raw["norm_init"])
-        return CheckpointInfo(base=raw["base_model"], config=config, training=raw.get("training", {}))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{folder / CONFIG_FILE} is malformed ({err!r}); train again or restore the file") from None
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise CheckpointError(f"{path} cannot be read as JSON ({err}); train again or restore the file") from None
+    return _parse_info(raw, path)
+
+
+def _parse_info(raw: object, path: Path) -> CheckpointInfo:
+    """Check every field of a parsed balcony_config.json, so that nothing malformed reaches the model."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds {type(raw).__name__}, not a JSON object; train again or restore the file")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{path} has schema version {reprlib.repr(raw.get('schema_version'))}, this balcony-edge reads "
+            f"{SCHEMA_VERSION}; use the matching balcony-edge version"
+        )
+    base = raw.get("base_model")
+    if not (
+        isinstance(base, dict)
+        and all(isinstance(base.get(key), str) for key in ("name", "sha256"))
+        and isinstance(base.get("source", ""), str)
+        and type(base.get("num_layers")) is int  # not bool
+    ):
+        raise CheckpointError(
+            f"{path}: base_model must record the base's name, model_type, num_layers and sha256, not {reprlib.repr(base)}; "
+            "train again or restore the file"
+        )
+    if base.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{path} is for a {reprlib.repr(base.get('model_type'))} base model; balcony-edge supports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}: use a checkpoint trained on one of those"
+        )
+    exits = raw.get("exits")
+    if not (isinstance(exits, list) and all(type(k) is int for k in exits)):
+        raise CheckpointError(
+            f"{path}: exits must be a list of integers such as [8, 16, 24], not {reprlib.repr(exits)}; "
+            "train again or restore the file"
+        )
+    training = raw.get("training", {})
+    if not isinstance(training, dict):
+        raise CheckpointError(f"{path}: training must be a JSON object, not {reprlib.repr(training)}; train again or restore the file")
+    try:
+        config = BalconyConfig(parse_exits(exits, base["num_layers"]), raw.get("balcony_init"), raw.get("norm_init"))
+    except ExitsError as err:
+        raise CheckpointError(f"{path} does not describe balconies its base can hold ({err}); train again or restore the file") from None
+    return CheckpointInfo(base=base, config=config, training=training)
 
 
 def check_base(info: CheckpointInfo, base: BaseModel, folder: Path) -> None:
@@ -143,21 +172,33 @@ def build_model(base: BaseModel, config: BalconyConfig, seed: int = 0) -> Balcon
     return model
 
 
+def copy_balcony_weights(model: BalconyModel, tensors: dict, source: Path) -> None:
+    """Copy saved balcony tensors into the model, refusing missing, extra or misshapen ones."""
+    expected = model.balcony_state_dict()
+    if set(tensors) != set(expected):
+        raise CheckpointError(
+            f"{source} does not hold the balconies of exits {list(model.exits)}; the folder is inconsistent: train again or restore it"
+        )
+    for name, target in expected.items():
+        if not isinstance(tensors[name], torch.Tensor) or tensors[name].shape != target.shape:
+            raise CheckpointError(
+                f"{source}: {name} is not a tensor of shape {list(target.shape)}; the folder is inconsistent: train again or restore it"
+            )
+    for name, target in expected.items():
+        target.copy_(tensors[name].to(target.dtype))
+
+
 def load_checkpoint(folder: Path | None = None, base: BaseModel | str | None = None) -> tuple[BalconyModel, CheckpointInfo, BaseModel]:
     """Load a checkpoint (default: the shipped one) onto its base model (or the given one, if its hash matches)."""
-    folder = Path(folder) if folder is not None else SHIPPED_CHECKPOINT
+    folder = readable_folder(Path(folder) if folder is not None else SHIPPED_CHECKPOINT)
     info = read_info(folder)
+    try:  # before the base model: a damaged file is refused without the slow load
+        tensors = load_file(folder / WEIGHTS_FILE)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} cannot be read ({err}); train again or restore the file") from None
     if not isinstance(base, BaseModel):
         base = load_base_model(base or info.base.get("source") or info.base["name"])
     check_base(info, base, folder)
     model = build_model(base, info.config)
-    try:
-        tensors = load_file(folder / WEIGHTS_FILE)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} cannot be read ({err}); train again or restore the file") from None
-    expected = model.balcony_state_dict()
-    if set(tensors) != set(expected):
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not hold the balconies of exits {list(info.config.exits)}; the folder is inconsistent")
-    for name, target in expected.items():
-        target.copy_(tensors[name].to(target.dtype))
+    copy_balcony_weights(model, tensors, folder / WEIGHTS_FILE)
     return model.eval(), info, base

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+try:  # typer 0.26 and later carry their own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from .console import console
 from .errors import BalconyError
@@ -37,7 +43,7 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, over all ranks.")] = 16,
     micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass on one rank (accumulation fills the batch).")] = 4,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup + cosine).")] = 2e-3,
-    epochs: Annotated[float, typer.Option(help="Passes over the data, when --max-tokens is not given.")] = 1.0,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data (default 1); or give --max-tokens.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Training tokens for the whole schedule.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop this invocation after so many minutes (continue with --resume).")] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every so many steps.")] = 100,
@@ -68,8 +74,8 @@ def evaluate_command(
     checkpoint: CheckpointArg = None,
     base: BaseOpt = None,
     data: Annotated[Optional[list[Path]], typer.Option(help="Evaluation text (all of it); default: the held-out 5% of the default corpus.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Evaluate at most so many tokens (0: all).")] = 32768,
-    seq_len: Annotated[int, typer.Option(help="Tokens per evaluated sequence.")] = 512,
+    max_tokens: Annotated[int, typer.Option(min=0, help="Evaluate at most so many tokens (0: all).")] = 32768,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per evaluated sequence.")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="Write a quality-against-compute plot (PNG) here.")] = None,
 ) -> None:
@@ -78,6 +84,7 @@ def evaluate_command(
     from .data import load_corpus, pack, read_documents
     from .evaluate import evaluate, plot_quality
 
+    _check_output_folder(plot, "--plot")
     model, info, loaded = load_checkpoint(checkpoint, base)
     documents = read_documents(data) if data else load_corpus(None).held_out
     blocks = pack(documents, loaded.tokenizer, seq_len, what="evaluation")
@@ -108,7 +115,7 @@ def generate(
     checkpoint: CheckpointArg = None,
     prompt: Annotated[str, typer.Option(help="The prompt.")] = "Tell me about the sea.",
     exit: Annotated[str, typer.Option("--exit", help="Exit depth, or `full`.")] = "full",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 64,
     raw: Annotated[bool, typer.Option(help="Feed the prompt as plain text, without the chat template.")] = False,
     base: BaseOpt = None,
 ) -> None:
@@ -172,9 +179,27 @@ def inspect(
     if inspection.checksum_failures:
         name, why = next(iter(inspection.checksum_failures.items()))
         raise ManifestError(
-            f"{len(inspection.checksum_failures)} file(s) of {folder} fail their checksum ({name}: {why}); export again"
+            f"{len(inspection.checksum_failures)} file(s) of {folder} fail the export checks ({name}: {why}); export again"
         )
-    console.print("[green]checksums OK[/green]")
+    console.print("[green]checks OK[/green]")
+
+
+TrustOpt = Annotated[
+    bool, typer.Option(help="Load an export whose files differ from their manifest checksums (a warning names them).")
+]
+
+
+def _warner(topic: str):
+    """A callable that prints one yellow `topic:` line per warning (the text is not read as markup)."""
+    from rich.text import Text
+
+    return lambda text: console.print(Text.assemble((f"{topic}: ", "yellow"), text), soft_wrap=True)
+
+
+def _check_output_folder(path: Optional[Path], option: str) -> None:
+    """Refuse an output path whose folder is missing before the work, not after it."""
+    if path is not None and not path.parent.is_dir():
+        raise BalconyError(f"{option} {path}: folder {path.parent} does not exist; create it or choose another path")
 
 
 ExportArg = Annotated[
@@ -201,15 +226,19 @@ def _default_export() -> Path:
 
 
 def _signal_hub(signals: Optional[str], clock: str):
+    from .errors import SignalError
     from .runtime.signals import FixedSource, SignalHub, TraceSource, default_sources
 
+    is_trace = signals is not None and (signals.endswith(".jsonl") or Path(signals).is_file())
+    if clock != "time" and not is_trace:
+        raise SignalError(f"--signals-clock {clock} applies to a replayed trace; give --signals TRACE.jsonl or leave it out")
     if signals is None:
         sources = default_sources()
-    elif signals.endswith(".jsonl") or Path(signals).is_file():
+    elif is_trace:
         sources = [TraceSource(signals, clock=clock)]
     else:
         sources = [FixedSource.from_text(signals)]
-    return SignalHub(sources, on_warning=lambda text: console.print(f"[yellow]signals: {text}[/yellow]"))
+    return SignalHub(sources, on_warning=_warner("signals"))
 
 
 @app.command()
@@ -221,34 +250,40 @@ def chat(
     signals_clock: Annotated[str, typer.Option(help="Replay a trace by `time` (t_s) or by `token`.")] = "time",
     telemetry: Annotated[Optional[Path], typer.Option(help="Write one JSON line per token here.")] = None,
     plain: Annotated[bool, typer.Option(help="Mark exit changes with [N] instead of colours.")] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer at most.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer at most.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.6,
     top_k: Annotated[int, typer.Option(help="0: no limit.")] = 0,
     top_p: Annotated[float, typer.Option()] = 0.9,
     repetition_penalty: Annotated[float, typer.Option()] = 1.1,
     seed: Annotated[Optional[int], typer.Option()] = None,
     provider: Annotated[Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for onnxruntime.")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for onnxruntime.")] = None,
     sliding_window: Annotated[bool, typer.Option(help="Past the context length, keep the newest half instead of stopping.")] = False,
+    trust_modified: TrustOpt = False,
 ) -> None:
     """Chat with the model, switching exits between tokens from the budget and the device's signals."""
     from .runtime import Engine, SamplingConfig
     from .runtime.chat import ChatSession
+    from .runtime.controller import Budget
     from .runtime.telemetry import TelemetryWriter
+    from .runtime.text import check_prompt_text
 
-    engine = Engine.load(export_folder or _default_export(), providers=provider, threads=threads)
+    # Everything the user typed is checked before the (slow) engine load or first-use export.
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
-    writer = TelemetryWriter(telemetry) if telemetry else None
-    with _signal_hub(signals, signals_clock) as hub:
-        session = ChatSession(engine, budget, sampling, hub, writer, max_new_tokens, plain, sliding_window=sliding_window)
-        try:
-            if prompt is not None:
-                session.answer(prompt)
-            else:
-                session.run()
-        finally:
-            if writer is not None:
-                writer.close()
+    parsed_budget = Budget.parse(budget)
+    if prompt is not None:
+        check_prompt_text(prompt)
+    with contextlib.ExitStack() as stack:  # the telemetry file and the signal sources are closed whatever happens
+        writer = stack.enter_context(TelemetryWriter(telemetry, on_warning=_warner("telemetry"))) if telemetry else None
+        hub = stack.enter_context(_signal_hub(signals, signals_clock))
+        engine = Engine.load(
+            export_folder or _default_export(), providers=provider, threads=threads, trust_modified=trust_modified, warn=_warner("export")
+        )
+        session = ChatSession(engine, parsed_budget, sampling, hub, writer, max_new_tokens, plain, sliding_window=sliding_window)
+        if prompt is not None:
+            session.answer(prompt)
+        else:
+            session.run()
 
 
 @app.command()
@@ -267,10 +302,10 @@ def bench(
     export_folder: ExportArg = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the whole result as one JSON object here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a speed (and perplexity against speed) plot (PNG) here.")] = None,
-    new_tokens: Annotated[int, typer.Option(help="Greedy decode steps per run (tokens).")] = 128,
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prefill and time to first token (tokens).")] = 256,
-    repeats: Annotated[int, typer.Option(help="Measured runs per figure, after one warm-up; medians are reported.")] = 3,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for onnxruntime and torch; default: theirs.")] = None,
+    new_tokens: Annotated[int, typer.Option(min=1, help="Greedy decode steps per run (tokens).")] = 128,
+    prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length for prefill and time to first token (tokens).")] = 256,
+    repeats: Annotated[int, typer.Option(min=1, help="Measured runs per figure, after one warm-up; medians are reported.")] = 3,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads for onnxruntime and torch; default: theirs.")] = None,
     provider: Annotated[str, typer.Option(help="tensorrt, cuda or cpu.")] = "cpu",
     prepack: Annotated[Optional[bool], typer.Option("--prepack/--no-prepack", help="CPU weight prepacking; default: the engine's for the precision.")] = None,
     floor: Annotated[bool, typer.Option("--floor/--no-floor", help="Measure each exit's floor (a truncated base model; needs torch once).")] = True,
@@ -278,19 +313,26 @@ def bench(
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure RSS of all exits against the full model alone.")] = True,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", help="`balcony-edge eval --json` output: perplexity per exit beside its speed.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint of the export, for a short perplexity eval in torch (without --eval).")] = None,
+    trust_modified: TrustOpt = False,
 ) -> None:
     """Speed per exit against its floor, engine overhead, switching cost, memory and peers, in one run."""
+    from .atomic import write_text_atomically
     from .bench import BenchConfig, run_bench
+    from .paths import default_export_dir
     from .bench.report import exits_table, plot_bench, target_lines
 
     def progress(text: str) -> None:
         console.print(f"[dim]{text}[/dim]")
 
+    _check_output_folder(json_out, "--json")
+    _check_output_folder(plot, "--plot")
     config = BenchConfig(
-        export=export_folder or _default_export(), new_tokens=new_tokens, prompt_tokens=prompt_tokens, repeats=repeats,
+        export=export_folder or default_export_dir(), new_tokens=new_tokens, prompt_tokens=prompt_tokens, repeats=repeats,
         threads=threads, provider=provider, prepack=prepack, floors=floor, peers=peers, memory=memory,
-        eval_file=eval_file, checkpoint=checkpoint, say=progress,
+        eval_file=eval_file, checkpoint=checkpoint, trust_modified=trust_modified, say=progress,
     )
+    if export_folder is None:
+        _default_export()
     result = run_bench(config)
     console.print(exits_table(result))
     for line in target_lines(result):
@@ -298,23 +340,45 @@ def bench(
     for note in result["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomically(json_out, json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_out}")
     if plot:
         plot_bench(result, str(plot))
         console.print(f"wrote {plot}")
 
 
-def main() -> None:
-    """Console-script entry point."""
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point: every failure the user can fix is one red line and a non-zero exit."""
     try:
-        app()
+        code = app(args, prog_name="balcony-edge", standalone_mode=False)
     except BalconyError as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
+        _fail(str(err), 1)
+    except NoArgsIsHelpError:  # `balcony-edge` alone: typer has printed the help
+        sys.exit(2)
+    except UsageError as err:
+        _fail(_usage_line(err), err.exit_code)
+    except ClickException as err:
+        _fail(err.format_message(), err.exit_code)
+    except OSError as err:  # a path the user gave that cannot be read or written
+        where = f" ({err.filename})" if err.filename else ""
+        _fail(f"{err.strerror or err}{where}; check the path, its permissions and the free disk space", 1)
+    except (KeyboardInterrupt, typer.Abort):
         console.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    from rich.text import Text
+
+    console.print(Text.assemble(("error: ", "red"), " ".join(message.splitlines())), soft_wrap=True)
+    sys.exit(code)
+
+
+def _usage_line(err: UsageError) -> str:
+    """A command-line mistake as one line: what is wrong (click suggests close names itself), and where help is."""
+    path = err.ctx.command_path if err.ctx is not None else "balcony-edge"
+    return f"{err.format_message().removesuffix('.')} (see `{path} --help`)"
 
 
 if __name__ == "__main__":

@@ -39,3 +39,11 @@ class ControllerError(BalconyError):
 
 class TelemetryError(BalconyError):
     """A telemetry file cannot be read, or a plot of it cannot be made."""
+
+
+class TrainingStopped(BalconyError):
+    """Training was stopped by a signal after saving a checkpoint that --resume continues."""
+
+
+class IntegrityError(ManifestError):
+    """An export folder names a file outside itself, lacks a file, points graph data elsewhere, or differs from its checksums."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
+from .atomic import atomic_path
 from .console import console
 from .distill import kl_per_token
 from .model import BalconyModel
@@ -121,5 +122,6 @@ def plot_quality(result: EvalResult, path: str) -> None:
         ax.legend()
     fig.suptitle(f"Quality against compute ({result.tokens} held-out tokens)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=120)
     plt.close(fig)

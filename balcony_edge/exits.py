@@ -7,11 +7,12 @@ from collections.abc import Iterable
 from .errors import ExitsError
 
 
-def parse_exits(value: str | Iterable[int], num_layers: int) -> tuple[int, ...]:
-    """Exits as sorted unique integers with 1 <= k < num_layers (layers)."""
+def parse_exits(value: str | Iterable[int], num_layers: int | None) -> tuple[int, ...]:
+    """Exits as sorted unique integers with 1 <= k < num_layers (layers); num_layers None checks all but the upper bound."""
     items = [part.strip() for part in value.split(",")] if isinstance(value, str) else list(value)
     if not items or items == [""]:
-        raise ExitsError(f"no exits given; name exit depths such as --exits 8,16,24 (1 to {num_layers - 1})")
+        allowed = f" (1 to {num_layers - 1})" if num_layers else ""
+        raise ExitsError(f"no exits given; name exit depths such as --exits 8,16,24{allowed}")
     exits = []
     for item in items:
         try:
@@ -24,7 +25,9 @@ def parse_exits(value: str | Iterable[int], num_layers: int) -> tuple[int, ...]:
     if duplicated:
         raise ExitsError(f"exit {duplicated[0]} is given twice; list each exit depth once")
     for k in exits:
-        if not 1 <= k < num_layers:
+        if k < 1:
+            raise ExitsError(f"exit {k} is out of range: an exit runs at least one backbone layer; give depths from 1")
+        if num_layers is not None and k >= num_layers:
             raise ExitsError(
                 f"exit {k} is out of range: this base model has {num_layers} layers, so exits go from 1 to {num_layers - 1}"
             )

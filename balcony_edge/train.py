@@ -6,7 +6,11 @@ from __future__ import annotations
 import math
 import os
 import random
+import reprlib
+import signal
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,18 +21,69 @@ import torch.distributed as dist
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .base_model import DEFAULT_BASE, BaseModel, load_base_model
-from .checkpoint import STATE_FILE, build_model, read_info, save_checkpoint
+from .checkpoint import STATE_FILE, build_model, copy_balcony_weights, read_info, readable_folder, resume_hint, save_checkpoint
 from .console import console, say
 from .data import DEFAULT_CORPUS, load_corpus, pack
 from .distill import distill_backward
-from .errors import BalconyError, CheckpointError
+from .errors import BalconyError, CheckpointError, TrainingStopped
 from .exits import parse_exits
-from .model import DEFAULT_NORM_INIT, BalconyConfig, BalconyModel
+from .model import (
+    BALCONY_INITS,
+    DEFAULT_NORM_INIT,
+    NORM_INITS,
+    BalconyConfig,
+    BalconyModel,
+)
 
 PRECISIONS = ("auto", "bf16", "fp32")
 # Fields that may differ on --resume without changing the computation of the steps still to run.
 RESUMABLE_FIELDS = ("out", "max_minutes", "save_every", "save_dtype", "threads")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What training_state.pt holds, by type: checked before any of it is used.
+STATE_TYPES = {
+    "config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "step": int, "tokens_seen": int,
+    "wall_seconds": float, "kl_history": list, "rng": (dict, list),
+}
+SETTING_TYPES = (str, int, float, type(None), list, tuple)  # of the saved TrainConfig values, compared on --resume
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+# Each numeric TrainConfig field: its rule as the error message states it, and the test of a value.
+COUNT = ("an integer of at least 1", lambda v: _is_int(v) and v >= 1)
+POSITIVE = ("a positive finite number", lambda v: _is_number(v) and v > 0)
+FRACTION = ("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1)
+FIELD_RULES = {
+    "seq_len": COUNT,
+    "batch_size": COUNT,
+    "micro_batch_size": COUNT,
+    "lr": POSITIVE,
+    "min_lr_ratio": FRACTION,
+    "warmup_fraction": FRACTION,
+    "weight_decay": ("zero or a positive finite number", lambda v: _is_number(v) and v >= 0),
+    "grad_clip": POSITIVE,
+    "epochs": POSITIVE,
+    "max_tokens": COUNT,
+    "max_minutes": POSITIVE,
+    "save_every": COUNT,
+    "seed": ("an integer of at least 0", lambda v: _is_int(v) and v >= 0),
+    "threads": COUNT,
+    "kl_chunk": COUNT,
+}
+OPTIONAL_FIELDS = ("epochs", "max_tokens", "max_minutes", "threads")  # None: not given
+CHOICES = {"precision": PRECISIONS, "save_dtype": tuple(SAVE_DTYPES), "balcony_init": BALCONY_INITS, "norm_init": NORM_INITS}
+
+
+def _flag(name: str) -> str:
+    """The command-line option of a TrainConfig field."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -47,7 +102,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    epochs: float = 1.0
+    epochs: float | None = None  # passes over the data; None: 1, unless max_tokens is given
     max_tokens: int | None = None  # schedule horizon; default: epochs x training tokens
     max_minutes: float | None = None  # wall-clock stop for this invocation (min)
     save_every: int = 100  # steps
@@ -60,15 +115,21 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise BalconyError(f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise BalconyError(f"save dtype {self.save_dtype!r} is unknown; choose one of {', '.join(SAVE_DTYPES)}")
-        for name in ("seq_len", "batch_size", "micro_batch_size", "save_every", "kl_chunk"):
-            if getattr(self, name) < 1:
-                raise BalconyError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        if self.lr <= 0:
-            raise BalconyError(f"--lr must be positive, not {self.lr}")
+        self.exits = parse_exits(self.exits, None)  # the syntax now; the range once the base model's depth is known
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise BalconyError(f"{_flag(name)} {reprlib.repr(getattr(self, name))} is unknown; choose one of {', '.join(choices)}")
+        for name, (rule, valid) in FIELD_RULES.items():
+            value = getattr(self, name)
+            if not (value is None and name in OPTIONAL_FIELDS) and not valid(value):
+                raise BalconyError(f"{_flag(name)} must be {rule}, not {reprlib.repr(value)}")
+        if self.micro_batch_size > self.batch_size:
+            raise BalconyError(
+                f"--micro-batch-size {self.micro_batch_size} is larger than --batch-size {self.batch_size}; "
+                f"give at most {self.batch_size}"
+            )
+        if self.epochs is not None and self.max_tokens is not None:
+            raise BalconyError("--epochs and --max-tokens both set; give one of them")
 
 
 @dataclass
@@ -121,19 +182,48 @@ class BlockOrder:
         return int(self._perms[epoch][index])
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+def rng_state() -> dict:
+    """This process's random generator states, as tensors, ints, floats, strings and tuples (weights_only loads them)."""
+    name, key, *rest = np.random.get_state()
+    state = {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": (name, key.tolist(), *rest)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict) -> None:
+    """Put back the generator states that rng_state() returned."""
     torch.random.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopSignals:
+    """While entered (in the main thread), the first SIGINT or SIGTERM is only noted; a second one acts as it did before."""
+
+    def __init__(self):
+        self.received = 0  # the first signal's number; 0: none yet
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python handles signals only there
+            self._previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, frame) -> None:
+        self.received = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler not set from Python
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def _use_bf16(precision: str, device: torch.device) -> bool:
@@ -170,7 +260,8 @@ class Trainer:
         self.blocks = pack(corpus.train, self.base.tokenizer, config.seq_len)
         self.order = BlockOrder(len(self.blocks), config.seed)
         tokens_per_step = config.batch_size * config.seq_len
-        horizon = config.max_tokens or int(config.epochs * len(self.blocks) * config.seq_len)
+        epochs = 1.0 if config.epochs is None else config.epochs
+        horizon = config.max_tokens or int(epochs * len(self.blocks) * config.seq_len)
         self.total_steps = max(1, math.ceil(horizon / tokens_per_step))
         self.warmup_steps = max(1, int(config.warmup_fraction * self.total_steps))
         params = self.model.trainable_parameters()
@@ -190,10 +281,11 @@ class Trainer:
         self.bf16 = _use_bf16(config.precision, self.dist.device)
 
     def _resume_state(self) -> dict:
-        path = self.out / STATE_FILE
+        folder = readable_folder(self.out)
+        path = folder / STATE_FILE
         if not path.is_file():
             raise CheckpointError(f"--resume: {path} not found; start without --resume or point --out at a run folder")
-        info = read_info(self.out)
+        info = read_info(folder)
         if info.base["sha256"] != self.base.identity.sha256:
             raise CheckpointError(
                 f"--resume: {self.out} was trained on base {info.base.get('name')!r}, not {self.base.identity.name!r}; "
@@ -204,25 +296,32 @@ class Trainer:
                 f"--resume: {self.out} trains exits {','.join(map(str, info.config.exits))}, not "
                 f"{','.join(map(str, self.config.exits))}; resume with --exits {','.join(map(str, info.config.exits))}"
             )
-        state = torch.load(path, weights_only=False)
+        state = _load_training_state(path)
         saved = state["config"]
         for name, value in asdict(self.config).items():
             if name in RESUMABLE_FIELDS or name == "exits":
                 continue
             if saved.get(name) != value:
                 raise CheckpointError(
-                    f"--resume: {self.out} was trained with {name}={saved.get(name)!r}, not {value!r}; "
+                    f"--resume: {self.out} was trained with {name}={reprlib.repr(saved.get(name))}, not {value!r}; "
                     "resume with the same settings"
                 )
         return state
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        path = self.out / STATE_FILE
+        copy_balcony_weights(self.model, state["model"], path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            restore_rng_state(state["rng"][self.dist.rank] if isinstance(state["rng"], list) else state["rng"])
+        except Exception as err:  # noqa: BLE001 - damaged values fail in many ways (KeyError, OverflowError, ...)
+            raise CheckpointError(
+                f"--resume: {path} does not fit this run ({type(err).__name__}: {reprlib.repr(str(err))}); "
+                "restore the file, or train again without --resume"
+            ) from None
         self.step, self.tokens_seen, self.wall_before = state["step"], state["tokens_seen"], state["wall_seconds"]
         self.kl_history = state["kl_history"]
-        _set_rng_state(state["rng"][self.dist.rank] if isinstance(state["rng"], list) else state["rng"])
 
     def _micro_batches(self, step: int):
         """This rank's micro-batches of the step's global batch: [micro, seq_len] each."""
@@ -256,7 +355,7 @@ class Trainer:
         return kl
 
     def _state(self) -> dict:
-        rng = _rng_state()
+        rng = rng_state()
         if self.dist.world > 1:
             gathered = [None] * self.dist.world
             dist.all_gather_object(gathered, rng)
@@ -313,10 +412,14 @@ class Trainer:
             console=console,
             disable=not self.dist.main,
         )
-        with progress:
+        stopped_by = 0
+        with progress, StopSignals() as signals:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, rate="-", kl="")
             while self.step < self.total_steps:
-                if deadline and time.monotonic() >= deadline:
+                stopped_by, out_of_time = self._stop_request(signals, deadline)
+                if stopped_by:
+                    break
+                if out_of_time:
                     if self.dist.main:
                         say(f"--max-minutes {c.max_minutes} reached at step {self.step}; resume with --resume")
                     break
@@ -332,8 +435,44 @@ class Trainer:
                     self.save()
                     if self.dist.main and not console.is_terminal:  # a log file gets a line per checkpoint
                         say(f"step {self.step}/{self.total_steps} {shown} {rate:,.0f} tok/s; checkpoint saved")
-        self.save()
+            self.save()  # inside StopSignals: a first signal now lets the final checkpoint finish
+        if stopped_by:
+            raise TrainingStopped(
+                f"training stopped by {signal.Signals(stopped_by).name} at step {self.step}/{self.total_steps}; "
+                f"checkpoint saved in {self.out}; {resume_hint(self.out)}"
+            )
         return self.summary()
+
+    def _stop_request(self, signals: StopSignals, deadline: float | None) -> tuple[int, bool]:
+        """(the stop signal's number or 0, whether --max-minutes is spent), the same on every rank so that all stop together."""
+        request = torch.tensor([signals.received, deadline is not None and time.monotonic() >= deadline])
+        if self.dist.world > 1:
+            request = request.to(self.dist.device)
+            dist.all_reduce(request, op=dist.ReduceOp.MAX)
+        stopped_by, out_of_time = request.tolist()
+        return stopped_by, bool(out_of_time)
+
+
+def _load_training_state(path: Path) -> dict:
+    """training_state.pt, unpickled with weights_only (tensors and plain containers: no code runs) and type-checked."""
+    try:
+        with warnings.catch_warnings():  # a damaged file may also warn (pickle protocol); the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - fuzzing a damaged file raises a dozen types (UnpicklingError, KeyError, ...)
+        raise CheckpointError(
+            f"--resume: {path} is damaged or was not written by balcony-edge ({type(err).__name__}); "
+            "restore the file, or train again without --resume"
+        ) from None
+    if not (
+        isinstance(state, dict)
+        and all(isinstance(state.get(key), kind) for key, kind in STATE_TYPES.items())
+        and all(isinstance(value, SETTING_TYPES) for value in state["config"].values())
+    ):
+        raise CheckpointError(
+            f"--resume: {path} is not a balcony-edge training state; restore the file, or train again without --resume"
+        )
+    return state
 
 
 def train(config: TrainConfig, resume: bool = False, base: BaseModel | None = None) -> dict:

@@ -19,13 +19,8 @@ import transformers
 
 from .. import __version__
 from ..base_model import BaseModel
-from ..checkpoint import (
-    SHIPPED_CHECKPOINT,
-    CheckpointInfo,
-    load_checkpoint,
-    read_info,
-    write_folder_atomically,
-)
+from ..atomic import write_folder_atomically
+from ..checkpoint import SHIPPED_CHECKPOINT, CheckpointInfo, load_checkpoint, read_info
 from ..console import say
 from ..errors import ExportError
 from ..exits import parse_exits

@@ -1,5 +1,5 @@
 """`balcony-edge inspect`: what an export folder holds (exits, files, sizes), which onnxruntime providers
-work here, and whether every file still matches its manifest checksum."""
+work here, and whether every file passes the runtime's checks (inside the folder, present, checksum)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 
 import onnxruntime as ort
 from onnx import TensorProto, helper
+from rich.markup import escape
 from rich.table import Table
 
-from ..runtime.manifest import MANIFEST_FILE, REPORT_FILE, Manifest, checksum_failures
+from ..runtime.integrity import export_problems, path_problem
+from ..runtime.manifest import MANIFEST_FILE, REPORT_FILE, Manifest
 
 _PROBE_OPSET = 18
 _PROBE_IR_VERSION = 10  # onnxruntime reads IR versions up to its own; 10 is old enough for all recent ones
@@ -27,7 +29,7 @@ class Inspection:
     manifest: Manifest
     file_bytes: dict[str, int]  # every file in the folder -> size (bytes)
     providers: list[str]  # onnxruntime providers that attach to a session on this machine
-    checksum_failures: dict[str, str]  # file -> why it fails
+    checksum_failures: dict[str, str]  # file -> why it fails a check of `runtime.integrity` (checksum and others)
     report: dict | None
 
 
@@ -54,34 +56,55 @@ def usable_providers() -> list[str]:
 
 
 def inspect_export(folder: Path | str) -> Inspection:
-    """Read an export folder's manifest and report, list its files and check their checksums."""
+    """Read an export folder's manifest and report, list its files and run the runtime's checks on them."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    report_path = folder / REPORT_FILE
+    problems = export_problems(folder, manifest)
     return Inspection(
         folder=folder,
         manifest=manifest,
         file_bytes={path.name: path.stat().st_size for path in sorted(folder.iterdir()) if path.is_file()},
         providers=usable_providers(),
-        checksum_failures=checksum_failures(folder, manifest),
-        report=json.loads(report_path.read_text()) if report_path.is_file() else None,
+        checksum_failures=problems,
+        report=read_report(folder, problems),
     )
+
+
+def read_report(folder: Path, problems: dict[str, str]) -> dict | None:
+    """report.json as a dict; None if absent, failing a check, outside the folder, or not a JSON object."""
+    path = folder / REPORT_FILE
+    if REPORT_FILE in problems or path_problem(folder, REPORT_FILE) is not None or not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def verification_figures(report: dict | None) -> dict[int, tuple[str, str, str]]:
+    """Exit -> max |diff|, top-1 agreement and greedy match from a report; exits with malformed figures left out."""
+    figures = {}
+    try:
+        checks = report["verification"]["exits"]
+    except (KeyError, TypeError):  # no report, or not verified
+        return figures
+    for check in checks if isinstance(checks, list) else ():
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # a report.json the exporter did not write
+            figures[check["exit"]] = (
+                f"{check['max_abs_diff']:.1e}", f"{check['top1_agreement']:.3f}", f"{check['greedy_matched']}/{check['greedy_tokens']}"
+            )
+    return figures
 
 
 def exits_table(folder: Path, manifest: Manifest, report: dict | None) -> Table:
     """One row per exit: layers, weights read per token, cache slots and the verification figures."""
-    checks = {c["exit"]: c for c in ((report or {}).get("verification") or {}).get("exits", [])}
+    figures = verification_figures(report)
     precision = manifest.dtype + (f" + {manifest.quantization['method']}" if manifest.quantization else "")
-    table = Table(title=f"{manifest.base['name']}, {precision}: {folder}")
+    table = Table(title=escape(f"{manifest.base['name']}, {precision}: {folder}"))  # the name comes from the manifest
     for column in ("exit", "layers", "MB/token", "cache slots", "max |diff|", "top-1", "greedy"):
         table.add_column(column, justify="right", no_wrap=True)
     for entry in manifest.exits:
-        check = checks.get(entry.exit)
-        figures = (
-            (f"{check['max_abs_diff']:.1e}", f"{check['top1_agreement']:.3f}", f"{check['greedy_matched']}/{check['greedy_tokens']}")
-            if check
-            else ("-", "-", "-")
-        )
         backbone = f"0-{entry.exit - 1}" if entry.exit > 1 else "0"
         slots = backbone if entry.is_full else f"{backbone}, {entry.cache_slots[-1]}"
         table.add_row(
@@ -89,20 +112,20 @@ def exits_table(folder: Path, manifest: Manifest, report: dict | None) -> Table:
             str(entry.num_layers),
             f"{entry.weight_bytes_per_token / 1e6:.1f}",
             slots,
-            *figures,
+            *figures.get(entry.exit, ("-", "-", "-")),
         )
     return table
 
 
 def files_table(inspection: Inspection) -> Table:
-    """One row per file: size and checksum state."""
+    """One row per file: size and check state (every file the manifest names or the folder holds)."""
     table = Table(title="files")
-    for column, justify in (("file", "left"), ("MB", "right"), ("sha256", "left")):
+    for column, justify in (("file", "left"), ("MB", "right"), ("check", "left")):
         table.add_column(column, justify=justify)
-    names = sorted(set(inspection.file_bytes) | set(inspection.manifest.files) | {MANIFEST_FILE})
+    names = sorted(set(inspection.file_bytes) | set(inspection.manifest.files) | set(inspection.checksum_failures) | {MANIFEST_FILE})
     for name in names:
         size = inspection.file_bytes.get(name)
         state = "manifest" if name == MANIFEST_FILE else inspection.checksum_failures.get(name, "ok" if name in inspection.manifest.files else "not listed")
         colour = "green" if state in ("ok", "manifest") else "red"
-        table.add_row(name, f"{size / 1e6:.2f}" if size is not None else "-", f"[{colour}]{state}[/{colour}]")
+        table.add_row(escape(name), f"{size / 1e6:.2f}" if size is not None else "-", f"[{colour}]{escape(state)}[/{colour}]")
     return table

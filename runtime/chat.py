@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import BalconyError
 from .controller import Budget
 from .engine import Engine, GeneratedToken
+from .sequence import ContextFullError
 from .sampling import SamplingConfig
 from .signals import SignalHub
 from .telemetry import TelemetryWriter
@@ -46,7 +49,7 @@ class ChatSession:
     def __init__(
         self,
         engine: Engine,
-        budget: str,
+        budget: Budget | str,
         sampling: SamplingConfig,
         signals: SignalHub,
         telemetry: TelemetryWriter | None = None,
@@ -56,7 +59,7 @@ class ChatSession:
         sliding_window: bool = False,
     ):
         self.engine, self.sampling, self.signals, self.telemetry = engine, sampling, signals, telemetry
-        self.budget = Budget.parse(budget)
+        self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
         self.max_new_tokens, self.plain, self.sliding_window = max_new_tokens, plain, sliding_window
         self.console = console or Console(highlight=False)
         self.colours = {exit: EXIT_COLOURS[i % len(EXIT_COLOURS)] for i, exit in enumerate(engine.exits[:-1])}
@@ -92,23 +95,32 @@ class ChatSession:
                 return True
             self.console.print(f"[dim]budget: {self.budget}[/dim]")
         except BalconyError as err:
-            self.console.print(f"[red]{err}[/red]")
+            self.show_error(err)
         return True
 
+    def show_error(self, err: BalconyError) -> None:
+        """One red line; the chat goes on."""
+        self.console.print(Text.assemble(("error: ", "red"), str(err)), soft_wrap=True)
+
     def answer(self, text: str) -> list[GeneratedToken]:
-        """Stream the answer to one user message; Ctrl-C stops it and keeps what was said."""
-        self.messages.append({"role": "user", "content": text})
-        ids = self.engine.codec.chat_prompt(self.messages)
-        if ids[: len(self.sequence.tokens)] == self.sequence.tokens:
-            new_ids = ids[len(self.sequence.tokens):]
-        else:  # the template rendered earlier turns differently: start the cache over
-            self.sequence, new_ids = self.engine.sequence(sliding_window=self.sliding_window), ids
+        """Stream the answer to one user message; Ctrl-C stops it and keeps what was said.
+
+        A message that cannot be answered (bad text, no room in the context) raises before anything changes."""
+        messages = [*self.messages, {"role": "user", "content": text}]
+        ids = self.engine.codec.chat_prompt(messages)
+        sequence = self.sequence
+        if ids[: len(sequence.tokens)] == sequence.tokens:
+            new_ids = ids[len(sequence.tokens):]
+        else:  # the template rendered earlier turns differently, or the window slid: start the cache over
+            sequence, new_ids = self.engine.sequence(sliding_window=self.sliding_window), ids
+            if self.sliding_window:  # keep the newest half of the conversation, as the window itself does
+                new_ids = ids[-(sequence.context_length // 2):]
         tokens: list[GeneratedToken] = []
         started, shown_exit = time.perf_counter(), None
         try:
             for token in self.engine.generate(
                 new_ids, self.max_new_tokens, self.budget, self.sampling, self.signals,
-                telemetry=self.telemetry, sequence=self.sequence,
+                telemetry=self.telemetry, sequence=sequence,
             ):
                 tokens.append(token)
                 self.stats.add(token)
@@ -120,9 +132,13 @@ class ChatSession:
                 shown_exit = token.exit
         except KeyboardInterrupt:
             self.console.print(" [dim](stopped)[/dim]", end="")
+        except ContextFullError:
+            if not tokens:  # the message itself did not fit: nothing was said
+                raise
+            self.console.print(" [dim](context full: /reset starts a new conversation)[/dim]", end="")
         self.console.print()
         reply = self.engine.codec.decode([t.id for t in tokens])
-        self.messages.append({"role": "assistant", "content": reply})
+        self.sequence, self.messages = sequence, [*messages, {"role": "assistant", "content": reply}]
         self.console.print(self.status_line(tokens, time.perf_counter() - started), style="dim")
         return tokens
 
@@ -142,6 +158,8 @@ class ChatSession:
     def run(self, read_line=input) -> None:
         """The interactive loop: read a line, answer it or run its command, until /quit or end of input."""
         self.console.print(f"[dim]balcony-edge chat on {self.engine.describe()}; {HELP}[/dim]")
+        if read_line is input and hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the prompt check, which names them
         while True:
             try:
                 line = read_line("> ").strip()
@@ -154,4 +172,7 @@ class ChatSession:
                 if not self.command(line):
                     return
                 continue
-            self.answer(line)
+            try:
+                self.answer(line)
+            except BalconyError as err:  # this message cannot be answered; the conversation goes on
+                self.show_error(err)

@@ -3,25 +3,29 @@ whose exit a controller picks before every token from a budget and device signal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime as ort
 
+from ..atomic import readable_folder, write_text_atomically
 from ..errors import BalconyError
 from ..paths import cache_dir, default_export_dir
 from .controller import Budget, Controller, ControllerConfig, ExitProfile
-from .manifest import Manifest, checksum_failures
+from .integrity import verify_export
+from .manifest import Manifest
 from .sampling import Sampler, SamplingConfig
 from .sequence import ExitRunner, Sequence
 from .sessions import SessionSettings, SharedWeights, default_prepack, device_of, open_session, resolve_providers
 from .signals import SignalHub
 from .telemetry import TelemetryWriter
-from .text import StreamDecoder, TextCodec
+from .text import PromptError, StreamDecoder, TextCodec, check_prompt_text
 
 CALIBRATION_PROMPT_TOKENS = 32
 CALIBRATION_STEPS = 8
@@ -43,18 +47,25 @@ class GeneratedToken:
 class Engine:
     """An exported Balcony model ready to generate: sessions per exit sharing one copy of the weights."""
 
-    def __init__(self, folder: Path, manifest: Manifest, settings: SessionSettings, verify_checksums: bool = True):
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        settings: SessionSettings,
+        trust_modified: bool = False,
+        warn: Callable[[str], None] | None = None,
+        verify: bool = True,
+    ):
+        """verify=False skips `verify_export`: only for a folder this process tree has just verified (the bench's children)."""
         self.folder, self.manifest = Path(folder), manifest
-        if verify_checksums:
-            failures = checksum_failures(folder, manifest)
-            if failures:
-                name, why = next(iter(failures.items()))
-                raise BalconyError(f"{folder}/{name}: {why} from manifest.json; export again (`balcony-edge export --force`)")
+        if verify:
+            verify_export(folder, manifest, trust_modified=trust_modified, warn=warn)
         self.codec = TextCodec(folder, manifest)
         self.settings = settings
         self.prepack = settings.prepack if settings.prepack is not None else default_prepack(manifest)
         self.provider, self.fallbacks, self.weights, self.runners = self._open_sessions(settings)
         self._profiles: list[ExitProfile] | None = None
+        self._profiles_lock = threading.Lock()  # threads generating at once calibrate once
 
     @classmethod
     def load(
@@ -62,21 +73,26 @@ class Engine:
         folder: str | Path | None = None,
         providers: list[str] | None = None,
         threads: int | None = None,
-        verify_checksums: bool = True,
         prepack: bool | None = None,
+        trust_modified: bool = False,
+        warn: Callable[[str], None] | None = None,
     ) -> Engine:
         """Load an export folder (default: the default export); providers tried in order: TensorRT, CUDA, CPU.
+
+        The folder is checked first (`integrity.verify_export`): names leading out of it, external data outside its
+        weights file and missing files are refused; files whose sha256 differs from the manifest too, unless
+        trust_modified (then `warn` is told which, in one line).
 
         prepack: CPU MatMul weight prepacking (faster, but a copy of the weights per exit); None: on for quantised
         exports, off for float ones (`sessions.default_prepack`).
         """
-        folder = Path(folder) if folder is not None else default_export_dir()
+        folder = readable_folder(Path(folder) if folder is not None else default_export_dir())
         if not folder.is_dir():
             raise BalconyError(f"export folder {folder} does not exist; create it with `balcony-edge export`")
         settings = SessionSettings(
             providers=resolve_providers(providers), threads=threads, trt_cache=str(cache_dir() / "tensorrt"), prepack=prepack
         )
-        return cls(folder, Manifest.load(folder), settings, verify_checksums)
+        return cls(folder, Manifest.load(folder), settings, trust_modified=trust_modified, warn=warn)
 
     def _open_sessions(self, settings: SessionSettings):
         """Sessions on the first provider that opens them all; what failed before is kept in `fallbacks`."""
@@ -94,7 +110,10 @@ class Engine:
                 return provider, fallbacks, weights, runners
             except Exception as err:  # a provider that cannot start is skipped, with the reason reported
                 fallbacks[provider] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BalconyError(f"no onnxruntime provider could open {self.folder}: {fallbacks}; check the onnxruntime install")
+        tried = "; ".join(f"{p}: {why}" for p, why in fallbacks.items())
+        raise BalconyError(
+            f"no onnxruntime provider could open {self.folder} ({tried}); use --provider cpu, or check the GPU driver and onnxruntime-gpu"
+        )
 
     @property
     def exits(self) -> list[int]:
@@ -114,21 +133,24 @@ class Engine:
 
     def profiles(self) -> list[ExitProfile]:
         """Each exit's decode cost on this device (ms/token), measured on first use and cached per export and provider."""
-        if self._profiles is None:
-            path = self._calibration_path()
-            if path.is_file():
-                measured = json.loads(path.read_text())
-            else:
-                measured = self.calibrate()
+        with self._profiles_lock:
+            if self._profiles is None:
+                self._profiles = self._measured_profiles()
+            return self._profiles
+
+    def _measured_profiles(self) -> list[ExitProfile]:
+        """Profiles from the calibration cache, or from a fresh calibration (saved for next time when the cache is writable)."""
+        path = self._calibration_path()
+        measured = _read_calibration(path, self.exits)
+        if measured is None:
+            measured = self.calibrate()
+            with contextlib.suppress(OSError):  # a read-only cache only costs a calibration next time
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(measured))
-                tmp.replace(path)
-            self._profiles = [
-                ExitProfile(entry.exit, measured[str(entry.exit)], entry.weight_bytes_per_token, entry.quality)
-                for entry in self.manifest.exits
-            ]
-        return self._profiles
+                write_text_atomically(path, json.dumps(measured))
+        return [
+            ExitProfile(entry.exit, measured[str(entry.exit)], entry.weight_bytes_per_token, entry.quality)
+            for entry in self.manifest.exits
+        ]
 
     def _calibration_path(self) -> Path:
         graphs = "-".join(self.manifest.files[e.graph][:8] for e in self.manifest.exits)
@@ -154,10 +176,15 @@ class Engine:
 
     def prompt_ids(self, prompt: str | list[dict] | list[int], chat: bool = True) -> list[int]:
         """Token ids of a prompt: ids as given, a message list or a string through the chat template, or raw text."""
-        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = self.manifest.vocab_size
+            outside = [t for t in prompt if not 0 <= t < vocab]
+            if outside:
+                raise PromptError(f"prompt token id {outside[0]} is outside the vocabulary (0 to {vocab - 1}); pass ids of this model's tokenizer")
             return list(prompt)
         if isinstance(prompt, list):
             return self.codec.chat_prompt(prompt)
+        check_prompt_text(prompt)
         return self.codec.chat_prompt([{"role": "user", "content": prompt}]) if chat else self.codec.encode(prompt)
 
     def generate(
@@ -174,6 +201,8 @@ class Engine:
         chat: bool = True,
     ) -> Iterator[GeneratedToken]:
         """Stream new tokens for a prompt; the exit of each is chosen just before it is computed."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise BalconyError(f"max_new_tokens {max_new_tokens!r} must be a whole number of tokens, at least 1")
         budget = budget if isinstance(budget, Budget) else Budget.parse(str(budget))
         controller = Controller(self._controller_profiles(budget), budget, controller_config)
         sequence = sequence if sequence is not None else self.sequence()
@@ -217,6 +246,17 @@ class Engine:
         if budget.is_fixed:
             return [ExitProfile(e.exit, 1.0, e.weight_bytes_per_token, e.quality) for e in self.manifest.exits]
         return self.profiles()
+
+
+def _read_calibration(path: Path, exits: list[int]) -> dict[str, float] | None:
+    """A cached calibration (exit -> ms), or None when there is none or it is unreadable (then it is measured again)."""
+    try:
+        measured = json.loads(path.read_text())
+        if all(float(measured[str(exit)]) > 0 for exit in exits):
+            return {str(exit): float(measured[str(exit)]) for exit in exits}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:

@@ -1,12 +1,19 @@
 """manifest.json: the contract between an export folder and the runtime, one dataclass with a schema version.
 
-Torch-free on purpose (json, dataclasses, hashlib): the runtime reads everything it needs from here.
+Torch-free on purpose (json, dataclasses, hashlib): the runtime reads everything it needs from here. The file is
+untrusted: `Manifest.from_json` checks every field against its annotation and refuses impossible values.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import asdict, dataclass, field
+import re
+import math
+import sys
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from ..checksums import file_sha256
@@ -15,6 +22,14 @@ from ..errors import ManifestError
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"  # the export's verification report, beside the manifest
+MAX_MANIFEST_BYTES = 64 << 20  # a real one is well under 1 MiB; a larger one is not read into memory
+FIX = "export again (`balcony-edge export --force`)"
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+KV_DTYPES = {"fp32": "float32", "fp16": "float16"}  # manifest dtype -> numpy name of activations and KV cache
+WEIGHT_DTYPES = {"float32": 4, "float16": 2, "uint8": 1}  # numpy names the exporter writes -> bytes per element
+# Keys of the free-form `base` and `quantization` records that the runtime and tools read.
+_REQUIRED_KEYS = {"base": ("name", "source", "sha256"), "quantization": ("method",)}
 
 # Graph I/O names (the optimum / onnxruntime-genai convention); {i} is the layer index inside one graph.
 INPUT_IDS = "input_ids"
@@ -133,26 +148,19 @@ class Manifest:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        try:
-            raw = json.loads(text)
-            version = raw.get("schema_version")
-            if version != SCHEMA_VERSION:
-                raise ManifestError(
-                    f"manifest schema version {version!r} is not {SCHEMA_VERSION}, the one this balcony-edge reads; "
-                    "export again with this version"
-                )
-            return cls(
-                **{
-                    **raw,
-                    "kv": KVShape(**raw["kv"]),
-                    "weights": {name: WeightEntry(**entry) for name, entry in raw["weights"].items()},
-                    "exits": [ExitGraph(**entry) for entry in raw["exits"]],
-                    "generation": GenerationDefaults(**raw["generation"]),
-                }
+    def from_json(cls, text: str | bytes) -> Manifest:
+        """Parse manifest.json, refusing any field of the wrong type or impossible value (unknown fields too:
+        a writer that adds one must raise SCHEMA_VERSION)."""
+        raw = _parse_json(text)
+        version = raw.get("schema_version")
+        if type(version) is not int or version != SCHEMA_VERSION:
+            raise ManifestError(
+                f"manifest schema version {short_repr(version)} is not {SCHEMA_VERSION}, the one this balcony-edge reads; "
+                "export again with this version"
             )
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ManifestError(f"manifest is malformed ({err!r}); export the model again") from None
+        manifest = _build(cls, raw, "")
+        _check_values(manifest)
+        return manifest
 
     @classmethod
     def load(cls, folder: Path | str) -> Manifest:
@@ -160,7 +168,191 @@ class Manifest:
         path = Path(folder) / MANIFEST_FILE
         if not path.is_file():
             raise ManifestError(f"{folder} has no {MANIFEST_FILE}; give a folder written by `balcony-edge export`")
-        return cls.from_json(path.read_text())
+        try:
+            size = path.stat().st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{path} has {size} bytes, more than a manifest can have ({MAX_MANIFEST_BYTES}); {FIX}")
+            return cls.from_json(path.read_bytes())
+        except OSError as err:
+            raise ManifestError(f"cannot read {path} ({err.strerror or err}); check its permissions") from None
+
+    def named_files(self) -> list[str]:
+        """Every file name this manifest gives, each once: graphs, weights, tokenizer files, chat template, checksummed files."""
+        names = [entry.graph for entry in self.exits] + [self.weights_file, *self.tokenizer_files]
+        names += [self.chat_template] if self.chat_template is not None else []
+        return list(dict.fromkeys(names + list(self.files)))
+
+
+def _parse_json(text: str | bytes) -> dict:
+    """The JSON object in text, or a one-line ManifestError (invalid JSON or UTF-8, too deep, not an object)."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError, huge ints
+        raise ManifestError(f"manifest is not valid JSON ({short_repr(str(err))}); {FIX}") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"manifest is {short_repr(raw)}, not a JSON object; {FIX}")
+    return raw
+
+
+_KIND_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "an object"}
+
+
+def _refuse(path: str, problem: str) -> ManifestError:
+    return ManifestError(f"manifest field {path} {problem}; {FIX}")
+
+
+def short_repr(value: object) -> str:
+    """repr of a value read from an untrusted file: one line (repr escapes control characters), at most 100 characters."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _kind(tp: type) -> type:
+    """The Python type json.loads gives for a field annotated tp: dataclass -> dict, list[int] -> list."""
+    return dict if is_dataclass(tp) else typing.get_origin(tp) or tp
+
+
+def _is_kind(value: object, kind: type) -> bool:
+    if kind is float:  # JSON has one number type; NaN, infinities and ints past the float range are refused
+        return type(value) in (int, float) and abs(value) <= sys.float_info.max
+    return type(value) is kind  # not isinstance: True is no int here
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def _build(tp: type, value: object, path: str):
+    """value (parsed JSON) as an instance of the annotation tp, or a ManifestError naming the field at path."""
+    nullable = typing.get_origin(tp) is types.UnionType  # X | None, the only union in the manifest
+    if nullable:
+        if value is None:
+            return None
+        (tp,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+    if not _is_kind(value, _kind(tp)):
+        raise _refuse(path, f"is {short_repr(value)}, not {_KIND_NAMES[_kind(tp)]}{' or null' if nullable else ''}")
+    if is_dataclass(tp):
+        return _build_dataclass(tp, value, path)
+    args = typing.get_args(tp)
+    if _kind(tp) is list:
+        return [_build(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if _kind(tp) is dict and args:
+        return {key: _build(args[1], item, f"{path}[{short_repr(key)}]") for key, item in value.items()}
+    return float(value) if tp is float else value
+
+
+def _build_dataclass(cls: type, raw: dict, path: str):
+    types_ = _field_types(cls)
+    prefix = f"{path}." if path else ""
+    unknown = [key for key in raw if key not in types_]
+    if unknown:
+        raise _refuse(f"{path}[{short_repr(unknown[0])}]" if path else short_repr(unknown[0]), "is not part of this schema version")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise _refuse(prefix + missing[0], "is missing")
+    return cls(**{name: _build(types_[name], value, prefix + name) for name, value in raw.items()})
+
+
+def _check_values(manifest: Manifest) -> None:
+    """Refuse values no export can have: negative sizes, unknown dtypes, exits out of order, dangling references."""
+    _check_positive(manifest, ("num_layers", "vocab_size"), "")
+    _check_positive(manifest.kv, ("num_kv_heads", "head_dim", "num_attention_heads", "hidden_size"), "kv.")
+    _check_positive(manifest.generation, ("context_length",), "generation.")
+    if manifest.dtype not in KV_DTYPES:
+        raise _refuse("dtype", f"is {short_repr(manifest.dtype)}, not one of {', '.join(KV_DTYPES)}")
+    if manifest.kv.dtype != KV_DTYPES[manifest.dtype]:
+        raise _refuse("kv.dtype", f"is {short_repr(manifest.kv.dtype)}, not {KV_DTYPES[manifest.dtype]} as dtype {manifest.dtype} needs")
+    for field_name, keys in _REQUIRED_KEYS.items():
+        _check_keys(getattr(manifest, field_name), keys, field_name)
+    for name, entry in manifest.weights.items():
+        _check_weight(entry, f"weights[{short_repr(name)}]")
+    _check_token_ids(manifest.generation, manifest.vocab_size)
+    _check_exits(manifest)
+    _check_files(manifest)
+
+
+def _check_files(manifest: Manifest) -> None:
+    """Every file the manifest names is a plain name in the folder (onnxruntime reads a graph's external data beside
+    the graph, so a graph in a subfolder would read an unchecked weights file) and has a sha256 in `files`."""
+    for name in manifest.named_files():
+        if "/" in name or "\\" in name:
+            raise _refuse(f"file {short_repr(name)}", "is not a plain file name; an export keeps every file at its top level")
+        if name not in manifest.files:
+            raise _refuse("files", f"has no sha256 for {short_repr(name)}; every named file must have one")
+    for name, digest in manifest.files.items():
+        if not SHA256_HEX.fullmatch(digest):
+            raise _refuse(f"files[{short_repr(name)}]", f"is {short_repr(digest)}, not a sha256 (64 hex digits)")
+
+
+def _check_positive(record: object, names: tuple[str, ...], prefix: str) -> None:
+    for name in names:
+        if getattr(record, name) < 1:
+            raise _refuse(prefix + name, f"is {getattr(record, name)}, not a positive int")
+
+
+def _check_keys(record: dict | None, keys: tuple[str, ...], path: str) -> None:
+    """The keys of a free-form record the runtime reads must be strings."""
+    for key in keys if record is not None else ():
+        if type(record.get(key)) is not str:
+            raise _refuse(f"{path}[{key!r}]", f"is {short_repr(record.get(key))}, not a string")
+
+
+def _check_weight(entry: WeightEntry, path: str) -> None:
+    if entry.dtype not in WEIGHT_DTYPES:
+        raise _refuse(f"{path}.dtype", f"is {short_repr(entry.dtype)}, not one of {', '.join(WEIGHT_DTYPES)}")
+    for name, value in (("offset", entry.offset), ("length", entry.length), *((f"shape[{i}]", d) for i, d in enumerate(entry.shape))):
+        if value < 0:
+            raise _refuse(f"{path}.{name}", f"is {value}, not a size (>= 0)")
+    expected = math.prod(entry.shape) * WEIGHT_DTYPES[entry.dtype]
+    if entry.length != expected:
+        raise _refuse(f"{path}.length", f"is {entry.length}, not {expected} bytes ({entry.dtype} of shape {entry.shape})")
+
+
+def _check_token_ids(generation: GenerationDefaults, vocab_size: int) -> None:
+    ids = {f"generation.eos_token_ids[{i}]": t for i, t in enumerate(generation.eos_token_ids)}
+    ids |= {"generation.bos_token_id": generation.bos_token_id, "generation.pad_token_id": generation.pad_token_id}
+    for path, token in ids.items():
+        if token is not None and not 0 <= token < vocab_size:
+            raise _refuse(path, f"is {token}, not a token id below vocab_size {vocab_size}")
+
+
+def _check_exits(manifest: Manifest) -> None:
+    """Exits ascend and the last is the full model; each has one cache slot per layer, its own, and known weights."""
+    if not manifest.exits:
+        raise _refuse("exits", "is empty, not a list ending with the full model")
+    for i, entry in enumerate(manifest.exits):
+        _check_exit_depth(manifest, i)
+        _check_exit_references(manifest, entry, f"exits[{i}]")
+
+
+def _check_exit_depth(manifest: Manifest, i: int) -> None:
+    entry, path = manifest.exits[i], f"exits[{i}]"
+    last = i == len(manifest.exits) - 1
+    if i and entry.exit <= manifest.exits[i - 1].exit:
+        raise _refuse(f"{path}.exit", f"is {entry.exit}, not above the exit before it ({manifest.exits[i - 1].exit})")
+    if not (entry.exit == manifest.num_layers if last else 1 <= entry.exit < manifest.num_layers):
+        wanted = f"num_layers ({manifest.num_layers}), the full model" if last else f"between 1 and {manifest.num_layers - 1}"
+        raise _refuse(f"{path}.exit", f"is {entry.exit}, not {wanted}")
+    layers = manifest.num_layers if last else entry.exit + 1  # an exit graph runs its balcony as one more layer
+    if entry.num_layers != layers:
+        raise _refuse(f"{path}.num_layers", f"is {entry.num_layers}, not {layers} for exit {entry.exit}")
+    if len(entry.cache_slots) != layers:
+        raise _refuse(f"{path}.cache_slots", f"has {len(entry.cache_slots)} slots, not one per layer ({layers})")
+
+
+def _check_exit_references(manifest: Manifest, entry: ExitGraph, path: str) -> None:
+    for j, slot in enumerate(entry.cache_slots):
+        if not 0 <= slot < len(manifest.cache_slots):
+            raise _refuse(f"{path}.cache_slots[{j}]", f"is {slot}, not an index into cache_slots (0..{len(manifest.cache_slots) - 1})")
+    for j, name in enumerate(entry.weights):
+        if name not in manifest.weights:
+            raise _refuse(f"{path}.weights[{j}]", f"is {short_repr(name)}, not a key of weights")
+    if entry.weight_bytes_per_token < 0:
+        raise _refuse(f"{path}.weight_bytes_per_token", f"is {entry.weight_bytes_per_token}, not a size (>= 0)")
+    if entry.quality is not None and not 0 <= entry.quality <= 1:
+        raise _refuse(f"{path}.quality", f"is {entry.quality}, not between 0 and 1")
 
 
 def checksum_failures(folder: Path | str, manifest: Manifest) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,10 +21,16 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise BalconyError(f"{name.replace('_', '-')} {value!r} is not a finite number; give one such as 0.7")
+        for name in ("top_k", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise BalconyError(f"{name.replace('_', '-')} {value!r} must be a whole number, 0 or more")
         if self.temperature < 0:
             raise BalconyError(f"temperature {self.temperature} is negative; use 0 for greedy or a positive value")
-        if self.top_k < 0:
-            raise BalconyError(f"top-k {self.top_k} is negative; use 0 for no limit")
         if not 0 < self.top_p <= 1:
             raise BalconyError(f"top-p {self.top_p} is outside (0, 1]; use 1 for no limit")
         if self.repetition_penalty <= 0:

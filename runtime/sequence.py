@@ -79,8 +79,7 @@ class Sequence:
 
     def append(self, token_id: int) -> None:
         """Feed one token (computed lazily, at the exit of the next `logits` call)."""
-        if not 0 <= token_id < self.manifest.vocab_size:
-            raise BalconyError(f"token id {token_id} is outside the vocabulary (0 to {self.manifest.vocab_size - 1})")
+        self._check_ids([token_id])
         if len(self.tokens) >= self.context_length:
             if not self.sliding_window:
                 raise ContextFullError(
@@ -91,8 +90,24 @@ class Sequence:
         self.tokens.append(int(token_id))
 
     def extend(self, token_ids) -> None:
+        """Feed several tokens; all or none: ids outside the vocabulary, or more than fit, change nothing."""
+        token_ids = list(token_ids)
+        self._check_ids(token_ids)
+        room = self.context_length - (0 if self.sliding_window else len(self.tokens))
+        if len(token_ids) > room:
+            used = "" if self.sliding_window else f" ({len(self.tokens)} already used)"
+            raise ContextFullError(
+                f"{len(token_ids)} new tokens do not fit in the context of {self.context_length} tokens{used}; "
+                "shorten the prompt or start a new conversation (/reset)"
+            )
         for token_id in token_ids:
             self.append(token_id)
+
+    def _check_ids(self, token_ids: list[int]) -> None:
+        vocab = self.manifest.vocab_size
+        for token_id in token_ids:
+            if not 0 <= token_id < vocab:
+                raise BalconyError(f"token id {token_id} is outside the vocabulary (0 to {vocab - 1}); feed ids of this model's tokenizer")
 
     def _slide(self) -> None:
         """Keep the newest half of the context; positions restart at 0, so the cache is rebuilt on the next call."""

@@ -25,6 +25,10 @@ class SessionSettings:
     trt_cache: str | None = None  # folder for TensorRT engine and timing caches
     prepack: bool | None = None  # CPU MatMul weight prepacking; None: `default_prepack` of the export's precision
 
+    def __post_init__(self) -> None:
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise BalconyError(f"threads {self.threads!r} must be a whole number, at least 1 (or None for all cores)")
+
 
 def default_prepack(manifest: Manifest) -> bool:
     """Whether CPU sessions prepack MatMul weights unless told: yes for quantised exports, no for float ones.
@@ -32,7 +36,7 @@ def default_prepack(manifest: Manifest) -> bool:
     onnxruntime prepacks per session, also weights lent through add_initializer, and this Python API offers no
     container to share the packed copies; so in float every exit's session would hold its own copy of the
     backbone layers it runs (fp32 SmolLM2, four sessions: about 2.1 GB instead of the 0.6 GB mapped file). Float
-    MatMul runs about 15% slower unpacked; MatMulNBits is unusable unpacked (int4: 20x slower). See docs/bench.md.
+    MatMul runs about 15% slower unpacked; MatMulNBits is unusable unpacked (int4: 20x slower). See README.md, "Prepacking".
     """
     return manifest.quantization is not None
 
@@ -46,7 +50,10 @@ def resolve_providers(requested: list[str] | tuple[str, ...] | None) -> tuple[st
         raise BalconyError(f"provider {unknown[0]!r} is unknown; choose from tensorrt, cuda, cpu")
     usable = tuple(p for p in names if p in available)
     if not usable:
-        raise BalconyError(f"none of the providers {', '.join(names)} is in this onnxruntime (it has {', '.join(sorted(available))})")
+        raise BalconyError(
+            f"none of the providers {', '.join(names)} is in this onnxruntime (it has {', '.join(sorted(available))}); "
+            "ask for one of those (cpu always works) or install onnxruntime-gpu for cuda and tensorrt"
+        )
     return usable
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import time
-from dataclasses import fields
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 
+from ..atomic import atomic_path
 from ..errors import TelemetryError
-from .signals import Signals
+from .signals import Signals, python_warning
 
 HEADLINE = {f.name for f in fields(Signals)} - {"extra"}
 
@@ -27,14 +31,22 @@ TELEMETRY_FIELDS = (
 
 
 class TelemetryWriter:
-    """Writes one JSON line per token to `path` and flushes it, so a crash or a tail -f sees every token."""
+    """One JSON line per token, written as it goes (a crash or a tail -f sees every token); a failed write ends the telemetry, not the generation."""
 
-    def __init__(self, path: str | Path, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.monotonic,
+                 on_warning: Callable[[str], None] | None = None):
+        """Open path now, so that one that cannot be written is refused before generation; on_warning: default Python's warnings."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.warnings: list[str] = []
+        self._on_warning = on_warning or python_warning
+        # A raw descriptor, nothing buffered: after a failed write the file can be cut back to its last whole line.
+        # An existing file is emptied only by the first line: a run that fails before its first token keeps it.
+        self._created = not self.path.exists()
+        self._fd: int | None = _open_for_writing(self.path)
+        self._lines = 0
+        self._bytes = 0  # where the last whole line ends
         self._clock = clock
         self._start = clock()
-        self._file = self.path.open("w", encoding="utf-8")
 
     def write(
         self,
@@ -47,7 +59,7 @@ class TelemetryWriter:
         signals: Signals | dict | None = None,
         reason: str = "",
     ) -> dict:
-        """Append one token's record (latency in ms) and return it."""
+        """Append one token's record (latency in ms) and return it; after a failed write, only return it."""
         readings = signals.to_dict() if isinstance(signals, Signals) else dict(signals or {})
         record = {
             "t_s": round(self._clock() - self._start, 6),
@@ -60,19 +72,70 @@ class TelemetryWriter:
             "signals": readings,
             "reason": reason,
         }
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        if self._fd is not None:
+            self._append((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         return record
 
+    def _append(self, line: bytes) -> None:
+        try:
+            if self._lines == 0:
+                os.ftruncate(self._fd, 0)  # type: ignore[arg-type]
+            # A line is a few hundred bytes: a regular file takes all of it, or only a part when the disk fills up.
+            if os.write(self._fd, line) < len(line):  # type: ignore[arg-type]
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:
+            self._stop(error)
+        else:
+            self._lines += 1
+            self._bytes += len(line)
+
+    def _stop(self, error: OSError) -> None:
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):  # a device or pipe cannot be cut back, and a full disk may refuse: best effort
+            os.ftruncate(fd, self._bytes)  # type: ignore[arg-type]
+        with contextlib.suppress(OSError):
+            os.close(fd)  # type: ignore[arg-type]
+        self._warn(error)
+
+    def _warn(self, error: OSError) -> None:
+        message = (f"cannot write telemetry to {self.path} ({error.strerror or error}): it stops after {self._lines} tokens, "
+                   "which are kept; free disk space or give another --telemetry path")
+        self.warnings.append(message)
+        self._on_warning(message)
+
     def close(self) -> None:
-        """Close the file."""
-        self._file.close()
+        """Close the file; a failure to (a network disk reporting a lost write) is reported like a failed write."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.close(fd)
+        except OSError as error:
+            self._warn(error)
+        if self._lines == 0 and self._created:  # nothing was generated: leave no empty file that looks like a run
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
     def __enter__(self) -> TelemetryWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_for_writing(path: Path) -> int:
+    """A descriptor of path (not emptied yet), its folders made; TelemetryError naming the path and the fix when it cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    except OSError as error:
+        if path.is_dir():
+            problem = f"it is a folder; give a file in it such as {path / 'telemetry.jsonl'}"
+        elif isinstance(error, (FileExistsError, NotADirectoryError)):
+            problem = "part of its folder path is a file; give a path whose folders are folders (or do not exist yet)"
+        else:
+            problem = f"{error.strerror}; give a file in a folder you can write"
+        raise TelemetryError(f"cannot write telemetry to {path}: {problem} (--telemetry)") from None
 
 
 def read_telemetry(path: str | Path) -> list[dict]:
@@ -139,5 +202,6 @@ def plot_telemetry(records: Sequence[dict], out_png: str | Path) -> Path:
     axes[-1].set_xlabel("token")
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=100)
+    with atomic_path(out_png) as partial:
+        figure.savefig(partial, dpi=100)
     return out_png

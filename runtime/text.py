@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import jinja2
@@ -10,6 +11,34 @@ from tokenizers import Tokenizer
 
 from ..errors import BalconyError
 from .manifest import Manifest
+
+
+ALLOWED_CONTROL_CHARACTERS = "\t\n\r"
+
+
+class PromptError(BalconyError):
+    """A prompt is empty, not text, or holds characters no tokenizer should see."""
+
+
+def check_prompt_text(text: object) -> str:
+    """The prompt itself if it is non-empty valid text: no undecodable bytes, no control characters but tab and newlines."""
+    if not isinstance(text, str):
+        raise PromptError(f"the prompt is a {type(text).__name__}, not text; pass a str (decode bytes as UTF-8 first)")
+    if not text.strip():
+        raise PromptError("the prompt is empty; type some text")
+    for index, char in enumerate(text):
+        if "\udc80" <= char <= "\udcff":  # how Python carries a byte that is not UTF-8 (surrogateescape)
+            raise PromptError(
+                f"the prompt is not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02x} at character {index}); pass UTF-8 text"
+            )
+        if "\ud800" <= char <= "\udfff":
+            raise PromptError(f"the prompt holds a lone surrogate U+{ord(char):04X} at character {index}; pass valid Unicode text")
+        if unicodedata.category(char) == "Cc" and char not in ALLOWED_CONTROL_CHARACTERS:
+            raise PromptError(
+                f"the prompt holds control character U+{ord(char):04X} at character {index}; remove it "
+                "(tab and newlines are fine)"
+            )
+    return text
 
 
 class TextCodec:
@@ -43,12 +72,24 @@ class TextCodec:
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template (plain concatenation without one)."""
+        check_messages(messages)
         if self.template is None:
             return self.encode("\n".join(m["content"] for m in messages))
         text = self.template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token, eos_token=self.eos_token
         )
         return self.encode(text)
+
+
+def check_messages(messages: object) -> None:
+    """Refuse a conversation that is not a non-empty list of {role, content} dicts with valid text."""
+    if not isinstance(messages, list) or not messages:
+        raise PromptError("the conversation is empty; give a list of messages such as [{'role': 'user', 'content': 'Hi'}]")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise PromptError(f"message {index} is not a dict with a role and a text content; give {{'role': 'user', 'content': '...'}}")
+        if message["role"] != "assistant":  # the model's own answers are taken as it wrote them
+            check_prompt_text(message["content"])
 
 
 def _raise_template_error(message: str):

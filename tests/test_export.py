@@ -197,7 +197,7 @@ def test_report_records_the_verification(tiny_export):
 
 def test_inspect_passes_a_clean_export_and_fails_a_corrupted_byte(tiny_export, tmp_path, capsys, monkeypatch):
     code, output = run_cli(["inspect", tiny_export], capsys, monkeypatch)
-    assert code == 0 and "checksums OK" in output and "CPUExecutionProvider" in output
+    assert code == 0 and "checks OK" in output and "CPUExecutionProvider" in output
     assert "CPUExecutionProvider" in inspect_export(tiny_export).providers
 
     copy = tmp_path / "copy"

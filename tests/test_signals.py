@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import textwrap
+import threading
+import time
 import types
 from collections import namedtuple
 from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from balcony_edge.errors import SignalError
 from balcony_edge.runtime import signals as signals_module
 from balcony_edge.runtime.signals import (
+    VALID_RANGES,
     FixedSource,
     JtopSource,
     NvmlSource,
@@ -162,7 +169,9 @@ def test_jtop_and_nvml_without_their_packages_fail_once_in_the_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "jtop", None)  # import fails as if jetson-stats were not installed
     monkeypatch.setitem(sys.modules, "pynvml", None)
     hub = SignalHub([JtopSource(), NvmlSource(), FixedSource(temperature_degc=40)])
-    assert hub.read().temperature_degc == 40.0
+    with pytest.warns(RuntimeWarning) as caught:  # no on_warning: Python's warnings
+        assert hub.read().temperature_degc == 40.0
+    assert [str(warning.message) for warning in caught] == hub.warnings
     assert hub.read().temperature_degc == 40.0
     assert len(hub.warnings) == 2
     assert "jetson-stats is not installed" in hub.warnings[0]
@@ -331,3 +340,260 @@ def test_signals_controller_and_telemetry_import_without_torch():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _Hanging:
+    """A live source whose read blocks until released, like a driver stuck on a dead i2c bus."""
+
+    name = "stuck"
+    live = True
+
+    def __init__(self):
+        self.release, self.closed = threading.Event(), threading.Event()
+        self.calls = 0
+
+    def read(self, token_index=None):
+        self.calls += 1
+        self.release.wait()
+        return Signals(temperature_degc=99.0)
+
+    def close(self):
+        self.closed.set()
+
+
+def test_a_hanging_source_is_dropped_after_the_timeout_and_generation_goes_on():
+    seen = []
+    stuck = _Hanging()
+    hub = SignalHub([stuck, FixedSource(battery_percent=70)], min_interval_s=0, read_timeout_s=0.2, on_warning=seen.append)
+    try:
+        started = time.monotonic()
+        assert hub.read(0) == Signals(battery_percent=70.0)
+        assert 0.19 <= time.monotonic() - started < 1.0
+        started = time.monotonic()
+        assert [hub.read(t) for t in range(1, 21)] == [Signals(battery_percent=70.0)] * 20
+        assert time.monotonic() - started < 0.1  # the stuck source is not waited for again
+        assert stuck.calls == 1
+        assert seen == hub.warnings == ["signal source stuck did not answer within 0.2 s and is skipped from now on"]
+        assert [source.name for source in hub.sources] == ["fixed"]
+    finally:
+        stuck.release.set()
+    assert stuck.closed.wait(timeout=5)  # closed once its read has come back, on its own thread
+
+
+def test_several_hanging_sources_cost_one_timeout_together():
+    first, second = _Hanging(), _Hanging()
+    second.name = "stuck too"
+    hub = SignalHub([first, second, FixedSource(temperature_degc=45)], read_timeout_s=0.4, on_warning=lambda text: None)
+    try:
+        started = time.monotonic()
+        assert hub.read() == Signals(temperature_degc=45.0)
+        assert time.monotonic() - started < 0.75  # both asked at once: one 0.4 s wait, not two
+        assert len(hub.warnings) == 2
+    finally:
+        first.release.set()
+        second.release.set()
+
+
+def test_a_hanging_source_does_not_keep_the_program_from_exiting():
+    code = textwrap.dedent("""
+        import threading
+        from balcony_edge.runtime.signals import SignalHub
+
+        class Stuck:
+            name, live = "stuck", True
+            def read(self, token_index=None):
+                threading.Event().wait()
+            def close(self):
+                threading.Event().wait()
+
+        with SignalHub([Stuck()], read_timeout_s=0.1, on_warning=print) as hub:
+            print(hub.read())
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["signal source stuck did not answer within 0.1 s and is skipped from now on",
+                                        repr(Signals())]
+
+
+class _Fast:
+    name = "fast"
+    live = True
+
+    def read(self, token_index=None):
+        return Signals(temperature_degc=50.0, power_mw=5000.0, extra={"VDD_SOC_mw": 1400.0})
+
+
+def test_an_answering_live_source_costs_well_under_a_millisecond_per_read():
+    hub = SignalHub([_Fast()], min_interval_s=0, on_warning=pytest.fail)  # a hand-over to its thread on every read
+    hub.read()
+    started = time.perf_counter()
+    readings = [hub.read(t) for t in range(500)]
+    assert (time.perf_counter() - started) / 500 < 2e-3  # about 0.05 ms on a laptop core
+    assert readings[-1] == _Fast().read()
+
+
+def test_read_timeout_must_be_positive():
+    with pytest.raises(SignalError, match=r"read_timeout_s 0 is not positive; give the seconds a read may take"):
+        SignalHub([], read_timeout_s=0)
+
+
+class _Returning:
+    """A source that returns whatever it is given."""
+
+    name = "odd"
+
+    def __init__(self, value, live: bool = True):
+        self.value, self.live, self.calls = value, live, 0
+
+    def read(self, token_index=None):
+        self.calls += 1
+        return self.value
+
+
+GOOD = {"temperature_degc": 55.0, "gpu_temperature_degc": 50.0, "battery_percent": 60.0, "on_battery": True, "power_mw": 4000.0,
+        "gpu_power_mw": 1500.0}
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("battery_percent", -5.0, "outside 0..100 %"),
+    ("battery_percent", 250.0, "outside 0..100 %"),
+    ("temperature_degc", 500.0, "outside -40..150 degC"),
+    ("temperature_degc", -300.0, "outside -40..150 degC"),
+    ("gpu_temperature_degc", math.nan, "not finite"),
+    ("power_mw", math.inf, "not finite"),
+    ("power_mw", -1200.0, "outside 0..2e+06 mW"),
+    ("gpu_power_mw", 1e9, "outside 0..2e+06 mW"),
+    ("on_battery", "yes", "not true or false"),
+    ("on_battery", 1, "not true or false"),
+    ("battery_percent", "80", "not a number"),
+    ("temperature_degc", True, "not a number"),
+])
+def test_nonsense_battery_and_temperature_are_ignored_with_one_warning(key, value, why):
+    seen = []
+    source = _Returning(Signals(**{**GOOD, key: value}))
+    hub = SignalHub([source], min_interval_s=0, on_warning=seen.append)
+    readings = [hub.read(t) for t in range(5)]
+    assert readings == [Signals(**{k: v for k, v in GOOD.items() if k != key})] * 5  # the rest of the reading is kept
+    assert source.calls == 5 and hub.sources == [source]
+    assert seen == hub.warnings == [
+        f"signal source odd gave {key}={value!r}, {why}; that field of it is ignored from now on (check the sensor)"]
+
+
+def test_nonsense_per_zone_and_per_rail_readings_are_ignored_by_their_unit():
+    extra = {"tj_degc": -256.0, "cpu_degc": 58.0, "VDD_IN_mw": -5.0, "VDD_SOC_mw": 1400.0, "fan_rpm": math.nan, "fan_pwm": 120.0}
+    hub = SignalHub([_Returning(Signals(temperature_degc=58.0, extra=extra))], on_warning=lambda text: None)
+    assert hub.read() == Signals(temperature_degc=58.0, extra={"cpu_degc": 58.0, "VDD_SOC_mw": 1400.0, "fan_pwm": 120.0})
+    assert [warning.split(",")[0] for warning in hub.warnings] == [
+        "signal source odd gave tj_degc=-256.0", "signal source odd gave VDD_IN_mw=-5.0", "signal source odd gave fan_rpm=nan"]
+
+
+def test_each_source_and_field_is_warned_about_once():
+    first, second = _Returning(Signals(battery_percent=101.0)), _Returning(Signals(battery_percent=-1.0), live=False)
+    second.name = "other"
+    hub = SignalHub([first, second, FixedSource(temperature_degc=40)], min_interval_s=0, on_warning=lambda text: None)
+    for percent in (101.0, 180.0, 1e6):
+        first.value = Signals(battery_percent=percent)  # a different bad value of the same field: no new warning
+        assert hub.read() == Signals(temperature_degc=40.0)
+    first.value = Signals(battery_percent=42.0)  # the sensor recovers: its readings count again
+    assert hub.read().battery_percent == 42.0
+    assert [warning.split(",")[0] for warning in hub.warnings] == [
+        "signal source odd gave battery_percent=101.0", "signal source other gave battery_percent=-1.0"]
+
+
+READINGS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(headline=st.fixed_dictionaries({key: READINGS for key in GOOD}),
+       extra=st.dictionaries(st.sampled_from(["tj_degc", "VDD_IN_mw", "level_percent", "fan_rpm"]), READINGS, max_size=4))
+def test_whatever_a_source_returns_the_hub_passes_on_only_possible_readings(headline, extra):
+    seen = []
+    hub = SignalHub([_Returning(Signals(**headline, extra=extra), live=False)], on_warning=seen.append)
+    reading = hub.read()
+    assert hub.read() == reading and len(seen) == len(set(seen))  # the same nonsense is not reported twice
+    given_fields = [value for value in (*headline.values(), *extra.values()) if value is not None]
+    assert len(reading.to_dict()) + len(seen) == len(given_fields)  # every field is either passed on or reported
+    for key, value in reading.to_dict().items():
+        if key == "on_battery":
+            assert isinstance(value, bool)
+            continue
+        assert type(value) is float and math.isfinite(value)
+        for unit, ((low, high), _) in VALID_RANGES.items():
+            assert low <= value <= high or not key.endswith(unit)
+
+
+@pytest.mark.parametrize("value", [{"temperature_degc": 50}, None, 55.0, "temperature_degc=50"])
+def test_a_source_returning_something_other_than_signals_is_dropped_with_one_warning(value):
+    odd = _Returning(value)
+    hub = SignalHub([odd, FixedSource(temperature_degc=40)], min_interval_s=0, on_warning=lambda text: None)
+    assert [hub.read(t) for t in range(3)] == [Signals(temperature_degc=40.0)] * 3
+    assert odd.calls == 1
+    assert hub.warnings == [f"signal source odd gave a {type(value).__name__} instead of Signals and is skipped from now on"]
+
+
+class _FailingToClose(_Fast):
+    name = "nvml:0"
+
+    def __init__(self):
+        self.close_calls = 0
+
+    def close(self):
+        self.close_calls += 1
+        raise RuntimeError("NVML_ERROR_UNINITIALIZED")
+
+
+def test_a_source_whose_close_raises_is_reported_once_when_the_hub_closes():
+    source = _FailingToClose()
+    with SignalHub([source], on_warning=lambda text: None) as hub:
+        assert hub.read().temperature_degc == 50.0
+    assert source.close_calls == 1
+    assert hub.warnings == ["signal source nvml:0 failed while closing and is dropped: RuntimeError: NVML_ERROR_UNINITIALIZED"]
+    assert hub.sources == [] and hub.read() == Signals()
+    hub.close()  # closing twice closes nothing twice
+    assert source.close_calls == 1
+
+
+def test_a_failing_source_whose_close_also_raises_is_reported_once():
+    class Broken(_FailingToClose):
+        name = "broken"
+
+        def read(self, token_index=None):
+            raise OSError("Input/output error")
+
+    broken = Broken()
+    with SignalHub([broken, FixedSource(temperature_degc=40)], min_interval_s=0, on_warning=lambda text: None) as hub:
+        assert [hub.read().temperature_degc for _ in range(3)] == [40.0] * 3
+    deadline = time.monotonic() + 5
+    while broken.close_calls == 0 and time.monotonic() < deadline:  # closed on its own thread, nobody waits
+        time.sleep(0.01)
+    assert broken.close_calls == 1
+    assert hub.warnings == ["signal source broken failed and is skipped from now on: OSError: Input/output error"]
+
+
+def test_a_source_whose_close_hangs_does_not_hold_up_closing_the_hub():
+    stuck = _Hanging()
+    stuck.read = lambda token_index=None: Signals(temperature_degc=61.0)
+    stuck.close = stuck.release.wait
+    hub = SignalHub([stuck], read_timeout_s=0.2, on_warning=lambda text: None)
+    assert hub.read().temperature_degc == 61.0
+    started = time.monotonic()
+    try:
+        hub.close()
+        assert time.monotonic() - started < 1.0
+    finally:
+        stuck.release.set()
+    assert hub.warnings == ["signal source stuck did not close within 0.2 s; it is left to finish in the background"]
+
+
+def test_default_sources_leave_out_a_source_that_hangs_while_probed(tmp_path, monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(signals_module.PsutilSource, "read", lambda self, token_index=None: release.wait())
+    monkeypatch.setattr(signals_module.JtopSource, "available", staticmethod(lambda: False))
+    monkeypatch.setattr(signals_module.NvmlSource, "available", staticmethod(lambda: False))
+    started = time.monotonic()
+    try:
+        found = default_sources(jetson_orin_tree(tmp_path), timeout_s=0.3)
+        assert time.monotonic() - started < 1.5
+    finally:
+        release.set()
+    assert [source.name for source in found] == ["sysfs"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 
 import pytest
 
 from balcony_edge.errors import TelemetryError
+from balcony_edge.runtime import telemetry as telemetry_module
 from balcony_edge.runtime.signals import Signals
 from balcony_edge.runtime.telemetry import TELEMETRY_FIELDS, TelemetryWriter, plot_telemetry, read_telemetry
 
@@ -70,3 +73,87 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(TelemetryError, match="needs matplotlib; pip install matplotlib"):
         plot_telemetry([{"token_index": 0, "exit": 8, "latency_ms": 1.0}], tmp_path / "x.png")
+
+
+def _token(writer: TelemetryWriter, t: int) -> dict:
+    return writer.write(token_index=t, token_id=100 + t, token_text=f" w{t}", exit=16, latency_ms=20.0, reason="fixed budget 16")
+
+
+def test_a_telemetry_path_inside_a_file_is_refused_before_generation_with_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    for path in (tmp_path / "notes.txt" / "telemetry.jsonl", tmp_path / "notes.txt" / "run" / "telemetry.jsonl"):
+        with pytest.raises(TelemetryError) as caught:
+            TelemetryWriter(path)
+        assert str(caught.value) == (f"cannot write telemetry to {path}: part of its folder path is a file; "
+                                     "give a path whose folders are folders (or do not exist yet) (--telemetry)")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_a_telemetry_path_that_is_a_folder_is_refused_naming_a_file_to_give(tmp_path):
+    (tmp_path / "runs" / "old.jsonl").parent.mkdir()
+    (tmp_path / "runs" / "old.jsonl").write_text("{}\n")
+    with pytest.raises(TelemetryError) as caught:
+        TelemetryWriter(tmp_path / "runs")
+    assert str(caught.value) == (f"cannot write telemetry to {tmp_path / 'runs'}: it is a folder; give a file in it such as "
+                                 f"{tmp_path / 'runs' / 'telemetry.jsonl'} (--telemetry)")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["old.jsonl"]
+
+
+def test_a_telemetry_path_in_a_read_only_folder_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    path = folder / "telemetry.jsonl"
+    if os.access(folder, os.W_OK):  # root writes anyway: give the answer any other user gets
+        real_open = os.open
+
+        def refusing_open(target, *args, **kwargs):
+            if os.fspath(target) == str(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(target, *args, **kwargs)
+
+        monkeypatch.setattr(telemetry_module.os, "open", refusing_open)
+    try:
+        with pytest.raises(TelemetryError) as caught:
+            TelemetryWriter(path)
+    finally:
+        folder.chmod(0o755)
+    assert str(caught.value) == (f"cannot write telemetry to {path}: Permission denied; "
+                                 "give a file in a folder you can write (--telemetry)")
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("kept_of_the_failing_line", [0, 25])
+def test_a_full_disk_stops_telemetry_with_one_warning_and_keeps_the_lines_written(tmp_path, monkeypatch, kept_of_the_failing_line):
+    path = tmp_path / "telemetry.jsonl"
+    seen = []
+    writer = TelemetryWriter(path, on_warning=seen.append)
+    written = [_token(writer, t) for t in range(3)]
+    real_write, attempts = os.write, []
+
+    def full_disk(fd, data):  # the disk fills up during the fourth line: part of it (or none) lands, then ENOSPC
+        attempts.append(data)
+        if len(attempts) == 1 and kept_of_the_failing_line:
+            return real_write(fd, data[:kept_of_the_failing_line])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(telemetry_module.os, "write", full_disk)
+    records = [_token(writer, t) for t in range(3, 10)]  # generation goes on: no exception
+    writer.close()
+    assert [r["token_index"] for r in records] == list(range(3, 10))
+    assert len(attempts) == 1  # stopped writing after the failure
+    assert read_telemetry(path) == written  # whole lines only: the part of the fourth line was cut away
+    assert seen == writer.warnings == [(f"cannot write telemetry to {path} (No space left on device): it stops after 3 tokens, "
+                                        "which are kept; free disk space or give another --telemetry path")]
+
+
+def test_a_failed_telemetry_write_warns_through_python_warnings_by_default(tmp_path, monkeypatch):
+    def broken_disk(fd, data):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    path = tmp_path / "telemetry.jsonl"
+    with TelemetryWriter(path) as writer:
+        monkeypatch.setattr(telemetry_module.os, "write", broken_disk)
+        with pytest.warns(RuntimeWarning, match=r"cannot write telemetry to .*telemetry.jsonl \(Input/output error\): it stops after 0 tokens"):
+            _token(writer, 0)
+    assert path.read_text() == ""

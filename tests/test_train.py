@@ -1,6 +1,7 @@
 """Training: the loss falls, --resume continues exactly, two gloo ranks equal one process, budgets hold."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def test_loss_decreases_on_a_tiny_model(peaked_base_dir, text_dir, tmp_path):
     summary = train(config)
     history = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())["training"]
     assert summary["steps"] == 30 and history["tokens_seen"] == 30 * 4 * 32
-    trainer_state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=False)
+    trainer_state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
     kls = [sum(entry["kl"].values()) for entry in trainer_state["kl_history"]]
     assert sum(kls[-5:]) / 5 < 0.7 * sum(kls[:5]) / 5
 
@@ -45,7 +46,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(peaked_base_dir, tex
     monkeypatch.setattr(Trainer, "train_step", crash_at_step_six)
     with pytest.raises(KeyboardInterrupt):
         train(_config(peaked_base_dir, text_dir, tmp_path / "split"))
-    assert torch.load(tmp_path / "split" / STATE_FILE, weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "split" / STATE_FILE, weights_only=True)["step"] == 4
     monkeypatch.setattr(Trainer, "train_step", real_step)
     train(_config(peaked_base_dir, text_dir, tmp_path / "split"), resume=True)
     a = load_file(tmp_path / "whole" / WEIGHTS_FILE)
@@ -53,8 +54,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(peaked_base_dir, tex
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    history_a = torch.load(tmp_path / "whole" / STATE_FILE, weights_only=False)["kl_history"]
-    history_b = torch.load(tmp_path / "split" / STATE_FILE, weights_only=False)["kl_history"]
+    history_a = torch.load(tmp_path / "whole" / STATE_FILE, weights_only=True)["kl_history"]
+    history_b = torch.load(tmp_path / "split" / STATE_FILE, weights_only=True)["kl_history"]
     assert history_a == history_b
     assert whole["steps"] == 8
 
@@ -80,6 +81,74 @@ def test_max_minutes_stops_and_leaves_a_resumable_checkpoint(peaked_base_dir, te
 def test_batch_must_split_into_micro_batches(peaked_base_dir, text_dir, tmp_path):
     with pytest.raises(BalconyError, match="multiple of --micro-batch-size"):
         Trainer(_config(peaked_base_dir, text_dir, tmp_path / "run", batch_size=3))
+
+
+def _bare_config(**overrides) -> TrainConfig:
+    return TrainConfig(exits=(1, 3), out="run", **overrides)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("seq_len", 0, "--seq-len must be an integer of at least 1, not 0"),
+        ("seq_len", 32.0, "--seq-len must be an integer of at least 1, not 32.0"),
+        ("batch_size", -4, "--batch-size must be an integer of at least 1, not -4"),
+        ("micro_batch_size", 0, "--micro-batch-size must be an integer of at least 1, not 0"),
+        ("lr", 0, "--lr must be a positive finite number, not 0"),
+        ("lr", -1e-3, "--lr must be a positive finite number, not -0.001"),
+        ("lr", float("nan"), "--lr must be a positive finite number, not nan"),
+        ("lr", float("inf"), "--lr must be a positive finite number, not inf"),
+        ("lr", "3e-3", "--lr must be a positive finite number, not '3e-3'"),
+        ("min_lr_ratio", 1.5, "--min-lr-ratio must be a number from 0 to 1, not 1.5"),
+        ("min_lr_ratio", -0.1, "--min-lr-ratio must be a number from 0 to 1, not -0.1"),
+        ("warmup_fraction", 2, "--warmup-fraction must be a number from 0 to 1, not 2"),
+        ("warmup_fraction", float("nan"), "--warmup-fraction must be a number from 0 to 1, not nan"),
+        ("weight_decay", -0.01, "--weight-decay must be zero or a positive finite number, not -0.01"),
+        ("grad_clip", 0, "--grad-clip must be a positive finite number, not 0"),
+        ("epochs", -1, "--epochs must be a positive finite number, not -1"),
+        ("epochs", 0.0, "--epochs must be a positive finite number, not 0.0"),
+        ("max_tokens", 0, "--max-tokens must be an integer of at least 1, not 0"),
+        ("max_minutes", 0, "--max-minutes must be a positive finite number, not 0"),
+        ("max_minutes", float("inf"), "--max-minutes must be a positive finite number, not inf"),
+        ("save_every", 0, "--save-every must be an integer of at least 1, not 0"),
+        ("seed", -1, "--seed must be an integer of at least 0, not -1"),
+        ("seed", True, "--seed must be an integer of at least 0, not True"),
+        ("threads", 0, "--threads must be an integer of at least 1, not 0"),
+        ("kl_chunk", 0, "--kl-chunk must be an integer of at least 1, not 0"),
+        ("precision", "fp8", "--precision 'fp8' is unknown; choose one of auto, bf16, fp32"),
+        ("save_dtype", "int8", "--save-dtype 'int8' is unknown; choose one of fp32, fp16, bf16"),
+        ("balcony_init", "zeros", "--balcony-init 'zeros' is unknown; choose one of last, random"),
+        ("norm_init", "none", "--norm-init 'none' is unknown; choose one of final, exit_input"),
+    ],
+)
+def test_every_bad_training_setting_is_refused_naming_its_option(field, value, message):
+    with pytest.raises(BalconyError) as refused:
+        _bare_config(**{field: value})
+    assert str(refused.value) == message
+
+
+def test_a_micro_batch_larger_than_the_batch_is_refused():
+    with pytest.raises(BalconyError) as refused:
+        _bare_config(batch_size=4, micro_batch_size=8)
+    assert str(refused.value) == "--micro-batch-size 8 is larger than --batch-size 4; give at most 4"
+
+
+def test_epochs_and_max_tokens_together_are_refused():
+    with pytest.raises(BalconyError) as refused:
+        _bare_config(epochs=2.0, max_tokens=1000)
+    assert str(refused.value) == "--epochs and --max-tokens both set; give one of them"
+
+
+def test_optional_settings_may_be_left_out():
+    config = _bare_config()
+    assert (config.epochs, config.max_tokens, config.max_minutes, config.threads) == (None, None, None, None)
+
+
+def test_epochs_set_the_schedule_and_one_epoch_is_the_default(peaked_base_dir, text_dir, tmp_path):
+    one = Trainer(_config(peaked_base_dir, text_dir, tmp_path / "one", max_tokens=None))
+    two = Trainer(_config(peaked_base_dir, text_dir, tmp_path / "two", max_tokens=None, epochs=2.0))
+    assert one.total_steps == math.ceil(len(one.blocks) / 4)
+    assert two.total_steps == math.ceil(2 * len(two.blocks) / 4)
 
 
 def test_block_order_is_a_permutation_per_epoch():

@@ -1,4 +1,4 @@
-"""`balcony-edge bench`: every speed figure of an export measured in one run, side by side (see docs/bench.md)."""
+"""`balcony-edge bench`: every speed figure of an export measured in one run, side by side (see README.md, "Benchmarks and performance")."""
 
 from __future__ import annotations
 
@@ -41,12 +41,17 @@ class BenchConfig:
     backlogs: tuple[int, ...] = BACKLOGS
     eval_file: Path | None = None
     checkpoint: Path | None = None  # for a short torch eval when no eval file is given
+    trust_modified: bool = False  # load an export whose files differ from the manifest's checksums
     say: object = field(default=print, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("new_tokens", "prompt_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise BalconyError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if self.eval_file is not None and self.checkpoint is not None:
+            raise BalconyError("--eval and --checkpoint both set: perplexity comes from one of them; give one")
+        if self.eval_file is not None and not Path(self.eval_file).is_file():
+            raise BalconyError(f"--eval {self.eval_file} does not exist; give a file written by `balcony-edge eval --json`")
 
 
 def bench_prompt(engine: Engine, length: int) -> list[int]:
@@ -83,7 +88,10 @@ def run_bench(config: BenchConfig) -> dict:
     """Measure the export; returns the JSON object `bench --json` writes."""
     say = config.say
     manifest = Manifest.load(config.export)
-    engine = Engine.load(config.export, providers=[config.provider], threads=config.threads, prepack=config.prepack)
+    engine = Engine.load(
+        config.export, providers=[config.provider], threads=config.threads, prepack=config.prepack,
+        trust_modified=config.trust_modified, warn=config.say,
+    )
     prompt = bench_prompt(engine, config.prompt_tokens)
     result = {
         "export": str(config.export),

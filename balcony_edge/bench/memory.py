@@ -73,7 +73,7 @@ def probe(folder: Path, mode: str, provider: str, threads: int | None, prepack: 
     if mode == "full":
         manifest = replace(manifest, exits=[e for e in manifest.exits if e.is_full])
     settings = SessionSettings(providers=resolve_providers([provider]), threads=threads, prepack=prepack)
-    engine = Engine(folder, manifest, settings, verify_checksums=False)
+    engine = Engine(folder, manifest, settings, verify=False)
     for exit in engine.exits:
         sequence = engine.sequence(list(range(1, 1 + WARM_TOKENS)))
         for token in range(WARM_TOKENS):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-# The targets of issue 5 (ratios): docs/bench.md says how each is measured.
+from ..atomic import atomic_path
+
+# The targets of issue 5 (ratios): README.md ("What each number means") says how each is measured.
 TARGETS = {
     "vs_floor": 0.9,  # every exit at least this fraction of its plain truncated model
     "engine_vs_bare": 0.95,
@@ -96,5 +98,6 @@ def plot_bench(result: dict, path: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{result['precision']} on {result['provider']}, threads {result['threads'] or 'default'}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=120)
     plt.close(fig)

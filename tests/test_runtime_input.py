@@ -1,0 +1,190 @@
+"""The runtime API under bad prompts and many threads: clear errors that change nothing, and no cross-talk."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+
+from balcony_edge.errors import BalconyError
+from balcony_edge.runtime import Engine, SamplingConfig
+from balcony_edge.runtime.chat import ChatSession
+from balcony_edge.runtime.sequence import ContextFullError
+from balcony_edge.runtime.signals import SignalHub, Signals
+from balcony_edge.runtime.text import PromptError
+
+PROMPTS = ["The harbour was quiet", "Write a short story about the sea", "A small model runs", "Fishing boats rocked"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_export):
+    return Engine.load(tiny_export, threads=1)
+
+
+def greedy_text(engine: Engine, prompt: str, budget: str, tokens: int = 12) -> str:
+    return "".join(t.text for t in engine.generate(prompt, tokens, budget=budget, sampling=SamplingConfig(temperature=0.0)))
+
+
+@pytest.mark.parametrize(
+    "prompt, words",
+    [
+        ("", "the prompt is empty"),
+        (" \n\t", "the prompt is empty"),
+        ("bell\x07", "control character U+0007 at character 4"),
+        ("nul\x00byte", "control character U+0000 at character 3"),
+        ("bad \udcff byte", "not valid UTF-8 (byte 0xff at character 4)"),
+        ("lone \ud800 surrogate", "lone surrogate U+D800"),
+        (b"bytes", "the prompt is a bytes, not text"),
+        ([], "the conversation is empty"),
+        ([{"role": "user"}], "message 0 is not a dict with a role and a text content"),
+        ([{"role": "user", "content": "esc \x1b"}], "control character U+001B"),
+        ([5, 10**9], "prompt token id 1000000000 is outside the vocabulary"),
+        ([-1], "prompt token id -1 is outside the vocabulary"),
+    ],
+)
+def test_bad_prompts_are_refused_before_anything_runs(engine, prompt, words):
+    sequence = engine.sequence([1, 2, 3])
+    with pytest.raises(PromptError, match=re.escape(words)):
+        next(engine.generate(prompt, 4, budget="full", sequence=sequence))
+    assert sequence.tokens == [1, 2, 3]
+
+
+def test_tabs_and_newlines_are_fine_in_prompts(engine):
+    assert greedy_text(engine, "line one\n\tline two\r\n", "full", 2)
+
+
+def test_a_prompt_longer_than_the_context_changes_nothing(engine):
+    context = engine.manifest.generation.context_length
+    sequence = engine.sequence([5, 6])
+    with pytest.raises(ContextFullError, match=f"{context} new tokens do not fit in the context of {context} tokens"):
+        next(engine.generate([7] * context, 4, budget="full", sequence=sequence))
+    assert sequence.tokens == [5, 6]
+    windowed = engine.sequence(sliding_window=True)
+    with pytest.raises(ContextFullError, match="shorten the prompt"):
+        windowed.extend([7] * (context + 1))
+    assert windowed.tokens == []
+
+
+@pytest.mark.parametrize("count", [0, -3, 2.5, True])
+def test_max_new_tokens_must_be_a_positive_whole_number(engine, count):
+    with pytest.raises(BalconyError, match="max_new_tokens"):
+        next(engine.generate("Hello", count))
+
+
+def test_interactive_chat_reports_a_bad_message_and_goes_on(engine):
+    from io import StringIO
+
+    from rich.console import Console
+
+    output = StringIO()
+    session = ChatSession(engine, "full", SamplingConfig(temperature=0.0), SignalHub([]), max_new_tokens=3,
+                          console=Console(file=output, width=200))
+    lines = iter(["bad \x1b escape", "Hello", "/quit"])
+    session.run(read_line=lambda _: next(lines))
+    text = output.getvalue()
+    assert "error: the prompt holds control character U+001B" in text
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    assert session.messages[0]["content"] == "Hello"
+
+
+def test_threads_on_one_engine_give_their_single_threaded_text(engine):
+    budgets = ["full", "1", "2", "full"]
+    expected = {(p, b): greedy_text(engine, p, b) for p, b in zip(PROMPTS, budgets)}
+    failures, runs = [], []
+    deadline = time.monotonic() + 3.0
+
+    def worker(prompt: str, budget: str) -> None:
+        count = 0
+        while time.monotonic() < deadline:
+            text = greedy_text(engine, prompt, budget)
+            if text != expected[(prompt, budget)]:
+                failures.append((prompt, budget, text))
+            count += 1
+        runs.append(count)
+
+    threads = [threading.Thread(target=worker, args=pair) for pair in zip(PROMPTS, budgets)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert failures == []
+    assert len(runs) == len(threads) and min(runs) >= 1
+
+
+class HangingSource:
+    """A sensor whose driver never answers."""
+
+    name, live = "hanging", True
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def read(self, token_index=None):
+        self.release.wait()
+        return Signals()
+
+
+class NonsenseSource:
+    """A sensor that reports an impossible battery and die temperature beside a real power reading."""
+
+    name, live = "nonsense", False
+
+    def read(self, token_index=None):
+        return Signals(battery_percent=-20.0, temperature_degc=500.0, power_mw=4000.0)
+
+
+def test_generation_goes_on_past_a_hanging_and_a_nonsense_sensor(engine):
+    warnings: list[str] = []
+    hanging = HangingSource()
+    hub = SignalHub([hanging, NonsenseSource()], on_warning=warnings.append, read_timeout_s=0.3)
+    started = time.monotonic()
+    tokens = list(engine.generate("Hello", 6, budget="auto", signals=hub, sampling=SamplingConfig(temperature=0.0)))
+    hanging.release.set()
+    assert len(tokens) == 6 and time.monotonic() - started < 10
+    assert all(t.signals == {"power_mw": 4000.0} for t in tokens)
+    assert len([w for w in warnings if "hanging" in w]) == 1
+    assert len([w for w in warnings if "battery_percent" in w]) == 1
+    assert len([w for w in warnings if "temperature_degc" in w]) == 1
+
+
+def test_an_export_whose_rewrite_was_killed_between_the_renames_still_loads(tiny_export, tmp_path):
+    import shutil
+
+    retired = tmp_path / ".export.old-killed"
+    shutil.copytree(tiny_export, retired / "export")
+    engine = Engine.load(tmp_path / "export")
+    assert engine.folder == retired / "export" and greedy_text(engine, "Hello", "full", 2)
+
+
+def chat_session(engine, sliding_window: bool, max_new_tokens: int):
+    from io import StringIO
+
+    from rich.console import Console
+
+    output = StringIO()
+    session = ChatSession(engine, "full", SamplingConfig(temperature=0.0), SignalHub([]), max_new_tokens=max_new_tokens,
+                          console=Console(file=output, width=200), sliding_window=sliding_window)
+    return session, output
+
+
+def test_a_chat_with_the_sliding_window_goes_on_past_the_context_length(engine):
+    session, output = chat_session(engine, sliding_window=True, max_new_tokens=16)
+    context = engine.manifest.generation.context_length
+    message = " ".join(["the river runs by the small city"] * 12)
+    for turn in range(10):
+        assert session.answer(f"{turn} {message}"), f"turn {turn} gave no answer"
+    assert len(engine.codec.chat_prompt(session.messages)) > 2 * context  # the conversation outgrew the window
+    assert len(session.sequence.tokens) <= context and "error" not in output.getvalue()
+
+
+def test_without_the_window_a_message_that_does_not_fit_changes_nothing(engine):
+    session, output = chat_session(engine, sliding_window=False, max_new_tokens=4)
+    session.answer("Hello")
+    before = (list(session.messages), list(session.sequence.tokens))
+    too_long = " ".join(["river"] * engine.manifest.generation.context_length)
+    with pytest.raises(ContextFullError, match="do not fit in the context"):
+        session.answer(too_long)
+    assert (session.messages, session.sequence.tokens) == before
