@@ -202,6 +202,7 @@ def _converted_gguf(gguf_path: Path) -> Path:
     say(f"dequantising {gguf_path.name} once into {target} (float32 safetensors; about a minute)")
     with _refusing_malformed(f"{gguf_path} cannot be converted", "give a GGUF made by llama.cpp's convert_hf_to_gguf.py"):
         tokenizer, model = _dequantised_gguf(gguf_path)
+
     def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

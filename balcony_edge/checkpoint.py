@@ -6,10 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import json
-import os
 import reprlib
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -16,7 +16,7 @@ except ImportError:
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from .console import console
-from .errors import BalconyError
+from .errors import BalconyError, TrainingStopped
 
 app = typer.Typer(
     add_completion=False,
@@ -176,10 +176,10 @@ def inspect(
     console.print(exits_table(folder, inspection.manifest, inspection.report))
     console.print(files_table(inspection))
     console.print(f"onnxruntime providers usable here: {', '.join(inspection.providers)}")
-    if inspection.checksum_failures:
-        name, why = next(iter(inspection.checksum_failures.items()))
+    if inspection.problems:
+        name, why = next(iter(inspection.problems.items()))
         raise ManifestError(
-            f"{len(inspection.checksum_failures)} file(s) of {folder} fail the export checks ({name}: {why}); export again"
+            f"{len(inspection.problems)} file(s) of {folder} fail the export checks ({name}: {why}); export again"
         )
     console.print("[green]checks OK[/green]")
 
@@ -324,6 +324,7 @@ def bench(
     def progress(text: str) -> None:
         console.print(f"[dim]{text}[/dim]")
 
+    # The settings are checked (BenchConfig) before the default export is made on first use, which takes minutes.
     _check_output_folder(json_out, "--json")
     _check_output_folder(plot, "--plot")
     config = BenchConfig(
@@ -351,6 +352,8 @@ def main(args: list[str] | None = None) -> None:
     """Console-script entry point: every failure the user can fix is one red line and a non-zero exit."""
     try:
         code = app(args, prog_name="balcony-edge", standalone_mode=False)
+    except TrainingStopped as err:
+        _fail(str(err), 128 + err.signal_number)
     except BalconyError as err:
         _fail(str(err), 1)
     except NoArgsIsHelpError:  # `balcony-edge` alone: typer has printed the help

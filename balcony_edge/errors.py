@@ -44,6 +44,10 @@ class TelemetryError(BalconyError):
 class TrainingStopped(BalconyError):
     """Training was stopped by a signal after saving a checkpoint that --resume continues."""
 
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number  # the CLI exits with 128 + it, as the signal itself would have
+
 
 class IntegrityError(ManifestError):
     """An export folder names a file outside itself, lacks a file, points graph data elsewhere, or differs from its checksums."""

@@ -21,12 +21,14 @@ import torch.distributed as dist
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .base_model import DEFAULT_BASE, BaseModel, load_base_model
-from .checkpoint import STATE_FILE, build_model, copy_balcony_weights, read_info, readable_folder, resume_hint, save_checkpoint
+from .atomic import readable_folder
+from .checkpoint import STATE_FILE, build_model, copy_balcony_weights, read_info, resume_hint, save_checkpoint
 from .console import console, say
 from .data import DEFAULT_CORPUS, load_corpus, pack
 from .distill import distill_backward
 from .errors import BalconyError, CheckpointError, TrainingStopped
 from .exits import parse_exits
+from .validation import is_finite_number, is_whole_number
 from .model import (
     BALCONY_INITS,
     DEFAULT_NORM_INIT,
@@ -48,18 +50,10 @@ SETTING_TYPES = (str, int, float, type(None), list, tuple)  # of the saved Train
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
-
-
 # Each numeric TrainConfig field: its rule as the error message states it, and the test of a value.
-COUNT = ("an integer of at least 1", lambda v: _is_int(v) and v >= 1)
-POSITIVE = ("a positive finite number", lambda v: _is_number(v) and v > 0)
-FRACTION = ("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1)
+COUNT = ("an integer of at least 1", lambda v: is_whole_number(v) and v >= 1)
+POSITIVE = ("a positive finite number", lambda v: is_finite_number(v) and v > 0)
+FRACTION = ("a number from 0 to 1", lambda v: is_finite_number(v) and 0 <= v <= 1)
 FIELD_RULES = {
     "seq_len": COUNT,
     "batch_size": COUNT,
@@ -67,13 +61,13 @@ FIELD_RULES = {
     "lr": POSITIVE,
     "min_lr_ratio": FRACTION,
     "warmup_fraction": FRACTION,
-    "weight_decay": ("zero or a positive finite number", lambda v: _is_number(v) and v >= 0),
+    "weight_decay": ("zero or a positive finite number", lambda v: is_finite_number(v) and v >= 0),
     "grad_clip": POSITIVE,
     "epochs": POSITIVE,
     "max_tokens": COUNT,
     "max_minutes": POSITIVE,
     "save_every": COUNT,
-    "seed": ("an integer of at least 0", lambda v: _is_int(v) and v >= 0),
+    "seed": ("an integer of at least 0", lambda v: is_whole_number(v) and v >= 0),
     "threads": COUNT,
     "kl_chunk": COUNT,
 }
@@ -439,7 +433,8 @@ class Trainer:
         if stopped_by:
             raise TrainingStopped(
                 f"training stopped by {signal.Signals(stopped_by).name} at step {self.step}/{self.total_steps}; "
-                f"checkpoint saved in {self.out}; {resume_hint(self.out)}"
+                f"checkpoint saved in {self.out}; {resume_hint(self.out)}",
+                stopped_by,
             )
         return self.summary()
 
@@ -461,8 +456,8 @@ def _load_training_state(path: Path) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - fuzzing a damaged file raises a dozen types (UnpicklingError, KeyError, ...)
         raise CheckpointError(
-            f"--resume: {path} is damaged or was not written by balcony-edge ({type(err).__name__}); "
-            "restore the file, or train again without --resume"
+            f"--resume: {path} is damaged, foreign, or from a balcony-edge before 0.2 (which pickled its RNG state) "
+            f"({type(err).__name__}); restore the file, or train again without --resume (its checkpoint still loads)"
         ) from None
     if not (
         isinstance(state, dict)

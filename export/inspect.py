@@ -29,7 +29,7 @@ class Inspection:
     manifest: Manifest
     file_bytes: dict[str, int]  # every file in the folder -> size (bytes)
     providers: list[str]  # onnxruntime providers that attach to a session on this machine
-    checksum_failures: dict[str, str]  # file -> why it fails a check of `runtime.integrity` (checksum and others)
+    problems: dict[str, str]  # file -> why it fails a check of `runtime.integrity` (checksum and others)
     report: dict | None
 
 
@@ -65,7 +65,7 @@ def inspect_export(folder: Path | str) -> Inspection:
         manifest=manifest,
         file_bytes={path.name: path.stat().st_size for path in sorted(folder.iterdir()) if path.is_file()},
         providers=usable_providers(),
-        checksum_failures=problems,
+        problems=problems,
         report=read_report(folder, problems),
     )
 
@@ -122,10 +122,10 @@ def files_table(inspection: Inspection) -> Table:
     table = Table(title="files")
     for column, justify in (("file", "left"), ("MB", "right"), ("check", "left")):
         table.add_column(column, justify=justify)
-    names = sorted(set(inspection.file_bytes) | set(inspection.manifest.files) | set(inspection.checksum_failures) | {MANIFEST_FILE})
+    names = sorted(set(inspection.file_bytes) | set(inspection.manifest.files) | set(inspection.problems) | {MANIFEST_FILE})
     for name in names:
         size = inspection.file_bytes.get(name)
-        state = "manifest" if name == MANIFEST_FILE else inspection.checksum_failures.get(name, "ok" if name in inspection.manifest.files else "not listed")
+        state = "manifest" if name == MANIFEST_FILE else inspection.problems.get(name, "ok" if name in inspection.manifest.files else "not listed")
         colour = "green" if state in ("ok", "manifest") else "red"
         table.add_row(escape(name), f"{size / 1e6:.2f}" if size is not None else "-", f"[{colour}]{escape(state)}[/{colour}]")
     return table

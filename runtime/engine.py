@@ -17,6 +17,7 @@ import onnxruntime as ort
 from ..atomic import readable_folder, write_text_atomically
 from ..errors import BalconyError
 from ..paths import cache_dir, default_export_dir
+from ..validation import is_whole_number
 from .controller import Budget, Controller, ControllerConfig, ExitProfile
 from .integrity import verify_export
 from .manifest import Manifest
@@ -111,6 +112,8 @@ class Engine:
             except Exception as err:  # a provider that cannot start is skipped, with the reason reported
                 fallbacks[provider] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         tried = "; ".join(f"{p}: {why}" for p, why in fallbacks.items())
+        if "CPUExecutionProvider" in fallbacks:  # the CPU provider always starts: the graphs themselves are at fault
+            raise BalconyError(f"onnxruntime cannot open the graphs of {self.folder} ({tried}); export again (`balcony-edge export --force`)")
         raise BalconyError(
             f"no onnxruntime provider could open {self.folder} ({tried}); use --provider cpu, or check the GPU driver and onnxruntime-gpu"
         )
@@ -176,7 +179,7 @@ class Engine:
 
     def prompt_ids(self, prompt: str | list[dict] | list[int], chat: bool = True) -> list[int]:
         """Token ids of a prompt: ids as given, a message list or a string through the chat template, or raw text."""
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if isinstance(prompt, list) and prompt and all(is_whole_number(t) for t in prompt):
             vocab = self.manifest.vocab_size
             outside = [t for t in prompt if not 0 <= t < vocab]
             if outside:
@@ -201,7 +204,7 @@ class Engine:
         chat: bool = True,
     ) -> Iterator[GeneratedToken]:
         """Stream new tokens for a prompt; the exit of each is chosen just before it is computed."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not (is_whole_number(max_new_tokens) and max_new_tokens >= 1):
             raise BalconyError(f"max_new_tokens {max_new_tokens!r} must be a whole number of tokens, at least 1")
         budget = budget if isinstance(budget, Budget) else Budget.parse(str(budget))
         controller = Controller(self._controller_profiles(budget), budget, controller_config)

@@ -17,9 +17,8 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 
 from ..errors import IntegrityError
-from .manifest import FIX, Manifest, checksum_failures
+from .manifest import FIX, MODIFIED, Manifest, checksum_failures
 
-MODIFIED = "sha256 differs"  # the phrase of checksum_failures for a changed file
 
 # The part of onnx.proto (same field numbers) through which a ModelProto reaches a TensorProto; parsing keeps
 # these fields and skips every other one. Message -> field -> (number, message name or scalar type, repeated).

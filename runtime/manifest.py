@@ -25,6 +25,7 @@ REPORT_FILE = "report.json"  # the export's verification report, beside the mani
 MAX_MANIFEST_BYTES = 64 << 20  # a real one is well under 1 MiB; a larger one is not read into memory
 FIX = "export again (`balcony-edge export --force`)"
 
+MODIFIED = "sha256 differs"  # why checksum_failures names a file that changed since the export
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 KV_DTYPES = {"fp32": "float32", "fp16": "float16"}  # manifest dtype -> numpy name of activations and KV cache
 WEIGHT_DTYPES = {"float32": 4, "float16": 2, "uint8": 1}  # numpy names the exporter writes -> bytes per element
@@ -364,5 +365,5 @@ def checksum_failures(folder: Path | str, manifest: Manifest) -> dict[str, str]:
         if not path.is_file():
             failures[name] = "missing"
         elif file_sha256(path) != expected:
-            failures[name] = "sha256 differs"
+            failures[name] = MODIFIED
     return failures

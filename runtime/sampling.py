@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import BalconyError
+from ..validation import is_finite_number, is_whole_number
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,11 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_finite_number(value):
                 raise BalconyError(f"{name.replace('_', '-')} {value!r} is not a finite number; give one such as 0.7")
         for name in ("top_k", "seed"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is not None and not (is_whole_number(value) and value >= 0):
                 raise BalconyError(f"{name.replace('_', '-')} {value!r} must be a whole number, 0 or more")
         if self.temperature < 0:
             raise BalconyError(f"temperature {self.temperature} is negative; use 0 for greedy or a positive value")

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BalconyError
+from ..validation import is_whole_number
 from .manifest import ExitGraph, Manifest
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -26,7 +27,7 @@ class SessionSettings:
     prepack: bool | None = None  # CPU MatMul weight prepacking; None: `default_prepack` of the export's precision
 
     def __post_init__(self) -> None:
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+        if self.threads is not None and not (is_whole_number(self.threads) and self.threads >= 1):
             raise BalconyError(f"threads {self.threads!r} must be a whole number, at least 1 (or None for all cores)")
 
 

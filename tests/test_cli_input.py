@@ -40,7 +40,7 @@ CHAT_CASES = [
     (["--budget", "abc"], ["budget 'abc' is not understood", "40ms"]),
     (["--budget", "-5"], ["budget '-5' is not understood"]),
     (["--budget", "0ms"], ["latency target 0 ms is not positive"]),
-    (["--budget", "99"], ["99"]),
+    (["--budget", "99"], ["budget exit 99 is not an available exit", "available exits: 1, 2, 4"]),
     (["--threads", "0"], ["'--threads'", "greater than or equal to 1"]),
     (["--threads", "two"], ["'--threads'"]),
     (["--provider", "gpu"], ["provider 'gpu' is unknown", "tensorrt, cuda, cpu"]),
@@ -167,3 +167,19 @@ def test_a_failed_chat_keeps_an_earlier_telemetry_file_and_leaves_no_new_one(tmp
         code, out, err = run_main(capsys, "chat", tmp_path / "nowhere", "--prompt", "Hello", "--telemetry", path)
         assert_one_line_error(code, out, err, "does not exist")
     assert earlier.read_text() == '{"token_index": 0}\n' and not (tmp_path / "new.jsonl").exists()
+
+
+def test_prompt_bytes_that_are_not_utf8_are_named_from_argv_and_from_stdin(tiny_export):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "balcony_edge", "chat", str(tiny_export), "--budget", "full", "--max-new-tokens", "2"]
+    one_shot = subprocess.run([*command, "--prompt", b"caf\xe9"], capture_output=True, env=env)
+    assert one_shot.returncode == 1
+    assert one_shot.stderr.decode().strip() == "error: the prompt is not valid UTF-8 (byte 0xe9 at character 3); pass UTF-8 text"
+    interactive = subprocess.run(command + ["--plain"], input=b"caf\xe9\nHello\n/quit\n", capture_output=True, env=env)
+    output = interactive.stdout.decode(errors="replace")
+    assert interactive.returncode == 0, interactive.stderr
+    assert "error: the prompt is not valid UTF-8 (byte 0xe9 at character 3)" in output and "tok/s" in output

@@ -209,7 +209,7 @@ def test_inspect_passes_a_clean_export_and_fails_a_corrupted_byte(tiny_export, t
         handle.write(bytes([byte[0] ^ 0xFF]))
     code, output = run_cli(["inspect", copy], capsys, monkeypatch)
     assert code == 1 and "weights.bin: sha256 differs" in output
-    assert inspect_export(copy).checksum_failures == {"weights.bin": "sha256 differs"}
+    assert inspect_export(copy).problems == {"weights.bin": "sha256 differs"}
 
 
 # --- precision ---------------------------------------------------------------------------------------------
@@ -373,6 +373,6 @@ def test_shipped_checkpoint_exports_with_weights_once_and_matches_torch(default_
     assert parameters <= (out / "weights.bin").stat().st_size <= 1.05 * parameters
     on_disk = sum(p.stat().st_size for p in out.iterdir())
     assert on_disk <= 1.05 * parameters
-    assert inspect_export(out).checksum_failures == {}
+    assert inspect_export(out).problems == {}
     print(f"\ndefault model export: {report['export_seconds']:.0f} s, {on_disk / 1e6:.1f} MB on disk, parameters {parameters / 1e6:.1f} MB")
     print(json.dumps(checks, indent=1))

@@ -320,7 +320,7 @@ def test_inspect_reports_the_problems_instead_of_raising(export, secret):
     (export / "tokenizer.json").symlink_to(secret)
     (export / "[red]odd.txt").write_text("a file name rich would read as markup")
     inspection = inspect_export(export)
-    assert inspection.checksum_failures == {"tokenizer.json": "a symlink out of the export folder"}
+    assert inspection.problems == {"tokenizer.json": "a symlink out of the export folder"}
     table = _rendered(files_table(inspection))
     assert "[red]odd.txt" in table and "a symlink out of the export folder" in table
 
@@ -335,7 +335,7 @@ def test_inspect_shows_the_figures_of_a_malformed_report_as_dashes(export):
     (export / "manifest.json").write_text(manifest.to_json())
 
     inspection = inspect_export(export)
-    assert inspection.checksum_failures == {} and inspection.report == report
+    assert inspection.problems == {} and inspection.report == report
     rows = [line for line in _rendered(exits_table(export, manifest, inspection.report)).splitlines() if "│" in line]
     assert [row.split("│")[1].strip() for row in rows] == ["1", "2", "full"]
     assert rows[0].split("│")[5].strip() == "-" and rows[1].split("│")[7].strip() == "32/32"

@@ -12,6 +12,7 @@ SOURCE_FOLDERS = ("balcony_edge", "export", "runtime", "scripts", "examples", "t
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 PICKLE_LOADERS = {"load", "loads", "Unpickler", "open"}
 PICKLE_CALLS = {"read_pickle", "from_pickle"}
+TORCH_LOADS = ("torch.load", "torch.serialization.load")
 
 
 def pickle_loads(source: str) -> list[str]:
@@ -21,12 +22,15 @@ def pickle_loads(source: str) -> list[str]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PICKLE_MODULES:
             found += [f"from {node.module} import {a.name}" for a in node.names if a.name in PICKLE_LOADERS]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+            # `from torch import load` would hide the calls from the check below
+            found += [f"from {node.module} import load" for a in node.names if a.name == "load"]
         elif isinstance(node, ast.Call):
             name = ast.unparse(node.func)
             parts = name.split(".")
             keywords = {k.arg: k.value for k in node.keywords}
             weights_only = keywords.get("weights_only")
-            if name.endswith("torch.load") and not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+            if name.endswith(TORCH_LOADS) and not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
                 found.append(f"{name}(...) without weights_only=True (line {node.lineno})")
             elif parts[0] in PICKLE_MODULES and parts[-1] in PICKLE_LOADERS:
                 found.append(f"{name}(...) (line {node.lineno})")
@@ -47,6 +51,10 @@ def pickle_loads(source: str) -> list[str]:
         "import shelve\nshelve.open('x')",
         "import torch\ntorch.load('x.pt')",
         "import torch\ntorch.load('x.pt', weights_only=False)",
+        "import torch\ntorch.load('x.pt', **options)",
+        "import torch\ntorch.serialization.load('x.pt')",
+        "from torch import load\nload('x.pt', weights_only=True)",
+        "from torch.serialization import load",
         "import numpy as np\nnp.load('x.npy', allow_pickle=True)",
         "import pandas as pd\npd.read_pickle('x')",
     ],

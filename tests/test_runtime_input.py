@@ -188,3 +188,18 @@ def test_without_the_window_a_message_that_does_not_fit_changes_nothing(engine):
     with pytest.raises(ContextFullError, match="do not fit in the context"):
         session.answer(too_long)
     assert (session.messages, session.sequence.tokens) == before
+
+
+def test_threads_asking_for_the_auto_budget_at_once_calibrate_once(tiny_export, tmp_path, monkeypatch):
+    monkeypatch.setenv("BALCONY_EDGE_CACHE", str(tmp_path))
+    fresh = Engine.load(tiny_export, threads=1)
+    calls, real = [], fresh.calibrate
+    monkeypatch.setattr(fresh, "calibrate", lambda: calls.append(1) or real())
+    texts: list[str] = []
+    threads = [threading.Thread(target=lambda p=p: texts.append(greedy_text(fresh, p, "auto", 4))) for p in PROMPTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(calls) == 1 and len(texts) == len(PROMPTS)
+    assert len(list((tmp_path / "calibration").glob("*.json"))) == 1
