@@ -203,3 +203,16 @@ def test_threads_asking_for_the_auto_budget_at_once_calibrate_once(tiny_export, 
         thread.join(timeout=60)
     assert len(calls) == 1 and len(texts) == len(PROMPTS)
     assert len(list((tmp_path / "calibration").glob("*.json"))) == 1
+
+
+def test_the_runtime_smoke_script_passes_on_an_export(tiny_export):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "runtime_smoke.py"
+    result = subprocess.run([sys.executable, str(script), str(tiny_export), "--provider", "cpu"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = json.loads(result.stdout)["checks"]
+    assert len(checks) == 5 and all(checks.values())
