@@ -227,7 +227,8 @@ def _default_export() -> Path:
 
 def _signal_hub(signals: Optional[str], clock: str):
     from .errors import SignalError
-    from .runtime.signals import FixedSource, SignalHub, TraceSource, default_sources
+    from .runtime.signal_hub import SignalHub, default_sources
+    from .runtime.signals import FixedSource, TraceSource
 
     is_trace = signals is not None and (signals.endswith(".jsonl") or Path(signals).is_file())
     if clock != "time" and not is_trace:

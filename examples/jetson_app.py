@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from balcony_edge.runtime import Engine
-from balcony_edge.runtime.signals import Signals, SignalHub, default_sources
+from balcony_edge.runtime.signal_hub import SignalHub, default_sources
+from balcony_edge.runtime.signals import Signals
 
 
 class FanSource:

@@ -15,7 +15,7 @@ from .controller import Budget
 from .engine import Engine, GeneratedToken
 from .sequence import ContextFullError
 from .sampling import SamplingConfig
-from .signals import SignalHub
+from .signal_hub import SignalHub
 from .telemetry import TelemetryWriter
 
 EXIT_COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")

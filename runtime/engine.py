@@ -24,7 +24,7 @@ from .manifest import Manifest
 from .sampling import Sampler, SamplingConfig
 from .sequence import ExitRunner, Sequence
 from .sessions import SessionSettings, SharedWeights, default_prepack, device_of, open_session, resolve_providers
-from .signals import SignalHub
+from .signal_hub import SignalHub
 from .telemetry import TelemetryWriter
 from .text import PromptError, StreamDecoder, TextCodec, check_prompt_text
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..atomic import atomic_path
 from ..errors import TelemetryError
-from .signals import Signals, python_warning
+from .signal_hub import python_warning
+from .signals import Signals
 
 HEADLINE = {f.name for f in fields(Signals)} - {"extra"}
 

@@ -18,7 +18,8 @@ import time
 
 from balcony_edge.errors import BalconyError
 from balcony_edge.runtime import Engine, SamplingConfig
-from balcony_edge.runtime.signals import SignalHub, Signals
+from balcony_edge.runtime.signal_hub import SignalHub
+from balcony_edge.runtime.signals import Signals
 
 GREEDY = SamplingConfig(temperature=0.0)
 BAD_PROMPTS = ("", "undecodable \udcff byte", "escape \x1b character")

@@ -10,7 +10,8 @@ import pytest
 
 from balcony_edge.errors import ControllerError
 from balcony_edge.runtime.controller import Budget, Controller, ControllerConfig, Decision, ExitProfile
-from balcony_edge.runtime.signals import Signals, SignalHub, TraceSource
+from balcony_edge.runtime.signal_hub import SignalHub
+from balcony_edge.runtime.signals import Signals, TraceSource
 
 # SmolLM2-135M on two CPU threads: about 5.3 ms fixed + 0.8 ms per layer (balcony included); agreement with the full model.
 PROFILES = [

@@ -12,7 +12,8 @@ from balcony_edge.errors import BalconyError
 from balcony_edge.runtime import Engine, SamplingConfig
 from balcony_edge.runtime.chat import ChatSession
 from balcony_edge.runtime.sequence import ContextFullError
-from balcony_edge.runtime.signals import SignalHub, Signals
+from balcony_edge.runtime.signal_hub import SignalHub
+from balcony_edge.runtime.signals import Signals
 from balcony_edge.runtime.text import PromptError
 
 PROMPTS = ["The harbour was quiet", "Write a short story about the sea", "A small model runs", "Fishing boats rocked"]

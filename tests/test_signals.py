@@ -20,17 +20,16 @@ from hypothesis import strategies as st
 
 from balcony_edge.errors import SignalError
 from balcony_edge.runtime import signals as signals_module
+from balcony_edge.runtime.signal_hub import SignalHub, default_sources
 from balcony_edge.runtime.signals import (
     VALID_RANGES,
     FixedSource,
     JtopSource,
     NvmlSource,
     PsutilSource,
-    SignalHub,
     Signals,
     SysfsSource,
     TraceSource,
-    default_sources,
     jtop_signals,
 )
 
@@ -335,7 +334,7 @@ def test_default_sources_keep_only_what_reads_something(tmp_path, monkeypatch):
 def test_signals_controller_and_telemetry_import_without_torch():
     code = (
         "import sys\n"
-        "import balcony_edge.runtime.signals, balcony_edge.runtime.controller, balcony_edge.runtime.telemetry\n"
+        "import balcony_edge.runtime.signals, balcony_edge.runtime.signal_hub, balcony_edge.runtime.controller, balcony_edge.runtime.telemetry\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'matplotlib'))\n"
         "assert not heavy, heavy\n"
     )
@@ -397,7 +396,7 @@ def test_several_hanging_sources_cost_one_timeout_together():
 def test_a_hanging_source_does_not_keep_the_program_from_exiting():
     code = textwrap.dedent("""
         import threading
-        from balcony_edge.runtime.signals import SignalHub
+        from balcony_edge.runtime.signal_hub import SignalHub
 
         class Stuck:
             name, live = "stuck", True
