@@ -123,7 +123,9 @@ def generate(
     from .checkpoint import load_checkpoint
     from .errors import ExitsError
     from .generate import eos_token_ids, generate_greedy, prompt_ids
+    from .runtime.text import check_prompt_text
 
+    check_prompt_text(prompt)
     model, _, loaded = load_checkpoint(checkpoint, base)
     if exit == "full":
         depth = model.num_layers

@@ -96,6 +96,8 @@ def test_telemetry_that_cannot_be_written_fails_before_generating(tiny_export, t
         (["eval", "--max-tokens", "-1"], ["'--max-tokens'"]),
         (["eval", "--seq-len"], ["'--seq-len' requires an argument"]),
         (["generate", "--max-new-tokens", "0"], ["'--max-new-tokens'"]),
+        (["generate", "--raw", "--prompt", ""], ["the prompt is empty"]),
+        (["generate", "--prompt", "bell \x07"], ["control character U+0007 at character 5"]),
         (["export", "--dtype", "fp64"], ["--dtype 'fp64' is unknown", "fp32"]),
         (["export", "--quantize", "int3"], ["int3"]),
         (["bench", "--repeats", "0"], ["'--repeats'"]),
