@@ -207,6 +207,29 @@ def test_the_first_signal_finishes_the_step_saves_and_stops_with_one_line(
     _assert_same_weights(run, short_run)
 
 
+def test_a_signal_during_a_checkpoint_write_lets_it_finish_then_stops(
+    short_run, peaked_base, peaked_base_dir, text_dir, tmp_path, monkeypatch
+):
+    import balcony_edge.train as train_module
+
+    real_save, saves = train_module.save_checkpoint, []
+
+    def save_hit_by_sigterm(*args, **kwargs):
+        if not saves:
+            signal.raise_signal(signal.SIGTERM)  # arrives while the first checkpoint is being written
+        saves.append(1)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_hit_by_sigterm)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match="training stopped by SIGTERM at step 4/8"):
+        train(_config(SHORT_RUN, peaked_base_dir, text_dir, run), base=peaked_base)
+    assert _saved_step(run) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    monkeypatch.undo()
+    train(_config(SHORT_RUN, peaked_base_dir, text_dir, run), base=peaked_base, resume=True)
+    _assert_same_weights(run, short_run)
+
+
 def test_a_second_sigint_stops_at_once_leaving_the_last_periodic_checkpoint(peaked_base, peaked_base_dir, text_dir, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     _signal_during_step(monkeypatch, [signal.SIGINT, signal.SIGINT], at_step=5)
