@@ -19,6 +19,7 @@ from .base_model import SUPPORTED_MODEL_TYPES, BaseModel, load_base_model
 from .errors import CheckpointError, ExitsError
 from .exits import parse_exits
 from .model import BalconyConfig, BalconyModel
+from .validation import is_whole_number
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "balcony_config.json"
@@ -126,7 +127,7 @@ def _parse_info(raw: object, path: Path) -> CheckpointInfo:
         isinstance(base, dict)
         and all(isinstance(base.get(key), str) for key in ("name", "sha256"))
         and isinstance(base.get("source", ""), str)
-        and type(base.get("num_layers")) is int  # not bool
+        and is_whole_number(base.get("num_layers"))
     ):
         raise CheckpointError(
             f"{path}: base_model must record the base's name, model_type, num_layers and sha256, not {reprlib.repr(base)}; "
@@ -138,7 +139,7 @@ def _parse_info(raw: object, path: Path) -> CheckpointInfo:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}: use a checkpoint trained on one of those"
         )
     exits = raw.get("exits")
-    if not (isinstance(exits, list) and all(type(k) is int for k in exits)):
+    if not (isinstance(exits, list) and all(is_whole_number(k) for k in exits)):
         raise CheckpointError(
             f"{path}: exits must be a list of integers such as [8, 16, 24], not {reprlib.repr(exits)}; "
             "train again or restore the file"

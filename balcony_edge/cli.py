@@ -15,7 +15,7 @@ try:  # typer 0.26 and later carry their own copy of click
 except ImportError:
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
-from .console import console
+from .console import console, labelled
 from .errors import BalconyError, TrainingStopped
 
 app = typer.Typer(
@@ -192,10 +192,8 @@ TrustOpt = Annotated[
 
 
 def _warner(topic: str):
-    """A callable that prints one yellow `topic:` line per warning (the text is not read as markup)."""
-    from rich.text import Text
-
-    return lambda text: console.print(Text.assemble((f"{topic}: ", "yellow"), text), soft_wrap=True)
+    """A callable that prints one yellow `topic:` line per warning."""
+    return lambda text: console.print(labelled(f"{topic}: ", "yellow", text), soft_wrap=True)
 
 
 def _check_output_folder(path: Optional[Path], option: str) -> None:
@@ -305,9 +303,9 @@ def bench(
     export_folder: ExportArg = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the whole result as one JSON object here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a speed (and perplexity against speed) plot (PNG) here.")] = None,
-    new_tokens: Annotated[int, typer.Option(min=1, help="Greedy decode steps per run (tokens).")] = 128,
-    prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length for prefill and time to first token (tokens).")] = 256,
-    repeats: Annotated[int, typer.Option(min=1, help="Measured runs per figure, after one warm-up; medians are reported.")] = 3,
+    new_tokens: Annotated[int, typer.Option(help="Greedy decode steps per run (tokens).")] = 128,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prefill and time to first token (tokens).")] = 256,
+    repeats: Annotated[int, typer.Option(help="Measured runs per figure, after one warm-up; medians are reported.")] = 3,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads for onnxruntime and torch; default: theirs.")] = None,
     provider: Annotated[str, typer.Option(help="tensorrt, cuda or cpu.")] = "cpu",
     prepack: Annotated[Optional[bool], typer.Option("--prepack/--no-prepack", help="CPU weight prepacking; default: the engine's for the precision.")] = None,
@@ -375,9 +373,7 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    from rich.text import Text
-
-    console.print(Text.assemble(("error: ", "red"), " ".join(message.splitlines())), soft_wrap=True)
+    console.print(labelled("error: ", "red", message), soft_wrap=True)
     sys.exit(code)
 
 

@@ -1,6 +1,9 @@
 """Where the library tells a person what a long step is doing: stderr, through rich."""
 
+import warnings
+
 from rich.console import Console
+from rich.text import Text
 
 console = Console(stderr=True, highlight=False)
 
@@ -8,3 +11,13 @@ console = Console(stderr=True, highlight=False)
 def say(message: str) -> None:
     """Print one status line on stderr."""
     console.print(f"[dim]balcony-edge:[/dim] {message}")
+
+
+def labelled(label: str, colour: str, message: str) -> Text:
+    """One line: a coloured label, then the message as plain text (never read as markup, newlines folded)."""
+    return Text.assemble((label, colour), " ".join(message.splitlines()))
+
+
+def python_warning(message: str) -> None:
+    """The default of every on_warning / warn callable: a RuntimeWarning through Python's warnings module."""
+    warnings.warn(message, RuntimeWarning, stacklevel=2)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import sys
 
 
 def is_whole_number(value: object) -> bool:
@@ -11,5 +11,5 @@ def is_whole_number(value: object) -> bool:
 
 
 def is_finite_number(value: object) -> bool:
-    """A whole number, or a float that is neither NaN nor infinite."""
-    return is_whole_number(value) or (isinstance(value, float) and math.isfinite(value))
+    """A whole number or a float that is a finite float (not NaN, not infinite, not an int past the float range)."""
+    return (is_whole_number(value) or isinstance(value, float)) and abs(value) <= sys.float_info.max

@@ -21,6 +21,7 @@ from .. import __version__
 from ..base_model import BaseModel
 from ..atomic import write_folder_atomically
 from ..checkpoint import SHIPPED_CHECKPOINT, CheckpointInfo, load_checkpoint, read_info
+from ..checksums import file_sha256
 from ..console import say
 from ..errors import ExportError
 from ..exits import parse_exits
@@ -34,7 +35,6 @@ from ..runtime.manifest import (
     GenerationDefaults,
     KVShape,
     Manifest,
-    file_sha256,
 )
 from .onnx_graph import export_exit_graph
 from .quality import exit_agreement

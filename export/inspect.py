@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from rich.markup import escape
 from rich.table import Table
 
+from ..atomic import readable_folder
 from ..runtime.integrity import export_problems, path_problem
 from ..runtime.manifest import MANIFEST_FILE, REPORT_FILE, Manifest
 
@@ -57,7 +58,7 @@ def usable_providers() -> list[str]:
 
 def inspect_export(folder: Path | str) -> Inspection:
     """Read an export folder's manifest and report, list its files and run the runtime's checks on them."""
-    folder = Path(folder)
+    folder = readable_folder(Path(folder))
     manifest = Manifest.load(folder)
     problems = export_problems(folder, manifest)
     return Inspection(

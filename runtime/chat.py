@@ -8,8 +8,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.text import Text
 
+from ..console import labelled
 from ..errors import BalconyError
 from .controller import Budget
 from .engine import Engine, GeneratedToken
@@ -100,7 +100,7 @@ class ChatSession:
 
     def show_error(self, err: BalconyError) -> None:
         """One red line; the chat goes on."""
-        self.console.print(Text.assemble(("error: ", "red"), str(err)), soft_wrap=True)
+        self.console.print(labelled("error: ", "red", str(err)), soft_wrap=True)
 
     def answer(self, text: str) -> list[GeneratedToken]:
         """Stream the answer to one user message; Ctrl-C stops it and keeps what was said.
@@ -113,8 +113,6 @@ class ChatSession:
             new_ids = ids[len(sequence.tokens):]
         else:  # the template rendered earlier turns differently, or the window slid: start the cache over
             sequence, new_ids = self.engine.sequence(sliding_window=self.sliding_window), ids
-            if self.sliding_window:  # keep the newest half of the conversation, as the window itself does
-                new_ids = ids[-(sequence.context_length // 2):]
         tokens: list[GeneratedToken] = []
         started, shown_exit = time.perf_counter(), None
         try:

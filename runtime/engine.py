@@ -19,14 +19,14 @@ from ..errors import BalconyError
 from ..paths import cache_dir, default_export_dir
 from ..validation import is_whole_number
 from .controller import Budget, Controller, ControllerConfig, ExitProfile
-from .integrity import verify_export
+from .integrity import check_export_files
 from .manifest import Manifest
 from .sampling import Sampler, SamplingConfig
 from .sequence import ExitRunner, Sequence
 from .sessions import SessionSettings, SharedWeights, default_prepack, device_of, open_session, resolve_providers
 from .signal_hub import SignalHub
 from .telemetry import TelemetryWriter
-from .text import PromptError, StreamDecoder, TextCodec, check_prompt_text
+from .text import StreamDecoder, TextCodec, check_prompt_text
 
 CALIBRATION_PROMPT_TOKENS = 32
 CALIBRATION_STEPS = 8
@@ -57,10 +57,10 @@ class Engine:
         warn: Callable[[str], None] | None = None,
         verify: bool = True,
     ):
-        """verify=False skips `verify_export`: only for a folder this process tree has just verified (the bench's children)."""
+        """verify=False skips `check_export_files`: only for a folder this process tree has just verified (the bench's children)."""
         self.folder, self.manifest = Path(folder), manifest
         if verify:
-            verify_export(folder, manifest, trust_modified=trust_modified, warn=warn)
+            check_export_files(folder, manifest, trust_modified=trust_modified, warn=warn)
         self.codec = TextCodec(folder, manifest)
         self.settings = settings
         self.prepack = settings.prepack if settings.prepack is not None else default_prepack(manifest)
@@ -80,7 +80,7 @@ class Engine:
     ) -> Engine:
         """Load an export folder (default: the default export); providers tried in order: TensorRT, CUDA, CPU.
 
-        The folder is checked first (`integrity.verify_export`): names leading out of it, external data outside its
+        The folder is checked first (`integrity.check_export_files`): names leading out of it, external data outside its
         weights file and missing files are refused; files whose sha256 differs from the manifest too, unless
         trust_modified (then `warn` is told which, in one line).
 
@@ -180,11 +180,7 @@ class Engine:
     def prompt_ids(self, prompt: str | list[dict] | list[int], chat: bool = True) -> list[int]:
         """Token ids of a prompt: ids as given, a message list or a string through the chat template, or raw text."""
         if isinstance(prompt, list) and prompt and all(is_whole_number(t) for t in prompt):
-            vocab = self.manifest.vocab_size
-            outside = [t for t in prompt if not 0 <= t < vocab]
-            if outside:
-                raise PromptError(f"prompt token id {outside[0]} is outside the vocabulary (0 to {vocab - 1}); pass ids of this model's tokenizer")
-            return list(prompt)
+            return list(prompt)  # the sequence refuses ids outside the vocabulary
         if isinstance(prompt, list):
             return self.codec.chat_prompt(prompt)
         check_prompt_text(prompt)
@@ -253,12 +249,10 @@ class Engine:
 
 def _read_calibration(path: Path, exits: list[int]) -> dict[str, float] | None:
     """A cached calibration (exit -> ms), or None when there is none or it is unreadable (then it is measured again)."""
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         measured = json.loads(path.read_text())
         if all(float(measured[str(exit)]) > 0 for exit in exits):
             return {str(exit): float(measured[str(exit)]) for exit in exits}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     return None
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 
+from ..console import python_warning
+from ..checksums import file_sha256
 from ..errors import IntegrityError
-from .manifest import FIX, MODIFIED, Manifest, checksum_failures
+from .manifest import FIX, Manifest
+
+MODIFIED = "sha256 differs"  # why a file that changed since the export is named
 
 
 # The part of onnx.proto (same field numbers) through which a ModelProto reaches a TensorProto; parsing keeps
@@ -53,8 +56,9 @@ _SCALAR_TYPES = {"bytes": descriptor_pb2.FieldDescriptorProto.TYPE_BYTES, "int32
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 
-def verify_export(folder: Path | str, manifest: Manifest, trust_modified: bool = False, warn: Callable[[str], None] | None = None) -> None:
-    """Refuse an export folder that fails a check, in one line; changed files pass with trust_modified (warn names them)."""
+def check_export_files(folder: Path | str, manifest: Manifest, trust_modified: bool = False, warn: Callable[[str], None] | None = None) -> None:
+    """Refuse an export folder that fails a check, in one line; changed files pass with trust_modified (warn names them;
+    default: a Python RuntimeWarning)."""
     problems = _problems(Path(folder), manifest, stop_early=True)
     modified = [repr(name) for name, why in problems.items() if why == MODIFIED]  # repr: one line, whatever the name
     for name, why in problems.items():
@@ -64,12 +68,12 @@ def verify_export(folder: Path | str, manifest: Manifest, trust_modified: bool =
         raise IntegrityError(
             f"{folder}: {', '.join(modified)}: sha256 differs from manifest.json; export again, or pass --trust-modified to load it anyway"
         )
-    if modified and warn is not None:
-        warn(f"{folder}: {', '.join(modified)}: sha256 differs from manifest.json; loading anyway (--trust-modified)")
+    if modified:
+        (warn or python_warning)(f"{folder}: {', '.join(modified)}: sha256 differs from manifest.json; loading anyway (--trust-modified)")
 
 
 def export_problems(folder: Path | str, manifest: Manifest) -> dict[str, str]:
-    """Every file of an export folder that fails a check -> why (`verify_export`'s checks, all run); empty when all pass."""
+    """Every file of an export folder that fails a check -> why (`check_export_files`'s checks, all run); empty when all pass."""
     return _problems(Path(folder), manifest, stop_early=False)
 
 
@@ -181,4 +185,8 @@ def _weights_past_end(folder: Path, manifest: Manifest, skip: set[str]) -> dict[
 
 
 def _modified_files(folder: Path, manifest: Manifest, skip: set[str]) -> dict[str, str]:
-    return checksum_failures(folder, replace(manifest, files={n: h for n, h in manifest.files.items() if n not in skip}))
+    return {
+        name: MODIFIED
+        for name, expected in sorted(manifest.files.items())
+        if name not in skip and file_sha256(folder / name) != expected
+    }

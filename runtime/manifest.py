@@ -10,14 +10,13 @@ import functools
 import json
 import re
 import math
-import sys
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from ..checksums import file_sha256
 from ..errors import ManifestError
+from ..validation import is_finite_number
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -25,7 +24,6 @@ REPORT_FILE = "report.json"  # the export's verification report, beside the mani
 MAX_MANIFEST_BYTES = 64 << 20  # a real one is well under 1 MiB; a larger one is not read into memory
 FIX = "export again (`balcony-edge export --force`)"
 
-MODIFIED = "sha256 differs"  # why checksum_failures names a file that changed since the export
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 KV_DTYPES = {"fp32": "float32", "fp16": "float16"}  # manifest dtype -> numpy name of activations and KV cache
 WEIGHT_DTYPES = {"float32": 4, "float16": 2, "uint8": 1}  # numpy names the exporter writes -> bytes per element
@@ -215,7 +213,7 @@ def _kind(tp: type) -> type:
 
 def _is_kind(value: object, kind: type) -> bool:
     if kind is float:  # JSON has one number type; NaN, infinities and ints past the float range are refused
-        return type(value) in (int, float) and abs(value) <= sys.float_info.max
+        return is_finite_number(value)
     return type(value) is kind  # not isinstance: True is no int here
 
 
@@ -354,16 +352,3 @@ def _check_exit_references(manifest: Manifest, entry: ExitGraph, path: str) -> N
         raise _refuse(f"{path}.weight_bytes_per_token", f"is {entry.weight_bytes_per_token}, not a size (>= 0)")
     if entry.quality is not None and not 0 <= entry.quality <= 1:
         raise _refuse(f"{path}.quality", f"is {entry.quality}, not between 0 and 1")
-
-
-def checksum_failures(folder: Path | str, manifest: Manifest) -> dict[str, str]:
-    """Files of the export that do not match the manifest -> why (missing, sha256 differs); empty when all match."""
-    folder = Path(folder)
-    failures = {}
-    for name, expected in sorted(manifest.files.items()):
-        path = folder / name
-        if not path.is_file():
-            failures[name] = "missing"
-        elif file_sha256(path) != expected:
-            failures[name] = MODIFIED
-    return failures

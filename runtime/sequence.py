@@ -13,6 +13,7 @@ import onnxruntime as ort
 from ..errors import BalconyError
 from .kv_cache import KVCache
 from .manifest import LOGITS, PRESENT_KEY, PRESENT_VALUE, ExitGraph, Manifest, graph_input_names
+from .text import PromptError
 
 
 class ContextFullError(BalconyError):
@@ -79,39 +80,33 @@ class Sequence:
 
     def append(self, token_id: int) -> None:
         """Feed one token (computed lazily, at the exit of the next `logits` call)."""
-        self._check_ids([token_id])
-        if len(self.tokens) >= self.context_length:
-            if not self.sliding_window:
-                raise ContextFullError(
-                    f"the conversation reached the context length of {self.context_length} tokens; "
-                    "start a new one (/reset) or enable the sliding window"
-                )
-            self._slide()
-        self.tokens.append(int(token_id))
+        self.extend([token_id])
 
     def extend(self, token_ids) -> None:
-        """Feed several tokens; all or none: ids outside the vocabulary, or more than fit, change nothing."""
-        token_ids = list(token_ids)
-        self._check_ids(token_ids)
-        room = self.context_length - (0 if self.sliding_window else len(self.tokens))
-        if len(token_ids) > room:
-            used = "" if self.sliding_window else f" ({len(self.tokens)} already used)"
-            raise ContextFullError(
-                f"{len(token_ids)} new tokens do not fit in the context of {self.context_length} tokens{used}; "
-                "shorten the prompt or start a new conversation (/reset)"
-            )
-        for token_id in token_ids:
-            self.append(token_id)
+        """Feed tokens, all or none: ids outside the vocabulary, or more than the context holds, change nothing.
 
-    def _check_ids(self, token_ids: list[int]) -> None:
-        vocab = self.manifest.vocab_size
+        With the sliding window, tokens that do not fit make room instead: the newest half of the context is kept,
+        then the new tokens (positions restart at 0, so the cache is rebuilt on the next call)."""
+        token_ids = list(token_ids)
+        vocab, limit = self.manifest.vocab_size, self.context_length
         for token_id in token_ids:
             if not 0 <= token_id < vocab:
-                raise BalconyError(f"token id {token_id} is outside the vocabulary (0 to {vocab - 1}); feed ids of this model's tokenizer")
-
-    def _slide(self) -> None:
-        """Keep the newest half of the context; positions restart at 0, so the cache is rebuilt on the next call."""
-        self.tokens = self.tokens[-(self.context_length // 2):]
+                raise PromptError(f"token id {token_id} is outside the vocabulary (0 to {vocab - 1}); feed ids of this model's tokenizer")
+        if len(self.tokens) + len(token_ids) <= limit:
+            self.tokens.extend(int(t) for t in token_ids)
+            return
+        if not self.sliding_window:
+            if len(self.tokens) == limit:
+                raise ContextFullError(
+                    f"the conversation reached the context length of {limit} tokens; "
+                    "start a new one (/reset) or enable the sliding window"
+                )
+            raise ContextFullError(
+                f"{len(token_ids)} new tokens do not fit in the context of {limit} tokens ({len(self.tokens)} already used); "
+                "shorten the prompt or start a new conversation (/reset)"
+            )
+        kept = self.tokens[-(limit // 2):] + [int(t) for t in token_ids]
+        self.tokens = kept if len(kept) <= limit else kept[-(limit // 2):]
         self.cache = KVCache(self.manifest)
         self._last_logits.clear()
         self._computed = 0

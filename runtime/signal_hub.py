@@ -12,7 +12,6 @@ import queue
 import reprlib
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -20,6 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import fields
 from pathlib import Path
 
+from ..console import python_warning
 from ..errors import SignalError
 from .signals import JtopSource, NvmlSource, PsutilSource, SignalSource, Signals, SysfsSource, why_impossible
 
@@ -28,11 +28,6 @@ from .signals import JtopSource, NvmlSource, PsutilSource, SignalSource, Signals
 READ_TIMEOUT_S = 0.5
 # A source's first read may connect to a service (jtop) or start NVML without persistence mode: seconds, before generation.
 PROBE_TIMEOUT_S = 5.0
-
-
-def python_warning(message: str) -> None:
-    """The default on_warning: a RuntimeWarning through Python's warnings module."""
-    warnings.warn(message, RuntimeWarning)
 
 
 class SignalHub:

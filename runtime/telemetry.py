@@ -12,8 +12,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..atomic import atomic_path
+from ..console import python_warning
 from ..errors import TelemetryError
-from .signal_hub import python_warning
 from .signals import Signals
 
 HEADLINE = {f.name for f in fields(Signals)} - {"extra"}

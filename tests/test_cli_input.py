@@ -100,7 +100,7 @@ def test_telemetry_that_cannot_be_written_fails_before_generating(tiny_export, t
         (["generate", "--prompt", "bell \x07"], ["control character U+0007 at character 5"]),
         (["export", "--dtype", "fp64"], ["--dtype 'fp64' is unknown", "fp32"]),
         (["export", "--quantize", "int3"], ["int3"]),
-        (["bench", "--repeats", "0"], ["'--repeats'"]),
+        (["bench", "--repeats", "0"], ["--repeats 0 must be at least 1"]),
         (["bench", "--threads", "-2"], ["'--threads'"]),
         (["bench", "--eval", "e.json", "--checkpoint", "c"], ["--eval and --checkpoint both set"]),
         (["bench", "--json", "no/such/folder/b.json"], ["--json no/such/folder/b.json", "does not exist"]),

@@ -22,8 +22,9 @@ from rich.console import Console
 from balcony_edge.errors import IntegrityError, ManifestError
 from balcony_edge.export.inspect import exits_table, files_table, inspect_export
 from balcony_edge.runtime import integrity
-from balcony_edge.runtime.integrity import export_problems, verify_export
-from balcony_edge.runtime.manifest import Manifest, file_sha256
+from balcony_edge.runtime.integrity import export_problems, check_export_files
+from balcony_edge.checksums import file_sha256
+from balcony_edge.runtime.manifest import Manifest
 
 FIX = "export again (`balcony-edge export --force`)"
 MODIFIED_FIX = "sha256 differs from manifest.json; export again, or pass --trust-modified to load it anyway"
@@ -60,9 +61,9 @@ def opened(monkeypatch) -> list[Path]:
 
 
 def _refusal(folder: Path, manifest: Manifest, trust_modified: bool = False) -> str:
-    """The one-line IntegrityError verify_export refuses the folder with."""
+    """The one-line IntegrityError check_export_files refuses the folder with."""
     with pytest.raises(IntegrityError) as error:
-        verify_export(folder, manifest, trust_modified=trust_modified, warn=lambda line: pytest.fail(f"warned: {line}"))
+        check_export_files(folder, manifest, trust_modified=trust_modified, warn=lambda line: pytest.fail(f"warned: {line}"))
     assert "\n" not in str(error.value)
     return str(error.value)
 
@@ -77,7 +78,7 @@ def _flip_byte(path: Path, at: int = 100) -> None:
 
 def test_a_clean_export_passes_and_every_file_it_names_is_hashed(tiny_export, opened):
     manifest = Manifest.load(tiny_export)
-    verify_export(tiny_export, manifest, warn=lambda line: pytest.fail(f"warned: {line}"))
+    check_export_files(tiny_export, manifest, warn=lambda line: pytest.fail(f"warned: {line}"))
     assert export_problems(tiny_export, manifest) == {}
     assert {tiny_export.resolve() / name for name in manifest.files} <= set(opened)  # the spy sees every read
 
@@ -143,7 +144,7 @@ def test_a_file_name_leading_out_of_the_folder_is_refused_without_opening_anythi
 def test_a_symlink_that_stays_inside_the_folder_is_accepted(export):
     (export / "tokenizer.json").rename(export / "tokenizer.real.json")
     (export / "tokenizer.json").symlink_to("tokenizer.real.json")
-    verify_export(export, Manifest.load(export))
+    check_export_files(export, Manifest.load(export))
 
 
 # --- 3. missing files ---------------------------------------------------------------------------------------
@@ -280,13 +281,13 @@ def test_trusting_modified_files_warns_once_naming_them_and_loads(export):
     _flip_byte(export / "weights.bin")
     _flip_byte(export / "tokenizer.json", at=10)
     warnings: list[str] = []
-    verify_export(export, Manifest.load(export), trust_modified=True, warn=warnings.append)
+    check_export_files(export, Manifest.load(export), trust_modified=True, warn=warnings.append)
     assert warnings == [f"{export}: 'tokenizer.json', 'weights.bin': sha256 differs from manifest.json; loading anyway (--trust-modified)"]
 
 
 def test_a_file_the_manifest_does_not_list_is_no_problem(export):
     (export / "notes.txt").write_text("mine")
-    verify_export(export, Manifest.load(export))
+    check_export_files(export, Manifest.load(export))
 
 
 # --- all checks at once, for inspect ----------------------------------------------------------------------
@@ -345,7 +346,7 @@ def test_integrity_error_is_a_manifest_error():
     assert issubclass(IntegrityError, ManifestError)
 
 
-def test_verify_export_runs_with_torch_and_onnx_blocked(tiny_export):
+def test_check_export_files_runs_with_torch_and_onnx_blocked(tiny_export):
     script = f"""
 import sys
 class Blocker:
@@ -353,9 +354,9 @@ class Blocker:
         if name.split('.')[0] in ('torch', 'transformers', 'onnx'):
             raise ImportError(name + ' is blocked: the runtime must not need it')
 sys.meta_path.insert(0, Blocker())
-from balcony_edge.runtime.integrity import verify_export
+from balcony_edge.runtime.integrity import check_export_files
 from balcony_edge.runtime.manifest import Manifest
-verify_export({str(tiny_export)!r}, Manifest.load({str(tiny_export)!r}))
+check_export_files({str(tiny_export)!r}, Manifest.load({str(tiny_export)!r}))
 print('ok')
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import replace
 import re
 import types
 import typing
@@ -23,8 +22,6 @@ from balcony_edge.runtime.manifest import (
     KVShape,
     Manifest,
     WeightEntry,
-    checksum_failures,
-    file_sha256,
     graph_input_names,
     graph_output_names,
 )
@@ -220,17 +217,6 @@ def test_named_files_lists_every_file_once_in_order():
 def test_load_names_a_folder_without_manifest(tmp_path):
     with pytest.raises(ManifestError, match=f"has no {MANIFEST_FILE}"):
         Manifest.load(tmp_path)
-
-
-def test_checksums_find_a_changed_and_a_missing_file(tmp_path):
-    (tmp_path / "a.onnx").write_bytes(b"graph")
-    (tmp_path / "weights.bin").write_bytes(b"\x00" * 64)
-    manifest = replace(_manifest(), files={name: file_sha256(tmp_path / name) for name in ("a.onnx", "weights.bin")})
-    assert checksum_failures(tmp_path, manifest) == {}
-
-    (tmp_path / "weights.bin").write_bytes(b"\x00" * 63 + b"\x01")
-    (tmp_path / "a.onnx").unlink()
-    assert checksum_failures(tmp_path, manifest) == {"a.onnx": "missing", "weights.bin": "sha256 differs"}
 
 
 # --- fuzzing: from_json returns a well-typed manifest or raises ManifestError, nothing else ----------------

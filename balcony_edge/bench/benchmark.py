@@ -87,11 +87,11 @@ def machine_info(provider: str, threads: int | None) -> dict:
 def run_bench(config: BenchConfig) -> dict:
     """Measure the export; returns the JSON object `bench --json` writes."""
     say = config.say
-    manifest = Manifest.load(config.export)
     engine = Engine.load(
         config.export, providers=[config.provider], threads=config.threads, prepack=config.prepack,
         trust_modified=config.trust_modified, warn=config.say,
     )
+    manifest = engine.manifest
     prompt = bench_prompt(engine, config.prompt_tokens)
     result = {
         "export": str(config.export),
