@@ -7,6 +7,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from balcony_edge.errors import BalconyError
 from balcony_edge.runtime import Engine, SamplingConfig
@@ -16,6 +18,7 @@ from balcony_edge.runtime.signal_hub import SignalHub
 from balcony_edge.runtime.signals import Signals
 from balcony_edge.runtime.text import PromptError
 
+AWKWARD = ["\x00", "\x1b", "\x7f", "\udcff", "\ud800", "\t", "\r\n", "\u200b", "\ufeff", "<|im_end|>", " "]
 PROMPTS = ["The harbour was quiet", "Write a short story about the sea", "A small model runs", "Fishing boats rocked"]
 
 
@@ -216,3 +219,15 @@ def test_the_runtime_smoke_script_passes_on_an_export(tiny_export):
     assert result.returncode == 0, result.stdout + result.stderr
     checks = json.loads(result.stdout)["checks"]
     assert len(checks) == 5 and all(checks.values())
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.lists(st.characters(exclude_categories=()) | st.sampled_from(AWKWARD), max_size=30).map("".join)
+       | st.lists(st.integers(-5, 500), max_size=6))
+def test_any_prompt_generates_or_is_refused_in_one_line(engine, prompt):
+    try:
+        tokens = list(engine.generate(prompt, 2, budget="full", sampling=SamplingConfig(temperature=0.0)))
+    except BalconyError as err:
+        assert "\n" not in str(err)
+    else:
+        assert 1 <= len(tokens) <= 2
