@@ -139,8 +139,8 @@ def _weight_files(folder: Path) -> list[Path]:
 def _check_safetensors(file: Path) -> None:
     # Opening reads and checks only the header (mmap), so a corrupt or cut file is found before any weight is read.
     try:
-        with safe_open(file, framework="pt"):
-            pass
+        with safe_open(file, framework="pt") as header:
+            header.keys()
     except SafetensorError as err:
         raise BaseModelError(f"{file} is corrupt or cut short ({err}); download or save it again") from None
 
