@@ -3,6 +3,8 @@ and nothing written."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from balcony_edge.cli import main
@@ -134,14 +136,8 @@ def test_bad_training_options_fail_before_loading_anything(capsys, tmp_path, arg
     assert not (tmp_path / "run").exists()
 
 
-def copy_of(export, target):
-    import shutil
-
-    return shutil.copytree(export, target)
-
-
 def test_a_modified_export_needs_trust_modified_and_then_warns(tiny_export, tmp_path, capsys):
-    folder = copy_of(tiny_export, tmp_path / "export")
+    folder = shutil.copytree(tiny_export, tmp_path / "export")
     with open(folder / "weights.bin", "r+b") as weights:  # the lowest mantissa byte of the first float
         first = weights.read(1)
         weights.seek(0)
@@ -154,7 +150,7 @@ def test_a_modified_export_needs_trust_modified_and_then_warns(tiny_export, tmp_
 
 
 def test_an_export_file_leading_outside_is_refused_even_when_trusted(tiny_export, tmp_path, capsys):
-    folder = copy_of(tiny_export, tmp_path / "export")
+    folder = shutil.copytree(tiny_export, tmp_path / "export")
     outside = tmp_path / "outside.json"
     (folder / "tokenizer.json").rename(outside)
     (folder / "tokenizer.json").symlink_to(outside)

@@ -77,13 +77,7 @@ def test_max_new_tokens_must_be_a_positive_whole_number(engine, count):
 
 
 def test_interactive_chat_reports_a_bad_message_and_goes_on(engine):
-    from io import StringIO
-
-    from rich.console import Console
-
-    output = StringIO()
-    session = ChatSession(engine, "full", SamplingConfig(temperature=0.0), SignalHub([]), max_new_tokens=3,
-                          console=Console(file=output, width=200))
+    session, output = chat_session(engine, sliding_window=False, max_new_tokens=3)
     lines = iter(["bad \x1b escape", "Hello", "/quit"])
     session.run(read_line=lambda _: next(lines))
     text = output.getvalue()
