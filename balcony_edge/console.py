@@ -3,6 +3,7 @@
 import warnings
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 console = Console(stderr=True, highlight=False)
@@ -21,3 +22,8 @@ def labelled(label: str, colour: str, message: str) -> Text:
 def python_warning(message: str) -> None:
     """The default of every on_warning / warn callable: a RuntimeWarning through Python's warnings module."""
     warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def phase_progress() -> Progress:
+    """A progress bar for one long phase (export, verification, conversion): description, bar, done/total, time."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)

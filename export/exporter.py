@@ -4,6 +4,7 @@ weights file, plus tokenizer files, report.json and manifest.json; written besid
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -11,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
-import onnx_ir as ir
 import onnxruntime
 import torch
 import transformers
@@ -22,7 +23,7 @@ from ..base_model import BaseModel
 from ..atomic import write_folder_atomically
 from ..checkpoint import SHIPPED_CHECKPOINT, CheckpointInfo, load_checkpoint, read_info
 from ..checksums import file_sha256
-from ..console import say
+from ..console import phase_progress
 from ..errors import ExportError
 from ..exits import parse_exits
 from ..generate import eos_token_ids
@@ -36,13 +37,15 @@ from ..runtime.manifest import (
     KVShape,
     Manifest,
 )
-from .onnx_graph import export_exit_graph
+from .compose import compose_exit
+from .pieces import PieceGraphs, balcony_slot, exit_chain, layer_slot, piece_layout
 from .quality import exit_agreement
 from .quantize import check_quantization, quantization_info, quantize_graph
 from .verify import verification_failures, verify_export
 from .weights import WEIGHTS_FILE, WeightFile, weight_bytes_per_token
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -166,14 +169,34 @@ def write_export(
     base: BaseModel,
     exits: tuple[int, ...],
 ) -> None:
-    """Fill a staging folder: graphs and weights, tokenizer files, report.json (verified), manifest.json last."""
+    """Fill a staging folder: piece graphs, exit graphs and weights, tokenizer files, report.json (verified), manifest.json last."""
     started = time.perf_counter()
     quality, quality_tokens = exit_agreement(model, base.tokenizer)
-    with open(staging / WEIGHTS_FILE, "wb") as handle:
+    builder = PieceGraphs(export_model, NUMPY_DTYPES[config.dtype], tie_head_as_gemm=config.quantize is None)
+    layout = piece_layout(exits, model.num_layers)
+    depths = (*exits, model.num_layers)
+    with phase_progress() as progress, open(staging / WEIGHTS_FILE, "wb") as handle:
+        task = progress.add_task(f"export ({config.precision})", total=len(layout) + len(depths))
         weights = WeightFile(handle)
-        graphs = [
-            write_graph(staging, export_model, k, exits, config, weights, quality[k]) for k in (*exits, model.num_layers)
-        ]
+        pieces, protos = [], {}
+        for piece in layout:
+            proto = builder.piece(piece)
+            if config.quantize is not None:
+                proto = quantize_graph(proto, config.quantize)
+            protos[piece.name] = proto
+            pieces.append(dataclasses.replace(piece, weights=save_graph(staging, piece.graph, proto, weights)))
+            progress.advance(task)
+        graphs = []
+        for k in depths:
+            chain = exit_chain(layout, k, model.num_layers)
+            proto = compose_exit(f"exit_{k}", [(p, protos[p.name]) for p in layout if p.name in chain])
+            name = graph_file(k, model.num_layers)
+            graphs.append(ExitGraph(
+                exit=k, graph=name, num_layers=k if k == model.num_layers else k + 1, chain=chain,
+                weights=save_graph(staging, name, proto, weights), weight_bytes_per_token=weight_bytes_per_token(proto, weights),
+                quality=round(quality[k], 4),
+            ))
+            progress.advance(task)
     tokenizer_files = copy_tokenizer_files(base.folder, staging)
     manifest = Manifest(
         base=info.base,
@@ -184,7 +207,8 @@ def write_export(
         weights_file=weights.name,
         weights=weights.tensors,
         kv=kv_shape(model.base.config, config.dtype),
-        cache_slots=[f"layer.{i}" for i in range(model.num_layers)] + [f"balcony.{k}" for k in exits],
+        cache_slots=[layer_slot(i) for i in range(model.num_layers)] + [balcony_slot(k) for k in exits],
+        pieces=pieces,
         exits=graphs,
         generation=generation_defaults(model, base.tokenizer),
         tokenizer_files=tokenizer_files,
@@ -196,13 +220,13 @@ def write_export(
         "export_seconds": round(time.perf_counter() - started, 1),
         "weights_file_bytes": weights.size,
         "parameter_bytes": parameter_bytes(export_model),
-        "graph_bytes": {entry.graph: (staging / entry.graph).stat().st_size for entry in graphs},
+        "graph_bytes": {name: (staging / name).stat().st_size for name in [p.graph for p in pieces] + [g.graph for g in graphs]},
         "quality_tokens": quality_tokens,
         "verification": None,
     }
     if config.verify:
-        say("verifying every graph against the torch model")
         started = time.perf_counter()
+        manifest.files = {path.name: file_sha256(path) for path in sorted(staging.iterdir())}
         report["verification"] = verify_export(staging, manifest, model, base.tokenizer)
         report["verify_seconds"] = round(time.perf_counter() - started, 1)
         failures = verification_failures(report["verification"], config.exact)
@@ -228,35 +252,11 @@ def graph_file(exit: int, num_layers: int) -> str:
     return "full.onnx" if exit == num_layers else f"exit_{exit}.onnx"
 
 
-def write_graph(
-    staging: Path,
-    model: BalconyModel,
-    exit: int,
-    exits: tuple[int, ...],
-    config: ExportConfig,
-    weights: WeightFile,
-    quality: float,
-) -> ExitGraph:
-    """Export, quantise if asked, move the weights into the shared file and save one exit's graph."""
-    full = exit == model.num_layers
-    layers = exit if full else exit + 1
-    say(f"exporting {'the full model' if full else f'exit {exit}'} ({layers} layers, {config.precision})")
-    proto = ir.serde.serialize_model(export_exit_graph(model, exit, DTYPES[config.dtype], tie_head=config.quantize is None))
-    if config.quantize is not None:
-        proto = quantize_graph(proto, config.quantize)
+def save_graph(staging: Path, name: str, proto: onnx.ModelProto, weights: WeightFile) -> list[str]:
+    """Move the graph's weights into the shared file (each stored once), save it; returns its weights' names."""
     weights.externalize(proto)
-    name = graph_file(exit, model.num_layers)
     onnx.save(proto, staging / name)
-    balcony_slot = [] if full else [model.num_layers + exits.index(exit)]
-    return ExitGraph(
-        exit=exit,
-        graph=name,
-        num_layers=layers,
-        cache_slots=list(range(exit)) + balcony_slot,
-        weights=[tensor.name for tensor in proto.graph.initializer if tensor.name in weights.tensors],
-        weight_bytes_per_token=weight_bytes_per_token(proto, weights),
-        quality=round(quality, 4),
-    )
+    return [tensor.name for tensor in proto.graph.initializer if tensor.name in weights.tensors]
 
 
 def kv_shape(config, dtype: str) -> KVShape:

@@ -107,7 +107,7 @@ def exits_table(folder: Path, manifest: Manifest, report: dict | None) -> Table:
         table.add_column(column, justify="right", no_wrap=True)
     for entry in manifest.exits:
         backbone = f"0-{entry.exit - 1}" if entry.exit > 1 else "0"
-        slots = backbone if entry.is_full else f"{backbone}, {entry.cache_slots[-1]}"
+        slots = backbone if entry.is_full else f"{backbone}, balcony.{entry.exit}"
         table.add_row(
             "full" if entry.is_full else str(entry.exit),
             str(entry.num_layers),

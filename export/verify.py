@@ -1,5 +1,6 @@
-"""Checks an export against the torch Balcony model, exit by exit: logits on a prompt, then greedy tokens
-decoded by onnxruntime with its KV cache against `generate_greedy`."""
+"""Checks an export against the torch Balcony model, exit by exit: the runtime's chain of pieces (logits on a
+prompt, then greedy tokens with its in-place KV cache against `generate_greedy`), and the exit's standard graph
+(logits on the prompt, against the chain's)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ..console import phase_progress
 from ..generate import generate_greedy, prompt_ids
 from ..model import BalconyModel
-from ..runtime.manifest import (
-    ATTENTION_MASK,
-    INPUT_IDS,
-    LOGITS,
-    PAST_KEY,
-    PAST_VALUE,
-    POSITION_IDS,
-    PRESENT_KEY,
-    PRESENT_VALUE,
-    ExitGraph,
-    KVShape,
-    Manifest,
-)
+from ..runtime.engine import Engine
+from ..runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, ExitGraph, KVShape, Manifest
+from ..runtime.sessions import SessionSettings
 
 PROMPT = (
     "The harbour was quiet in the early morning. Fishing boats rocked against the pier while gulls circled "
@@ -32,6 +24,7 @@ PROMPT = (
 )
 GREEDY_TOKENS = 32
 FP32_TOLERANCE = 1e-3  # max abs logit difference allowed in fp32
+GRAPH_TOLERANCE = 1e-2  # the standard graph against the chain: the same weights and ops, in any precision
 
 
 @dataclass
@@ -39,11 +32,12 @@ class ExitCheck:
     """One exit's agreement with torch: logits over the prompt and greedy tokens (counts in tokens)."""
 
     exit: int
-    max_abs_diff: float
+    max_abs_diff: float  # the chain's logits against torch's
     top1_agreement: float  # fraction of prompt positions whose argmax matches torch's
     greedy_matched: int  # leading greedy tokens identical to torch's
     greedy_tokens: int
     finite: bool
+    graph_max_abs_diff: float  # the standard exit graph's logits against the chain's
 
     def failure(self, exact: bool) -> str | None:
         """Why this check fails (NaN/inf always; in fp32 also a logit difference or a greedy token), else None."""
@@ -51,45 +45,29 @@ class ExitCheck:
             return f"exit {self.exit} gives NaN or infinite logits"
         if exact and self.max_abs_diff > FP32_TOLERANCE:
             return f"exit {self.exit} differs from torch by {self.max_abs_diff:.2e} in logits (tolerance {FP32_TOLERANCE:g})"
+        if not self.graph_max_abs_diff <= GRAPH_TOLERANCE:
+            return f"the standard graph of exit {self.exit} differs from its chain by {self.graph_max_abs_diff:.2e} in logits"
         if exact and self.greedy_matched < self.greedy_tokens:
             return f"exit {self.exit} greedy tokens leave torch's after {self.greedy_matched} of {self.greedy_tokens}"
         return None
 
 
 class GraphDecoder:
-    """One exit graph in onnxruntime (CPU) with a growing KV cache: prefill and decode through the same graph."""
+    """One standard exit graph in onnxruntime (CPU), run on a prompt with an empty KV cache."""
 
     def __init__(self, path: Path, entry: ExitGraph, kv: KVShape):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.num_layers = entry.num_layers
-        empty = np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), dtype=kv.dtype)
-        self.cache = [(empty, empty)] * self.num_layers
+        self.empty = np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), dtype=kv.dtype)
 
-    def step(self, ids: list[int]) -> np.ndarray:
-        """Run `ids` after the cached tokens; returns their logits [len(ids), vocab] as float32."""
-        past = self.cache[0][0].shape[2]
-        feeds = {
-            INPUT_IDS: np.array([ids], dtype=np.int64),
-            ATTENTION_MASK: np.ones((1, past + len(ids)), dtype=np.int64),
-            POSITION_IDS: np.arange(past, past + len(ids), dtype=np.int64)[None],
-        }
-        for i, (key, value) in enumerate(self.cache):
-            feeds[PAST_KEY.format(i=i)] = key
-            feeds[PAST_VALUE.format(i=i)] = value
-        names = [LOGITS] + [name.format(i=i) for i in range(self.num_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
-        logits, *present = self.session.run(names, feeds)
-        self.cache = list(zip(present[0::2], present[1::2]))
-        return logits[0].astype(np.float32)
-
-    def greedy(self, logits: np.ndarray, max_new_tokens: int) -> list[int]:
-        """Greedy tokens after the cached ones, starting from the last step's logits."""
-        tokens: list[int] = []
-        for _ in range(max_new_tokens):
-            tokens.append(int(logits[-1].argmax()))
-            logits = self.step(tokens[-1:])
-        return tokens
+    def prompt_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] as float32."""
+        feeds = {INPUT_IDS: np.array([ids], dtype=np.int64), ATTENTION_MASK: np.ones((1, len(ids)), dtype=np.int64)}
+        for i in range(self.num_layers):
+            feeds[PAST_KEY.format(slot=i)] = feeds[PAST_VALUE.format(slot=i)] = self.empty
+        return self.session.run([LOGITS], feeds)[0][0].astype(np.float32)
 
 
 def verification_prompt(tokenizer) -> list[int]:
@@ -98,15 +76,22 @@ def verification_prompt(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def check_exit(folder: Path, manifest: Manifest, entry: ExitGraph, model: BalconyModel, prompt: list[int]) -> ExitCheck:
-    """Compare one exit graph with the torch model (float32) on the prompt and on greedy decoding."""
+def check_exit(folder: Path, manifest: Manifest, entry: ExitGraph, engine: Engine, model: BalconyModel, prompt: list[int]) -> ExitCheck:
+    """Compare one exit's chain with the torch model (float32) on the prompt and on greedy decoding, and its standard
+    graph with the chain on the prompt."""
     expected = model.exit_model(entry.exit)(input_ids=torch.tensor([prompt])).logits[0].float().numpy()
-    decoder = GraphDecoder(folder / entry.graph, entry, manifest.kv)
-    got = decoder.step(prompt)
+    sequence = engine.sequence(prompt)
+    got = sequence.logits(entry.exit, every_position=True).astype(np.float32)
     finite = bool(np.isfinite(got).all())
-    onnx_tokens = decoder.greedy(got, GREEDY_TOKENS)
+    chain_tokens = []
+    logits = got[-1]
+    for _ in range(GREEDY_TOKENS):
+        chain_tokens.append(int(logits.argmax()))
+        sequence.append(chain_tokens[-1])
+        logits = sequence.logits(entry.exit)
     torch_tokens = generate_greedy(model, entry.exit, prompt, GREEDY_TOKENS)
-    matched = next((i for i, (a, b) in enumerate(zip(torch_tokens, onnx_tokens)) if a != b), GREEDY_TOKENS)
+    matched = next((i for i, (a, b) in enumerate(zip(torch_tokens, chain_tokens)) if a != b), GREEDY_TOKENS)
+    graph = GraphDecoder(folder / entry.graph, entry, manifest.kv).prompt_logits(prompt)
     return ExitCheck(
         exit=entry.exit,
         max_abs_diff=float(np.abs(got - expected).max()) if finite else float("nan"),
@@ -114,13 +99,20 @@ def check_exit(folder: Path, manifest: Manifest, entry: ExitGraph, model: Balcon
         greedy_matched=matched,
         greedy_tokens=GREEDY_TOKENS,
         finite=finite,
+        graph_max_abs_diff=float(np.abs(graph - got).max()),
     )
 
 
 def verify_export(folder: Path, manifest: Manifest, model: BalconyModel, tokenizer) -> dict:
-    """Check every exit graph of an export folder; returns the report's `verification` section."""
+    """Check every exit of an export folder; returns the report's `verification` section."""
     prompt = verification_prompt(tokenizer)
-    checks = [check_exit(folder, manifest, entry, model, prompt) for entry in manifest.exits]
+    engine = Engine(folder, manifest, SessionSettings(providers=("CPUExecutionProvider",)), verify=False)
+    with phase_progress() as progress:
+        task = progress.add_task("verify against torch", total=len(manifest.exits))
+        checks = []
+        for entry in manifest.exits:
+            checks.append(check_exit(folder, manifest, entry, engine, model, prompt))
+            progress.advance(task)
     return {
         "prompt_tokens": len(prompt),
         "greedy_tokens": GREEDY_TOKENS,

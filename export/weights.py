@@ -46,6 +46,8 @@ class WeightFile:
     def externalize(self, model: onnx.ModelProto) -> None:
         """Point every weight initializer of `model` into this file, writing those not stored yet."""
         for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name in self.tensors:
+                continue  # composed from graphs already moved into this file
             if is_weight(tensor.name):
                 stored = self._store(tensor)
                 set_external_data(tensor, self.name, stored.offset, stored.length)

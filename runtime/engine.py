@@ -22,8 +22,9 @@ from .controller import Budget, Controller, ControllerConfig, ExitProfile
 from .integrity import check_export_files
 from .manifest import Manifest
 from .sampling import Sampler, SamplingConfig
-from .sequence import ExitRunner, Sequence
-from .sessions import SessionSettings, SharedWeights, default_prepack, device_of, open_session, resolve_providers
+from .graph_runner import PieceRunner
+from .sequence import Sequence
+from .sessions import SessionSettings, SharedWeights, device_of, open_session, resolve_providers
 from .signal_hub import SignalHub
 from .telemetry import TelemetryWriter
 from .text import StreamDecoder, TextCodec, check_prompt_text
@@ -63,8 +64,9 @@ class Engine:
             check_export_files(folder, manifest, trust_modified=trust_modified, warn=warn)
         self.codec = TextCodec(folder, manifest)
         self.settings = settings
-        self.prepack = settings.prepack if settings.prepack is not None else default_prepack(manifest)
+        self.prepack = settings.prepack
         self.provider, self.fallbacks, self.weights, self.runners = self._open_sessions(settings)
+        self.device = device_of(self.provider)
         self._profiles: list[ExitProfile] | None = None
         self._profiles_lock = threading.Lock()  # threads generating at once calibrate once
 
@@ -74,7 +76,7 @@ class Engine:
         folder: str | Path | None = None,
         providers: list[str] | None = None,
         threads: int | None = None,
-        prepack: bool | None = None,
+        prepack: bool = True,
         trust_modified: bool = False,
         warn: Callable[[str], None] | None = None,
     ) -> Engine:
@@ -84,8 +86,8 @@ class Engine:
         weights file and missing files are refused; files whose sha256 differs from the manifest too, unless
         trust_modified (then `warn` is told which, in one line).
 
-        prepack: CPU MatMul weight prepacking (faster, but a copy of the weights per exit); None: on for quantised
-        exports, off for float ones (`sessions.default_prepack`).
+        prepack: CPU MatMul weight prepacking (on: each weight is in one piece's session, so packing copies nothing
+        twice; off only to measure what it brings).
         """
         folder = readable_folder(Path(folder) if folder is not None else default_export_dir())
         if not folder.is_dir():
@@ -103,11 +105,11 @@ class Engine:
             try:
                 weights = SharedWeights(self.folder, self.manifest, device)
                 runners = {}
-                for entry in self.manifest.exits:
-                    session = _quietly(lambda: open_session(self.folder, entry, weights, provider, settings))
+                for piece in self.manifest.pieces:
+                    session = _quietly(lambda: open_session(self.folder, piece, weights, provider, settings))
                     if session.get_providers()[0] != provider:
                         raise RuntimeError(f"onnxruntime fell back to {session.get_providers()[0]}")
-                    runners[entry.exit] = ExitRunner(session, entry, device)
+                    runners[piece.name] = PieceRunner(session, piece, device)
                 return provider, fallbacks, weights, runners
             except Exception as err:  # a provider that cannot start is skipped, with the reason reported
                 fallbacks[provider] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -125,11 +127,11 @@ class Engine:
 
     def sequence(self, token_ids: list[int] = (), sliding_window: bool = False) -> Sequence:
         """A new conversation state (its own KV cache) over these sessions."""
-        return Sequence(self.manifest, self.runners, token_ids, sliding_window)
+        return Sequence(self.manifest, self.runners, self.device, token_ids, sliding_window)
 
     def describe(self) -> str:
         """One line: provider in use and the ones that failed."""
-        text = f"{self.provider} ({len(self.runners)} exits: {', '.join(map(str, self.exits))})"
+        text = f"{self.provider} ({len(self.exits)} exits: {', '.join(map(str, self.exits))}; {len(self.runners)} pieces)"
         if self.fallbacks:
             text += "; unavailable: " + "; ".join(f"{p}: {why}" for p, why in self.fallbacks.items())
         return text

@@ -1,46 +1,74 @@
-"""The KV cache of one sequence: per cache slot, keys and values of the positions computed so far.
+"""The KV cache of one sequence: per cache slot, one key and one value buffer that the graphs write in place.
 
-Backbone layer i has slot i, shared by every exit that runs it; each balcony has a slot of its own.
-Tokens computed at a shallow exit leave the deeper slots short; `missing_from` says where an exit
-must start recomputing so that all its slots cover the whole prefix.
+Backbone layer i has slot `layer.i`, shared by every exit that runs it; each balcony has a slot of its own. The
+buffers are [1, kv_heads, capacity, head_dim]; GroupQueryAttention reads the first positions of a buffer as its
+past and writes the new positions into the same buffer (past and present are one buffer), so a step copies
+nothing however long the conversation. The capacity grows by doubling (copying once), up to the context length.
+Each slot also counts its filled positions: tokens computed at a shallow exit leave the deeper slots short.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 
 from .manifest import Manifest
 
+INITIAL_CAPACITY = 256  # tokens
+
 
 class KVCache:
-    """Keys and values [1, kv_heads, filled, head_dim] per slot, with each slot's filled length (tokens)."""
+    """Key and value buffers per slot (host numpy arrays lent to onnxruntime, or device OrtValues) and fill counts."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, device: str = "cpu"):
         kv = manifest.kv
-        self.names = list(manifest.cache_slots)
-        self._empty = np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), dtype=np.dtype(kv.dtype))
-        self.keys: list = [self._empty] * len(self.names)
-        self.values: list = [self._empty] * len(self.names)
-        self.filled = [0] * len(self.names)
+        self.device = device
+        self.dtype = np.dtype(kv.dtype)
+        self.shape = (1, kv.num_kv_heads, 0, kv.head_dim)
+        self.limit = manifest.generation.context_length
+        self.filled = {slot: 0 for slot in manifest.cache_slots}
+        self.capacity = 0
+        self.version = 0  # changes whenever the buffers are replaced (bindings must then be made again)
+        self._host: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.values: dict[str, tuple[ort.OrtValue, ort.OrtValue]] = {}
 
-    def missing_from(self, slots: list[int]) -> int:
-        """The first position (token index) that some slot among `slots` lacks."""
+    def reserve(self, length: int) -> None:
+        """Make every buffer hold at least `length` positions (doubling, at most the context length), keeping contents."""
+        if length <= self.capacity:
+            return
+        capacity = max(INITIAL_CAPACITY, self.capacity * 2)
+        while capacity < length:
+            capacity *= 2
+        capacity = max(length, min(capacity, self.limit))
+        shape = (*self.shape[:2], capacity, self.shape[3])
+        for slot in self.filled:
+            old = self._read(slot) if self.capacity else None
+            pair = tuple(np.zeros(shape, dtype=self.dtype) for _ in range(2))
+            if old is not None:
+                for new, previous in zip(pair, old):
+                    new[:, :, : self.capacity] = previous
+            if self.device == "cpu":
+                self._host[slot] = pair  # onnxruntime reads and writes these arrays' memory
+                self.values[slot] = tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in pair)
+            else:
+                self.values[slot] = tuple(ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in pair)
+        self.capacity = capacity
+        self.version += 1
+
+    def _read(self, slot: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.device == "cpu":
+            return self._host[slot]
+        return tuple(value.numpy() for value in self.values[slot])
+
+    def filled_of(self, slots: list[str]) -> int:
+        """The first position that some slot among `slots` lacks."""
         return min(self.filled[s] for s in slots)
 
-    def past(self, slot: int, length: int) -> tuple:
-        """Keys and values of the first `length` positions of a slot."""
-        if length == self.filled[slot]:
-            return self.keys[slot], self.values[slot]
-        if length == 0:
-            return self._empty, self._empty
-        return _prefix(self.keys[slot], length), _prefix(self.values[slot], length)
+    def mark(self, slots: list[str], length: int) -> None:
+        """Record that `slots` now hold positions 0..length-1."""
+        for slot in slots:
+            self.filled[slot] = length
 
-    def store(self, slot: int, keys, values, length: int) -> None:
-        """Keep a graph's present keys/values (covering positions 0..length-1) as the slot's cache."""
-        self.keys[slot], self.values[slot], self.filled[slot] = keys, values, length
-
-
-def _prefix(tensor, length: int) -> np.ndarray:
-    """The first `length` positions of a [1, heads, tokens, head_dim] tensor (numpy, or an OrtValue on a device)."""
-    array = tensor if isinstance(tensor, np.ndarray) else tensor.numpy()  # device: only on the rare catch-up path
-    return np.ascontiguousarray(array[:, :, :length])
+    def keys(self, slot: str, length: int) -> np.ndarray:
+        """A copy of a slot's first `length` keys [1, kv_heads, length, head_dim] (for tests and inspection)."""
+        return np.array(self._read(slot)[0][:, :, :length])

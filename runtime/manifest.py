@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import ManifestError
 from ..validation import is_finite_number
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: exits as chains of pieces
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"  # the export's verification report, beside the manifest
 MAX_MANIFEST_BYTES = 64 << 20  # a real one is well under 1 MiB; a larger one is not read into memory
@@ -30,41 +30,28 @@ WEIGHT_DTYPES = {"float32": 4, "float16": 2, "uint8": 1}  # numpy names the expo
 # Keys of the free-form `base` and `quantization` records that the runtime and tools read.
 _REQUIRED_KEYS = {"base": ("name", "source", "sha256"), "quantization": ("method",)}
 
-# Graph I/O names (the optimum / onnxruntime-genai convention); {i} is the layer index inside one graph.
+# Graph I/O names (the optimum / onnxruntime-genai convention). {slot} is the layer index in a standard exit graph
+# and the cache slot name (layer.3, balcony.8) in a piece; pieces pass hidden states as hidden_{depth} and exit_hidden.
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
-POSITION_IDS = "position_ids"
 LOGITS = "logits"
-PAST_KEY = "past_key_values.{i}.key"
-PAST_VALUE = "past_key_values.{i}.value"
-PRESENT_KEY = "present.{i}.key"
-PRESENT_VALUE = "present.{i}.value"
+PAST_KEY = "past_key_values.{slot}.key"
+PAST_VALUE = "past_key_values.{slot}.value"
+PRESENT_KEY = "present.{slot}.key"
+PRESENT_VALUE = "present.{slot}.value"
 
 
 def default_io_names() -> dict[str, str]:
-    """The graph I/O names by role; `{i}` stands for the layer index inside one graph."""
+    """The graph I/O names by role; `{slot}` stands for the layer index (standard graphs) or cache slot (pieces)."""
     return {
         "input_ids": INPUT_IDS,
         "attention_mask": ATTENTION_MASK,
-        "position_ids": POSITION_IDS,
         "logits": LOGITS,
         "past_key": PAST_KEY,
         "past_value": PAST_VALUE,
         "present_key": PRESENT_KEY,
         "present_value": PRESENT_VALUE,
     }
-
-
-def graph_input_names(num_layers: int) -> list[str]:
-    """Input names of a graph with num_layers decoder layers, in order."""
-    past = [name.format(i=i) for i in range(num_layers) for name in (PAST_KEY, PAST_VALUE)]
-    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past]
-
-
-def graph_output_names(num_layers: int) -> list[str]:
-    """Output names of a graph with num_layers decoder layers, in order."""
-    present = [name.format(i=i) for i in range(num_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
-    return [LOGITS, *present]
 
 
 @dataclass(frozen=True)
@@ -78,14 +65,31 @@ class WeightEntry:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """One graph of an exit's chain: a backbone segment (layers first_layer..end_layer-1; from layer 0 it reads token
+    ids, else hidden states), a balcony (of exit first_layer: its layer and exit norm), or the head."""
+
+    name: str
+    kind: str  # segment, balcony or head
+    graph: str  # .onnx file in the export folder
+    first_layer: int
+    end_layer: int
+    cache_slots: list[str]  # names of Manifest.cache_slots this piece reads and writes, in layer order
+    weights: list[str]  # the graph's initializers that live in the weights file (keys of Manifest.weights)
+
+
+@dataclass(frozen=True)
 class ExitGraph:
-    """One exit's graph: exit k runs backbone layers 0..k-1, then balcony k (k = num_layers: the full model)."""
+    """One exit: exit k runs backbone layers 0..k-1, then balcony k (k = num_layers: the full model), then the head.
+
+    The runtime drives `chain`, pieces shared with the other exits; `graph` is the same computation as one
+    ordinary decoder graph (optimum / onnxruntime-genai I/O names) for other clients, beside its genai config."""
 
     exit: int  # backbone layers before the head
-    graph: str  # .onnx file in the export folder
-    num_layers: int  # decoder layers in the graph: exit + 1, or num_layers for the full model
-    cache_slots: list[int]  # graph layer i reads and writes KV-cache slot cache_slots[i]
-    weights: list[str]  # the graph's initializers that live in the weights file (keys of Manifest.weights)
+    graph: str  # the standard .onnx graph of this exit in the export folder
+    num_layers: int  # decoder layers: exit + 1, or num_layers for the full model
+    chain: list[str]  # names of the pieces that compute this exit, in order
+    weights: list[str]  # initializers of `graph` that live in the weights file (keys of Manifest.weights)
     weight_bytes_per_token: int  # bytes of weights read to decode one token (embedding: one row)
     quality: float | None = None  # top-1 agreement with the full model's next token, 0..1 (full model: 1.0)
 
@@ -128,6 +132,7 @@ class Manifest:
     weights: dict[str, WeightEntry]  # every tensor in weights_file, each stored once
     kv: KVShape
     cache_slots: list[str]  # slot names: layer.{i} shared by all exits, then balcony.{k} one per exit
+    pieces: list[Piece]  # segments in depth order, balconies, the head
     exits: list[ExitGraph]  # ascending; the last is the full model
     generation: GenerationDefaults
     tokenizer_files: list[str]
@@ -177,7 +182,8 @@ class Manifest:
 
     def named_files(self) -> list[str]:
         """Every file name this manifest gives, each once: graphs, weights, tokenizer files, chat template, checksummed files."""
-        names = [entry.graph for entry in self.exits] + [self.weights_file, *self.tokenizer_files]
+        names = [piece.graph for piece in self.pieces] + [entry.graph for entry in self.exits]
+        names += [self.weights_file, *self.tokenizer_files]
         names += [self.chat_template] if self.chat_template is not None else []
         return list(dict.fromkeys(names + list(self.files)))
 
@@ -317,13 +323,59 @@ def _check_token_ids(generation: GenerationDefaults, vocab_size: int) -> None:
             raise _refuse(path, f"is {token}, not a token id below vocab_size {vocab_size}")
 
 
+PIECE_KINDS = ("segment", "balcony", "head")
+
+
 def _check_exits(manifest: Manifest) -> None:
-    """Exits ascend and the last is the full model; each has one cache slot per layer, its own, and known weights."""
+    """Pieces are well formed; exits ascend, the last is the full model, and each chain runs its layers in order."""
+    pieces = {}
+    for i, piece in enumerate(manifest.pieces):
+        _check_piece(manifest, piece, f"pieces[{i}]", pieces)
+        pieces[piece.name] = piece
     if not manifest.exits:
         raise _refuse("exits", "is empty, not a list ending with the full model")
     for i, entry in enumerate(manifest.exits):
         _check_exit_depth(manifest, i)
         _check_exit_references(manifest, entry, f"exits[{i}]")
+        _check_chain(manifest, entry, pieces, f"exits[{i}].chain")
+
+
+def _check_piece(manifest: Manifest, piece: Piece, path: str, earlier: dict) -> None:
+    if piece.name in earlier:
+        raise _refuse(f"{path}.name", f"is {short_repr(piece.name)}, the name of an earlier piece")
+    if piece.kind not in PIECE_KINDS:
+        raise _refuse(f"{path}.kind", f"is {short_repr(piece.kind)}, not one of {', '.join(PIECE_KINDS)}")
+    if not 0 <= piece.first_layer <= piece.end_layer <= manifest.num_layers:
+        raise _refuse(f"{path}.first_layer", f"is {piece.first_layer}, not a layer range within 0..{manifest.num_layers}")
+    slots = piece.end_layer - piece.first_layer if piece.kind == "segment" else 1 if piece.kind == "balcony" else 0
+    if len(piece.cache_slots) != slots:
+        raise _refuse(f"{path}.cache_slots", f"has {len(piece.cache_slots)} slots, not {slots} for a {piece.kind} of its layers")
+    for j, slot in enumerate(piece.cache_slots):
+        if slot not in manifest.cache_slots:
+            raise _refuse(f"{path}.cache_slots[{j}]", f"is {short_repr(slot)}, not one of cache_slots")
+    for j, name in enumerate(piece.weights):
+        if name not in manifest.weights:
+            raise _refuse(f"{path}.weights[{j}]", f"is {short_repr(name)}, not a key of weights")
+
+
+def _check_chain(manifest: Manifest, entry: ExitGraph, pieces: dict, path: str) -> None:
+    """Segments from layer 0 up to the exit's depth without gap, then its balcony (none for the full model), then the head."""
+    depth = 0
+    for j, name in enumerate(entry.chain):
+        piece = pieces.get(name)
+        if piece is None:
+            raise _refuse(f"{path}[{j}]", f"is {short_repr(name)}, not the name of a piece")
+        last = j == len(entry.chain) - 1
+        expected = "head" if last else "balcony" if depth == entry.exit else "segment"
+        if piece.kind != expected or (piece.kind != "head" and piece.first_layer != depth):
+            raise _refuse(f"{path}[{j}]", f"is {short_repr(name)}, not the {expected} that follows depth {depth}")
+        if piece.kind == "segment":
+            depth = piece.end_layer
+        elif piece.kind == "balcony":
+            depth = -1  # only the head may follow
+    reached = depth == manifest.num_layers if entry.exit == manifest.num_layers else depth == -1
+    if not reached:
+        raise _refuse(path, f"stops before exit {entry.exit} (its segments, balcony and head)")
 
 
 def _check_exit_depth(manifest: Manifest, i: int) -> None:
@@ -337,14 +389,9 @@ def _check_exit_depth(manifest: Manifest, i: int) -> None:
     layers = manifest.num_layers if last else entry.exit + 1  # an exit graph runs its balcony as one more layer
     if entry.num_layers != layers:
         raise _refuse(f"{path}.num_layers", f"is {entry.num_layers}, not {layers} for exit {entry.exit}")
-    if len(entry.cache_slots) != layers:
-        raise _refuse(f"{path}.cache_slots", f"has {len(entry.cache_slots)} slots, not one per layer ({layers})")
 
 
 def _check_exit_references(manifest: Manifest, entry: ExitGraph, path: str) -> None:
-    for j, slot in enumerate(entry.cache_slots):
-        if not 0 <= slot < len(manifest.cache_slots):
-            raise _refuse(f"{path}.cache_slots[{j}]", f"is {slot}, not an index into cache_slots (0..{len(manifest.cache_slots) - 1})")
     for j, name in enumerate(entry.weights):
         if name not in manifest.weights:
             raise _refuse(f"{path}.weights[{j}]", f"is {short_repr(name)}, not a key of weights")

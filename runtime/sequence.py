@@ -1,8 +1,10 @@
 """One conversation's tokens and KV cache, computed at any exit, exactly.
 
-Before exit k runs, every position that one of its cache slots lacks (because earlier tokens ran at
-other exits) is recomputed in the same call, like a short prefill; so each token's logits equal those
-of exit k run alone on the same prefix.
+Exit k is a chain of pieces (segments up to depth k, balcony k, head). Before a piece runs, every position its
+cache slots lack (because earlier tokens ran at shallower exits) is computed in the same call, from the hidden
+states at the piece's input depth, which the shallower chain already produced and this sequence kept. So
+deepening from exit a to b runs only the pieces between a and b over the backlog, and each token's logits equal
+those of exit k run alone on the same prefix. The head runs on the last position only.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BalconyError
+from .graph_runner import PieceRunner
 from .kv_cache import KVCache
-from .manifest import LOGITS, PRESENT_KEY, PRESENT_VALUE, ExitGraph, Manifest, graph_input_names
+from .manifest import Manifest
 from .text import PromptError
 
 
@@ -20,59 +23,55 @@ class ContextFullError(BalconyError):
     """The sequence reached the model's context length."""
 
 
-class ExitRunner:
-    """Feeds one exit's graph from a KV cache and stores its present keys/values back (CPU arrays or device OrtValues)."""
+class Boundary:
+    """Hidden states at one depth for the positions [start, start + len(rows)) that a deeper piece may still need."""
 
-    def __init__(self, session: ort.InferenceSession, entry: ExitGraph, device: str):
-        self.session, self.entry, self.device = session, entry, device
-        self.input_names = graph_input_names(entry.num_layers)
-        self.output_names = [LOGITS] + [n.format(i=i) for i in range(entry.num_layers) for n in (PRESENT_KEY, PRESENT_VALUE)]
+    def __init__(self):
+        self.start, self.rows = 0, None
 
-    def run(self, token_ids: list[int], start: int, cache: KVCache) -> np.ndarray:
-        """Compute positions start..start+len(token_ids)-1; returns the last position's logits [vocab]."""
-        count = len(token_ids)
-        fixed = [
-            np.asarray([token_ids], dtype=np.int64),
-            np.ones((1, start + count), dtype=np.int64),
-            np.arange(start, start + count, dtype=np.int64)[None, :],
-        ]
-        past = [t for slot in self.entry.cache_slots for t in cache.past(slot, start)]
-        if self.device == "cpu":
-            outputs = self.session.run(self.output_names, dict(zip(self.input_names, fixed + past)))
-            logits = outputs[0][0, -1]
+    def covers(self, start: int, end: int) -> bool:
+        return self.rows is not None and self.start <= start and end <= self.start + self.rows.shape[1]
+
+    def take(self, start: int, end: int) -> np.ndarray:
+        return self.rows[:, start - self.start : end - self.start]
+
+    def put(self, start: int, rows: np.ndarray) -> None:
+        """Store rows for positions start.. (replacing those from start on), keeping earlier rows still held."""
+        if self.rows is None or start <= self.start or start > self.start + self.rows.shape[1]:
+            self.start, self.rows = start, rows
         else:
-            outputs = self._run_bound(fixed + past)
-            logits = outputs[0].numpy()[0, -1]
-        for i, slot in enumerate(self.entry.cache_slots):
-            cache.store(slot, outputs[1 + 2 * i], outputs[2 + 2 * i], start + count)
-        return logits
+            self.rows = np.concatenate([self.rows[:, : start - self.start], rows], axis=1)
 
-    def _run_bound(self, inputs: list) -> list:
-        """IO binding on the device: caches stay there; only token ids go up and one logits row comes down."""
-        binding = self.session.io_binding()
-        for name, value in zip(self.input_names, inputs):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        return binding.get_outputs()
+    def drop_before(self, position: int) -> None:
+        """Forget rows before `position` (every consumer has them)."""
+        if self.rows is not None and position > self.start:
+            cut = min(position - self.start, self.rows.shape[1])
+            self.rows, self.start = self.rows[:, cut:], self.start + cut
 
 
 class Sequence:
     """The tokens of one conversation and their KV cache; `logits(exit)` gives the next-token logits at any exit."""
 
-    def __init__(self, manifest: Manifest, runners: dict[int, ExitRunner], token_ids: list[int] = (), sliding_window: bool = False):
-        self.manifest, self.runners = manifest, runners
-        self.cache = KVCache(manifest)
+    def __init__(self, manifest: Manifest, runners: dict[str, PieceRunner], device: str = "cpu", token_ids: list[int] = (), sliding_window: bool = False):
+        self.manifest, self.runners, self.device = manifest, runners, device
+        self.chains = {entry.exit: [runners[name] for name in entry.chain] for entry in manifest.exits}
+        # The pieces that read the hidden states at each depth: what a boundary must keep rows for.
+        self._consumers: dict[int, list[PieceRunner]] = {}
+        for runner in runners.values():
+            if runner.first_input != "input_ids" and runner.piece.kind != "head":
+                self._consumers.setdefault(runner.piece.first_layer, []).append(runner)
         self.tokens: list[int] = []
         self.sliding_window = sliding_window
         self.last_catch_up = 0  # positions recomputed by the last logits() because the exit's slots lacked them
-        self._computed = 0  # positions computed by any exit so far
-        self._last_logits: dict[int, tuple[int, np.ndarray]] = {}
+        self._reset_state()
         self.extend(token_ids)
+
+    def _reset_state(self) -> None:
+        self.cache = KVCache(self.manifest, self.device)
+        self._bindings: dict[str, tuple[int, ort.IOBinding]] = {}
+        self._boundaries: dict[int, Boundary] = {}
+        self._last_logits: dict[int, tuple[int, np.ndarray]] = {}
+        self._computed = 0  # positions computed by any exit so far
 
     @property
     def context_length(self) -> int:
@@ -107,26 +106,57 @@ class Sequence:
             )
         kept = self.tokens[-(limit // 2):] + [int(t) for t in token_ids]
         self.tokens = kept if len(kept) <= limit else kept[-(limit // 2):]
-        self.cache = KVCache(self.manifest)
-        self._last_logits.clear()
-        self._computed = 0
+        self._reset_state()
 
-    def logits(self, exit: int) -> np.ndarray:
-        """Next-token logits [vocab] after all tokens fed so far, as exit `exit` alone would give them."""
+    def logits(self, exit: int, every_position: bool = False) -> np.ndarray:
+        """Next-token logits [vocab] after all tokens fed so far, as exit `exit` alone would give them.
+
+        every_position: the logits [positions, vocab] of every position this call computed (all of a fresh
+        sequence's tokens: what evaluation and verification compare), instead of the last one only."""
         count = len(self.tokens)
         if count == 0:
             raise BalconyError("the sequence is empty; feed at least one token (a prompt) before asking for logits")
-        if exit not in self.runners:
-            raise BalconyError(f"exit {exit} is not in this export; exits: {', '.join(map(str, sorted(self.runners)))}")
+        if exit not in self.chains:
+            raise BalconyError(f"exit {exit} is not in this export; exits: {', '.join(map(str, sorted(self.chains)))}")
         last = self._last_logits.get(exit)
-        if last is not None and last[0] == count:
+        if last is not None and last[0] == count and not every_position:
             self.last_catch_up = 0
             return last[1]
-        runner = self.runners[exit]
-        start = min(self.cache.missing_from(runner.entry.cache_slots), count - 1)
-        logits = runner.run(self.tokens[start:], start, self.cache)
+        self.cache.reserve(count)
+        *body, head = self.chains[exit]
+        earliest, hidden = count - 1, None
+        for runner in body:
+            start, hidden = self._run_piece(runner, count)
+            earliest = min(earliest, start)
+        rows = hidden if every_position else hidden[:, -1:]
+        logits = self._run(head, rows, rows.shape[1])[0]
         # Positions some exit had computed before are a catch-up; never-computed ones (a prompt) are a prefill.
-        self.last_catch_up = max(0, min(self._computed, count - 1) - start)
+        self.last_catch_up = max(0, min(self._computed, count - 1) - earliest)
         self._computed = max(self._computed, count)
-        self._last_logits[exit] = (count, logits)
-        return logits
+        self._last_logits[exit] = (count, logits[-1])
+        return logits if every_position else logits[-1]
+
+    def _run_piece(self, runner: PieceRunner, count: int) -> tuple[int, np.ndarray]:
+        """Bring one piece up to `count` positions (at least the last one computed); (first position run, its output)."""
+        piece = runner.piece
+        start = min(self.cache.filled_of(piece.cache_slots), count - 1)
+        if piece.first_layer == 0 and piece.kind == "segment":
+            first = np.asarray([self.tokens[start:count]], dtype=np.int64)
+        else:
+            first = self._boundaries[piece.first_layer].take(start, count)
+        output = self._run(runner, first, count)
+        self.cache.mark(piece.cache_slots, count)
+        if piece.kind == "segment" and piece.end_layer in self._consumers:
+            boundary = self._boundaries.setdefault(piece.end_layer, Boundary())
+            boundary.put(start, output)
+            needed = min(self.cache.filled_of(c.piece.cache_slots) for c in self._consumers[piece.end_layer])
+            boundary.drop_before(min(needed, count - 1))
+        return start, output
+
+    def _run(self, runner: PieceRunner, first: np.ndarray, count: int) -> np.ndarray:
+        name = runner.piece.name
+        version, binding = self._bindings.get(name, (None, None))
+        if version != self.cache.version:
+            binding = runner.binding(self.cache)
+            self._bindings[name] = (self.cache.version, binding)
+        return runner.run(binding, first, count)

@@ -1,4 +1,5 @@
-"""One onnxruntime session per exit, all sharing one copy of the weights, on the first provider that works."""
+"""One onnxruntime session per piece of the exits' chains, on the first provider that works; each weight lives in
+the one session of the one piece that uses it (the shared rotary tables excepted), so prepacking costs no copies."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import onnxruntime as ort
 
 from ..errors import BalconyError
 from ..validation import is_whole_number
-from .manifest import ExitGraph, Manifest
+from .manifest import Manifest, Piece
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -24,22 +25,11 @@ class SessionSettings:
     providers: tuple[str, ...] = PROVIDER_ORDER
     threads: int | None = None  # intra-op threads; None: onnxruntime's default (all cores)
     trt_cache: str | None = None  # folder for TensorRT engine and timing caches
-    prepack: bool | None = None  # CPU MatMul weight prepacking; None: `default_prepack` of the export's precision
+    prepack: bool = True  # CPU MatMul weight prepacking (off only to measure what it brings)
 
     def __post_init__(self) -> None:
         if self.threads is not None and not (is_whole_number(self.threads) and self.threads >= 1):
             raise BalconyError(f"threads {self.threads!r} must be a whole number, at least 1 (or None for all cores)")
-
-
-def default_prepack(manifest: Manifest) -> bool:
-    """Whether CPU sessions prepack MatMul weights unless told: yes for quantised exports, no for float ones.
-
-    onnxruntime prepacks per session, also weights lent through add_initializer, and this Python API offers no
-    container to share the packed copies; so in float every exit's session would hold its own copy of the
-    backbone layers it runs (fp32 SmolLM2, four sessions: about 2.1 GB instead of the 0.6 GB mapped file). Float
-    MatMul runs about 15% slower unpacked; MatMulNBits is unusable unpacked (int4: 20x slower). See README.md, "Prepacking".
-    """
-    return manifest.quantization is not None
 
 
 def resolve_providers(requested: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -111,13 +101,12 @@ def session_options(threads: int | None, prepack: bool) -> ort.SessionOptions:
     return options
 
 
-def open_session(folder: Path, entry: ExitGraph, weights: SharedWeights, provider: str, settings: SessionSettings) -> ort.InferenceSession:
-    """A session for one exit graph whose weights are the shared OrtValues (no copy of its own)."""
-    prepack = settings.prepack if settings.prepack is not None else default_prepack(weights.manifest)
-    options = session_options(settings.threads, prepack)
-    for name in entry.weights:
+def open_session(folder: Path, piece: Piece, weights: SharedWeights, provider: str, settings: SessionSettings) -> ort.InferenceSession:
+    """A session for one piece's graph whose weights are lent from the memory-mapped weights file."""
+    options = session_options(settings.threads, settings.prepack)
+    for name in piece.weights:
         options.add_initializer(name, weights.value(name))
     providers = [_provider_options(provider, settings, weights.device)]
     if provider != "CPUExecutionProvider":
         providers.append(("CPUExecutionProvider", {}))  # for the nodes the accelerator does not take
-    return ort.InferenceSession(str(Path(folder) / entry.graph), sess_options=options, providers=providers)
+    return ort.InferenceSession(str(Path(folder) / piece.graph), sess_options=options, providers=providers)

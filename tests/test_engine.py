@@ -105,11 +105,38 @@ def test_context_length_is_a_clear_error_or_an_opt_in_window(engine):
 
 
 def test_all_sessions_share_one_copy_of_the_weights(engine):
-    weights = engine.manifest.weights
+    pieces = engine.manifest.pieces
     lent = engine.weights.nbytes()
-    assert lent == sum(entry.length for entry in weights.values())
-    assert {id(runner.session) for runner in engine.runners.values()}.__len__() == len(engine.exits)
+    assert lent == sum(engine.manifest.weights[name].length for name in {n for p in pieces for n in p.weights})
+    assert len({id(runner.session) for runner in engine.runners.values()}) == len(pieces)
     assert engine.provider == "CPUExecutionProvider"
+
+
+def test_no_weight_is_in_two_sessions(engine):
+    """Each session prepacks what it is lent: a weight lent to two sessions would be packed twice. Only the rotary
+    tables (read by GroupQueryAttention, never packed) and a tied embedding (looked up by Gather in the first
+    segment, multiplied by the head) are lent to more than one."""
+    owners: dict[str, list[str]] = {}
+    for runner in engine.runners.values():
+        for name in runner.piece.weights:
+            owners.setdefault(name, []).append(runner.piece.name)
+    shared = {name: where for name, where in owners.items() if len(where) > 1}
+    assert set(shared) <= {"base.rotary.cos_cache", "base.rotary.sin_cache", "base.model.embed_tokens.weight"}
+    assert shared["base.model.embed_tokens.weight"] == ["layers_0_0", "head"]
+
+
+def test_the_cache_is_written_in_place(engine):
+    sequence = engine.sequence(list(range(5, 15)))
+    sequence.logits(engine.exits[-1])
+    buffers = {slot: tuple(id(a) for a in pair) for slot, pair in sequence.cache._host.items()}
+    before = sequence.cache.keys("layer.0", 10)
+    for token in (3, 4, 5):
+        sequence.append(token)
+        sequence.logits(engine.exits[-1])
+    assert {slot: tuple(id(a) for a in pair) for slot, pair in sequence.cache._host.items()} == buffers
+    after = sequence.cache.keys("layer.0", 13)
+    np.testing.assert_array_equal(after[:, :, :10], before)
+    assert np.abs(after[:, :, 10:]).sum() > 0 and sequence.cache.filled["layer.0"] == 13
 
 
 def test_a_corrupted_export_is_refused(tiny_export, tmp_path):

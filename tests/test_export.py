@@ -1,4 +1,5 @@
-"""Export: one ONNX graph per exit plus the full model, weights stored once, a manifest, verified against torch."""
+"""Export: piece graphs (segments, balconies, head) and one standard graph per exit, weights stored once, a manifest,
+verified against torch."""
 
 # ruff: noqa: F811  (the fixtures come from export_fixtures; pytest passes them in by name)
 
@@ -26,7 +27,8 @@ from balcony_edge.export.inspect import inspect_export
 from balcony_edge.export.verify import GraphDecoder
 from balcony_edge.export.weights import PAGE_ALIGNMENT, WeightFile
 from balcony_edge.generate import generate_greedy
-from balcony_edge.runtime.manifest import Manifest, graph_input_names, graph_output_names
+from balcony_edge.runtime.engine import Engine
+from balcony_edge.runtime.manifest import Manifest
 from conftest import CHAT_TEMPLATE, TINY_EXITS, TINY_LAYERS
 
 PROMPT = [5, 17, 42, 99, 7]
@@ -44,8 +46,9 @@ def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
 def external_tensors(folder: Path) -> dict[str, list[tuple[str, int, int]]]:
     """Every initializer stored in a data file: name -> [(location, offset, length) per graph using it]."""
     found: dict[str, list[tuple[str, int, int]]] = {}
-    for entry in Manifest.load(folder).exits:
-        graph = onnx.load(folder / entry.graph, load_external_data=False)
+    manifest = Manifest.load(folder)
+    for file in [p.graph for p in manifest.pieces] + [e.graph for e in manifest.exits]:
+        graph = onnx.load(folder / file, load_external_data=False)
         for tensor in graph.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 info = {item.key: item.value for item in tensor.external_data}
@@ -65,28 +68,52 @@ def test_every_exit_and_the_full_model_get_a_graph(tiny_export):
     assert [e.exit for e in manifest.exits] == [*TINY_EXITS, TINY_LAYERS]
     assert [e.num_layers for e in manifest.exits] == [k + 1 for k in TINY_EXITS] + [TINY_LAYERS]
     assert all((tiny_export / e.graph).is_file() for e in manifest.exits)
+    assert all((tiny_export / p.graph).is_file() for p in manifest.pieces)
+
+
+def test_exits_are_chains_of_pieces(tiny_export):
+    manifest = Manifest.load(tiny_export)
+    assert [(p.name, p.kind, p.first_layer, p.end_layer) for p in manifest.pieces] == [
+        ("layers_0_0", "segment", 0, 1), ("layers_1_1", "segment", 1, 2), ("layers_2_3", "segment", 2, 4),
+        ("balcony_1", "balcony", 1, 1), ("balcony_2", "balcony", 2, 2), ("head", "head", 4, 4),
+    ]
+    assert [e.chain for e in manifest.exits] == [
+        ["layers_0_0", "balcony_1", "head"], ["layers_0_0", "layers_1_1", "balcony_2", "head"],
+        ["layers_0_0", "layers_1_1", "layers_2_3", "head"],
+    ]
+    owners: dict[str, str] = {}
+    for piece in manifest.pieces:
+        for name in piece.weights:
+            # The rotary tables are read by every segment and balcony; the tied embedding by segment 0 and the head.
+            if not name.startswith("base.rotary.") and name != "base.model.embed_tokens.weight":
+                assert owners.setdefault(name, piece.name) == piece.name, f"{name} is in {owners[name]} and {piece.name}"
+
+
+def test_pieces_use_onnxruntime_fused_ops(tiny_export):
+    segment = onnx.load(tiny_export / "layers_2_3.onnx", load_external_data=False)
+    ops = [n.op_type for n in segment.graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipSimplifiedLayerNormalization") == 4
+    assert ops.count("MatMul") == 4 * 2  # per layer: fused QKV, output, fused gate/up, down
+    assert "Transpose" not in ops and "Softmax" not in ops
 
 
 @pytest.mark.parametrize("exit", [*TINY_EXITS, TINY_LAYERS])
-def test_graph_has_the_decoder_io_contract_with_dynamic_dims(tiny_export, exit):
+def test_standard_graph_has_the_decoder_io_contract_with_dynamic_dims(tiny_export, exit):
     manifest = Manifest.load(tiny_export)
     layers, kv = manifest.exit_graph(exit).num_layers, manifest.kv
     graph = session(tiny_export, exit)
-    assert [i.name for i in graph.get_inputs()] == graph_input_names(layers)
-    assert [o.name for o in graph.get_outputs()] == graph_output_names(layers)
+    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    assert [i.name for i in graph.get_inputs()] == ["input_ids", "attention_mask", *past_names]
+    assert [o.name for o in graph.get_outputs()] == ["logits"] + [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     shapes = {i.name: i.shape for i in graph.get_inputs()}
     assert shapes["input_ids"] == ["batch_size", "sequence_length"]
     assert shapes["attention_mask"] == ["batch_size", "total_sequence_length"]
-    assert shapes["past_key_values.0.key"] == ["batch_size", kv.num_kv_heads, "past_sequence_length", kv.head_dim]
+    assert shapes["past_key_values.0.key"] == ["batch_size", kv.num_kv_heads, "cache_length", kv.head_dim]
 
     def run(ids: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
         batch, length, cached = ids.shape[0], ids.shape[1], past[0].shape[2]
-        feeds = {
-            "input_ids": ids,
-            "attention_mask": np.ones((batch, cached + length), np.int64),
-            "position_ids": np.tile(np.arange(cached, cached + length), (batch, 1)),
-        }
-        feeds.update(zip(graph_input_names(layers)[3:], past))
+        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, cached + length), np.int64)}
+        feeds.update(zip(past_names, past))
         return graph.run(None, feeds)
 
     empty = [np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), np.float32)] * (2 * layers)
@@ -119,18 +146,40 @@ def test_every_weight_lies_once_in_the_one_data_file(tiny_export, tiny_model):
     assert len(set(digests)) == len(digests), "the same content is stored twice"
     assert all(offset % PAGE_ALIGNMENT == 0 for offset, length in spans if length >= PAGE_ALIGNMENT)
     parameters = sum(p.numel() * p.element_size() for p in tiny_model.parameters())
-    assert parameters <= len(data) <= 1.05 * parameters
+    rotary = sum(length for name, [(_, _, length), *_] in tensors.items() if name.startswith("base.rotary."))
+    assert rotary == 2 * tiny_model.base.config.max_position_embeddings * Manifest.load(tiny_export).kv.head_dim // 2 * 4
+    assert parameters + rotary <= len(data) <= 1.05 * (parameters + rotary)
+
+
+FUSED = {".qkv_proj.weight.T": ("q_proj", "k_proj", "v_proj"), ".gate_up_proj.weight.T": ("gate_proj", "up_proj")}
+
+
+def expected_weight(state: dict, name: str) -> tuple[np.ndarray, list[str]]:
+    """What a stored weight must hold, from the torch parameters, and which parameters it holds."""
+    for suffix, parts in FUSED.items():
+        if name.endswith(suffix):
+            prefix = name.removesuffix(suffix)
+            names = [f"{prefix}.{part}.weight" for part in parts]
+            return np.concatenate([state[n].numpy() for n in names]).T, names
+    if name.endswith(".T"):
+        return state[name.removesuffix(".T")].numpy().T, [name.removesuffix(".T")]
+    return state[name].numpy(), [name]
 
 
 def test_stored_weights_are_the_torch_parameters(tiny_export, tiny_model):
     data = (tiny_export / "weights.bin").read_bytes()
-    state = tiny_model.state_dict()
+    state = dict(tiny_model.named_parameters())
+    state = {name: p.detach() for name, p in state.items()}
+    covered = set()
     for name, [(_, offset, length), *_] in external_tensors(tiny_export).items():
         stored = np.frombuffer(data[offset : offset + length], dtype=np.float32)
-        expected = state[name.removesuffix(".T")].numpy()
-        expected = expected.T if name.endswith(".T") else expected
+        if name.startswith("base.rotary."):
+            assert stored.size == tiny_model.base.config.max_position_embeddings * Manifest.load(tiny_export).kv.head_dim // 2
+            continue
+        expected, parameters = expected_weight(state, name)
         np.testing.assert_array_equal(stored, np.ascontiguousarray(expected).ravel(), err_msg=name)
-    assert {n.removesuffix(".T") for n in external_tensors(tiny_export)} == set(dict(tiny_model.named_parameters()))
+        covered.update(parameters)
+    assert covered == set(state)
 
 
 def test_manifest_weight_table_matches_the_graphs(tiny_export):
@@ -139,7 +188,7 @@ def test_manifest_weight_table_matches_the_graphs(tiny_export):
     assert {name: places[0][1:] for name, places in tensors.items()} == {
         name: (entry.offset, entry.length) for name, entry in manifest.weights.items()
     }
-    for entry in manifest.exits:
+    for entry in [*manifest.pieces, *manifest.exits]:
         graph = onnx.load(tiny_export / entry.graph, load_external_data=False)
         assert entry.weights == [t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     embedding = manifest.weights["base.model.embed_tokens.weight"]
@@ -147,11 +196,12 @@ def test_manifest_weight_table_matches_the_graphs(tiny_export):
 
 
 def test_tied_head_reads_the_embedding_itself(tiny_export):
-    full = onnx.load(tiny_export / "full.onnx", load_external_data=False)
-    names = {t.name for t in full.graph.initializer}
-    assert "base.model.embed_tokens.weight" in names and not any("lm_head" in n or "embed_tokens.weight.T" in n for n in names)
-    gemm = [n for n in full.graph.node if n.op_type == "Gemm"]
-    assert [n.input[1] for n in gemm] == ["base.model.embed_tokens.weight"]
+    for file in ("head.onnx", "full.onnx"):
+        graph = onnx.load(tiny_export / file, load_external_data=False)
+        names = {t.name for t in graph.graph.initializer}
+        assert "base.model.embed_tokens.weight" in names and not any("lm_head" in n or "embed_tokens.weight.T" in n for n in names)
+        gemm = [n for n in graph.graph.node if n.op_type == "Gemm"]
+        assert [n.input[1] for n in gemm] == ["base.model.embed_tokens.weight"]
 
 
 # --- manifest, report and inspect --------------------------------------------------------------------------
@@ -162,8 +212,7 @@ def test_manifest_describes_the_export(tiny_export, tiny_model):
     config = tiny_model.base.config
     assert manifest.base["sha256"] == tiny_model.base_identity.sha256
     assert manifest.cache_slots == ["layer.0", "layer.1", "layer.2", "layer.3", "balcony.1", "balcony.2"]
-    assert manifest.exit_graph(2).cache_slots == [0, 1, 5]
-    assert manifest.exit_graph(TINY_LAYERS).cache_slots == [0, 1, 2, 3]
+    assert [p.cache_slots for p in manifest.pieces] == [["layer.0"], ["layer.1"], ["layer.2", "layer.3"], ["balcony.1"], ["balcony.2"], []]
     assert (manifest.kv.num_kv_heads, manifest.kv.head_dim, manifest.kv.dtype) == (2, 16, "float32")
     assert manifest.generation.eos_token_ids == [config.eos_token_id]
     assert manifest.generation.context_length == config.max_position_embeddings
@@ -178,13 +227,20 @@ def test_manifest_describes_the_export(tiny_export, tiny_model):
 
 def test_fp32_export_matches_torch_logits_and_greedy_tokens(tiny_export, tiny_model):
     manifest = Manifest.load(tiny_export)
+    engine = Engine.load(tiny_export, providers=["cpu"])
     for entry in manifest.exits:
-        decoder = GraphDecoder(tiny_export / entry.graph, entry, manifest.kv)
-        logits = decoder.step(PROMPT)
         with torch.no_grad():
             expected = tiny_model.exit_model(entry.exit)(input_ids=torch.tensor([PROMPT])).logits[0].numpy()
-        np.testing.assert_allclose(logits, expected, atol=1e-4)
-        assert decoder.greedy(logits, 16) == generate_greedy(tiny_model, entry.exit, PROMPT, 16)
+        standard = GraphDecoder(tiny_export / entry.graph, entry, manifest.kv).prompt_logits(PROMPT)
+        np.testing.assert_allclose(standard, expected, atol=1e-4)
+        sequence = engine.sequence(PROMPT)
+        chain = sequence.logits(entry.exit, every_position=True)
+        np.testing.assert_allclose(chain, expected, atol=1e-4)
+        tokens = []
+        for _ in range(16):
+            tokens.append(int(np.argmax(sequence.logits(entry.exit))))
+            sequence.append(tokens[-1])
+        assert tokens == generate_greedy(tiny_model, entry.exit, PROMPT, 16)
 
 
 def test_report_records_the_verification(tiny_export):
@@ -192,6 +248,7 @@ def test_report_records_the_verification(tiny_export):
     checks = report["verification"]["exits"]
     assert [c["exit"] for c in checks] == [*TINY_EXITS, TINY_LAYERS]
     assert all(c["max_abs_diff"] <= 1e-4 and c["greedy_matched"] == c["greedy_tokens"] == 32 for c in checks)
+    assert all(c["graph_max_abs_diff"] <= 1e-5 for c in checks)
     assert report["export_seconds"] > 0 and report["weights_file_bytes"] >= report["parameter_bytes"]
 
 
@@ -226,12 +283,13 @@ def test_quantized_export_runs_without_nan_and_reports_agreement(tiny_checkpoint
     assert [c["exit"] for c in checks] == [1, TINY_LAYERS]
     assert all(c["finite"] and 0.5 <= c["top1_agreement"] <= 1.0 for c in checks)
     full = onnx.load(out / "full.onnx", load_external_data=False)
-    assert sum(n.op_type == "MatMulNBits" for n in full.graph.node) == 7 * TINY_LAYERS + 1  # the head too
+    assert sum(n.op_type == "MatMulNBits" for n in full.graph.node) == 4 * TINY_LAYERS + 1  # the head too
     tensors = external_tensors(out)
     assert all(len(set(places)) == 1 for places in tensors.values())
-    assert f"base.model.layers.0.self_attn.q_proj.weight.T_Q{method[3:]}" in tensors
-    shared = [name for name, places in tensors.items() if len(places) == 2]
-    assert "base.model.embed_tokens.weight" in shared and "base.model.layers.0.mlp.up_proj.weight.T_scales" in shared
+    assert f"base.model.layers.0.self_attn.qkv_proj.weight.T_Q{method[3:]}" in tensors
+    used_by = {name: len(places) for name, places in tensors.items()}
+    assert used_by["base.model.embed_tokens.weight"] == 3  # layers_0_0.onnx, exit_1.onnx, full.onnx
+    assert used_by["base.model.layers.0.mlp.gate_up_proj.weight.T_scales"] == 3
 
 
 def test_fp16_export_halves_the_weights_and_agrees_with_fp32(tiny_checkpoint, tiny_export, tmp_path):
@@ -323,8 +381,8 @@ def test_interrupted_export_leaves_nothing_behind(tiny_checkpoint, tmp_path, mon
         exported.append(original(*args, **kwargs))
         return exported[-1]
 
-    original = exporter.export_exit_graph
-    monkeypatch.setattr(exporter, "export_exit_graph", interrupt_at_the_second_graph)
+    original = exporter.save_graph
+    monkeypatch.setattr(exporter, "save_graph", interrupt_at_the_second_graph)
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=tmp_path / "exports" / "out", exits="1"))
     assert list((tmp_path / "exports").iterdir()) == []

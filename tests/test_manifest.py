@@ -21,10 +21,21 @@ from balcony_edge.runtime.manifest import (
     GenerationDefaults,
     KVShape,
     Manifest,
+    Piece,
     WeightEntry,
-    graph_input_names,
-    graph_output_names,
 )
+
+
+def _segment(start: int, end: int) -> Piece:
+    return Piece(f"layers_{start}_{end - 1}", "segment", f"layers_{start}_{end - 1}.onnx", start, end, [f"layer.{i}" for i in range(start, end)], [])
+
+
+PIECES = [
+    _segment(0, 8), _segment(8, 16), _segment(16, 30),
+    Piece("balcony_8", "balcony", "balcony_8.onnx", 8, 8, ["balcony.8"], ["norms.8.weight"]),
+    Piece("balcony_16", "balcony", "balcony_16.onnx", 16, 16, ["balcony.16"], []),
+    Piece("head", "head", "head.onnx", 30, 30, [], ["base.model.embed_tokens.weight"]),
+]
 
 
 def _manifest(files: dict[str, str] | None = None) -> Manifest:
@@ -42,10 +53,11 @@ def _manifest(files: dict[str, str] | None = None) -> Manifest:
         },
         kv=KVShape(num_kv_heads=3, head_dim=64, num_attention_heads=9, hidden_size=576, dtype="float32"),
         cache_slots=[f"layer.{i}" for i in range(30)] + ["balcony.8", "balcony.16"],
+        pieces=PIECES,
         exits=[
-            ExitGraph(8, "exit_8.onnx", 9, [*range(8), 30], ["norms.8.weight"], weight_bytes_per_token=1, quality=0.39),
-            ExitGraph(16, "exit_16.onnx", 17, [*range(16), 31], [], weight_bytes_per_token=2, quality=0.46),
-            ExitGraph(30, "full.onnx", 30, list(range(30)), [], weight_bytes_per_token=3, quality=1.0),
+            ExitGraph(8, "exit_8.onnx", 9, ["layers_0_7", "balcony_8", "head"], ["norms.8.weight"], weight_bytes_per_token=1, quality=0.39),
+            ExitGraph(16, "exit_16.onnx", 17, ["layers_0_7", "layers_8_15", "balcony_16", "head"], [], weight_bytes_per_token=2, quality=0.46),
+            ExitGraph(30, "full.onnx", 30, ["layers_0_7", "layers_8_15", "layers_16_29", "head"], [], weight_bytes_per_token=3, quality=1.0),
         ],
         generation=GenerationDefaults(eos_token_ids=[2], bos_token_id=1, pad_token_id=2, context_length=8192),
         tokenizer_files=["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"],
@@ -59,7 +71,7 @@ def test_manifest_round_trips_through_json():
     manifest = _manifest({"weights.bin": "00" * 32})
     again = Manifest.from_json(manifest.to_json())
     assert again == manifest
-    assert again.exit_graph(16).cache_slots[-1] == 31
+    assert again.exit_graph(16).chain[-2] == "balcony_16" and again.pieces[2].cache_slots[-1] == "layer.29"
     assert again.weights["norms.8.weight"] == WeightEntry(113246208, 2304, "float32", [576])
     assert again.exit_graph(30).is_full and not again.exit_graph(8).is_full
     assert json.loads(manifest.to_json())["schema_version"] == SCHEMA_VERSION
@@ -108,7 +120,8 @@ EMBED = "base.model.embed_tokens.weight"
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        (("exits", 1, "cache_slots", 0), "x", "field exits[1].cache_slots[0] is 'x', not an int"),
+        (("exits", 1, "chain", 0), 3, "field exits[1].chain[0] is 3, not a string"),
+        (("pieces", 0, "first_layer"), "0", "field pieces[0].first_layer is '0', not an int"),
         (("num_layers",), True, "field num_layers is True, not an int"),
         (("num_layers",), 30.0, "field num_layers is 30.0, not an int"),
         (("vocab_size",), None, "field vocab_size is None, not an int"),
@@ -144,8 +157,17 @@ def test_a_field_of_the_wrong_type_is_refused_with_its_path(path, value, message
         (("exits", 2, "exit"), 29, "field exits[2].exit is 29, not num_layers (30), the full model"),
         (("exits", 0, "exit"), 0, "field exits[0].exit is 0, not between 1 and 29"),
         (("exits", 1, "num_layers"), 16, "field exits[1].num_layers is 16, not 17 for exit 16"),
-        (("exits", 1, "cache_slots"), [0, 1], "field exits[1].cache_slots has 2 slots, not one per layer (17)"),
-        (("exits", 1, "cache_slots", 16), 32, "field exits[1].cache_slots[16] is 32, not an index into cache_slots (0..31)"),
+        (("pieces", 1, "cache_slots"), ["layer.8"], "field pieces[1].cache_slots has 1 slots, not 8 for a segment of its layers"),
+        (("pieces", 1, "cache_slots", 7), "layer.31", "field pieces[1].cache_slots[7] is 'layer.31', not one of cache_slots"),
+        (("pieces", 1, "kind"), "tail", "field pieces[1].kind is 'tail', not one of segment, balcony, head"),
+        (("pieces", 1, "name"), "layers_0_7", "field pieces[1].name is 'layers_0_7', the name of an earlier piece"),
+        (("pieces", 1, "end_layer"), 31, "field pieces[1].first_layer is 8, not a layer range within 0..30"),
+        (("pieces", 3, "weights", 0), "norms.9.weight", "field pieces[3].weights[0] is 'norms.9.weight', not a key of weights"),
+        (("exits", 1, "chain", 1), "layers_16_29", "field exits[1].chain[1] is 'layers_16_29', not the segment that follows depth 8"),
+        (("exits", 1, "chain", 2), "balcony_8", "field exits[1].chain[2] is 'balcony_8', not the balcony that follows depth 16"),
+        (("exits", 1, "chain", 3), "nowhere", "field exits[1].chain[3] is 'nowhere', not the name of a piece"),
+        (("exits", 0, "chain"), ["layers_0_7", "head"], "field exits[0].chain stops before exit 8"),
+        (("exits", 2, "chain"), ["layers_0_7", "layers_8_15", "head"], "field exits[2].chain stops before exit 30"),
         (("exits", 0, "weights", 0), "norms.9.weight", "field exits[0].weights[0] is 'norms.9.weight', not a key of weights"),
         (("exits", 0, "quality"), 1.5, "field exits[0].quality is 1.5, not between 0 and 1"),
         (("exits", 0, "weight_bytes_per_token"), -1, "field exits[0].weight_bytes_per_token is -1, not a size"),
@@ -209,6 +231,7 @@ def test_quality_written_as_an_int_is_read_as_a_float():
 def test_named_files_lists_every_file_once_in_order():
     manifest = _manifest({"weights.bin": "00" * 32, "report.json": "11" * 32})
     assert manifest.named_files() == [
+        "layers_0_7.onnx", "layers_8_15.onnx", "layers_16_29.onnx", "balcony_8.onnx", "balcony_16.onnx", "head.onnx",
         "exit_8.onnx", "exit_16.onnx", "full.onnx", "weights.bin", "tokenizer.json", "tokenizer_config.json",
         "chat_template.jinja", "report.json",
     ]
@@ -316,13 +339,9 @@ def test_the_annotation_check_of_the_fuzz_tests_tells_a_wrong_type():
 
 
 def test_graph_io_names_follow_the_optimum_convention():
-    assert graph_input_names(2) == [
-        "input_ids", "attention_mask", "position_ids",
-        "past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value",
-    ]
-    assert graph_output_names(1) == ["logits", "present.0.key", "present.0.value"]
     io_names = _manifest().io_names
-    assert io_names["past_key"].format(i=3) == "past_key_values.3.key" and io_names["present_value"] == "present.{i}.value"
+    assert (io_names["input_ids"], io_names["attention_mask"], io_names["logits"]) == ("input_ids", "attention_mask", "logits")
+    assert io_names["past_key"].format(slot=3) == "past_key_values.3.key" and io_names["present_value"] == "present.{slot}.value"
 
 
 def test_manifest_module_needs_no_torch():

@@ -11,13 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..runtime.manifest import (
-    ATTENTION_MASK,
-    INPUT_IDS,
-    POSITION_IDS,
-    graph_input_names,
-    graph_output_names,
-)
+from ..runtime.manifest import ATTENTION_MASK, INPUT_IDS
 from ..runtime.sessions import session_options
 
 
@@ -91,9 +85,9 @@ class BareDecoder:
     def __init__(self, graph: Path, threads: int | None, kv_heads: int, head_dim: int, dtype=np.float32, providers=None):
         options = session_options(threads, prepack=True)
         self.session = ort.InferenceSession(str(graph), sess_options=options, providers=providers or ["CPUExecutionProvider"])
-        self.layers = (len(self.session.get_inputs()) - 3) // 2
-        self.input_names = graph_input_names(self.layers)
-        self.output_names = graph_output_names(self.layers)
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name not in (INPUT_IDS, ATTENTION_MASK)]
+        self.output_names = [o.name for o in self.session.get_outputs()]  # logits, then the presents in past order
+        self.layers = len(self.past_names) // 2
         self.empty = np.zeros((1, kv_heads, 0, head_dim), dtype=dtype)
         self.past: list[np.ndarray] = []
         self.length = 0
@@ -103,9 +97,8 @@ class BareDecoder:
         feed = {
             INPUT_IDS: np.asarray([token_ids], dtype=np.int64),
             ATTENTION_MASK: np.ones((1, self.length + count), dtype=np.int64),
-            POSITION_IDS: np.arange(self.length, self.length + count, dtype=np.int64)[None, :],
         }
-        feed.update(zip(self.input_names[3:], self.past))
+        feed.update(zip(self.past_names, self.past))
         outputs = self.session.run(self.output_names, feed)
         self.past, self.length = outputs[1:], self.length + count
         return outputs[0][0, -1]  # logits come first

@@ -10,12 +10,13 @@ from ..paths import cache_dir
 from ..runtime.manifest import Manifest
 
 FLOOR_DATA_SUFFIX = ".data"
+FLOOR_VERSION = 2  # 2: built by the graph builder (fused contrib ops), no longer traced
 
 
 def floor_dir(manifest: Manifest) -> Path:
     """<cache>/bench/floors/<base sha256 prefix>-<precision>: floor graphs of one base model and precision."""
     precision = manifest.dtype if manifest.quantization is None else f"{manifest.dtype}-{manifest.quantization['method']}"
-    return cache_dir() / "bench" / "floors" / f"{manifest.base['sha256'][:16]}-{precision}"
+    return cache_dir() / "bench" / "floors" / f"v{FLOOR_VERSION}-{manifest.base['sha256'][:16]}-{precision}"
 
 
 def floor_graph_path(manifest: Manifest, layers: int) -> Path:
@@ -23,9 +24,9 @@ def floor_graph_path(manifest: Manifest, layers: int) -> Path:
 
 
 def torch_available() -> bool:
-    """Whether the torch side (torch, transformers, onnx, onnxscript) can export floor graphs here."""
+    """Whether the torch side (torch, transformers, onnx) can build floor graphs here."""
     try:
-        import onnxscript  # noqa: F401
+        import onnx  # noqa: F401
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
@@ -58,61 +59,20 @@ def check_same_base(manifest: Manifest, base) -> None:
         )
 
 
-def truncated_model(model, layers: int):
-    """The base causal LM with only its first `layers` decoder layers, sharing modules with `model` (no copy)."""
-    import copy
-
-    import torch
-    from torch import nn
-
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = list(config.layer_types[:layers])
-    with torch.device("meta"):
-        cut = type(model)(config)
-    cut.model.embed_tokens = model.model.embed_tokens
-    cut.model.layers = nn.ModuleList(list(model.model.layers[:layers]))
-    cut.model.norm = model.model.norm
-    cut.model.rotary_emb = model.model.rotary_emb
-    cut.lm_head = model.lm_head
-    return cut.eval()
-
-
 def export_floor(model, layers: int, manifest: Manifest, path: Path) -> None:
-    """Export a truncated base model with the export's own passes, dtype and quantisation; weights beside it."""
+    """Build a truncated base model with the export's own graph builder, dtype and quantisation; weights beside it."""
     import onnx
-    import onnx_ir as ir
-    import onnxscript.optimizer
-    import torch
 
-    from ..export.exporter import DTYPES
-    from ..export.onnx_graph import (
-        _WRAPPED,
-        export_decoder,
-        fold_weight_transposes,
-        strip_debug_metadata,
-        tied_head_as_gemm,
-    )
+    from ..export.exporter import NUMPY_DTYPES
+    from ..export.pieces import PieceGraphs
     from ..export.quantize import quantize_graph
 
-    dtype = DTYPES[manifest.dtype]
-    decoder = truncated_model(model, layers)
-    if dtype != torch.float32:
+    quantized = manifest.quantization is not None
+    if NUMPY_DTYPES[manifest.dtype] != NUMPY_DTYPES["fp32"]:
         import copy
 
-        decoder = copy.deepcopy(decoder)
-        for parameter in decoder.parameters():
-            parameter.data = parameter.data.to(dtype)
-    quantized = manifest.quantization is not None
-    graph = export_decoder(decoder, dtype)
-    names = {f"{_WRAPPED}.{name}" for name, _ in decoder.named_parameters(remove_duplicate=False)}
-    if not quantized:
-        tied_head_as_gemm(graph)
-    fold_weight_transposes(graph, names)
-    onnxscript.optimizer.optimize(graph)
-    strip_debug_metadata(graph)
-    proto = ir.serde.serialize_model(graph)
+        model = copy.deepcopy(model).half()
+    proto = PieceGraphs(model, NUMPY_DTYPES[manifest.dtype], tie_head_as_gemm=not quantized).truncated(layers)
     if quantized:
         proto = quantize_graph(proto, manifest.quantization["method"])
     path.parent.mkdir(parents=True, exist_ok=True)
