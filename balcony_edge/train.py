@@ -24,10 +24,11 @@ from .base_model import DEFAULT_BASE, BaseModel, load_base_model
 from .atomic import readable_folder
 from .checkpoint import STATE_FILE, build_model, copy_balcony_weights, read_info, resume_hint, save_checkpoint
 from .console import console, say
-from .data import DEFAULT_CORPUS, load_corpus, pack
+from .data import DEFAULT_CORPUS, load_corpus, load_source, pack, weighted_sources
 from .distill import distill_backward
 from .errors import BalconyError, CheckpointError, TrainingStopped
 from .exits import parse_exits
+from .precision import fast_bf16
 from .validation import is_finite_number, is_whole_number
 from .model import (
     BALCONY_INITS,
@@ -70,6 +71,7 @@ FIELD_RULES = {
     "seed": ("an integer of at least 0", lambda v: is_whole_number(v) and v >= 0),
     "threads": COUNT,
     "kl_chunk": COUNT,
+    "distill_top_k": ("an integer of at least 0", lambda v: is_whole_number(v) and v >= 0),
 }
 OPTIONAL_FIELDS = ("epochs", "max_tokens", "max_minutes", "threads")  # None: not given
 CHOICES = {"precision": PRECISIONS, "save_dtype": tuple(SAVE_DTYPES), "balcony_init": BALCONY_INITS, "norm_init": NORM_INITS}
@@ -105,6 +107,7 @@ class TrainConfig:
     balcony_init: str = "last"
     norm_init: str = DEFAULT_NORM_INIT
     kl_chunk: int = 256  # tokens
+    distill_top_k: int = 32  # KL over the union of the teacher's top-k tokens per chunk; 0: the whole vocabulary
     save_dtype: str = "fp32"
     threads: int | None = None
 
@@ -176,6 +179,35 @@ class BlockOrder:
         return int(self._perms[epoch][index])
 
 
+class MixedOrder:
+    """Block order over several sources by weight: each position of an epoch (as many positions as blocks in all)
+    draws its source with the weights, seeded per epoch; a source's draws walk a fresh permutation of its blocks,
+    wrapping when the weight asks for more than it has. Blocks are numbered across sources in order, and a step
+    alone fixes the data position, as in BlockOrder."""
+
+    def __init__(self, source_blocks: list[int], weights: list[float], seed: int):
+        self.sizes, self.seed, self._epochs = source_blocks, seed, {}
+        self.offsets = [sum(source_blocks[:i]) for i in range(len(source_blocks))]
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.num_blocks = sum(source_blocks)
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        sources = torch.multinomial(self.weights, self.num_blocks, replacement=True, generator=generator)
+        order = torch.empty(self.num_blocks, dtype=torch.long)
+        for s, size in enumerate(self.sizes):
+            where = (sources == s).nonzero().flatten()
+            perm = torch.randperm(size, generator=generator)
+            order[where] = self.offsets[s] + perm[torch.arange(len(where)) % size]
+        return order
+
+    def __getitem__(self, g: int) -> int:
+        epoch, index = divmod(g, self.num_blocks)
+        if epoch not in self._epochs:
+            self._epochs = {epoch: self._epoch(epoch)}
+        return int(self._epochs[epoch][index])
+
+
 def rng_state() -> dict:
     """This process's random generator states, as tensors, ints, floats, strings and tuples (weights_only loads them)."""
     name, key, *rest = np.random.get_state()
@@ -222,7 +254,7 @@ class StopSignals:
 
 def _use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return fast_bf16(device)
     return precision == "bf16"
 
 
@@ -250,9 +282,14 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model: BalconyModel = build_model(self.base, BalconyConfig(exits, config.balcony_init, config.norm_init), seed=config.seed)
         self.model.to(self.dist.device).train()
-        corpus = load_corpus(config.data)
-        self.blocks = pack(corpus.train, self.base.tokenizer, config.seq_len)
-        self.order = BlockOrder(len(self.blocks), config.seed)
+        sources = weighted_sources(config.data)
+        if sources is None:
+            self.blocks = pack(load_corpus(config.data).train, self.base.tokenizer, config.seq_len)
+            self.order = BlockOrder(len(self.blocks), config.seed)
+        else:
+            parts = [pack(load_source(source).train, self.base.tokenizer, config.seq_len) for source in sources]
+            self.blocks = torch.cat(parts)
+            self.order = MixedOrder([len(part) for part in parts], [source.weight for source in sources], config.seed)
         tokens_per_step = config.batch_size * config.seq_len
         epochs = 1.0 if config.epochs is None else config.epochs
         horizon = config.max_tokens or int(epochs * len(self.blocks) * config.seq_len)
@@ -338,7 +375,8 @@ class Trainer:
                 with autocast:
                     hiddens = module(batch)
                     step_kl = distill_backward(
-                        self.model.head, hiddens.final, hiddens.exits, 1.0 / self.accum, self.config.kl_chunk
+                        self.model.base.lm_head, hiddens.final, hiddens.exits, 1.0 / self.accum, self.config.kl_chunk,
+                        self.config.distill_top_k,
                     )
             for k, value in step_kl.items():
                 kl[k] += value / self.accum
@@ -377,6 +415,7 @@ class Trainer:
             "seq_len": c.seq_len,
             "batch_size": c.batch_size,
             "lr": c.lr,
+            "distill_top_k": c.distill_top_k,
             "precision": "bf16" if self.bf16 else "fp32",
             "ranks": self.dist.world,
             "final_kl": self.kl_history[-1]["kl"] if self.kl_history else None,

@@ -7,11 +7,9 @@ import argparse
 import json
 import tempfile
 
-import torch
-
 from balcony_edge.base_model import load_base_model
 from balcony_edge.data import load_corpus, pack
-from balcony_edge.distill import kl_per_token
+from balcony_edge.evaluate import evaluate
 from balcony_edge.train import TrainConfig, Trainer
 
 parser = argparse.ArgumentParser()
@@ -29,15 +27,6 @@ for balcony_init, norm_init in (("last", "final"), ("last", "exit_input"), ("ran
         )
         trainer = Trainer(config, base=base)
         trainer.run()
-        model = trainer.model.eval()
-        with torch.no_grad():
-            hiddens = model(held_out)
-            full = model.head(hiddens.final)
-            result = {
-                k: {
-                    "kl": round(kl_per_token(full, model.head(h)).mean().item(), 3),
-                    "top1": round((model.head(h).argmax(-1) == full.argmax(-1)).float().mean().item(), 3),
-                }
-                for k, h in hiddens.exits.items()
-            }
+        quality = evaluate(trainer.model, held_out, show_progress=False)
+        result = {e.exit: {"kl": round(e.kl, 4), "top1": round(e.top1_agreement, 4)} for e in quality.exits}
         print(json.dumps({"balcony_init": balcony_init, "norm_init": norm_init, "steps": args.steps, "held_out": result}), flush=True)
