@@ -346,7 +346,7 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Measured runs per figure, after one warm-up; medians are reported.")] = 3,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads for onnxruntime and torch; default: theirs.")] = None,
     provider: Annotated[str, typer.Option(help="tensorrt, cuda or cpu.")] = "cpu",
-    prepack: Annotated[Optional[bool], typer.Option("--prepack/--no-prepack", help="CPU weight prepacking; default: the engine's for the precision.")] = None,
+    prepack: Annotated[bool, typer.Option("--prepack/--no-prepack", help="CPU weight prepacking (--no-prepack: to measure what it brings).")] = True,
     floor: Annotated[bool, typer.Option("--floor/--no-floor", help="Measure each exit's floor (a truncated base model; needs torch once).")] = True,
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Measure torch generate and llama.cpp on the same base model.")] = True,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure RSS of all exits against the full model alone.")] = True,

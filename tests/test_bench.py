@@ -110,7 +110,9 @@ def test_bench_result_has_every_figure(tiny_export, tmp_path):
     assert result["memory_ratio_all_vs_full"] > 0
     assert "skipped" in result["peers"]["llama_cpp"]  # only the default model has a GGUF
     assert result["machine"]["provider"] == "CPUExecutionProvider" and result["prompt_tokens"] == 16
-    assert len(target_lines(result)) == 5
+    assert len(target_lines(result)) == 8
+    assert result["context_step_ratio"]["64"] == 1.0 and result["llama_cpp_precision"] is None
+    assert all(row["vs_llama_cpp_full"] is None for row in result["exits"])
     json.dumps(result)  # serialisable as is
 
 

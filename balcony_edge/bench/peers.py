@@ -45,6 +45,35 @@ def torch_generate(base_spec: str, prompt: list[int], new_tokens: int, repeats: 
     }
 
 
+# The llama.cpp file type that matches an export's precision (like for like), by the export's precision name.
+LLAMA_CPP_TYPES = {"fp32": "f32", "fp16": "f16", "int8": "q8_0", "int4": "q4_0", "fp16-int4": "q4_0"}
+_LLAMA_FTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+
+
+def gguf_at_precision(source, file_type: str, folder) -> "Path | None":
+    """The GGUF file converted to `file_type` (f32, f16, q8_0, q4_0) by llama.cpp's own quantizer, once, under folder;
+    None when llama_cpp is not installed."""
+    from pathlib import Path
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    import ctypes
+
+    import llama_cpp
+
+    target = Path(folder) / f"{Path(source).stem}-{file_type}.gguf"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, _LLAMA_FTYPES[file_type])
+        params.allow_requantize = True  # the shipped file is already Q4_1
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not convert {source} to {file_type}")
+        partial.replace(target)
+    return target
+
+
 def llama_cpp(gguf_path, prompt_text: str, new_tokens: int, repeats: int, threads: int | None) -> dict:
     """llama-cpp-python on a GGUF file (its own quantisation), greedy; skipped when llama_cpp is not installed."""
     if importlib.util.find_spec("llama_cpp") is None:

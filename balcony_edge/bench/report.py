@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from ..atomic import atomic_path
 
-# The targets of issue 5 (ratios): README.md ("What each number means") says how each is measured.
+# The targets (ratios measured side by side in one run): README.md ("What each number means") says how each is measured.
 TARGETS = {
-    "vs_floor": 0.9,  # every exit at least this fraction of its plain truncated model
+    "vs_floor": 0.95,  # every exit at least this fraction of its plain truncated model
     "engine_vs_bare": 0.95,
     "engine_vs_torch": 1.4,
-    "switch_cost_16": 3.0,  # at most, in decode steps of the deep exit
+    "engine_vs_llama_cpp": 1.0,  # full depth against llama.cpp's full model at the same precision
+    "vs_llama_cpp_full": 1.0,  # every exit faster than llama.cpp's full model
+    "switch_cost_16": 2.0,  # at most, in decode steps of the deep exit
+    "context_2000": 1.3,  # at most: a step after 2,000 tokens of context over one after 64
     "memory_ratio_all_vs_full": 1.15,  # at most
 }
 
@@ -57,8 +60,12 @@ def target_lines(result: dict) -> list[str]:
     line("slowest exit / floor", min(floors) if floors else None, TARGETS["vs_floor"])
     line("engine / bare loop (full)", result.get("engine_vs_bare"), TARGETS["engine_vs_bare"])
     line("engine / torch generate (full)", result.get("engine_vs_torch"), TARGETS["engine_vs_torch"])
+    line(f"engine / llama.cpp {result.get('llama_cpp_precision') or ''} (full)", result.get("engine_vs_llama_cpp"), TARGETS["engine_vs_llama_cpp"])
+    against_llama = [row.get("vs_llama_cpp_full") for row in result["exits"] if row.get("vs_llama_cpp_full") is not None]
+    line("slowest exit / llama.cpp full", min(against_llama) if against_llama else None, TARGETS["vs_llama_cpp_full"])
     switch = result.get("switch_cost_steps", {})
     line("deepening after 16 tokens (deep steps)", switch.get("16"), TARGETS["switch_cost_16"], at_most=True)
+    line("decode step, 2000 / 64 tokens of context", result.get("context_step_ratio", {}).get("2000"), TARGETS["context_2000"], at_most=True)
     line("memory, all exits / full alone", result.get("memory_ratio_all_vs_full"), TARGETS["memory_ratio_all_vs_full"], at_most=True)
     return lines
 
@@ -79,6 +86,9 @@ def plot_bench(result: dict, path: str) -> None:
     torch_speed = result.get("peers", {}).get("torch", {}).get("decode_tok_s")
     if torch_speed:
         ax_speed.axhline(torch_speed, color="grey", linestyle="--", label="torch generate (full)")
+    llama_speed = result.get("peers", {}).get("llama_cpp", {}).get("decode_tok_s")
+    if llama_speed:
+        ax_speed.axhline(llama_speed, color="tab:red", linestyle=":", label=f"llama.cpp {result.get('llama_cpp_precision')} (full)")
     ax_speed.set_xticks(list(xs), labels)
     ax_speed.set_xlabel("exit")
     ax_speed.set_ylabel("decode tokens/s (batch 1)")
