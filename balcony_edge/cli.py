@@ -25,6 +25,21 @@ app = typer.Typer(
     help="Train, evaluate, export and run Balcony exits of a decoder language model.",
 )
 
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"balcony-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Train, evaluate, export and run Balcony exits of a decoder language model."""
+
+
 CheckpointArg = Annotated[
     Optional[Path], typer.Argument(help="Checkpoint folder written by `train`; default: the shipped SmolLM2 checkpoint.")
 ]

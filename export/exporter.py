@@ -111,13 +111,22 @@ def check_target(out: Path, force: bool) -> None:
     if out.exists():
         if not force:
             raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
-        if not (out / MANIFEST_FILE).is_file() and (out.is_file() or any(out.iterdir())):
-            raise ExportError(f"{out} exists and is not a balcony-edge export (no {MANIFEST_FILE}); choose another --out")
+        if out.is_file() or (any(out.iterdir()) and not is_export_folder(out)):
+            raise ExportError(f"{out} exists and is not a balcony-edge export (no export {MANIFEST_FILE}); choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as err:
         raise ExportError(f"cannot write to {out.parent} ({err.strerror or err}); choose a writable --out") from None
+
+
+def is_export_folder(folder: Path) -> bool:
+    """Whether folder's manifest.json is an export manifest of some schema version (--force replaces only those)."""
+    try:
+        raw = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and type(raw.get("schema_version")) is int and isinstance(raw.get("exits"), list) and "weights_file" in raw
 
 
 def select_exits(requested: str | tuple[int, ...] | None, info: CheckpointInfo, checkpoint: Path) -> tuple[int, ...]:

@@ -30,6 +30,9 @@ class SessionSettings:
     def __post_init__(self) -> None:
         if self.threads is not None and not (is_whole_number(self.threads) and self.threads >= 1):
             raise BalconyError(f"threads {self.threads!r} must be a whole number, at least 1 (or None for all cores)")
+        cores = os.cpu_count() or 1
+        if self.threads is not None and self.threads > cores:
+            raise BalconyError(f"threads {self.threads} is more than this machine's {cores} cores; give at most {cores} (or leave it out)")
 
 
 def resolve_providers(requested: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:

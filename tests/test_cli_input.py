@@ -181,3 +181,22 @@ def test_prompt_bytes_that_are_not_utf8_are_named_from_argv_and_from_stdin(tiny_
     output = interactive.stdout.decode(errors="replace")
     assert interactive.returncode == 0, interactive.stderr
     assert "error: the prompt is not valid UTF-8 (byte 0xe9 at character 3)" in output and "tok/s" in output
+
+
+def test_version_and_a_thread_count_above_the_cores_are_one_line(tiny_export, capsys, monkeypatch):
+    import os
+    import sys
+
+    from balcony_edge import __version__
+    from balcony_edge.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["balcony-edge", "--version"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"balcony-edge {__version__}"
+    too_many = (os.cpu_count() or 1) + 1
+    monkeypatch.setattr(sys, "argv", ["balcony-edge", "chat", str(tiny_export), "--threads", str(too_many), "--prompt", "hi"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    error = capsys.readouterr().err.strip()
+    assert done.value.code == 1 and len(error.splitlines()) == 1 and f"more than this machine's {too_many - 1} cores" in error

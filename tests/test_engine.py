@@ -157,3 +157,20 @@ def engine_graph(folder):
     from balcony_edge.runtime.manifest import Manifest
 
     return Manifest.load(folder).exits[0].graph
+
+
+def test_the_gpu_check_script_runs_on_the_cpu_and_skips_absent_gpus(tiny_export):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "scripts" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), str(tiny_export), "--tokens", "6"], capture_output=True, text=True, timeout=300)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0, done.stderr
+    cpu = report["providers"]["cpu"]
+    assert cpu["provider"] == "CPUExecutionProvider" and cpu["switching_max_abs_diff"] <= 1e-4
+    assert set(cpu["exits"]) == {"1", "2", "4"} and all(len(row["tokens"]) == 6 for row in cpu["exits"].values())
+    for name in ("tensorrt", "cuda"):
+        assert "skipped" in report["providers"][name] or report["providers"][name]["provider"].lower().startswith(name[:4])

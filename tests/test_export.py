@@ -388,10 +388,20 @@ def test_interrupted_export_leaves_nothing_behind(tiny_checkpoint, tmp_path, mon
     assert list((tmp_path / "exports").iterdir()) == []
 
 
+def test_force_refuses_a_folder_whose_manifest_is_not_an_export_manifest(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    (out / "notes.txt").write_text("my notes")
+    code, output = run_cli(["export", tiny_checkpoint, "--out", out, "--exits", "1", "--no-verify", "--force"], capsys, monkeypatch)
+    assert code == 1 and "is not a balcony-edge export" in output and len(output.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt"]
+
+
 def test_force_replaces_an_existing_export(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "manifest.json").write_text("{}")
+    (out / "manifest.json").write_text(json.dumps({"schema_version": 1, "exits": [], "weights_file": "weights.bin"}))
     (out / "stale.onnx").write_text("")
     args = ["export", tiny_checkpoint, "--out", out, "--exits", "1", "--no-verify", "--force"]
     code, output = run_cli(args, capsys, monkeypatch)
