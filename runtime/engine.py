@@ -27,7 +27,7 @@ from .sequence import Sequence
 from .sessions import SessionSettings, SharedWeights, device_of, open_session, resolve_providers
 from .signal_hub import SignalHub
 from .telemetry import TelemetryWriter
-from .text import StreamDecoder, TextCodec, check_prompt_text
+from .text import PromptError, StreamDecoder, TextCodec, check_prompt_text
 
 CALIBRATION_PROMPT_TOKENS = 32
 CALIBRATION_STEPS = 8
@@ -181,8 +181,11 @@ class Engine:
 
     def prompt_ids(self, prompt: str | list[dict] | list[int], chat: bool = True) -> list[int]:
         """Token ids of a prompt: ids as given, a message list or a string through the chat template, or raw text."""
-        if isinstance(prompt, list) and prompt and all(is_whole_number(t) for t in prompt):
-            return list(prompt)  # the sequence refuses ids outside the vocabulary
+        if isinstance(prompt, list) and prompt and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in prompt):
+            if not all(is_whole_number(t) for t in prompt):
+                bad = next(t for t in prompt if not is_whole_number(t))
+                raise PromptError(f"token id {bad!r} is not a whole number; give token ids as integers")
+            return [int(t) for t in prompt]  # the sequence refuses ids outside the vocabulary
         if isinstance(prompt, list):
             return self.codec.chat_prompt(prompt)
         check_prompt_text(prompt)

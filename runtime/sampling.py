@@ -10,6 +10,11 @@ from ..errors import BalconyError
 from ..validation import is_finite_number, is_whole_number
 
 
+# Beyond these the arithmetic overflows (1e308) and the choice is the same as at the bound anyway.
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How tokens are chosen; temperature 0 is greedy."""
@@ -29,12 +34,14 @@ class SamplingConfig:
             value = getattr(self, name)
             if value is not None and not (is_whole_number(value) and value >= 0):
                 raise BalconyError(f"{name.replace('_', '-')} {value!r} must be a whole number, 0 or more")
-        if self.temperature < 0:
-            raise BalconyError(f"temperature {self.temperature} is negative; use 0 for greedy or a positive value")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise BalconyError(f"temperature {self.temperature} is outside 0 to {MAX_TEMPERATURE:g}; use 0 for greedy or a value such as 0.7")
         if not 0 < self.top_p <= 1:
             raise BalconyError(f"top-p {self.top_p} is outside (0, 1]; use 1 for no limit")
-        if self.repetition_penalty <= 0:
-            raise BalconyError(f"repetition penalty {self.repetition_penalty} must be positive; 1 means none")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise BalconyError(
+                f"repetition penalty {self.repetition_penalty} is outside (0, {MAX_REPETITION_PENALTY:g}]; 1 means none, 1.1 is usual"
+            )
 
 
 class Sampler:

@@ -139,6 +139,9 @@ def _open_for_writing(path: Path) -> int:
         raise TelemetryError(f"cannot write telemetry to {path}: {problem} (--telemetry)") from None
 
 
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg")  # what matplotlib writes, known by the file name
+
+
 def read_telemetry(path: str | Path) -> list[dict]:
     """All records of a telemetry file, in order."""
     path = Path(path)
@@ -146,6 +149,8 @@ def read_telemetry(path: str | Path) -> list[dict]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
         raise TelemetryError(f"cannot read telemetry {path}: {error.strerror}; give the file written with --telemetry") from None
+    except UnicodeDecodeError:
+        raise TelemetryError(f"{path} is not text (not UTF-8); give the JSONL file written with --telemetry") from None
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -166,6 +171,9 @@ def plot_telemetry(records: Sequence[dict], out_png: str | Path) -> Path:
         raise TelemetryError("plotting telemetry needs matplotlib; pip install matplotlib (it is in the `train` extra)") from None
     if not records:
         raise TelemetryError("no telemetry records to plot; generate at least one token with telemetry on")
+    out_png = Path(out_png)
+    if out_png.is_dir() or out_png.suffix.lower() not in IMAGE_SUFFIXES:
+        raise TelemetryError(f"-o {out_png} is not an image file name; give a path ending in {', '.join(IMAGE_SUFFIXES)}")
     tokens = [r["token_index"] for r in records]
     panels: list[tuple[str, dict[str, list[float | None]]]] = [
         ("exit", {"exit": [r["exit"] for r in records]}),
@@ -201,7 +209,6 @@ def plot_telemetry(records: Sequence[dict], out_png: str | Path) -> Path:
         axes[1].axvline(t, color="grey", alpha=0.3, linewidth=0.8)  # deepenings: their latency includes a catch-up
     axes[0].set_yticks(sorted({r["exit"] for r in records}))
     axes[-1].set_xlabel("token")
-    out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_png) as partial:
         figure.savefig(partial, dpi=100)

@@ -81,6 +81,9 @@ class TextCodec:
         return self.encode(text)
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def check_messages(messages: object) -> None:
     """Refuse a conversation that is not a non-empty list of {role, content} dicts with valid text."""
     if not isinstance(messages, list) or not messages:
@@ -88,6 +91,8 @@ def check_messages(messages: object) -> None:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
             raise PromptError(f"message {index} is not a dict with a role and a text content; give {{'role': 'user', 'content': '...'}}")
+        if message["role"] not in ROLES:
+            raise PromptError(f"message {index} has role {message['role'][:40]!r}; use one of {', '.join(ROLES)}")
         if message["role"] != "assistant":  # the model's own answers are taken as it wrote them
             check_prompt_text(message["content"])
 

@@ -46,6 +46,8 @@ def greedy_text(engine: Engine, prompt: str, budget: str, tokens: int = 12) -> s
         ([{"role": "user", "content": "esc \x1b"}], "control character U+001B"),
         ([5, 10**9], "token id 1000000000 is outside the vocabulary"),
         ([-1], "token id -1 is outside the vocabulary"),
+        ([{"role": "wizard", "content": "hi"}], "message 0 has role 'wizard'; use one of system, user, assistant"),
+        ([1.9, 2.9], "token id 1.9 is not a whole number"),
     ],
 )
 def test_bad_prompts_are_refused_before_anything_runs(engine, prompt, words):
@@ -68,6 +70,12 @@ def test_a_prompt_longer_than_the_context_changes_nothing_or_slides_the_window(e
     windowed = engine.sequence([5, 6], sliding_window=True)
     windowed.extend([t % 300 for t in range(context + 1)])  # the window keeps the newest half of the context
     assert windowed.tokens == [t % 300 for t in range(context + 1)][-(context // 2):]
+
+
+@pytest.mark.parametrize(("field", "value"), [("temperature", 1e308), ("repetition_penalty", 1e308), ("temperature", -1.0)])
+def test_sampling_values_past_their_bounds_are_refused(field, value):
+    with pytest.raises(BalconyError, match="is outside"):
+        SamplingConfig(**{field: value})
 
 
 @pytest.mark.parametrize("count", [0, -3, 2.5, True])

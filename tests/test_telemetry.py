@@ -68,6 +68,23 @@ def test_plot_writes_a_png(tmp_path):
     assert out.stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("out", ["telemetry", "telemetry.dat", "folder"])
+def test_plot_to_a_name_that_is_no_image_is_one_line(tmp_path, out):
+    path = tmp_path / "telemetry.jsonl"
+    _write_tokens(path, count=3)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(TelemetryError, match="is not an image file name; give a path ending in .png"):
+        plot_telemetry(read_telemetry(path), tmp_path / out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "telemetry.jsonl"]
+
+
+def test_a_binary_file_is_no_telemetry(tmp_path):
+    path = tmp_path / "random.jsonl"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(TelemetryError, match="is not text"):
+        read_telemetry(path)
+
+
 def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
