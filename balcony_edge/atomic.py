@@ -40,6 +40,32 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+@contextmanager
+def exclusive_target(target: Path, what: str) -> Iterator[None]:
+    """Hold a lock on writing `target` (an flock on `.NAME.lock` beside it, removed when done) or refuse at once: a
+    second writer of the same target would otherwise clear the first one's staging folder. A killed holder's lock
+    goes with its process; its lock file stays until the next writer is done."""
+    import fcntl
+
+    from .errors import BalconyError
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(handle.fileno()).st_ino != os.stat(lock).st_ino:  # the holder removed it as we opened it
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            raise BalconyError(f"another process is writing {what} {target}; wait for it to finish or choose another path") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_folder_atomically(target: Path, fill) -> None:
     """Call fill(staging_folder), then move the staging folder onto target; a crash leaves a readable folder."""
     target = Path(target)

@@ -20,7 +20,7 @@ import transformers
 
 from .. import __version__
 from ..base_model import BaseModel
-from ..atomic import write_folder_atomically
+from ..atomic import exclusive_target, write_folder_atomically
 from ..checkpoint import SHIPPED_CHECKPOINT, CheckpointInfo, load_checkpoint, read_info
 from ..checksums import file_sha256
 from ..console import phase_progress
@@ -92,6 +92,12 @@ def export_checkpoint(config: ExportConfig) -> Path:
     out = Path(config.out) if config.out is not None else default_export_dir(export_name(checkpoint), config.precision)
     exits = select_exits(config.exits, read_info(checkpoint), checkpoint)
     check_target(out, config.force)
+    with exclusive_target(out, "the export"):
+        return _export_locked(config, checkpoint, out, exits)
+
+
+def _export_locked(config: ExportConfig, checkpoint: Path, out: Path, exits: tuple[int, ...]) -> Path:
+    """The export proper, while this process holds the target's lock."""
     model, info, base = load_checkpoint(checkpoint, config.base)
     export_model = with_dtype(model, DTYPES[config.dtype])
     check_disk_space(out, parameter_bytes(export_model))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from balcony_edge.cli import main
-from balcony_edge.errors import ExportError
+from balcony_edge.errors import BalconyError, ExportError
 from balcony_edge.export import exporter
 from balcony_edge.export.exporter import ExportConfig, export_checkpoint
 from balcony_edge.export.inspect import inspect_export
@@ -444,3 +444,28 @@ def test_shipped_checkpoint_exports_with_weights_once_and_matches_torch(default_
     assert inspect_export(out).problems == {}
     print(f"\ndefault model export: {report['export_seconds']:.0f} s, {on_disk / 1e6:.1f} MB on disk, parameters {parameters / 1e6:.1f} MB")
     print(json.dumps(checks, indent=1))
+
+
+def test_a_second_export_to_the_same_folder_is_refused_while_the_first_writes(tiny_checkpoint, tmp_path):
+    import subprocess
+    import textwrap
+
+    out = tmp_path / "exports" / "out"
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from balcony_edge.atomic import exclusive_target
+        with exclusive_target(Path({str(out)!r}), "the export"):
+            print("locked", flush=True)
+            time.sleep(30)
+    """)
+    first = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        with pytest.raises(BalconyError, match="another process is writing the export"):
+            export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=out, exits="1", verify=False))
+    finally:
+        first.kill()
+        first.wait()
+    export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=out, exits="1", verify=False))  # the lock went with the process
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # the killed holder's lock file reused, then removed
