@@ -10,8 +10,10 @@ whatever your app knows (a robot's own power budget, a mission phase, a user set
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from balcony_edge.errors import BalconyError
 from balcony_edge.runtime import Engine
 from balcony_edge.runtime.signal_hub import SignalHub, default_sources
 from balcony_edge.runtime.signals import Signals
@@ -37,9 +39,16 @@ def main() -> None:
     parser.add_argument("export", nargs="?", default=None, help="export folder (default: the default export)")
     parser.add_argument("--budget", default="40ms", help="auto, full, eco, an exit such as 16, or a latency such as 40ms")
     parser.add_argument("--prompt", default="Give me three tips for keeping a robot cool.")
+    parser.add_argument("--trust-modified", action="store_true", help="load an export whose files differ from its checksums")
     args = parser.parse_args()
+    try:
+        run(args)
+    except BalconyError as err:  # a bad budget, a missing or tampered export: one line, as the CLI does
+        sys.exit(f"error: {err}")
 
-    engine = Engine.load(args.export)  # TensorRT, CUDA, then CPU: the first that works
+
+def run(args: argparse.Namespace) -> None:
+    engine = Engine.load(args.export, trust_modified=args.trust_modified, warn=print)  # TensorRT, CUDA, then CPU
     print(f"running on {engine.describe()}")
     with SignalHub([*default_sources(), FanSource()], on_warning=print) as signals:
         for token in engine.generate(args.prompt, max_new_tokens=96, budget=args.budget, signals=signals):

@@ -233,3 +233,27 @@ def test_any_prompt_generates_or_is_refused_in_one_line(engine, prompt):
         assert "\n" not in str(err)
     else:
         assert 1 <= len(tokens) <= 2
+
+
+def test_the_jetson_example_fails_in_one_line_and_takes_trust_modified(tiny_export, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / "jetson_app.py"
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(example), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+    bad_budget = run(tiny_export, "--budget", "fast")
+    assert bad_budget.returncode == 1 and "Traceback" not in bad_budget.stderr
+    assert len(bad_budget.stderr.strip().splitlines()) == 1 and "budget" in bad_budget.stderr
+    copy = tmp_path / "tampered"
+    shutil.copytree(tiny_export, copy)
+    (copy / "tokenizer_config.json").write_text((copy / "tokenizer_config.json").read_text() + " ")
+    tampered = run(copy, "--budget", "full")
+    assert tampered.returncode == 1 and "--trust-modified" in tampered.stderr and "Traceback" not in tampered.stderr
+    trusted = run(copy, "--budget", "full", "--trust-modified")
+    assert trusted.returncode == 0, trusted.stderr
+    assert "last token: exit" in trusted.stdout

@@ -1,0 +1,42 @@
+"""Per-exit quality of a checkpoint on several kinds of text, one JSON line per kind, and a markdown table.
+
+    python scripts/unseen_texts.py --out eval-texts
+    python scripts/quality_by_kind.py [CHECKPOINT] --texts eval-texts [--chat data/teacher_chat.jsonl]
+
+Kinds: the held-out 5% of the default corpus (news), the held-out 5% of the chat corpus when given, and every
+eval-texts/*.jsonl (kinds the balconies never trained on). The first --max-tokens tokens of each are predicted.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from balcony_edge.checkpoint import load_checkpoint
+from balcony_edge.data import load_corpus, pack, read_documents
+from balcony_edge.evaluate import evaluate
+
+parser = argparse.ArgumentParser()
+parser.add_argument("checkpoint", nargs="?", type=Path, default=None)
+parser.add_argument("--texts", type=Path, required=True)
+parser.add_argument("--chat", type=Path, default=None)
+parser.add_argument("--max-tokens", type=int, default=16384)
+args = parser.parse_args()
+
+model, info, loaded = load_checkpoint(args.checkpoint, None)
+kinds = {"news (held out)": load_corpus(None).held_out}
+if args.chat:
+    kinds["chat (held out)"] = load_corpus([args.chat]).held_out
+kinds |= {path.stem: read_documents([path]) for path in sorted(args.texts.glob("*.jsonl"))}
+rows = []
+for kind, documents in kinds.items():
+    blocks = pack(documents, loaded.tokenizer, 512, what="evaluation")[: max(1, args.max_tokens // 512)]
+    result = evaluate(model, blocks, show_progress=False)
+    print(json.dumps({"kind": kind, **result.to_json()}), flush=True)
+    rows.append((kind, result))
+print("\n| text | tokens | full ppl | x full @" + " / @".join(str(e.exit) for e in rows[0][1].exits)
+      + " | top-1 @" + " / @".join(str(e.exit) for e in rows[0][1].exits) + " |")
+print("| --- | --- | --- | --- | --- |")
+for kind, result in rows:
+    ratios = " / ".join(f"{e.ppl / result.full_ppl:.2f}" for e in result.exits)
+    top1 = " / ".join(f"{e.top1_agreement:.3f}" for e in result.exits)
+    print(f"| {kind} | {result.tokens:,} | {result.full_ppl:.1f} | {ratios} | {top1} |")
