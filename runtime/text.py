@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import unicodedata
+from datetime import datetime
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -54,10 +57,7 @@ class TextCodec:
         self.eos_token = self._token(generation.eos_token_ids[0] if generation.eos_token_ids else None)
         self.template = None
         if manifest.chat_template:
-            source = (Path(folder) / manifest.chat_template).read_text()
-            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            environment.globals["raise_exception"] = _raise_template_error
-            self.template = environment.from_string(source)
+            self.template = chat_template_environment().from_string((Path(folder) / manifest.chat_template).read_text())
 
     def _token(self, token_id: int | None) -> str:
         return "" if token_id is None else (self.tokenizer.id_to_token(token_id) or "")
@@ -99,6 +99,36 @@ def check_messages(messages: object) -> None:
 
 def _raise_template_error(message: str):
     raise jinja2.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' tojson: plain json.dumps (jinja2's own escapes <, >, & and ' for HTML)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`, which transformers' templates use to mark the assistant's part:
+    rendered as its body (transformers also records where it lies, which only training masks need)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+def chat_template_environment() -> ImmutableSandboxedEnvironment:
+    """A Jinja environment that renders chat templates as transformers does: the same options, extensions
+    (loop controls, generation blocks), filters (tojson) and globals (raise_exception, strftime_now)."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_template_error
+    environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    return environment
 
 
 class StreamDecoder:

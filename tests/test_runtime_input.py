@@ -257,3 +257,37 @@ def test_the_jetson_example_fails_in_one_line_and_takes_trust_modified(tiny_expo
     trusted = run(copy, "--budget", "full", "--trust-modified")
     assert trusted.returncode == 0, trusted.stderr
     assert "last token: exit" in trusted.stdout
+
+
+TEMPLATES = {
+    "break": "{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}<{{ m['role'] }}>{{ m['content'] }}"
+             "{% if loop.index > 2 %}{% break %}{% endif %}{% endfor %}",
+    "tojson": "{% for m in messages %}{{ m | tojson }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+    "system": "{% if messages[0]['role'] == 'system' %}[SYS]{{ messages[0]['content'] }}[/SYS]{% endif %}"
+              "{% for m in messages if m['role'] != 'system' %}{% generation %}{{ m['role'] }}: {{ m['content'] }}{% endgeneration %}\n{% endfor %}"
+              "{{ eos_token }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_chat_templates_render_as_transformers_renders_them(tiny_export, tiny_base_dir, name):
+    from transformers import AutoTokenizer
+
+    from balcony_edge.runtime.manifest import Manifest
+    from balcony_edge.runtime.text import chat_template_environment
+
+    messages = [
+        {"role": "system", "content": "Be brief <b>&</b> 'kind'."},
+        {"role": "user", "content": "Is 3 < 4? Say \"yes\" & why."},
+        {"role": "assistant", "content": "Yes: 3 < 4."},
+        {"role": "user", "content": "And ü > é?"},
+    ]
+    manifest = Manifest.load(tiny_export)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    expected = tokenizer.apply_chat_template(messages, chat_template=TEMPLATES[name], tokenize=False, add_generation_prompt=True)
+    got = chat_template_environment().from_string(TEMPLATES[name]).render(
+        messages=messages, add_generation_prompt=True, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+    )
+    assert got == expected and manifest.chat_template
+    if name == "tojson":
+        assert "3 < 4" in got and "\\u003c" not in got
