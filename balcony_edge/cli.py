@@ -36,8 +36,19 @@ def _show_version(value: bool) -> None:
 @app.callback()
 def _options(
     version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines on stderr (errors still show).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show the library's informational log lines.")] = False,
 ) -> None:
     """Train, evaluate, export and run Balcony exits of a decoder language model."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    console.quiet = quiet
+    logger = logging.getLogger("balcony_edge")
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not any(isinstance(handler, RichHandler) for handler in logger.handlers):
+        logger.addHandler(RichHandler(console=console, show_time=False, show_path=False))
 
 
 CheckpointArg = Annotated[
@@ -426,6 +437,7 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _fail(message: str, code: int) -> None:
+    console.quiet = False  # errors show even with --quiet
     console.print(labelled("error: ", "red", message), soft_wrap=True)
     sys.exit(code)
 

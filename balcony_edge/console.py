@@ -1,6 +1,6 @@
 """Where the library tells a person what a long step is doing: stderr, through rich."""
 
-import warnings
+import logging
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -19,9 +19,12 @@ def labelled(label: str, colour: str, message: str) -> Text:
     return Text.assemble((label, colour), " ".join(message.splitlines()))
 
 
-def python_warning(message: str) -> None:
-    """The default of every on_warning / warn callable: a RuntimeWarning through Python's warnings module."""
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
+LOGGER = logging.getLogger("balcony_edge")  # the library's logger; silent (NullHandler) unless an app configures it
+
+
+def log_warning(message: str) -> None:
+    """The default of every on_warning / warn callable: a warning on the `balcony_edge` logger."""
+    LOGGER.warning(message)
 
 
 def phase_progress() -> Progress:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 
-from ..console import python_warning
+from ..console import log_warning
 from ..checksums import file_sha256
 from ..errors import IntegrityError
 from .manifest import FIX, Manifest
@@ -69,7 +69,7 @@ def check_export_files(folder: Path | str, manifest: Manifest, trust_modified: b
             f"{folder}: {', '.join(modified)}: sha256 differs from manifest.json; export again, or pass --trust-modified to load it anyway"
         )
     if modified:
-        (warn or python_warning)(f"{folder}: {', '.join(modified)}: sha256 differs from manifest.json; loading anyway (--trust-modified)")
+        (warn or log_warning)(f"{folder}: {', '.join(modified)}: sha256 differs from manifest.json; loading anyway (--trust-modified)")
 
 
 def export_problems(folder: Path | str, manifest: Manifest) -> dict[str, str]:

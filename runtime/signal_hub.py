@@ -19,7 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import fields
 from pathlib import Path
 
-from ..console import python_warning
+from ..console import log_warning
 from ..errors import SignalError
 from .signals import JtopSource, NvmlSource, PsutilSource, SignalSource, Signals, SysfsSource, why_impossible
 
@@ -49,7 +49,7 @@ class SignalHub:
         self.min_interval_s = min_interval_s  # live sources are read at most this often (s); others every call
         self.read_timeout_s = read_timeout_s  # the longest a live source's read or close may take (s) before it is dropped
         self.warnings: list[str] = []
-        self._on_warning = on_warning or python_warning
+        self._on_warning = on_warning or log_warning
         self._clock = clock
         self._cache: dict[int, tuple[float, Signals]] = {}
         self._reported: set[tuple[int, str]] = set()  # (source, field) pairs already warned about

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..atomic import atomic_path
-from ..console import python_warning
+from ..console import log_warning
 from ..errors import TelemetryError
 from .signals import Signals
 
@@ -39,7 +39,7 @@ class TelemetryWriter:
         """Open path now, so that one that cannot be written is refused before generation; on_warning: default Python's warnings."""
         self.path = Path(path)
         self.warnings: list[str] = []
-        self._on_warning = on_warning or python_warning
+        self._on_warning = on_warning or log_warning
         # A raw descriptor, nothing buffered: after a failed write the file can be cut back to its last whole line.
         # An existing file is emptied only by the first line: a run that fails before its first token keeps it.
         self._created = not self.path.exists()

@@ -200,3 +200,16 @@ def test_version_and_a_thread_count_above_the_cores_are_one_line(tiny_export, ca
         main()
     error = capsys.readouterr().err.strip()
     assert done.value.code == 1 and len(error.splitlines()) == 1 and f"more than this machine's {too_many - 1} cores" in error
+
+
+def test_quiet_hides_status_lines_but_not_errors(tiny_export, capsys, monkeypatch):
+    import sys
+
+    from balcony_edge.cli import main
+    from balcony_edge.console import console
+
+    monkeypatch.setattr(sys, "argv", ["balcony-edge", "-q", "chat", str(tiny_export), "--budget", "nonsense", "--prompt", "hi"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 1 and "budget" in capsys.readouterr().err
+    console.quiet = False

@@ -164,13 +164,15 @@ def test_a_full_disk_stops_telemetry_with_one_warning_and_keeps_the_lines_writte
                                         "which are kept; free disk space or give another --telemetry path")]
 
 
-def test_a_failed_telemetry_write_warns_through_python_warnings_by_default(tmp_path, monkeypatch):
+def test_a_failed_telemetry_write_warns_on_the_library_logger_by_default(tmp_path, monkeypatch, caplog):
     def broken_disk(fd, data):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     path = tmp_path / "telemetry.jsonl"
     with TelemetryWriter(path) as writer:
         monkeypatch.setattr(telemetry_module.os, "write", broken_disk)
-        with pytest.warns(RuntimeWarning, match=r"cannot write telemetry to .*telemetry.jsonl \(Input/output error\): it stops after 0 tokens"):
+        with caplog.at_level("WARNING", logger="balcony_edge"):
             _token(writer, 0)
+    assert [r.name for r in caplog.records] == ["balcony_edge"]
+    assert "(Input/output error): it stops after 0 tokens" in caplog.records[0].getMessage()
     assert path.read_text() == ""
