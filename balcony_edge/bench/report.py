@@ -30,16 +30,19 @@ def exits_table(result: dict):
         f"threads {result['threads'] or 'default'}, prepack {'on' if result['prepack'] else 'off'}; "
         f"medians of {result['repeats']}: {result['new_tokens']} new tokens after a {result['prompt_tokens']}-token prompt"
     )
-    table = Table(title=title)
-    columns = ("exit", "layers", "decode tok/s", "floor tok/s", "x floor", "prefill tok/s", "TTFT ms", "MB/token", "GB/s", "ppl")
-    for column in columns:
-        table.add_column(column, justify="right")
+    caption = (
+        "tok/s: decode; floor: the base cut to the same depth; x fl: tok/s / floor; x lcpp: tok/s / llama.cpp's full model; "
+        "prefill: tok/s; TTFT: ms; MB/t: weights read per token"
+    )
+    table = Table(title=title, caption=caption)
+    for column in ("exit", "tok/s", "floor", "x fl", "x lcpp", "prefill", "TTFT", "MB/t", "GB/s", "ppl"):
+        table.add_column(column, justify="right", no_wrap=True)
     for row in result["exits"]:
         table.add_row(
-            "full" if row["full"] else str(row["exit"]), str(row["layers"]), _fmt(row["decode_tok_s"], ".1f"),
-            _fmt(row["floor_tok_s"], ".1f"), _fmt(row["vs_floor"], ".2f"), _fmt(row["prefill_tok_s"], ".0f"),
-            _fmt(row["ttft_ms"], ".0f"), f"{row['weight_bytes_per_token'] / 1e6:.1f}", _fmt(row["bandwidth_gb_s"], ".1f"),
-            _fmt(row["ppl"], ".2f"),
+            "full" if row["full"] else str(row["exit"]), _fmt(row["decode_tok_s"], ".1f"),
+            _fmt(row["floor_tok_s"], ".1f"), _fmt(row["vs_floor"], ".2f"), _fmt(row.get("vs_llama_cpp_full"), ".2f"),
+            _fmt(row["prefill_tok_s"], ".0f"), _fmt(row["ttft_ms"], ".0f"), f"{row['weight_bytes_per_token'] / 1e6:.0f}",
+            _fmt(row["bandwidth_gb_s"], ".1f"), _fmt(row["ppl"], ".1f"),
         )
     return table
 
@@ -107,7 +110,7 @@ def plot_bench(result: dict, path: str) -> None:
     for ax in (ax_speed, ax_quality):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{result['precision']} on {result['provider']}, threads {result['threads'] or 'default'}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))  # room for the title above the axes' labels
     with atomic_path(path) as partial:
         fig.savefig(partial, dpi=120)
     plt.close(fig)
