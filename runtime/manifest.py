@@ -274,6 +274,7 @@ def _check_values(manifest: Manifest) -> None:
     for name, entry in manifest.weights.items():
         _check_weight(entry, f"weights[{short_repr(name)}]")
     _check_token_ids(manifest.generation, manifest.vocab_size)
+    _check_against_weights(manifest)
     _check_exits(manifest)
     _check_files(manifest)
 
@@ -313,6 +314,23 @@ def _check_weight(entry: WeightEntry, path: str) -> None:
     expected = math.prod(entry.shape) * WEIGHT_DTYPES[entry.dtype]
     if entry.length != expected:
         raise _refuse(f"{path}.length", f"is {entry.length}, not {expected} bytes ({entry.dtype} of shape {entry.shape})")
+
+
+EMBEDDING = "base.model.embed_tokens.weight"
+ROTARY_TABLE = "base.rotary.cos_cache"
+
+
+def _check_against_weights(manifest: Manifest) -> None:
+    """vocab_size is the embedding's rows and the context fits the rotary table, as the weights file describes them."""
+    embedding, rotary = manifest.weights.get(EMBEDDING), manifest.weights.get(ROTARY_TABLE)
+    if embedding is None or rotary is None:
+        raise _refuse("weights", f"lacks {EMBEDDING if embedding is None else ROTARY_TABLE}, which every export has")
+    if embedding.shape[:1] != [manifest.vocab_size]:
+        raise _refuse("vocab_size", f"is {manifest.vocab_size}, not the embedding's {embedding.shape[:1]} rows")
+    if manifest.generation.context_length > rotary.shape[0]:
+        raise _refuse(
+            "generation.context_length", f"is {manifest.generation.context_length}, more than the {rotary.shape[0]} positions the graphs hold"
+        )
 
 
 def _check_token_ids(generation: GenerationDefaults, vocab_size: int) -> None:

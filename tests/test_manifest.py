@@ -50,6 +50,7 @@ def _manifest(files: dict[str, str] | None = None) -> Manifest:
         weights={
             "base.model.embed_tokens.weight": WeightEntry(offset=0, length=113246208, dtype="float32", shape=[49152, 576]),
             "norms.8.weight": WeightEntry(offset=113246208, length=2304, dtype="float32", shape=[576]),
+            "base.rotary.cos_cache": WeightEntry(offset=113250304, length=1048576, dtype="float32", shape=[8192, 32]),
         },
         kv=KVShape(num_kv_heads=3, head_dim=64, num_attention_heads=9, hidden_size=576, dtype="float32"),
         cache_slots=[f"layer.{i}" for i in range(30)] + ["balcony.8", "balcony.16"],
@@ -173,6 +174,9 @@ def test_a_field_of_the_wrong_type_is_refused_with_its_path(path, value, message
         (("exits", 0, "weight_bytes_per_token"), -1, "field exits[0].weight_bytes_per_token is -1, not a size"),
         (("exits",), [], "field exits is empty"),
         (("generation", "context_length"), 0, "field generation.context_length is 0, not a positive int"),
+        (("generation", "context_length"), 10**12, "field generation.context_length is 1000000000000, more than the 8192 positions"),
+        (("vocab_size",), 5, "field vocab_size is 5, not the embedding's [49152] rows"),
+        (("vocab_size",), 10**40, "field vocab_size is 10000000000000000000000000000000000000000, not the embedding's"),
         (("generation", "eos_token_ids", 0), 49152, "field generation.eos_token_ids[0] is 49152, not a token id below vocab_size 49152"),
         (("generation", "pad_token_id"), -2, "field generation.pad_token_id is -2, not a token id"),
         (("kv", "head_dim"), 0, "field kv.head_dim is 0, not a positive int"),
