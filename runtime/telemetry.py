@@ -43,6 +43,10 @@ class TelemetryWriter:
         # A raw descriptor, nothing buffered: after a failed write the file can be cut back to its last whole line.
         # An existing file is emptied only by the first line: a run that fails before its first token keeps it.
         self._created = not self.path.exists()
+        if not self._created and not _is_telemetry_or_empty(self.path):
+            raise TelemetryError(
+                f"{self.path} exists and is not a telemetry file; give a new path (or remove that file yourself) (--telemetry)"
+            )
         self._fd: int | None = _open_for_writing(self.path)
         self._lines = 0
         self._bytes = 0  # where the last whole line ends
@@ -137,6 +141,21 @@ def _open_for_writing(path: Path) -> int:
         else:
             problem = f"{error.strerror}; give a file in a folder you can write"
         raise TelemetryError(f"cannot write telemetry to {path}: {problem} (--telemetry)") from None
+
+
+def _is_telemetry_or_empty(path: Path) -> bool:
+    """Whether an existing file may be replaced by telemetry: empty, or its first line a telemetry record."""
+    if not path.is_file():
+        return True  # a folder or a device: _open_for_writing says what is wrong with it
+    with open(path, "rb") as file:
+        first = file.readline(1 << 16)
+    if not first.strip():
+        return path.stat().st_size == 0 or not first
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "token_index" in record
 
 
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg")  # what matplotlib writes, known by the file name

@@ -176,3 +176,16 @@ def test_a_failed_telemetry_write_warns_on_the_library_logger_by_default(tmp_pat
     assert [r.name for r in caplog.records] == ["balcony_edge"]
     assert "(Input/output error): it stops after 0 tokens" in caplog.records[0].getMessage()
     assert path.read_text() == ""
+
+
+def test_an_existing_file_that_is_not_telemetry_is_not_overwritten(tmp_path):
+    mine = tmp_path / "notes.jsonl"
+    mine.write_text('{"my": "data"}\n')
+    with pytest.raises(TelemetryError, match="exists and is not a telemetry file"):
+        TelemetryWriter(mine)
+    assert mine.read_text() == '{"my": "data"}\n'
+    earlier = tmp_path / "run.jsonl"
+    _write_tokens(earlier, count=2)
+    with TelemetryWriter(earlier) as writer:  # an earlier run's telemetry is replaced, as before
+        writer.write(token_index=0, token_id=1, token_text="Hi", exit=8, latency_ms=1.0)
+    assert len(read_telemetry(earlier)) == 1
