@@ -38,6 +38,7 @@ from ..runtime.manifest import (
     Manifest,
 )
 from .compose import compose_exit
+from .genai import write_genai_folders
 from .pieces import PieceGraphs, balcony_slot, exit_chain, layer_slot, piece_layout
 from .quality import exit_agreement
 from .quantize import check_quantization, quantization_info, quantize_graph
@@ -229,6 +230,7 @@ def write_export(
         tokenizer_files=tokenizer_files,
         chat_template=write_chat_template(base.tokenizer, staging),
     )
+    genai_folders = write_genai_folders(staging, manifest)
     report = {
         "precision": config.precision,
         "exported_with": tool_versions(),
@@ -237,19 +239,25 @@ def write_export(
         "parameter_bytes": parameter_bytes(export_model),
         "graph_bytes": {name: (staging / name).stat().st_size for name in [p.graph for p in pieces] + [g.graph for g in graphs]},
         "quality_tokens": quality_tokens,
+        "genai_folders": genai_folders,
         "verification": None,
     }
     if config.verify:
         started = time.perf_counter()
-        manifest.files = {path.name: file_sha256(path) for path in sorted(staging.iterdir())}
+        manifest.files = export_checksums(staging)
         report["verification"] = verify_export(staging, manifest, model, base.tokenizer)
         report["verify_seconds"] = round(time.perf_counter() - started, 1)
         failures = verification_failures(report["verification"], config.exact)
         if failures:
             raise ExportError(f"verification failed, nothing written: {failures[0]}; report this with the checkpoint")
     (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    manifest.files = {path.name: file_sha256(path) for path in sorted(staging.iterdir())}
+    manifest.files = export_checksums(staging)
     (staging / MANIFEST_FILE).write_text(manifest.to_json())
+
+
+def export_checksums(staging: Path) -> dict[str, str]:
+    """sha256 of every file at the folder's top level (the genai folders hold only links to those and small configs)."""
+    return {path.name: file_sha256(path) for path in sorted(staging.iterdir()) if path.is_file()}
 
 
 def tool_versions() -> dict[str, str]:

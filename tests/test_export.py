@@ -219,7 +219,7 @@ def test_manifest_describes_the_export(tiny_export, tiny_model):
     assert (tiny_export / manifest.chat_template).read_text() == CHAT_TEMPLATE
     assert "tokenizer.json" in manifest.tokenizer_files
     assert set(manifest.tokenizer_files) <= set(manifest.files)
-    assert set(manifest.files) == {p.name for p in tiny_export.iterdir()} - {"manifest.json"}
+    assert set(manifest.files) == {p.name for p in tiny_export.iterdir() if p.is_file()} - {"manifest.json"}
     per_token = [e.weight_bytes_per_token for e in manifest.exits]
     assert per_token == sorted(per_token) and per_token[0] > 0
     assert all(0.0 <= e.quality <= 1.0 for e in manifest.exits) and manifest.exits[-1].quality == 1.0
@@ -469,3 +469,36 @@ def test_a_second_export_to_the_same_folder_is_refused_while_the_first_writes(ti
         first.wait()
     export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=out, exits="1", verify=False))  # the lock went with the process
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # the killed holder's lock file reused, then removed
+
+
+def test_each_exit_has_an_onnxruntime_genai_folder_of_links(tiny_export):
+    manifest = Manifest.load(tiny_export)
+    for entry in manifest.exits:
+        folder = tiny_export / "genai" / Path(entry.graph).stem
+        config = json.loads((folder / "genai_config.json").read_text())
+        decoder = config["model"]["decoder"]
+        assert decoder["filename"] == entry.graph and decoder["num_hidden_layers"] == entry.num_layers
+        assert config["search"]["past_present_share_buffer"] is True and config["model"]["vocab_size"] == manifest.vocab_size
+        for name in (entry.graph, "weights.bin", "tokenizer.json"):
+            assert (folder / name).is_symlink() and (folder / name).resolve() == (tiny_export / name).resolve()
+
+
+def test_onnxruntime_genai_runs_an_exit_graph_as_the_engine_does(tiny_export):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is installed in an environment of its own (README)")
+    engine = Engine.load(tiny_export, providers=["cpu"])
+    prompt = [5, 17, 42, 99, 7]
+    for entry in engine.manifest.exits:
+        model = og.Model(str(tiny_export / "genai" / Path(entry.graph).stem))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)
+        tokens = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        sequence, expected = engine.sequence(prompt), []
+        for _ in tokens:
+            expected.append(int(np.argmax(sequence.logits(entry.exit))))
+            sequence.append(expected[-1])
+        assert tokens == expected
