@@ -285,7 +285,7 @@ def _default_export() -> Path:
             f"no default export at {folder}; create one with `balcony-edge export` where the train extra is installed, "
             "or give an export folder"
         ) from None
-    console.print(f"[dim]first use: exporting the shipped checkpoint to {folder} (a few minutes, once)[/dim]")
+    console.print(f"[dim]first use: exporting the shipped checkpoint to {folder} (under a minute, once)[/dim]")
     return export_checkpoint(ExportConfig(checkpoint=None, out=folder))
 
 

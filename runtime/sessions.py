@@ -98,6 +98,9 @@ def session_options(threads: int | None, prepack: bool) -> ort.SessionOptions:
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Every piece has its own session and thread pool; spinning workers of idle pools would take the cores from the
+    # piece that runs (measured: full depth 12.6 tok/s spinning, 30.7 not, on 2 cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
