@@ -69,7 +69,10 @@ class _Support:
         rest = outside.nonzero().flatten()
         if len(rest) == 0:
             return cls(kept, None, 0.0)
-        tail = rest[torch.randperm(len(rest), device=rest.device)[:TAIL_SAMPLES]]
+        # Drawn from a generator seeded by the chunk's own top-k ids, not the global one: the sample then depends on
+        # the data alone, so a run on several ranks or a resumed run draws what one uninterrupted process draws.
+        generator = torch.Generator().manual_seed(int((kept.cpu() * 2_654_435_761).sum() % (2**31)))
+        tail = rest[torch.randperm(len(rest), generator=generator)[:TAIL_SAMPLES].to(rest.device)]
         return cls(kept, tail, len(rest) / len(tail))
 
     def teacher_log(self, full_log: torch.Tensor) -> torch.Tensor:
