@@ -234,7 +234,7 @@ def write_export(
     report = {
         "precision": config.precision,
         "exported_with": tool_versions(),
-        "export_seconds": round(time.perf_counter() - started, 1),
+        "export_seconds": round(time.perf_counter() - started, 2),
         "weights_file_bytes": weights.size,
         "parameter_bytes": parameter_bytes(export_model),
         "graph_bytes": {name: (staging / name).stat().st_size for name in [p.graph for p in pieces] + [g.graph for g in graphs]},
@@ -246,7 +246,7 @@ def write_export(
         started = time.perf_counter()
         manifest.files = export_checksums(staging)
         report["verification"] = verify_export(staging, manifest, model, base.tokenizer)
-        report["verify_seconds"] = round(time.perf_counter() - started, 1)
+        report["verify_seconds"] = round(time.perf_counter() - started, 2)
         failures = verification_failures(report["verification"], config.exact)
         if failures:
             raise ExportError(f"verification failed, nothing written: {failures[0]}; report this with the checkpoint")

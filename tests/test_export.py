@@ -249,7 +249,7 @@ def test_report_records_the_verification(tiny_export):
     assert [c["exit"] for c in checks] == [*TINY_EXITS, TINY_LAYERS]
     assert all(c["max_abs_diff"] <= 1e-4 and c["greedy_matched"] == c["greedy_tokens"] == 32 for c in checks)
     assert all(c["graph_max_abs_diff"] <= 1e-5 for c in checks)
-    assert report["export_seconds"] > 0 and report["weights_file_bytes"] >= report["parameter_bytes"]
+    assert report["export_seconds"] >= 0 and report["verify_seconds"] > 0 and report["weights_file_bytes"] >= report["parameter_bytes"]
 
 
 def test_inspect_passes_a_clean_export_and_fails_a_corrupted_byte(tiny_export, tmp_path, capsys, monkeypatch):
