@@ -21,6 +21,7 @@ from typing import Protocol
 import psutil
 
 from ..errors import SignalError
+from .manifest import short_repr
 
 # Readings outside these ranges are offline sensors (Orin reports -256 degC) or garbage, never a real device.
 VALID_TEMPERATURE_DEGC = (-40.0, 150.0)
@@ -95,9 +96,9 @@ def _as_float(key: str, value: object) -> float | None:
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise SignalError(f"signal {key}={value!r} is not a number; give a number such as {key}=42.5") from None
+        raise SignalError(f"signal {_name(key)}={short_repr(value)} is not a number; give a number such as {_name(key)}=42.5") from None
     if not math.isfinite(number):
-        raise SignalError(f"signal {key}={value!r} is not finite; give a finite number")
+        raise SignalError(f"signal {_name(key)}={short_repr(value)} is not finite; give a finite number")
     return number
 
 
@@ -109,7 +110,13 @@ def _as_bool(key: str, value: object) -> bool | None:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise SignalError(f"signal {key}={value!r} is not a boolean; give true or false")
+    raise SignalError(f"signal {_name(key)}={short_repr(value)} is not a boolean; give true or false")
+
+
+def _name(key: object) -> str:
+    """A signal name from an untrusted file, as echoed in a message: at most 60 characters."""
+    text = str(key)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class SignalSource(Protocol):
@@ -469,7 +476,7 @@ class FixedSource:
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")
             if not sep or not key.strip() or not value.strip():
-                raise SignalError(f"signal setting {part!r} is not key=value; write e.g. temperature_degc=83")
+                raise SignalError(f"signal setting {short_repr(part)} is not key=value; write e.g. temperature_degc=83")
             values[key.strip()] = value.strip()
         return cls(**values)  # type: ignore[arg-type]
 

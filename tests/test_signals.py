@@ -596,3 +596,15 @@ def test_default_sources_leave_out_a_source_that_hangs_while_probed(tmp_path, mo
     finally:
         release.set()
     assert [source.name for source in found] == ["sysfs"]
+
+
+def test_a_huge_field_in_a_trace_is_echoed_short(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(json.dumps({"t_s": 0, "temperature_degc": "x" * 50_000_000}) + "\n")
+    with pytest.raises(SignalError) as refused:
+        TraceSource(trace).read(0)
+    assert len(str(refused.value)) < 400 and "is not a number" in str(refused.value)
+    key = "k" * 1000
+    with pytest.raises(SignalError) as refused:
+        FixedSource.from_text(f"{key}=abc")
+    assert len(str(refused.value)) < 400
