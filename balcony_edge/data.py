@@ -136,11 +136,6 @@ def parse_source(spec: str) -> Source:
     return Source(path, value)
 
 
-def load_source(source: Source) -> Corpus:
-    """The documents of one source, held out as load_corpus does."""
-    return load_corpus(None if source.path == DEFAULT_CORPUS else [source.path])
-
-
 def weighted_sources(specs: list[str]) -> list[Source] | None:
     """The sources of a weighted mix, or None when no spec gives a weight (then all text is one corpus, as before).
 

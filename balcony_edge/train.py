@@ -24,7 +24,7 @@ from .base_model import DEFAULT_BASE, BaseModel, load_base_model
 from .atomic import readable_folder
 from .checkpoint import STATE_FILE, build_model, copy_balcony_weights, read_info, resume_hint, save_checkpoint
 from .console import console, say
-from .data import DEFAULT_CORPUS, load_corpus, load_source, pack, weighted_sources
+from .data import DEFAULT_CORPUS, load_corpus, pack, weighted_sources
 from .distill import distill_backward
 from .errors import BalconyError, CheckpointError, TrainingStopped
 from .exits import parse_exits
@@ -287,7 +287,7 @@ class Trainer:
             self.blocks = pack(load_corpus(config.data).train, self.base.tokenizer, config.seq_len)
             self.order = BlockOrder(len(self.blocks), config.seed)
         else:
-            parts = [pack(load_source(source).train, self.base.tokenizer, config.seq_len) for source in sources]
+            parts = [pack(load_corpus([source.path]).train, self.base.tokenizer, config.seq_len) for source in sources]
             self.blocks = torch.cat(parts)
             self.order = MixedOrder([len(part) for part in parts], [source.weight for source in sources], config.seed)
         tokens_per_step = config.batch_size * config.seq_len

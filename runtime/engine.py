@@ -109,7 +109,7 @@ class Engine:
                     session = _quietly(lambda: open_session(self.folder, piece, weights, provider, settings))
                     if session.get_providers()[0] != provider:
                         raise RuntimeError(f"onnxruntime fell back to {session.get_providers()[0]}")
-                    runners[piece.name] = PieceRunner(session, piece, device)
+                    runners[piece.name] = PieceRunner(session, piece)
                 return provider, fallbacks, weights, runners
             except Exception as err:  # a provider that cannot start is skipped, with the reason reported
                 fallbacks[provider] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -13,8 +13,8 @@ from .manifest import ATTENTION_MASK, INPUT_IDS, PAST_KEY, PAST_VALUE, PRESENT_K
 class PieceRunner:
     """One piece's session; `run` computes positions start..start+n-1 of a sequence from its first input."""
 
-    def __init__(self, session: ort.InferenceSession, piece: Piece, device: str):
-        self.session, self.piece, self.device = session, piece, device
+    def __init__(self, session: ort.InferenceSession, piece: Piece):
+        self.session, self.piece = session, piece
         inputs = [i.name for i in session.get_inputs()]
         self.first_input = inputs[0]  # input_ids, hidden_{depth} or exit_hidden
         self.output = session.get_outputs()[0].name  # hidden_{depth}, exit_hidden or logits

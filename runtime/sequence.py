@@ -29,9 +29,6 @@ class Boundary:
     def __init__(self):
         self.start, self.rows = 0, None
 
-    def covers(self, start: int, end: int) -> bool:
-        return self.rows is not None and self.start <= start and end <= self.start + self.rows.shape[1]
-
     def take(self, start: int, end: int) -> np.ndarray:
         return self.rows[:, start - self.start : end - self.start]
 

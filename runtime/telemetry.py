@@ -150,7 +150,7 @@ def _is_telemetry_or_empty(path: Path) -> bool:
     with open(path, "rb") as file:
         first = file.readline(1 << 16)
     if not first.strip():
-        return path.stat().st_size == 0 or not first
+        return not first  # empty; a file that starts with a blank line is not telemetry
     try:
         record = json.loads(first)
     except ValueError:
