@@ -74,7 +74,7 @@ def write_folder_atomically(target: Path, fill) -> None:
     try:
         fill(staging)
         _make_readable(staging)
-        for path in staging.iterdir():
+        for path in staging.rglob("*"):
             _sync_file(path)
         _sync_folder(staging)
         if target.exists():
@@ -113,8 +113,9 @@ def _make_readable(folder: Path) -> None:
     """Give the staging folder and its files the usual permissions (mkdtemp makes them private)."""
     umask = _umask()
     folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _umask() -> int:

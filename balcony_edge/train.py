@@ -22,7 +22,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from .base_model import DEFAULT_BASE, BaseModel, load_base_model
 from .atomic import readable_folder
-from .checkpoint import STATE_FILE, build_model, copy_balcony_weights, read_info, resume_hint, save_checkpoint
+from .checkpoint import (
+    STATE_FILE, WEIGHTS_FILE, build_model, copy_balcony_weights, read_info, read_weights, resume_hint, save_checkpoint,
+)
 from .console import console, say
 from .data import DEFAULT_CORPUS, load_corpus, pack, weighted_sources
 from .distill import distill_backward
@@ -45,7 +47,7 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 # What training_state.pt holds, by type: checked before any of it is used.
 STATE_TYPES = {
     "config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "step": int, "tokens_seen": int,
-    "wall_seconds": float, "kl_history": list, "rng": (dict, list),
+    "wall_seconds": float, "kl_history": list, "rng": (dict, list), "init_training": (dict, type(None)),
 }
 SETTING_TYPES = (str, int, float, type(None), list, tuple)  # of the saved TrainConfig values, compared on --resume
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -73,7 +75,7 @@ FIELD_RULES = {
     "kl_chunk": COUNT,
     "distill_top_k": ("an integer of at least 0", lambda v: is_whole_number(v) and v >= 0),
 }
-OPTIONAL_FIELDS = ("epochs", "max_tokens", "max_minutes", "threads")  # None: not given
+OPTIONAL_FIELDS = ("epochs", "max_tokens", "max_minutes", "threads", "init_from")  # None: not given
 CHOICES = {"precision": PRECISIONS, "save_dtype": tuple(SAVE_DTYPES), "balcony_init": BALCONY_INITS, "norm_init": NORM_INITS}
 
 
@@ -110,6 +112,7 @@ class TrainConfig:
     distill_top_k: int = 32  # KL over the union of the teacher's top-k tokens per chunk; 0: the whole vocabulary
     save_dtype: str = "fp32"
     threads: int | None = None
+    init_from: str | None = None  # a checkpoint folder whose balconies (same base, same exits) start this run
 
     def __post_init__(self) -> None:
         self.exits = parse_exits(self.exits, None)  # the syntax now; the range once the base model's depth is known
@@ -281,6 +284,10 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.model: BalconyModel = build_model(self.base, BalconyConfig(exits, config.balcony_init, config.norm_init), seed=config.seed)
+        # What the run started from (--init-from): that checkpoint's training record, kept in this run's record.
+        self.init_training = None
+        if config.init_from:
+            self.init_training = self._start_from(Path(config.init_from)) if resume_state is None else resume_state["init_training"]
         self.model.to(self.dist.device).train()
         sources = weighted_sources(config.data)
         if sources is None:
@@ -316,17 +323,7 @@ class Trainer:
         path = folder / STATE_FILE
         if not path.is_file():
             raise CheckpointError(f"--resume: {path} not found; start without --resume or point --out at a run folder")
-        info = read_info(folder)
-        if info.base["sha256"] != self.base.identity.sha256:
-            raise CheckpointError(
-                f"--resume: {self.out} was trained on base {info.base.get('name')!r}, not {self.base.identity.name!r}; "
-                "resume with the same --base"
-            )
-        if tuple(info.config.exits) != tuple(self.config.exits):
-            raise CheckpointError(
-                f"--resume: {self.out} trains exits {','.join(map(str, info.config.exits))}, not "
-                f"{','.join(map(str, self.config.exits))}; resume with --exits {','.join(map(str, info.config.exits))}"
-            )
+        self._check_same_balconies(read_info(folder), "--resume", self.out, "trains", "resume with")
         state = _load_training_state(path)
         saved = state["config"]
         for name, value in asdict(self.config).items():
@@ -338,6 +335,27 @@ class Trainer:
                     "resume with the same settings"
                 )
         return state
+
+    def _check_same_balconies(self, info, option: str, folder: Path, verb: str, fix: str) -> None:
+        """Refuse a checkpoint (to resume or start from) of another base model or other exits."""
+        if info.base["sha256"] != self.base.identity.sha256:
+            raise CheckpointError(
+                f"{option}: {folder} was trained on base {info.base.get('name')!r}, not {self.base.identity.name!r}; "
+                f"{fix} the same --base"
+            )
+        if tuple(info.config.exits) != tuple(self.config.exits):
+            theirs = ",".join(map(str, info.config.exits))
+            raise CheckpointError(
+                f"{option}: {folder} {verb} exits {theirs}, not {','.join(map(str, self.config.exits))}; {fix} --exits {theirs}"
+            )
+
+    def _start_from(self, folder: Path) -> dict:
+        """Copy a trained checkpoint's balconies into the fresh model; returns that checkpoint's training record."""
+        folder = readable_folder(folder)
+        info = read_info(folder)
+        self._check_same_balconies(info, "--init-from", folder, "holds", "train with")
+        copy_balcony_weights(self.model, read_weights(folder), folder / WEIGHTS_FILE)
+        return info.training
 
     def _restore(self, state: dict) -> None:
         path = self.out / STATE_FILE
@@ -402,6 +420,7 @@ class Trainer:
             "wall_seconds": self.wall_before + (time.monotonic() - self.started),
             "kl_history": self.kl_history,
             "rng": rng,
+            "init_training": self.init_training,
         }
 
     def summary(self) -> dict:
@@ -418,6 +437,7 @@ class Trainer:
             "distill_top_k": c.distill_top_k,
             "precision": "bf16" if self.bf16 else "fp32",
             "ranks": self.dist.world,
+            **({"init_from": {"path": c.init_from, "training": self.init_training}} if c.init_from else {}),
             "final_kl": self.kl_history[-1]["kl"] if self.kl_history else None,
         }
 

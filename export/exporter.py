@@ -113,13 +113,14 @@ def _export_locked(config: ExportConfig, checkpoint: Path, out: Path, exits: tup
     return out
 
 
-def check_target(out: Path, force: bool) -> None:
-    """Refuse an existing target without --force, a target that is not an export, and an unwritable parent."""
+def check_target(out: Path, force: bool, ours=None, marker: str = MANIFEST_FILE) -> None:
+    """Refuse an existing target without --force, a target this kind of export did not write (`ours(folder)`, default:
+    an ONNX export folder; `marker`: the file that tells), and an unwritable parent."""
     if out.exists():
         if not force:
             raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
-        if out.is_file() or (any(out.iterdir()) and not is_export_folder(out)):
-            raise ExportError(f"{out} exists and is not a balcony-edge export (no export {MANIFEST_FILE}); choose another --out")
+        if out.is_file() or (any(out.iterdir()) and not (ours or is_export_folder)(out)):
+            raise ExportError(f"{out} exists and is not a balcony-edge export (no export {marker}); choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()

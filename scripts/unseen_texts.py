@@ -10,9 +10,10 @@ python scripts/unseen_texts.py --out eval-texts      # writes eval-texts/{docs,c
 
 import argparse
 import importlib.metadata
-import json
 import sys
 from pathlib import Path
+
+from balcony_edge.data import write_jsonl_kinds
 
 from pydoc_data.topics import topics
 
@@ -44,8 +45,4 @@ def legal() -> list[str]:
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", type=Path, required=True)
 args = parser.parse_args()
-args.out.mkdir(parents=True, exist_ok=True)
-for kind, documents in (("docs", docs()), ("code", code()), ("legal", legal())):
-    path = args.out / f"{kind}.jsonl"
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents), encoding="utf-8")
-    print(f"{path}: {len(documents)} documents, {sum(map(len, documents)):,} characters")
+print("\n".join(write_jsonl_kinds(args.out, {"docs": docs(), "code": code(), "legal": legal()})))

@@ -70,6 +70,18 @@ def test_resume_refuses_other_exits_or_settings(peaked_base_dir, text_dir, tmp_p
         Trainer(_config(peaked_base_dir, text_dir, tmp_path / "elsewhere"), resume=True)
 
 
+def test_init_from_starts_from_a_checkpoints_balconies_and_keeps_its_record(peaked_base_dir, text_dir, tmp_path):
+    train(_config(peaked_base_dir, text_dir, tmp_path / "first", max_tokens=4 * 32 * 2))
+    trainer = Trainer(_config(peaked_base_dir, text_dir, tmp_path / "second", init_from=str(tmp_path / "first")))
+    first = load_file(tmp_path / "first" / WEIGHTS_FILE)
+    for name, tensor in trainer.model.balcony_state_dict().items():
+        assert torch.equal(tensor, first[name]), name
+    summary = train(_config(peaked_base_dir, text_dir, tmp_path / "second", init_from=str(tmp_path / "first")))
+    assert summary["init_from"]["training"]["tokens_seen"] == 2 * 4 * 32
+    with pytest.raises(CheckpointError, match="--init-from: .* holds exits 1,3"):
+        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "third", exits=(1, 2), init_from=str(tmp_path / "first")))
+
+
 def test_max_minutes_stops_and_leaves_a_resumable_checkpoint(peaked_base_dir, text_dir, tmp_path):
     summary = train(_config(peaked_base_dir, text_dir, tmp_path / "run", max_minutes=1e-6))
     assert summary["steps"] == 0

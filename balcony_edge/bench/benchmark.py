@@ -146,8 +146,12 @@ def run_bench(config: BenchConfig) -> dict:
     llama = result["peers"].get("llama_cpp", {})
     result["llama_cpp_precision"] = llama.get("file_type")
     result["engine_vs_llama_cpp"] = ratio(engine_stats[full.exit].decode_tok_s, llama.get("decode_tok_s"))
+    llama_exits = result["peers"].get("llama_cpp_exits", {}).get("exits", {})
     for row in result["exits"]:
         row["vs_llama_cpp_full"] = ratio(row["decode_tok_s"], llama.get("decode_tok_s"))
+        same_exit = llama.get("decode_tok_s") if row["full"] else llama_exits.get(str(row["exit"]), {}).get("decode_tok_s")
+        row["llama_cpp_same_exit_tok_s"] = same_exit
+        row["vs_llama_cpp_same_exit"] = ratio(row["decode_tok_s"], same_exit)
     result["engine_vs_genai"] = None
     notes.append("onnxruntime-genai: not measured by the bench (it needs onnxruntime, which must not share an environment with onnxruntime-gpu)")
 
@@ -236,13 +240,32 @@ def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], no
         file_type = LLAMA_CPP_TYPES[precision]
         config.say(f"peer: llama.cpp ({file_type}, converted from {gguf.name} by llama.cpp once)")
         converted = gguf_at_precision(gguf, file_type, cache_dir() / "bench" / "gguf")
-        codec_text = PROMPT_TEXT * (config.prompt_tokens // 40 + 1)
-        peers["llama_cpp"] = llama_cpp(converted or gguf, codec_text, config.new_tokens, config.repeats, config.threads)
+        peers["llama_cpp"] = llama_cpp(converted or gguf, prompt, config.new_tokens, config.repeats, config.threads)
         peers["llama_cpp"]["file_type"] = file_type
+        peers["llama_cpp_exits"] = llama_cpp_exits(config, manifest, file_type, prompt)
     for name, peer in peers.items():
         if "skipped" in peer:
             notes.append(f"{name} skipped: {peer['skipped']}")
     return peers
+
+
+def llama_cpp_exits(config: BenchConfig, manifest: Manifest, file_type: str, prompt: list[int]) -> dict:
+    """llama.cpp on each exit written as a GGUF file of the same type (`export --format gguf`): exit against exit."""
+    from ..checkpoint import SHIPPED_CHECKPOINT
+    from ..paths import cache_dir
+    from .peers import exit_gguf_files, llama_cpp
+
+    checkpoint = config.checkpoint or SHIPPED_CHECKPOINT  # the speed of an exit's file depends on its shapes only
+    exits = [entry.exit for entry in manifest.exits if not entry.is_full]
+    config.say(f"peer: llama.cpp on each exit's own GGUF ({file_type}, written from {checkpoint.name} once)")
+    try:
+        files = exit_gguf_files(checkpoint, exits, file_type, cache_dir() / "bench" / "gguf")
+    except BalconyError as err:
+        return {"skipped": f"the exits' GGUF files could not be written ({err})"}
+    if files is None:
+        return {"skipped": "llama-cpp-python is not installed"}
+    runs = {str(k): llama_cpp(path, prompt, config.new_tokens, config.repeats, config.threads) for k, path in files.items()}
+    return {"checkpoint": str(checkpoint), "file_type": file_type, "exits": runs}
 
 
 def load_perplexities(config: BenchConfig, manifest: Manifest, notes: list[str]) -> dict[int, float]:

@@ -74,8 +74,37 @@ def gguf_at_precision(source, file_type: str, folder) -> "Path | None":
     return target
 
 
-def llama_cpp(gguf_path, prompt_text: str, new_tokens: int, repeats: int, threads: int | None) -> dict:
-    """llama-cpp-python on a GGUF file (its own quantisation), greedy; skipped when llama_cpp is not installed."""
+# How each llama.cpp type is written for an exit: by the exit writer directly, or written in f32 and then
+# converted by llama.cpp's quantizer (the writer has no Q4 of its own).
+_EXIT_WRITER_TYPES = {"f32": "fp32", "f16": "f16", "q8_0": "q8_0"}
+
+
+def exit_gguf_files(checkpoint, exits, file_type: str, folder) -> "dict[int, Path] | None":
+    """Each exit of `checkpoint` as a GGUF file of `file_type`, written once under folder; None without llama_cpp."""
+    from pathlib import Path
+
+    from ..checksums import file_sha256
+    from ..checkpoint import WEIGHTS_FILE
+    from ..export.exit_checkpoints import ExitCheckpointConfig, export_exit_checkpoints
+    from ..export.gguf_exits import gguf_file_name
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    name = f"exits-{file_sha256(Path(checkpoint) / WEIGHTS_FILE)[:12]}"
+    written = Path(folder) / f"{name}-{_EXIT_WRITER_TYPES.get(file_type, 'fp32')}"
+    if not all((written / gguf_file_name(name, k)).is_file() for k in exits):
+        config = ExitCheckpointConfig(format="gguf", checkpoint=checkpoint, out=written, exits=tuple(exits),
+                                      dtype=_EXIT_WRITER_TYPES.get(file_type, "fp32"), force=True, name=name)
+        export_exit_checkpoints(config)
+    files = {k: written / gguf_file_name(name, k) for k in exits}
+    if file_type not in _EXIT_WRITER_TYPES:
+        files = {k: gguf_at_precision(path, file_type, folder) for k, path in files.items()}
+    return files
+
+
+def llama_cpp(gguf_path, prompt: list[int], new_tokens: int, repeats: int, threads: int | None) -> dict:
+    """llama-cpp-python on a GGUF file (its own quantisation), greedy after the engine's own prompt tokens (the same
+    tokenizer); skipped when llama_cpp is not installed."""
     if importlib.util.find_spec("llama_cpp") is None:
         return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python, about 10 minutes to build)"}
     import os
@@ -84,7 +113,7 @@ def llama_cpp(gguf_path, prompt_text: str, new_tokens: int, repeats: int, thread
 
     # use_extra_bufts=False: a source build with AMX crashed inside llama_decode on quantised files without it.
     llm = Llama(model_path=str(gguf_path), n_ctx=2048, n_threads=threads or os.cpu_count(), verbose=False, use_extra_bufts=False)
-    tokens = llm.tokenize(prompt_text.encode())
+    tokens = list(prompt)
 
     def timed(count: int) -> float:
         llm.reset()

@@ -66,6 +66,9 @@ def target_lines(result: dict) -> list[str]:
     line(f"engine / llama.cpp {result.get('llama_cpp_precision') or ''} (full)", result.get("engine_vs_llama_cpp"), TARGETS["engine_vs_llama_cpp"])
     against_llama = [row.get("vs_llama_cpp_full") for row in result["exits"] if row.get("vs_llama_cpp_full") is not None]
     line("slowest exit / llama.cpp full", min(against_llama) if against_llama else None, TARGETS["vs_llama_cpp_full"])
+    same_exit = [f"{'full' if row['full'] else row['exit']} {row['vs_llama_cpp_same_exit']:.2f}" for row in result["exits"] if row.get("vs_llama_cpp_same_exit")]
+    if same_exit:
+        lines.append(f"engine / llama.cpp on the same exit's GGUF: {', '.join(same_exit)} (no target)")
     switch = result.get("switch_cost_steps", {})
     line("deepening after 16 tokens (deep steps)", switch.get("16"), TARGETS["switch_cost_16"], at_most=True)
     line("decode step, 2000 / 64 tokens of context", result.get("context_step_ratio", {}).get("2000"), TARGETS["context_2000"], at_most=True)
@@ -92,6 +95,9 @@ def plot_bench(result: dict, path: str) -> None:
     llama_speed = result.get("peers", {}).get("llama_cpp", {}).get("decode_tok_s")
     if llama_speed:
         ax_speed.axhline(llama_speed, color="tab:red", linestyle=":", label=f"llama.cpp {result.get('llama_cpp_precision')} (full)")
+    same_exit = [(x, r["llama_cpp_same_exit_tok_s"]) for x, r in zip(xs, rows) if r.get("llama_cpp_same_exit_tok_s")]
+    if same_exit:
+        ax_speed.plot(*zip(*same_exit), "rv", label="llama.cpp on the same exit's GGUF")
     ax_speed.set_xticks(list(xs), labels)
     ax_speed.set_xlabel("exit")
     ax_speed.set_ylabel("decode tokens/s (batch 1)")

