@@ -374,6 +374,41 @@ def chat(
 
 
 @app.command()
+def serve(
+    export_folder: ExportArg = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+    api_key: Annotated[Optional[str], typer.Option(help="Require Authorization: Bearer KEY on every path but /health.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="Read the key from this file (first line); keeps it out of `ps`.")] = None,
+    parallel: Annotated[int, typer.Option(min=1, help="Generations running at once (a token each in turn).")] = 1,
+    queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond --parallel; more get 503 with Retry-After.")] = 16,
+    budget: Annotated[str, typer.Option(help="The device-wide budget: auto, full, eco, an exit or a latency such as 40ms; a request's `budget` caps it.")] = "auto",
+    model_name: Annotated[Optional[str], typer.Option(help="The model id clients send; default: the export folder's name.")] = None,
+    cors: Annotated[Optional[list[str]], typer.Option(help="Allow browser requests from this origin (repeatable; * for any). Off by default.")] = None,
+    signals: Annotated[Optional[str], typer.Option(help="A JSONL trace to replay, or fixed values; default: this device's sensors.")] = None,
+    provider: Annotated[Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for onnxruntime.")] = None,
+    trust_modified: TrustOpt = False,
+) -> None:
+    """An OpenAI-compatible HTTP server (chat/completions, completions, models, health, metrics) over the engine."""
+    from .runtime.serve import ServeOptions, run_server
+
+    key = api_key
+    if api_key_file is not None:
+        if api_key is not None:
+            raise BalconyError("--api-key and --api-key-file both given; give one")
+        text = api_key_file.read_text(encoding="utf-8").strip()
+        key = text.splitlines()[0].strip() if text else ""
+    options = ServeOptions(
+        export=export_folder, host=host, port=port, api_key=key, parallel=parallel, queue=queue, budget=budget,
+        model_name=model_name, cors=tuple(cors or ()), providers=provider, threads=threads, trust_modified=trust_modified,
+    )
+    with _signal_hub(signals, "time") as hub:
+        run_server(options, hub, default_export=_default_export, say=lambda text: console.print(f"[dim]{text}[/dim]"),
+                   warn=_warner("export"))
+
+
+@app.command()
 def plot(
     telemetry: Annotated[Path, typer.Argument(help="A telemetry JSONL file written by `chat --telemetry`.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="PNG to write.")] = Path("telemetry.png"),

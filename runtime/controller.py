@@ -13,6 +13,7 @@ import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 from ..errors import ControllerError
 from .signals import Signals
@@ -139,6 +140,12 @@ class Decision:
     reason: str
 
 
+class Chooser(Protocol):
+    """What picks the exit of each token: a Controller, or a request's view of one shared by a server."""
+
+    def choose(self, signals: Signals, last_latency_ms: float | None, token_index: int) -> Decision: ...
+
+
 @dataclass(frozen=True)
 class _Cap:
     """The deepest exit index one signal allows now; `binds` is False when the signal does not limit at all."""
@@ -234,6 +241,18 @@ class Controller:
 
     def _tokens_since_switch(self, token_index: int) -> int | None:
         return None if self._switch_token is None else token_index - self._switch_token
+
+    def deepest_allowed(self, budget: Budget) -> int:
+        """The deepest exit another budget allows now (a server's request capping this device-wide controller):
+        an exit budget its exit, eco the eco floor, a latency target the deepest exit predicted within it."""
+        if budget.kind == "exit":
+            return max([e for e in self.exits if e <= budget.exit], default=self.exits[0])
+        if budget.kind == "eco":
+            return self.exits[self._eco_floor]
+        if budget.kind == "latency":
+            within = [level for level in range(len(self.exits)) if self._predicted_ms(level) <= budget.latency_target_ms]
+            return self.exits[max(within, default=0)]
+        return self.exits[-1]
 
     # --- temperature: banded caps between the soft limit and the limit, with hysteresis on the way back up
 

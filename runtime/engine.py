@@ -18,7 +18,7 @@ from ..atomic import readable_folder, write_text_atomically
 from ..errors import BalconyError
 from ..paths import cache_dir, default_export_dir
 from ..validation import is_whole_number
-from .controller import Budget, Controller, ControllerConfig, ExitProfile
+from .controller import Budget, Chooser, Controller, ControllerConfig, ExitProfile
 from .integrity import check_export_files
 from .manifest import Manifest
 from .sampling import Sampler, SamplingConfig
@@ -44,6 +44,7 @@ class GeneratedToken:
     catch_up_tokens: int  # positions recomputed first because earlier tokens ran at shallower exits
     reason: str  # why the controller chose this exit
     signals: dict = field(default_factory=dict)
+    finish: str | None = None  # on the last token: "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
 
 
 class Engine:
@@ -203,12 +204,15 @@ class Engine:
         telemetry: TelemetryWriter | None = None,
         sequence: Sequence | None = None,
         chat: bool = True,
+        controller: Chooser | None = None,
     ) -> Iterator[GeneratedToken]:
-        """Stream new tokens for a prompt; the exit of each is chosen just before it is computed."""
+        """Stream new tokens for a prompt; the exit of each is chosen just before it is computed (by `controller` when
+        given, e.g. one shared by every request of a server, else by a Controller of its own for `budget`)."""
         if not (is_whole_number(max_new_tokens) and max_new_tokens >= 1):
             raise BalconyError(f"max_new_tokens {max_new_tokens!r} must be a whole number of tokens, at least 1")
-        budget = budget if isinstance(budget, Budget) else Budget.parse(str(budget))
-        controller = Controller(self._controller_profiles(budget), budget, controller_config)
+        if controller is None:
+            budget = budget if isinstance(budget, Budget) else Budget.parse(str(budget))
+            controller = Controller(self.controller_profiles(budget), budget, controller_config)
         sequence = sequence if sequence is not None else self.sequence()
         sequence.extend(self.prompt_ids(prompt, chat))
         hub = signals or SignalHub([])
@@ -237,7 +241,10 @@ class Engine:
             else:  # hold back what may be the start of a stop string
                 visible = len(decoder.emitted) - _stop_prefix_length(decoder.emitted, stop)
             piece, shown = decoder.emitted[shown : max(shown, visible)], max(shown, visible)
-            generated = GeneratedToken(token, piece, decision.exit, latency, sequence.last_catch_up, decision.reason, reading.to_dict())
+            finish = ("stop" if token in eos or cut is not None else "length") if stopped else None
+            generated = GeneratedToken(
+                token, piece, decision.exit, latency, sequence.last_catch_up, decision.reason, reading.to_dict(), finish
+            )
             if telemetry is not None:
                 telemetry.write(index, token, piece, decision.exit, latency, generated.catch_up_tokens, reading, decision.reason)
             yield generated
@@ -245,7 +252,7 @@ class Engine:
                 return
             sequence.append(token)
 
-    def _controller_profiles(self, budget: Budget) -> list[ExitProfile]:
+    def controller_profiles(self, budget: Budget) -> list[ExitProfile]:
         """Fixed budgets need no calibration; the others use measured costs."""
         if budget.is_fixed:
             return [ExitProfile(e.exit, 1.0, e.weight_bytes_per_token, e.quality) for e in self.manifest.exits]

@@ -1,0 +1,127 @@
+"""What the HTTP layer of `balcony-edge serve` costs: the engine driven directly against the server with 1, 2, 4 and 8
+concurrent streaming clients (aggregate tok/s, time to first token, inter-token latency p50/p95), in one run.
+
+python scripts/serve_bench.py --json serve-bench.json            # the default export, full depth, greedy
+python scripts/serve_bench.py EXPORT --clients 1,2,4 --tokens 64
+
+The server runs in its own process (`balcony-edge serve --budget full --parallel N`), the clients in this one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from balcony_edge.paths import default_export_dir
+from balcony_edge.runtime import Engine
+
+PROMPT = "The harbour was quiet in the early morning. Fishing boats rocked against the pier while gulls circled overhead, and"
+
+
+def engine_direct(export: Path, tokens: int, repeats: int) -> float:
+    """Decode tok/s of Engine.generate alone at full depth, greedy (median of repeats, first token excluded)."""
+    engine = Engine.load(export)
+    rates = []
+    for _ in range(repeats + 1):
+        stamps = [time.perf_counter() for _ in engine.generate(PROMPT, max_new_tokens=tokens, budget="full", chat=False)]
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return statistics.median(rates[1:])
+
+
+async def one_client(http: httpx.AsyncClient, model: str, tokens: int) -> dict:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True, "budget": "full"}
+    started = time.perf_counter()
+    stamps = []
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                stamps.append(time.perf_counter())
+    return {"ttft_s": stamps[0] - started, "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps),
+            "start": started, "end": stamps[-1]}
+
+
+async def clients_at_once(url: str, model: str, count: int, tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        await one_client(http, model, 4)  # warm-up
+        runs = await asyncio.gather(*(one_client(http, model, tokens) for _ in range(count)))
+    gaps = sorted(g for run in runs for g in run["gaps_s"])
+    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    aggregate = sum(r["tokens"] for r in runs) / wall
+    p95 = gaps[int(0.95 * (len(gaps) - 1))]
+    return {
+        "clients": count,
+        "aggregate_tok_s": round(aggregate, 2),
+        "ttft_ms_median": round(1000 * statistics.median(r["ttft_s"] for r in runs), 1),
+        "itl_ms_p50": round(1000 * statistics.median(gaps), 2),
+        "itl_ms_p95": round(1000 * p95, 2),
+        # A client's fair share: one token every `clients` steps of the served rate.
+        "itl_p95_vs_fair_step": round(p95 / (count / aggregate), 3),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("export", nargs="?", type=Path, default=default_export_dir())
+    parser.add_argument("--clients", default="1,2,4,8")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    direct = engine_direct(args.export, args.tokens, args.repeats)
+    print(f"engine direct: {direct:.1f} tok/s")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "balcony_edge", "-q", "serve", str(args.export), "--port", str(port),
+                               "--budget", "full", "--parallel", str(max(counts)), "--queue", "0", "--signals", "temperature_degc=40"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                model = httpx.get(f"{url}/v1/models", timeout=2).json()["data"][0]["id"]
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the server did not start")
+                time.sleep(0.3)
+        results = []
+        for count in counts:
+            result = asyncio.run(clients_at_once(url, model, count, args.tokens))
+            results.append(result)
+            print(json.dumps(result))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    single = results[0]["aggregate_tok_s"] if counts[0] == 1 else None
+    four = next((r for r in results if r["clients"] == 4), None)
+    report = {
+        "export": str(args.export),
+        "tokens": args.tokens,
+        "engine_direct_tok_s": round(direct, 2),
+        "http_single_vs_engine": round(single / direct, 3) if single else None,
+        "itl_p95_vs_fair_step_at_4": four["itl_p95_vs_fair_step"] if four else None,
+        "runs": results,
+    }
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
