@@ -211,7 +211,7 @@ def generate(
 @app.command()
 def export(
     checkpoint: CheckpointArg = None,
-    out: Annotated[Optional[Path], typer.Option(help="Export folder; default: <cache>/exports/<checkpoint>-<precision>.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Export folder; default: a folder under <cache>/exports named after the checkpoint and precision.")] = None,
     exits: Annotated[Optional[str], typer.Option(help="Trained exits to export, comma-separated; default: all. The full model always is (onnx).")] = None,
     format: Annotated[str, typer.Option(help="onnx (the runtime's folder), hf (a transformers folder per exit) or gguf (a llama.cpp file per exit).")] = "onnx",
     dtype: Annotated[Optional[str], typer.Option(help="onnx: fp32 or fp16 (GPUs); hf: fp32, fp16 or bf16; gguf: f16 (default), fp32 or q8_0.")] = None,
@@ -273,7 +273,7 @@ def inspect(
 
 
 TrustOpt = Annotated[
-    bool, typer.Option(help="Load an export whose files differ from their manifest checksums (a warning names them).")
+    bool, typer.Option("--trust-modified", help="Load an export whose files differ from their manifest checksums (a warning names them).")
 ]
 
 
@@ -333,10 +333,11 @@ def chat(
     export_folder: ExportArg = None,
     budget: Annotated[str, typer.Option(help="auto, full, eco, an exit such as 16, or a per-token latency target such as 40ms.")] = "auto",
     prompt: Annotated[Optional[str], typer.Option(help="Answer this one prompt and exit (no interactive chat).")] = None,
-    signals: Annotated[Optional[str], typer.Option(help="A JSONL trace to replay, or fixed values such as temperature_degc=80,battery_percent=30; default: this device's sensors.")] = None,
+    signals: Annotated[Optional[str], typer.Option(help="A JSONL trace to replay, or fixed name=value readings, comma-separated, such as battery_percent=30; default: this device's sensors.")] = None,
     signals_clock: Annotated[str, typer.Option(help="Replay a trace by `time` (t_s) or by `token`.")] = "time",
     telemetry: Annotated[Optional[Path], typer.Option(help="Write one JSON line per token here.")] = None,
-    plain: Annotated[bool, typer.Option(help="Mark exit changes with [N] instead of colours.")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Mark exit changes with [N] instead of colours.")] = False,
+    system: Annotated[Optional[str], typer.Option(help="A system message that starts the conversation (also /system TEXT).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer at most.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.6,
     top_k: Annotated[int, typer.Option(help="0: no limit.")] = 0,
@@ -345,7 +346,7 @@ def chat(
     seed: Annotated[Optional[int], typer.Option()] = None,
     provider: Annotated[Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for onnxruntime.")] = None,
-    sliding_window: Annotated[bool, typer.Option(help="Past the context length, keep the newest half instead of stopping.")] = False,
+    sliding_window: Annotated[bool, typer.Option("--sliding-window", help="Past the context length, keep the newest half instead of stopping.")] = False,
     trust_modified: TrustOpt = False,
 ) -> None:
     """Chat with the model, switching exits between tokens from the budget and the device's signals."""
@@ -358,15 +359,18 @@ def chat(
     # Everything the user typed is checked before the (slow) engine load or first-use export.
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
     parsed_budget = Budget.parse(budget)
-    if prompt is not None:
-        check_prompt_text(prompt)
+    for text in (prompt, system):
+        if text is not None:
+            check_prompt_text(text)
     with contextlib.ExitStack() as stack:  # the telemetry file and the signal sources are closed whatever happens
         writer = stack.enter_context(TelemetryWriter(telemetry, on_warning=_warner("telemetry"))) if telemetry else None
         hub = stack.enter_context(_signal_hub(signals, signals_clock))
         engine = Engine.load(
             export_folder or _default_export(), providers=provider, threads=threads, trust_modified=trust_modified, warn=_warner("export")
         )
-        session = ChatSession(engine, parsed_budget, sampling, hub, writer, max_new_tokens, plain, sliding_window=sliding_window)
+        session = ChatSession(
+            engine, parsed_budget, sampling, hub, writer, max_new_tokens, plain, sliding_window=sliding_window, system=system
+        )
         if prompt is not None:
             session.answer(prompt)
         else:

@@ -32,12 +32,12 @@ def generate_greedy(
     decoder = model.exit_model(exit)
     device = next(decoder.parameters()).device
     cache = DynamicCache(config=decoder.config)
-    logits = decoder(input_ids=torch.tensor([input_ids], device=device), past_key_values=cache, use_cache=True).logits
+    logits = decoder(input_ids=torch.tensor([input_ids], device=device), cache=cache, use_cache=True).logits
     new_tokens: list[int] = []
     for _ in range(max_new_tokens):
         token = int(logits[0, -1].argmax())
         new_tokens.append(token)
         if token in stop_ids:
             break
-        logits = decoder(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True).logits
+        logits = decoder(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True).logits
     return new_tokens

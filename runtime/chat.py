@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections import Counter, defaultdict
@@ -17,9 +18,15 @@ from .sequence import ContextFullError
 from .sampling import SamplingConfig
 from .signal_hub import SignalHub
 from .telemetry import TelemetryWriter
+from .text import check_prompt_text
 
 EXIT_COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
-HELP = "commands: /exit N (pin an exit), /budget X (auto, full, eco, 16, 40ms), /stats, /reset, /quit; Ctrl-C stops an answer"
+HELP = (
+    "commands: /exit N (pin an exit), /budget X (auto, full, eco, 16, 40ms), /system TEXT, /stats, /reset, /quit; "
+    'end a line with \\ to go on, or put """ alone on a line to start and end a multi-line message; Ctrl-C stops an answer'
+)
+CONTINUE, BLOCK = "\\", '"""'
+HISTORY_FILE = "chat_history"
 
 
 @dataclass
@@ -57,10 +64,11 @@ class ChatSession:
         plain: bool = False,
         console: Console | None = None,
         sliding_window: bool = False,
+        system: str | None = None,
     ):
         self.engine, self.sampling, self.signals, self.telemetry = engine, sampling, signals, telemetry
         self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
-        self.max_new_tokens, self.plain, self.sliding_window = max_new_tokens, plain, sliding_window
+        self.max_new_tokens, self.plain, self.sliding_window, self.system = max_new_tokens, plain, sliding_window, system
         self.console = console or Console(highlight=False)
         self.colours = {exit: EXIT_COLOURS[i % len(EXIT_COLOURS)] for i, exit in enumerate(engine.exits[:-1])}
         self.colours[engine.exits[-1]] = "default"
@@ -70,7 +78,7 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
-        self.messages: list[dict] = []
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.sequence = self.engine.sequence(sliding_window=self.sliding_window)
 
     def command(self, line: str) -> bool:
@@ -85,6 +93,15 @@ class ChatSession:
             elif name == "stats":
                 for row in self.stats.lines() + [f"provider: {self.engine.describe()}"]:
                     self.console.print(f"[dim]{row}[/dim]")
+                return True
+            elif name == "system":
+                if argument:
+                    check_prompt_text(argument)
+                    self.system = argument
+                    self.reset()
+                    self.console.print("[dim]system message set; conversation cleared[/dim]")
+                else:
+                    self.console.print(f"[dim]system message: {self.system or '(none)'}[/dim]")
                 return True
             elif name == "reset":
                 self.reset()
@@ -154,13 +171,23 @@ class ChatSession:
         return " | ".join(p for p in parts if p)
 
     def run(self, read_line=input) -> None:
-        """The interactive loop: read a line, answer it or run its command, until /quit or end of input."""
+        """The interactive loop: read a message, answer it or run its command, until /quit or end of input."""
         self.console.print(f"[dim]balcony-edge chat on {self.engine.describe()}; {HELP}[/dim]")
-        if read_line is input and hasattr(sys.stdin, "reconfigure"):
-            sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the prompt check, which names them
+        history = None
+        if read_line is input:
+            if hasattr(sys.stdin, "reconfigure"):
+                sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the prompt check, which names them
+            history = line_editing()
+        try:
+            self._loop(read_line)
+        finally:
+            if history is not None:
+                history()
+
+    def _loop(self, read_line) -> None:
         while True:
             try:
-                line = read_line("> ").strip()
+                line = read_message(read_line)
             except (EOFError, KeyboardInterrupt):
                 self.console.print()
                 return
@@ -174,3 +201,40 @@ class ChatSession:
                 self.answer(line)
             except BalconyError as err:  # this message cannot be answered; the conversation goes on
                 self.show_error(err)
+
+
+def read_message(read_line) -> str:
+    """One message: a line; lines ending in a backslash go on; a line of three double quotes opens a block that the
+    next such line closes."""
+    first = read_line("> ")
+    if first.strip() == BLOCK:
+        lines = []
+        while (line := read_line("... ")).strip() != BLOCK:
+            lines.append(line)
+        return "\n".join(lines).strip()
+    lines = [first]
+    while lines[-1].endswith(CONTINUE):
+        lines[-1] = lines[-1][: -len(CONTINUE)]
+        lines.append(read_line("... "))
+    return "\n".join(lines).strip()
+
+
+def line_editing():
+    """Line editing and a history kept across sessions (readline, where Python has it); returns what saves it."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input still works
+        return None
+    from ..paths import cache_dir
+
+    path = cache_dir() / HISTORY_FILE
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+
+    return save

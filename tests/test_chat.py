@@ -12,7 +12,14 @@ import pytest
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "TERM": "dumb"}
 
 
-def test_interactive_chat_streams_answers_and_obeys_commands(tiny_export):
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """The chat keeps its line history in the cache folder: a test's own, not the user's."""
+    monkeypatch.setitem(ENV, "BALCONY_EDGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_interactive_chat_streams_answers_and_obeys_commands(tiny_export, own_cache):
     chat = pexpect.spawn(
         sys.executable, ["-m", "balcony_edge", "chat", str(tiny_export), "--budget", "1", "--plain", "--temperature", "0",
                          "--max-new-tokens", "8", "--signals", "temperature_degc=55,battery_percent=80"],
@@ -37,10 +44,19 @@ def test_interactive_chat_streams_answers_and_obeys_commands(tiny_export):
     chat.expect("not understood")
     chat.sendline("/reset")
     chat.expect("conversation cleared")
+    chat.sendline("/system Answer briefly.")
+    chat.expect("system message set")
+    chat.sendline('"""')
+    chat.sendline("A message")
+    chat.sendline("on two lines")
+    chat.sendline('"""')
+    chat.expect(r"tok/s \| exit 4")
+    chat.expect("> ")
     chat.sendline("/quit")
     chat.expect(pexpect.EOF)
     chat.close()
     assert chat.exitstatus == 0
+    assert "on two lines" in (own_cache / "chat_history").read_text()  # readline's history, kept for next time
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(tiny_export):

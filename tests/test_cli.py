@@ -88,3 +88,12 @@ def test_resume_from_another_run_is_refused(tiny_run, tiny_base_dir, text_dir):
 def test_generate_refuses_an_untrained_exit(tiny_run):
     result = run_cli("generate", tiny_run, "--exit", "2", "--prompt", "x")
     assert result.returncode == 1 and "trained exits: 1, 3" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export", "chat", "serve", "bench", "inspect"])
+def test_help_fits_80_columns_uncut(command):
+    result = subprocess.run([sys.executable, "-m", "balcony_edge", command, "--help"], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "80"})
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and max(map(len, lines)) <= 80
+    assert not [line for line in lines if "…" in line], "a help text is cut; shorten it"

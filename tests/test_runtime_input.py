@@ -291,3 +291,32 @@ def test_chat_templates_render_as_transformers_renders_them(tiny_export, tiny_ba
     assert got == expected and manifest.chat_template
     if name == "tojson":
         assert "3 < 4" in got and "\\u003c" not in got
+
+
+def test_messages_go_on_after_a_backslash_or_inside_triple_quotes():
+    from balcony_edge.runtime.chat import read_message
+
+    def reader(*lines):
+        feed = iter(lines)
+        return lambda prompt: next(feed)
+
+    assert read_message(reader("one line")) == "one line"
+    assert read_message(reader("first \\", "second \\", "third")) == "first \nsecond \nthird"
+    assert read_message(reader('"""', "  indented", "", "last", '"""')) == "indented\n\nlast"
+    with pytest.raises(StopIteration):  # end of input inside a block: nothing half-read is sent
+        read_message(reader('"""', "unfinished"))
+
+
+def test_a_system_message_starts_the_conversation_and_slash_system_replaces_it(engine):
+    session, output = chat_session(engine, sliding_window=False, max_new_tokens=4)
+    assert session.messages == []
+    session.command("/system You answer in one word.")
+    assert session.messages == [{"role": "system", "content": "You answer in one word."}]
+    session.answer("Hello")
+    assert session.messages[0]["role"] == "system" and len(session.messages) == 3
+    session.command("/reset")
+    assert session.messages == [{"role": "system", "content": "You answer in one word."}]
+    session.command("/system \x1b")
+    assert "control character" in output.getvalue() and session.system == "You answer in one word."
+    started = ChatSession(engine, "full", SamplingConfig(temperature=0.0), SignalHub([]), system="Be brief.")
+    assert started.messages == [{"role": "system", "content": "Be brief."}]
