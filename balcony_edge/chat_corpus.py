@@ -75,7 +75,11 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
     deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
     written = 0
     progress = Progress(
-        TextColumn("[bold]teacher answers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("[bold]teacher answers"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console,
     )
     with atomic_path(out) as partial, partial.open("w", encoding="utf-8") as file, progress:
@@ -84,14 +88,21 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
             encoded = tokenizer([rendered[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with torch.no_grad():
                 output = model.generate(
-                    **encoded, max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature,
-                    top_p=config.top_p, pad_token_id=tokenizer.pad_token_id,
+                    **encoded,
+                    max_new_tokens=config.max_new_tokens,
+                    do_sample=True,
+                    temperature=config.temperature,
+                    top_p=config.top_p,
+                    pad_token_id=tokenizer.pad_token_id,
                 )
             for row, i in enumerate(batch):
                 answer = tokenizer.decode(output[row, encoded["input_ids"].shape[1] :], skip_special_tokens=True).strip()
                 end = tokenizer.eos_token or ""
                 record = {
-                    "text": rendered[i] + answer + end, "system": pairs[i][0], "prompt": pairs[i][1], "answer": answer,
+                    "text": rendered[i] + answer + end,
+                    "system": pairs[i][0],
+                    "prompt": pairs[i][1],
+                    "answer": answer,
                     "generation": settings,
                 }
                 file.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -130,8 +130,7 @@ def _parse_info(raw: object, path: Path) -> CheckpointInfo:
         and is_whole_number(base.get("num_layers"))
     ):
         raise CheckpointError(
-            f"{path}: base_model must record the base's name, model_type, num_layers and sha256, not {reprlib.repr(base)}; "
-            "train again or restore the file"
+            f"{path}: base_model must record the base's name, model_type, num_layers and sha256, not {reprlib.repr(base)}; train again or restore the file"
         )
     if base.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
@@ -140,10 +139,7 @@ def _parse_info(raw: object, path: Path) -> CheckpointInfo:
         )
     exits = raw.get("exits")
     if not (isinstance(exits, list) and all(is_whole_number(k) for k in exits)):
-        raise CheckpointError(
-            f"{path}: exits must be a list of integers such as [8, 16, 24], not {reprlib.repr(exits)}; "
-            "train again or restore the file"
-        )
+        raise CheckpointError(f"{path}: exits must be a list of integers such as [8, 16, 24], not {reprlib.repr(exits)}; train again or restore the file")
     training = raw.get("training", {})
     if not isinstance(training, dict):
         raise CheckpointError(f"{path}: training must be a JSON object, not {reprlib.repr(training)}; train again or restore the file")
@@ -174,14 +170,10 @@ def copy_balcony_weights(model: BalconyModel, tensors: dict, source: Path) -> No
     """Copy saved balcony tensors into the model, refusing missing, extra or misshapen ones."""
     expected = model.balcony_state_dict()
     if set(tensors) != set(expected):
-        raise CheckpointError(
-            f"{source} does not hold the balconies of exits {list(model.exits)}; the folder is inconsistent: train again or restore it"
-        )
+        raise CheckpointError(f"{source} does not hold the balconies of exits {list(model.exits)}; the folder is inconsistent: train again or restore it")
     for name, target in expected.items():
         if not isinstance(tensors[name], torch.Tensor) or tensors[name].shape != target.shape:
-            raise CheckpointError(
-                f"{source}: {name} is not a tensor of shape {list(target.shape)}; the folder is inconsistent: train again or restore it"
-            )
+            raise CheckpointError(f"{source}: {name} is not a tensor of shape {list(target.shape)}; the folder is inconsistent: train again or restore it")
     for name, target in expected.items():
         target.copy_(tensors[name].to(target.dtype))
 

@@ -26,6 +26,7 @@ app = typer.Typer(
     help="Train, evaluate, export and run Balcony exits of a decoder language model.",
 )
 
+
 def _show_version(value: bool) -> None:
     if value:
         from . import __version__
@@ -54,12 +55,8 @@ def _options(
         logger.addHandler(RichHandler(console=console, show_time=False, show_path=False))
 
 
-CheckpointArg = Annotated[
-    Optional[Path], typer.Argument(help="Checkpoint folder written by `train`; default: the shipped SmolLM2 checkpoint.")
-]
-BaseOpt = Annotated[
-    Optional[str], typer.Option(help="Base model: `smollm2`, a Hugging Face folder or a .gguf file (default: the checkpoint's).")
-]
+CheckpointArg = Annotated[Optional[Path], typer.Argument(help="Checkpoint folder written by `train`; default: the shipped SmolLM2 checkpoint.")]
+BaseOpt = Annotated[Optional[str], typer.Option(help="Base model: `smollm2`, a Hugging Face folder or a .gguf file (default: the checkpoint's).")]
 
 
 @app.command()
@@ -67,7 +64,12 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints are written (atomically) here.")],
     exits: Annotated[str, typer.Option(help="Exit depths, comma-separated.")] = "8,16,24",
     base: Annotated[str, typer.Option(help="Base model: `smollm2`, a Hugging Face folder or a .gguf file.")] = "smollm2",
-    data: Annotated[Optional[list[str]], typer.Option(help="Text, JSONL or parquet files or folders (repeatable); PATH:WEIGHT mixes sources by weight (`bbc-news` is the default corpus).")] = None,
+    data: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Text, JSONL or parquet files or folders (repeatable); PATH:WEIGHT mixes sources by weight (`bbc-news` is the default corpus).",
+        ),
+    ] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per packed sequence.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, over all ranks.")] = 16,
     micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass on one rank (accumulation fills the batch).")] = 4,
@@ -91,10 +93,25 @@ def train(
     from .train import train as run_training
 
     config = TrainConfig(
-        exits=exits, out=str(out), base=base, data=list(data or []), seq_len=seq_len,
-        batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, epochs=epochs, max_tokens=max_tokens,
-        max_minutes=max_minutes, save_every=save_every, seed=seed, precision=precision, balcony_init=balcony_init,
-        norm_init=norm_init, save_dtype=save_dtype, threads=threads, distill_top_k=distill_top_k,
+        exits=exits,
+        out=str(out),
+        base=base,
+        data=list(data or []),
+        seq_len=seq_len,
+        batch_size=batch_size,
+        micro_batch_size=micro_batch_size,
+        lr=lr,
+        epochs=epochs,
+        max_tokens=max_tokens,
+        max_minutes=max_minutes,
+        save_every=save_every,
+        seed=seed,
+        precision=precision,
+        balcony_init=balcony_init,
+        norm_init=norm_init,
+        save_dtype=save_dtype,
+        threads=threads,
+        distill_top_k=distill_top_k,
         init_from=str(init_from) if init_from is not None else None,
     )
     summary = run_training(config, resume=resume)
@@ -117,8 +134,13 @@ def chat_data(
     from .chat_corpus import ChatCorpusConfig, write_chat_corpus
 
     config = ChatCorpusConfig(
-        base=base, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        batch_size=batch_size, seed=seed,
+        base=base,
+        prompts=prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
     )
     written = write_chat_corpus(config, out, max_minutes)
     console.print(f"wrote {out}: {written} answers")
@@ -128,7 +150,12 @@ def chat_data(
 def evaluate_command(
     checkpoint: CheckpointArg = None,
     base: BaseOpt = None,
-    data: Annotated[Optional[list[str]], typer.Option(help="Evaluation text (all of it, or its held-out part with --held-out); default: the held-out 5% of the default corpus.")] = None,
+    data: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Evaluation text (all of it, or its held-out part with --held-out); default: the held-out 5% of the default corpus.",
+        ),
+    ] = None,
     held_out: Annotated[bool, typer.Option(help="Evaluate only the 5% of --data that training holds out.")] = False,
     max_tokens: Annotated[int, typer.Option(min=0, help="Evaluate at most so many tokens (0: all).")] = 32768,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per evaluated sequence.")] = 512,
@@ -165,8 +192,14 @@ def evaluate_command(
         table.add_column(column, justify="right")
     for e in result.exits:
         table.add_row(
-            str(e.exit), f"{e.relative_compute:.2f}", f"{e.ppl:.2f}", f"{e.ppl / result.full_ppl:.2f}",
-            f"{e.top1_agreement:.3f}", f"{e.kl:.3f}", f"{e.naive_ppl:.1f}", f"{e.naive_top1_agreement:.3f}",
+            str(e.exit),
+            f"{e.relative_compute:.2f}",
+            f"{e.ppl:.2f}",
+            f"{e.ppl / result.full_ppl:.2f}",
+            f"{e.top1_agreement:.3f}",
+            f"{e.kl:.3f}",
+            f"{e.naive_ppl:.1f}",
+            f"{e.naive_top1_agreement:.3f}",
         )
     table.add_row("full", "1.00", f"{result.full_ppl:.2f}", "1.00", "1.000", "0", "", "")
     console.print(table)
@@ -211,7 +244,12 @@ def generate(
 @app.command()
 def export(
     checkpoint: CheckpointArg = None,
-    out: Annotated[Optional[Path], typer.Option(help="Export folder; default: a folder under <cache>/exports named after the checkpoint and precision.")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Export folder; default: a folder under <cache>/exports named after the checkpoint and precision.",
+        ),
+    ] = None,
     exits: Annotated[Optional[str], typer.Option(help="Trained exits to export, comma-separated; default: all. The full model always is (onnx).")] = None,
     format: Annotated[str, typer.Option(help="onnx (the runtime's folder), hf (a transformers folder per exit) or gguf (a llama.cpp file per exit).")] = "onnx",
     dtype: Annotated[Optional[str], typer.Option(help="onnx: fp32 or fp16 (GPUs); hf: fp32, fp16 or bf16; gguf: f16 (default), fp32 or q8_0.")] = None,
@@ -231,9 +269,7 @@ def export(
     from .export.inspect import exits_table
     from .runtime.manifest import REPORT_FILE, Manifest
 
-    config = ExportConfig(
-        checkpoint=checkpoint, out=out, exits=exits, dtype=dtype or "fp32", quantize=quantize, base=base, force=force, verify=verify
-    )
+    config = ExportConfig(checkpoint=checkpoint, out=out, exits=exits, dtype=dtype or "fp32", quantize=quantize, base=base, force=force, verify=verify)
     folder = export_checkpoint(config)
     report = json.loads((folder / REPORT_FILE).read_text())
     console.print(exits_table(folder, Manifest.load(folder), report))
@@ -266,15 +302,11 @@ def inspect(
     console.print(f"onnxruntime providers usable here: {', '.join(inspection.providers)}")
     if inspection.problems:
         name, why = next(iter(inspection.problems.items()))
-        raise ManifestError(
-            f"{len(inspection.problems)} file(s) of {folder} fail the export checks ({name}: {why}); export again"
-        )
+        raise ManifestError(f"{len(inspection.problems)} file(s) of {folder} fail the export checks ({name}: {why}); export again")
     console.print("[green]checks OK[/green]")
 
 
-TrustOpt = Annotated[
-    bool, typer.Option("--trust-modified", help="Load an export whose files differ from their manifest checksums (a warning names them).")
-]
+TrustOpt = Annotated[bool, typer.Option("--trust-modified", help="Load an export whose files differ from their manifest checksums (a warning names them).")]
 
 
 def _warner(topic: str):
@@ -288,9 +320,7 @@ def _check_output_folder(path: Optional[Path], option: str) -> None:
         raise BalconyError(f"{option} {path}: folder {path.parent} does not exist; create it or choose another path")
 
 
-ExportArg = Annotated[
-    Optional[Path], typer.Argument(help="Export folder; default: the default export, created from the shipped checkpoint on first use.")
-]
+ExportArg = Annotated[Optional[Path], typer.Argument(help="Export folder; default: the default export, created from the shipped checkpoint on first use.")]
 
 
 def _default_export() -> Path:
@@ -304,8 +334,7 @@ def _default_export() -> Path:
         from .export.exporter import ExportConfig, export_checkpoint
     except ImportError:
         raise BalconyError(
-            f"no default export at {folder}; create one with `balcony-edge export` where the train extra is installed, "
-            "or give an export folder"
+            f"no default export at {folder}; create one with `balcony-edge export` where the train extra is installed, or give an export folder"
         ) from None
     console.print(f"[dim]first use: exporting the shipped checkpoint to {folder} (under a minute, once)[/dim]")
     return export_checkpoint(ExportConfig(checkpoint=None, out=folder))
@@ -333,7 +362,12 @@ def chat(
     export_folder: ExportArg = None,
     budget: Annotated[str, typer.Option(help="auto, full, eco, an exit such as 16, or a per-token latency target such as 40ms.")] = "auto",
     prompt: Annotated[Optional[str], typer.Option(help="Answer this one prompt and exit (no interactive chat).")] = None,
-    signals: Annotated[Optional[str], typer.Option(help="A JSONL trace to replay, or fixed name=value readings, comma-separated, such as battery_percent=30; default: this device's sensors.")] = None,
+    signals: Annotated[
+        Optional[str],
+        typer.Option(
+            help="A JSONL trace to replay, or fixed name=value readings, comma-separated, such as battery_percent=30; default: this device's sensors.",
+        ),
+    ] = None,
     signals_clock: Annotated[str, typer.Option(help="Replay a trace by `time` (t_s) or by `token`.")] = "time",
     telemetry: Annotated[Optional[Path], typer.Option(help="Write one JSON line per token here.")] = None,
     plain: Annotated[bool, typer.Option("--plain", help="Mark exit changes with [N] instead of colours.")] = False,
@@ -365,12 +399,8 @@ def chat(
     with contextlib.ExitStack() as stack:  # the telemetry file and the signal sources are closed whatever happens
         writer = stack.enter_context(TelemetryWriter(telemetry, on_warning=_warner("telemetry"))) if telemetry else None
         hub = stack.enter_context(_signal_hub(signals, signals_clock))
-        engine = Engine.load(
-            export_folder or _default_export(), providers=provider, threads=threads, trust_modified=trust_modified, warn=_warner("export")
-        )
-        session = ChatSession(
-            engine, parsed_budget, sampling, hub, writer, max_new_tokens, plain, sliding_window=sliding_window, system=system
-        )
+        engine = Engine.load(export_folder or _default_export(), providers=provider, threads=threads, trust_modified=trust_modified, warn=_warner("export"))
+        session = ChatSession(engine, parsed_budget, sampling, hub, writer, max_new_tokens, plain, sliding_window=sliding_window, system=system)
         if prompt is not None:
             session.answer(prompt)
         else:
@@ -386,7 +416,12 @@ def serve(
     api_key_file: Annotated[Optional[Path], typer.Option(help="Read the key from this file (first line); keeps it out of `ps`.")] = None,
     parallel: Annotated[int, typer.Option(min=1, help="Generations running at once (a token each in turn).")] = 1,
     queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond --parallel; more get 503 with Retry-After.")] = 16,
-    budget: Annotated[str, typer.Option(help="The device-wide budget: auto, full, eco, an exit or a latency such as 40ms; a request's `budget` caps it.")] = "auto",
+    budget: Annotated[
+        str,
+        typer.Option(
+            help="The device-wide budget: auto, full, eco, an exit or a latency such as 40ms; a request's `budget` caps it.",
+        ),
+    ] = "auto",
     model_name: Annotated[Optional[str], typer.Option(help="The model id clients send; default: the export folder's name.")] = None,
     cors: Annotated[Optional[list[str]], typer.Option(help="Allow browser requests from this origin (repeatable; * for any). Off by default.")] = None,
     signals: Annotated[Optional[str], typer.Option(help="A JSONL trace to replay, or fixed values; default: this device's sensors.")] = None,
@@ -404,12 +439,21 @@ def serve(
         text = api_key_file.read_text(encoding="utf-8").strip()
         key = text.splitlines()[0].strip() if text else ""
     options = ServeOptions(
-        export=export_folder, host=host, port=port, api_key=key, parallel=parallel, queue=queue, budget=budget,
-        model_name=model_name, cors=tuple(cors or ()), providers=provider, threads=threads, trust_modified=trust_modified,
+        export=export_folder,
+        host=host,
+        port=port,
+        api_key=key,
+        parallel=parallel,
+        queue=queue,
+        budget=budget,
+        model_name=model_name,
+        cors=tuple(cors or ()),
+        providers=provider,
+        threads=threads,
+        trust_modified=trust_modified,
     )
     with _signal_hub(signals, "time") as hub:
-        run_server(options, hub, default_export=_default_export, say=lambda text: console.print(f"[dim]{text}[/dim]"),
-                   warn=_warner("export"))
+        run_server(options, hub, default_export=_default_export, say=lambda text: console.print(f"[dim]{text}[/dim]"), warn=_warner("export"))
 
 
 @app.command()
@@ -454,9 +498,20 @@ def bench(
     _check_output_folder(json_out, "--json")
     _check_output_folder(plot, "--plot")
     config = BenchConfig(
-        export=export_folder or default_export_dir(), new_tokens=new_tokens, prompt_tokens=prompt_tokens, repeats=repeats,
-        threads=threads, provider=provider, prepack=prepack, floors=floor, peers=peers, memory=memory,
-        eval_file=eval_file, checkpoint=checkpoint, trust_modified=trust_modified, say=progress,
+        export=export_folder or default_export_dir(),
+        new_tokens=new_tokens,
+        prompt_tokens=prompt_tokens,
+        repeats=repeats,
+        threads=threads,
+        provider=provider,
+        prepack=prepack,
+        floors=floor,
+        peers=peers,
+        memory=memory,
+        eval_file=eval_file,
+        checkpoint=checkpoint,
+        trust_modified=trust_modified,
+        say=progress,
     )
     if export_folder is None:
         _default_export()

@@ -69,10 +69,10 @@ def _read_jsonl(path: Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise DataError(f"{path}:{number} is not valid JSON; each line must be an object with a \"text\" field") from None
+            raise DataError(f'{path}:{number} is not valid JSON; each line must be an object with a "text" field') from None
         text = record if isinstance(record, str) else record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
-            raise DataError(f"{path}:{number} has no \"text\" string; each line must be an object with a \"text\" field")
+            raise DataError(f'{path}:{number} has no "text" string; each line must be an object with a "text" field')
         documents.append(text)
     return documents
 
@@ -82,7 +82,7 @@ def _read_parquet(path: Path) -> list[str]:
 
     table = pq.read_table(path)
     if "text" not in table.column_names:
-        raise DataError(f"{path} has no \"text\" column (columns: {', '.join(table.column_names)}); rename the text column to text")
+        raise DataError(f'{path} has no "text" column (columns: {", ".join(table.column_names)}); rename the text column to text')
     return [text for text in table.column("text").to_pylist() if isinstance(text, str)]
 
 
@@ -171,8 +171,5 @@ def pack(documents: list[str], tokenizer, seq_len: int, what: str = "training") 
             ids.append(eos)
     blocks = len(ids) // seq_len
     if blocks == 0:
-        raise DataError(
-            f"the {what} text has {len(ids)} tokens, shorter than one sequence of {seq_len}; "
-            "give more text or a smaller --seq-len"
-        )
+        raise DataError(f"the {what} text has {len(ids)} tokens, shorter than one sequence of {seq_len}; give more text or a smaller --seq-len")
     return torch.tensor(ids[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)

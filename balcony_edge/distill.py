@@ -48,9 +48,7 @@ def distill_backward(
             kl_sum = (teacher_prob * (teacher_log - student_log)).sum()
             (kl_sum * weight).backward()
             per_exit[k] += kl_sum.item() / tokens
-    torch.autograd.backward(
-        [exit_hidden[k] for k in students], [students[k].grad.view_as(exit_hidden[k]) for k in students]
-    )
+    torch.autograd.backward([exit_hidden[k] for k in students], [students[k].grad.view_as(exit_hidden[k]) for k in students])
     return per_exit
 
 

@@ -28,7 +28,5 @@ def parse_exits(value: str | Iterable[int], num_layers: int | None) -> tuple[int
         if k < 1:
             raise ExitsError(f"exit {k} is out of range: an exit runs at least one backbone layer; give depths from 1")
         if num_layers is not None and k >= num_layers:
-            raise ExitsError(
-                f"exit {k} is out of range: this base model has {num_layers} layers, so exits go from 1 to {num_layers - 1}"
-            )
+            raise ExitsError(f"exit {k} is out of range: this base model has {num_layers} layers, so exits go from 1 to {num_layers - 1}")
     return tuple(sorted(exits))

@@ -163,11 +163,7 @@ class BalconyModel(nn.Module):
 
     def balcony_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the trainable tensors: `balconies.{k}.*` and `norms.{k}.*`."""
-        return {
-            name: tensor
-            for name, tensor in self.state_dict().items()
-            if name.startswith(("balconies.", "norms."))
-        }
+        return {name: tensor for name, tensor in self.state_dict().items() if name.startswith(("balconies.", "norms."))}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

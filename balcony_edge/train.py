@@ -23,7 +23,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .base_model import DEFAULT_BASE, BaseModel, load_base_model
 from .atomic import readable_folder
 from .checkpoint import (
-    STATE_FILE, WEIGHTS_FILE, build_model, copy_balcony_weights, read_info, read_weights, resume_hint, save_checkpoint,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    build_model,
+    copy_balcony_weights,
+    read_info,
+    read_weights,
+    resume_hint,
+    save_checkpoint,
 )
 from .console import console, say
 from .data import DEFAULT_CORPUS, load_corpus, pack, weighted_sources
@@ -46,8 +53,16 @@ RESUMABLE_FIELDS = ("out", "max_minutes", "save_every", "save_dtype", "threads")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # What training_state.pt holds, by type: checked before any of it is used.
 STATE_TYPES = {
-    "config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "step": int, "tokens_seen": int,
-    "wall_seconds": float, "kl_history": list, "rng": (dict, list), "init_training": (dict, type(None)),
+    "config": dict,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "step": int,
+    "tokens_seen": int,
+    "wall_seconds": float,
+    "kl_history": list,
+    "rng": (dict, list),
+    "init_training": (dict, type(None)),
 }
 SETTING_TYPES = (str, int, float, type(None), list, tuple)  # of the saved TrainConfig values, compared on --resume
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -124,10 +139,7 @@ class TrainConfig:
             if not (value is None and name in OPTIONAL_FIELDS) and not valid(value):
                 raise BalconyError(f"{_flag(name)} must be {rule}, not {reprlib.repr(value)}")
         if self.micro_batch_size > self.batch_size:
-            raise BalconyError(
-                f"--micro-batch-size {self.micro_batch_size} is larger than --batch-size {self.batch_size}; "
-                f"give at most {self.batch_size}"
-            )
+            raise BalconyError(f"--micro-batch-size {self.micro_batch_size} is larger than --batch-size {self.batch_size}; give at most {self.batch_size}")
         if self.epochs is not None and self.max_tokens is not None:
             raise BalconyError("--epochs and --max-tokens both set; give one of them")
 
@@ -271,10 +283,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         per_step = config.micro_batch_size * self.dist.world
         if config.batch_size % per_step:
-            raise BalconyError(
-                f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size x ranks = {per_step}; "
-                "change one of them"
-            )
+            raise BalconyError(f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size x ranks = {per_step}; change one of them")
         self.accum = config.batch_size // per_step
         self.base = base or load_base_model(config.base)
         exits = parse_exits(config.exits, self.base.identity.num_layers)
@@ -304,18 +313,14 @@ class Trainer:
         self.warmup_steps = max(1, int(config.warmup_fraction * self.total_steps))
         params = self.model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.min_lr_ratio)
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.min_lr_ratio))
         self.step, self.tokens_seen, self.wall_before = 0, 0, 0.0
         self.kl_history: list[dict] = []
         if resume_state is not None:
             self._restore(resume_state)
         self.ddp = None
         if self.dist.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None
-            )
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None)
         self.bf16 = _use_bf16(config.precision, self.dist.device)
 
     def _resume_state(self) -> dict:
@@ -331,23 +336,17 @@ class Trainer:
                 continue
             if saved.get(name) != value:
                 raise CheckpointError(
-                    f"--resume: {self.out} was trained with {name}={reprlib.repr(saved.get(name))}, not {value!r}; "
-                    "resume with the same settings"
+                    f"--resume: {self.out} was trained with {name}={reprlib.repr(saved.get(name))}, not {value!r}; resume with the same settings"
                 )
         return state
 
     def _check_same_balconies(self, info, option: str, folder: Path, verb: str, fix: str) -> None:
         """Refuse a checkpoint (to resume or start from) of another base model or other exits."""
         if info.base["sha256"] != self.base.identity.sha256:
-            raise CheckpointError(
-                f"{option}: {folder} was trained on base {info.base.get('name')!r}, not {self.base.identity.name!r}; "
-                f"{fix} the same --base"
-            )
+            raise CheckpointError(f"{option}: {folder} was trained on base {info.base.get('name')!r}, not {self.base.identity.name!r}; {fix} the same --base")
         if tuple(info.config.exits) != tuple(self.config.exits):
             theirs = ",".join(map(str, info.config.exits))
-            raise CheckpointError(
-                f"{option}: {folder} {verb} exits {theirs}, not {','.join(map(str, self.config.exits))}; {fix} --exits {theirs}"
-            )
+            raise CheckpointError(f"{option}: {folder} {verb} exits {theirs}, not {','.join(map(str, self.config.exits))}; {fix} --exits {theirs}")
 
     def _start_from(self, folder: Path) -> dict:
         """Copy a trained checkpoint's balconies into the fresh model; returns that checkpoint's training record."""
@@ -366,8 +365,7 @@ class Trainer:
             restore_rng_state(state["rng"][self.dist.rank] if isinstance(state["rng"], list) else state["rng"])
         except Exception as err:  # noqa: BLE001 - damaged values fail in many ways (KeyError, OverflowError, ...)
             raise CheckpointError(
-                f"--resume: {path} does not fit this run ({type(err).__name__}: {reprlib.repr(str(err))}); "
-                "restore the file, or train again without --resume"
+                f"--resume: {path} does not fit this run ({type(err).__name__}: {reprlib.repr(str(err))}); restore the file, or train again without --resume"
             ) from None
         self.step, self.tokens_seen, self.wall_before = state["step"], state["tokens_seen"], state["wall_seconds"]
         self.kl_history = state["kl_history"]
@@ -393,7 +391,11 @@ class Trainer:
                 with autocast:
                     hiddens = module(batch)
                     step_kl = distill_backward(
-                        self.model.base.lm_head, hiddens.final, hiddens.exits, 1.0 / self.accum, self.config.kl_chunk,
+                        self.model.base.lm_head,
+                        hiddens.final,
+                        hiddens.exits,
+                        1.0 / self.accum,
+                        self.config.kl_chunk,
                         self.config.distill_top_k,
                     )
             for k, value in step_kl.items():
@@ -444,9 +446,7 @@ class Trainer:
     def save(self) -> None:
         state = self._state()  # every rank takes part in gathering RNG states
         if self.dist.main:
-            save_checkpoint(
-                self.model, self.config.base, self.out, self.summary(), state=state, dtype=SAVE_DTYPES[self.config.save_dtype]
-            )
+            save_checkpoint(self.model, self.config.base, self.out, self.summary(), state=state, dtype=SAVE_DTYPES[self.config.save_dtype])
 
     def run(self) -> dict:
         """Train until the schedule ends or a budget is spent; returns the training summary."""
@@ -523,9 +523,7 @@ def _load_training_state(path: Path) -> dict:
         and all(isinstance(state.get(key), kind) for key, kind in STATE_TYPES.items())
         and all(isinstance(value, SETTING_TYPES) for value in state["config"].values())
     ):
-        raise CheckpointError(
-            f"--resume: {path} is not a balcony-edge training state; restore the file, or train again without --resume"
-        )
+        raise CheckpointError(f"--resume: {path} is not a balcony-edge training state; restore the file, or train again without --resume")
     return state
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import typing
 
 
 def is_whole_number(value: object) -> bool:
@@ -10,6 +11,6 @@ def is_whole_number(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_finite_number(value: object) -> bool:
+def is_finite_number(value: typing.Any) -> bool:
     """A whole number or a float that is a finite float (not NaN, not infinite, not an int past the float range)."""
     return (is_whole_number(value) or isinstance(value, float)) and abs(value) <= sys.float_info.max

@@ -34,6 +34,7 @@ def compose_exit(name: str, chain: list[tuple[Piece, onnx.ModelProto]]) -> onnx.
     links = {v.name for _, proto in chain for v in proto.graph.output} & {v.name for _, proto in chain for v in proto.graph.input}
     nodes, initializers, inputs, outputs = [], {}, {}, {}
     for piece, proto in chain:
+
         def rename(value: str, prefix: str = piece.name) -> str:
             if not value or value in _KEPT or value in links or is_weight(value):
                 return value

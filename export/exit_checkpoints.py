@@ -42,9 +42,7 @@ class ExitCheckpointConfig:
         if self.format not in DTYPE_CHOICES:
             raise ExportError(f"--format {self.format!r} is unknown; choose one of {', '.join(FORMATS)}")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES[self.format]:
-            raise ExportError(
-                f"--dtype {self.dtype!r} does not apply to --format {self.format}; choose one of {', '.join(DTYPE_CHOICES[self.format])}"
-            )
+            raise ExportError(f"--dtype {self.dtype!r} does not apply to --format {self.format}; choose one of {', '.join(DTYPE_CHOICES[self.format])}")
 
     @property
     def file_dtype(self) -> str:

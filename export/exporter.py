@@ -145,10 +145,7 @@ def select_exits(requested: str | tuple[int, ...] | None, info: CheckpointInfo, 
     exits = parse_exits(requested, info.base["num_layers"])
     untrained = [k for k in exits if k not in trained]
     if untrained:
-        raise ExportError(
-            f"exit {untrained[0]} has no trained balcony in {checkpoint}; trained exits: {', '.join(map(str, trained))}; "
-            "pick --exits among them"
-        )
+        raise ExportError(f"exit {untrained[0]} has no trained balcony in {checkpoint}; trained exits: {', '.join(map(str, trained))}; pick --exits among them")
     return exits
 
 
@@ -208,11 +205,17 @@ def write_export(
             chain = exit_chain(layout, k, model.num_layers)
             proto = compose_exit(f"exit_{k}", [(p, protos[p.name]) for p in layout if p.name in chain])
             name = graph_file(k, model.num_layers)
-            graphs.append(ExitGraph(
-                exit=k, graph=name, num_layers=k if k == model.num_layers else k + 1, chain=chain,
-                weights=save_graph(staging, name, proto, weights), weight_bytes_per_token=weight_bytes_per_token(proto, weights),
-                quality=round(quality[k], 4),
-            ))
+            graphs.append(
+                ExitGraph(
+                    exit=k,
+                    graph=name,
+                    num_layers=k if k == model.num_layers else k + 1,
+                    chain=chain,
+                    weights=save_graph(staging, name, proto, weights),
+                    weight_bytes_per_token=weight_bytes_per_token(proto, weights),
+                    quality=round(quality[k], 4),
+                )
+            )
             progress.advance(task)
     tokenizer_files = copy_tokenizer_files(base.folder, staging)
     manifest = Manifest(

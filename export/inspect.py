@@ -92,9 +92,7 @@ def verification_figures(report: dict | None) -> dict[int, tuple[str, str, str]]
         return figures
     for check in checks if isinstance(checks, list) else ():
         with contextlib.suppress(KeyError, TypeError, ValueError):  # a report.json the exporter did not write
-            figures[check["exit"]] = (
-                f"{check['max_abs_diff']:.1e}", f"{check['top1_agreement']:.3f}", f"{check['greedy_matched']}/{check['greedy_tokens']}"
-            )
+            figures[check["exit"]] = (f"{check['max_abs_diff']:.1e}", f"{check['top1_agreement']:.3f}", f"{check['greedy_matched']}/{check['greedy_tokens']}")
     return figures
 
 

@@ -42,11 +42,21 @@ def piece_layout(exits: tuple[int, ...], num_layers: int) -> list[Piece]:
     pieces = []
     for start, end in zip(bounds, bounds[1:]):
         name = f"layers_{start}_{end - 1}"
-        pieces.append(Piece(name=name, kind=SEGMENT, graph=f"{name}.onnx", first_layer=start, end_layer=end,
-                            cache_slots=[layer_slot(i) for i in range(start, end)], weights=[]))
+        pieces.append(
+            Piece(
+                name=name,
+                kind=SEGMENT,
+                graph=f"{name}.onnx",
+                first_layer=start,
+                end_layer=end,
+                cache_slots=[layer_slot(i) for i in range(start, end)],
+                weights=[],
+            )
+        )
     for k in exits:
-        pieces.append(Piece(name=f"balcony_{k}", kind=BALCONY, graph=f"balcony_{k}.onnx", first_layer=k, end_layer=k,
-                            cache_slots=[balcony_slot(k)], weights=[]))
+        pieces.append(
+            Piece(name=f"balcony_{k}", kind=BALCONY, graph=f"balcony_{k}.onnx", first_layer=k, end_layer=k, cache_slots=[balcony_slot(k)], weights=[])
+        )
     pieces.append(Piece(name=HEAD, kind=HEAD, graph="head.onnx", first_layer=num_layers, end_layer=num_layers, cache_slots=[], weights=[]))
     return pieces
 

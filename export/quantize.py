@@ -52,8 +52,6 @@ def quantize_graph(model: onnx.ModelProto, method: str) -> onnx.ModelProto:
 
     Deterministic, so a weight shared by several graphs quantises to the same bytes in each.
     """
-    quantizer = _matmul_nbits_quantizer()(
-        model, bits=QUANTIZATION_BITS[method], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL
-    )
+    quantizer = _matmul_nbits_quantizer()(model, bits=QUANTIZATION_BITS[method], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL)
     quantizer.process()
     return quantizer.model.model

@@ -43,10 +43,7 @@ class ChatStats:
         self.catch_up_tokens += token.catch_up_tokens
 
     def lines(self) -> list[str]:
-        rows = [
-            f"exit {exit:>3}: {count:>5} tokens, mean {self.latency_ms[exit] / count:6.1f} ms/token"
-            for exit, count in sorted(self.tokens.items())
-        ]
+        rows = [f"exit {exit:>3}: {count:>5} tokens, mean {self.latency_ms[exit] / count:6.1f} ms/token" for exit, count in sorted(self.tokens.items())]
         return rows + [f"catch-up positions recomputed: {self.catch_up_tokens}"]
 
 
@@ -127,15 +124,20 @@ class ChatSession:
         ids = self.engine.codec.chat_prompt(messages)
         sequence = self.sequence
         if ids[: len(sequence.tokens)] == sequence.tokens:
-            new_ids = ids[len(sequence.tokens):]
+            new_ids = ids[len(sequence.tokens) :]
         else:  # the template rendered earlier turns differently, or the window slid: start the cache over
             sequence, new_ids = self.engine.sequence(sliding_window=self.sliding_window), ids
         tokens: list[GeneratedToken] = []
         started, shown_exit = time.perf_counter(), None
         try:
             for token in self.engine.generate(
-                new_ids, self.max_new_tokens, self.budget, self.sampling, self.signals,
-                telemetry=self.telemetry, sequence=sequence,
+                new_ids,
+                self.max_new_tokens,
+                self.budget,
+                self.sampling,
+                self.signals,
+                telemetry=self.telemetry,
+                sequence=sequence,
             ):
                 tokens.append(token)
                 self.stats.add(token)

@@ -168,9 +168,7 @@ class Controller:
         self.budget = Budget.parse(budget) if isinstance(budget, str) else budget
         self.config = config or ControllerConfig()
         if self.budget.kind == "exit" and self.budget.exit not in self.exits:
-            raise ControllerError(
-                f"budget exit {self.budget.exit} is not an available exit; available exits: {', '.join(map(str, self.exits))}"
-            )
+            raise ControllerError(f"budget exit {self.budget.exit} is not an available exit; available exits: {', '.join(map(str, self.exits))}")
         self.latency_target_ms = self.budget.latency_target_ms or self.config.latency_target_ms
         self._top = len(self.exits) - 1
         self._eco_floor = self._eco_floor_level()
@@ -196,7 +194,7 @@ class Controller:
     def choose(self, signals: Signals, last_latency_ms: float | None, token_index: int) -> Decision:
         """The exit for token `token_index`; last_latency_ms is the previous token's decode time (ms), None if unknown."""
         if self.budget.is_fixed:
-            exit = self.budget.exit if self.budget.kind == "exit" else self.exits[-1]
+            exit = self.budget.exit if self.budget.exit is not None else self.exits[-1]
             return Decision(exit, f"fixed budget {self.budget.exit}" if self.budget.kind == "exit" else f"full budget: exit {exit}")
         if self._last_token is not None and token_index < self._last_token:
             self._switch_token = None  # a new sequence: nothing to catch up, no dwell
@@ -225,9 +223,7 @@ class Controller:
                 self.exit,
                 f"headroom {self._headroom}/{self.config.headroom_tokens} tokens ({self._summary(signals)}): hold exit {self.exit}",
             )
-        return self._switch(
-            current + 1, token_index, f"headroom {self._headroom} tokens ({self._summary(signals)}): step up to exit {self.exits[current + 1]}"
-        )
+        return self._switch(current + 1, token_index, f"headroom {self._headroom} tokens ({self._summary(signals)}): step up to exit {self.exits[current + 1]}")
 
     def _switch(self, level: int, token_index: int, reason: str) -> Decision:
         self._catching_up = level > self._level
@@ -245,11 +241,11 @@ class Controller:
     def deepest_allowed(self, budget: Budget) -> int:
         """The deepest exit another budget allows now (a server's request capping this device-wide controller):
         an exit budget its exit, eco the eco floor, a latency target the deepest exit predicted within it."""
-        if budget.kind == "exit":
+        if budget.exit is not None:
             return max([e for e in self.exits if e <= budget.exit], default=self.exits[0])
         if budget.kind == "eco":
             return self.exits[self._eco_floor]
-        if budget.kind == "latency":
+        if budget.latency_target_ms is not None:
             within = [level for level in range(len(self.exits)) if self._predicted_ms(level) <= budget.latency_target_ms]
             return self.exits[max(within, default=0)]
         return self.exits[-1]
@@ -368,12 +364,17 @@ class Controller:
         while level < self._top and self._predicted_ms(level + 1) <= room:
             level += 1
         if level > current:
-            return _Cap(level, f"latency {here:.1f} ms, exit {self.exits[current + 1]} predicted "
-                               f"{self._predicted_ms(current + 1):.1f} ms <= {room:.1f} ms", binds=level < self._top)
+            return _Cap(
+                level,
+                f"latency {here:.1f} ms, exit {self.exits[current + 1]} predicted {self._predicted_ms(current + 1):.1f} ms <= {room:.1f} ms",
+                binds=level < self._top,
+            )
         if current == self._top:
             return _Cap(current, f"latency {here:.1f} ms <= target {target:g} ms", binds=False)
-        return _Cap(current, f"latency {here:.1f} ms <= target {target:g} ms, exit {self.exits[current + 1]} "
-                             f"predicted {self._predicted_ms(current + 1):.1f} ms > {room:.1f} ms")
+        return _Cap(
+            current,
+            f"latency {here:.1f} ms <= target {target:g} ms, exit {self.exits[current + 1]} predicted {self._predicted_ms(current + 1):.1f} ms > {room:.1f} ms",
+        )
 
     def _summary(self, signals: Signals) -> str:
         """The signals behind a step up, in words."""
@@ -385,8 +386,10 @@ class Controller:
         elif signals.on_battery is False:
             parts.append("plugged in")
         if self.latency_target_ms is not None and self._level < self._top:
-            parts.append(f"latency {self._predicted_ms(self._level):.1f} ms, exit {self.exits[self._level + 1]} predicted "
-                         f"{self._predicted_ms(self._level + 1):.1f} ms, target {self.latency_target_ms:g} ms")
+            parts.append(
+                f"latency {self._predicted_ms(self._level):.1f} ms, exit {self.exits[self._level + 1]} predicted "
+                f"{self._predicted_ms(self._level + 1):.1f} ms, target {self.latency_target_ms:g} ms"
+            )
         return ", ".join(parts) or "no limiting signal"
 
 

@@ -8,9 +8,10 @@ import json
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import onnxruntime as ort
 
@@ -93,9 +94,7 @@ class Engine:
         folder = readable_folder(Path(folder) if folder is not None else default_export_dir())
         if not folder.is_dir():
             raise BalconyError(f"export folder {folder} does not exist; create it with `balcony-edge export`")
-        settings = SessionSettings(
-            providers=resolve_providers(providers), threads=threads, trt_cache=str(cache_dir() / "tensorrt"), prepack=prepack
-        )
+        settings = SessionSettings(providers=resolve_providers(providers), threads=threads, trt_cache=str(cache_dir() / "tensorrt"), prepack=prepack)
         return cls(folder, Manifest.load(folder), settings, trust_modified=trust_modified, warn=warn)
 
     def _open_sessions(self, settings: SessionSettings):
@@ -107,7 +106,7 @@ class Engine:
                 weights = SharedWeights(self.folder, self.manifest, device)
                 runners = {}
                 for piece in self.manifest.pieces:
-                    session = _quietly(lambda: open_session(self.folder, piece, weights, provider, settings))
+                    session = _quietly(open_session, self.folder, piece, weights, provider, settings)
                     if session.get_providers()[0] != provider:
                         raise RuntimeError(f"onnxruntime fell back to {session.get_providers()[0]}")
                     runners[piece.name] = PieceRunner(session, piece)
@@ -117,16 +116,14 @@ class Engine:
         tried = "; ".join(f"{p}: {why}" for p, why in fallbacks.items())
         if "CPUExecutionProvider" in fallbacks:  # the CPU provider always starts: the graphs themselves are at fault
             raise BalconyError(f"onnxruntime cannot open the graphs of {self.folder} ({tried}); export again (`balcony-edge export --force`)")
-        raise BalconyError(
-            f"no onnxruntime provider could open {self.folder} ({tried}); use --provider cpu, or check the GPU driver and onnxruntime-gpu"
-        )
+        raise BalconyError(f"no onnxruntime provider could open {self.folder} ({tried}); use --provider cpu, or check the GPU driver and onnxruntime-gpu")
 
     @property
     def exits(self) -> list[int]:
         """Every exit depth of this export, ascending; the last is the full model."""
         return [entry.exit for entry in self.manifest.exits]
 
-    def sequence(self, token_ids: list[int] = (), sliding_window: bool = False) -> Sequence:
+    def sequence(self, token_ids: Iterable[int] = (), sliding_window: bool = False) -> Sequence:
         """A new conversation state (its own KV cache) over these sessions."""
         return Sequence(self.manifest, self.runners, self.device, token_ids, sliding_window)
 
@@ -153,10 +150,7 @@ class Engine:
             with contextlib.suppress(OSError):  # a read-only cache only costs a calibration next time
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomically(path, json.dumps(measured))
-        return [
-            ExitProfile(entry.exit, measured[str(entry.exit)], entry.weight_bytes_per_token, entry.quality)
-            for entry in self.manifest.exits
-        ]
+        return [ExitProfile(entry.exit, measured[str(entry.exit)], entry.weight_bytes_per_token, entry.quality) for entry in self.manifest.exits]
 
     def _calibration_path(self) -> Path:
         graphs = "-".join(self.manifest.files[e.graph][:8] for e in self.manifest.exits)
@@ -186,9 +180,9 @@ class Engine:
             if not all(is_whole_number(t) for t in prompt):
                 bad = next(t for t in prompt if not is_whole_number(t))
                 raise PromptError(f"token id {bad!r} is not a whole number; give token ids as integers")
-            return [int(t) for t in prompt]  # the sequence refuses ids outside the vocabulary
+            return [int(t) for t in cast(list[int], prompt)]  # the sequence refuses ids outside the vocabulary
         if isinstance(prompt, list):
-            return self.codec.chat_prompt(prompt)
+            return self.codec.chat_prompt(cast(list[dict], prompt))
         check_prompt_text(prompt)
         return self.codec.chat_prompt([{"role": "user", "content": prompt}]) if chat else self.codec.encode(prompt)
 
@@ -205,7 +199,7 @@ class Engine:
         sequence: Sequence | None = None,
         chat: bool = True,
         controller: Chooser | None = None,
-    ) -> Iterator[GeneratedToken]:
+    ) -> Generator[GeneratedToken, None, None]:
         """Stream new tokens for a prompt; the exit of each is chosen just before it is computed (by `controller` when
         given, e.g. one shared by every request of a server, else by a Controller of its own for `budget`)."""
         if not (is_whole_number(max_new_tokens) and max_new_tokens >= 1):
@@ -242,9 +236,7 @@ class Engine:
                 visible = len(decoder.emitted) - _stop_prefix_length(decoder.emitted, stop)
             piece, shown = decoder.emitted[shown : max(shown, visible)], max(shown, visible)
             finish = ("stop" if token in eos or cut is not None else "length") if stopped else None
-            generated = GeneratedToken(
-                token, piece, decision.exit, latency, sequence.last_catch_up, decision.reason, reading.to_dict(), finish
-            )
+            generated = GeneratedToken(token, piece, decision.exit, latency, sequence.last_catch_up, decision.reason, reading.to_dict(), finish)
             if telemetry is not None:
                 telemetry.write(index, token, piece, decision.exit, latency, generated.catch_up_tokens, reading, decision.reason)
             yield generated
@@ -279,10 +271,10 @@ def _stop_prefix_length(text: str, stop: tuple[str, ...]) -> int:
     return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
-def _quietly(make):
-    """Run make() with onnxruntime's logging limited to fatal errors (a failing provider logs loudly)."""
+def _quietly(make, *args):
+    """Run make(*args) with onnxruntime's logging limited to fatal errors (a failing provider logs loudly)."""
     ort.set_default_logger_severity(4)
     try:
-        return make()
+        return make(*args)
     finally:
         ort.set_default_logger_severity(2)

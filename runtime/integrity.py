@@ -65,9 +65,7 @@ def check_export_files(folder: Path | str, manifest: Manifest, trust_modified: b
         if why != MODIFIED:
             raise IntegrityError(f"{folder}: {name!r} is {why}; {FIX}")
     if modified and not trust_modified:
-        raise IntegrityError(
-            f"{folder}: {', '.join(modified)}: sha256 differs from manifest.json; export again, or pass --trust-modified to load it anyway"
-        )
+        raise IntegrityError(f"{folder}: {', '.join(modified)}: sha256 differs from manifest.json; export again, or pass --trust-modified to load it anyway")
     if modified:
         (warn or log_warning)(f"{folder}: {', '.join(modified)}: sha256 differs from manifest.json; loading anyway (--trust-modified)")
 
@@ -185,8 +183,4 @@ def _weights_past_end(folder: Path, manifest: Manifest, skip: set[str]) -> dict[
 
 
 def _modified_files(folder: Path, manifest: Manifest, skip: set[str]) -> dict[str, str]:
-    return {
-        name: MODIFIED
-        for name, expected in sorted(manifest.files.items())
-        if name not in skip and file_sha256(folder / name) != expected
-    }
+    return {name: MODIFIED for name, expected in sorted(manifest.files.items()) if name not in skip and file_sha256(folder / name) != expected}

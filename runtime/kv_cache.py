@@ -43,7 +43,7 @@ class KVCache:
         shape = (*self.shape[:2], capacity, self.shape[3])
         for slot in self.filled:
             old = self._read(slot) if self.capacity else None
-            pair = tuple(np.zeros(shape, dtype=self.dtype) for _ in range(2))
+            pair = (np.zeros(shape, dtype=self.dtype), np.zeros(shape, dtype=self.dtype))
             if old is not None:
                 for new, previous in zip(pair, old):
                     new[:, :, : self.capacity] = previous

@@ -159,8 +159,7 @@ class Manifest:
         version = raw.get("schema_version")
         if type(version) is not int or version != SCHEMA_VERSION:
             raise ManifestError(
-                f"manifest schema version {short_repr(version)} is not {SCHEMA_VERSION}, the one this balcony-edge reads; "
-                "export again with this version"
+                f"manifest schema version {short_repr(version)} is not {SCHEMA_VERSION}, the one this balcony-edge reads; export again with this version"
             )
         manifest = _build(cls, raw, "")
         _check_values(manifest)
@@ -228,7 +227,7 @@ def _field_types(cls: type) -> dict[str, type]:
     return typing.get_type_hints(cls)
 
 
-def _build(tp: type, value: object, path: str):
+def _build(tp: type, value: typing.Any, path: str):  # value: parsed JSON, checked here
     """value (parsed JSON) as an instance of the annotation tp, or a ManifestError naming the field at path."""
     nullable = typing.get_origin(tp) is types.UnionType  # X | None, the only union in the manifest
     if nullable:
@@ -300,7 +299,9 @@ def _check_positive(record: object, names: tuple[str, ...], prefix: str) -> None
 
 def _check_keys(record: dict | None, keys: tuple[str, ...], path: str) -> None:
     """The keys of a free-form record the runtime reads must be strings."""
-    for key in keys if record is not None else ():
+    if record is None:
+        return
+    for key in keys:
         if type(record.get(key)) is not str:
             raise _refuse(f"{path}[{key!r}]", f"is {short_repr(record.get(key))}, not a string")
 
@@ -328,13 +329,11 @@ def _check_against_weights(manifest: Manifest) -> None:
     if embedding.shape[:1] != [manifest.vocab_size]:
         raise _refuse("vocab_size", f"is {manifest.vocab_size}, not the embedding's {embedding.shape[:1]} rows")
     if manifest.generation.context_length > rotary.shape[0]:
-        raise _refuse(
-            "generation.context_length", f"is {manifest.generation.context_length}, more than the {rotary.shape[0]} positions the graphs hold"
-        )
+        raise _refuse("generation.context_length", f"is {manifest.generation.context_length}, more than the {rotary.shape[0]} positions the graphs hold")
 
 
 def _check_token_ids(generation: GenerationDefaults, vocab_size: int) -> None:
-    ids = {f"generation.eos_token_ids[{i}]": t for i, t in enumerate(generation.eos_token_ids)}
+    ids: dict[str, int | None] = {f"generation.eos_token_ids[{i}]": t for i, t in enumerate(generation.eos_token_ids)}
     ids |= {"generation.bos_token_id": generation.bos_token_id, "generation.pad_token_id": generation.pad_token_id}
     for path, token in ids.items():
         if token is not None and not 0 <= token < vocab_size:
@@ -346,7 +345,7 @@ PIECE_KINDS = ("segment", "balcony", "head")
 
 def _check_exits(manifest: Manifest) -> None:
     """Pieces are well formed; exits ascend, the last is the full model, and each chain runs its layers in order."""
-    pieces = {}
+    pieces: dict[str, Piece] = {}
     for i, piece in enumerate(manifest.pieces):
         _check_piece(manifest, piece, f"pieces[{i}]", pieces)
         pieces[piece.name] = piece

@@ -56,15 +56,13 @@ def parse_request(body: object, chat: bool, served_model: str) -> GenerationRequ
         raise ApiError(400, "the request body must be a JSON object")
     model = _typed(body, "model", str, required=True)
     if model != served_model:
-        raise ApiError(404, f"the model {model[:80]!r} does not exist; this server serves {served_model!r} (GET /v1/models)",
-                       "model", "model_not_found")
+        raise ApiError(404, f"the model {model[:80]!r} does not exist; this server serves {served_model!r} (GET /v1/models)", "model", "model_not_found")
     for name in UNSUPPORTED:
         if body.get(name) not in (None, [], {}):
             raise ApiError(400, f"{name} is not supported by this server; leave it out", name, "unsupported_parameter")
     for name, neutral in UNSUPPORTED_WHEN_SET.items():
         if name in body and body[name] is not None and body[name] != neutral:
-            raise ApiError(400, f"{name}={body[name]!r} is not supported by this server; leave it out or use {neutral!r}",
-                           name, "unsupported_parameter")
+            raise ApiError(400, f"{name}={body[name]!r} is not supported by this server; leave it out or use {neutral!r}", name, "unsupported_parameter")
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
         raise ApiError(400, "response_format other than {'type': 'text'} is not supported", "response_format", "unsupported_parameter")
@@ -99,8 +97,7 @@ def _typed(body: dict, name: str, kind, required: bool = False, param: str | Non
         return None
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = " or ".join({str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object",
-                             list: "an array"}[k] for k in kinds)
+        names = " or ".join({str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object", list: "an array"}[k] for k in kinds)
         raise ApiError(400, f"{param or name} must be {names}, not {type(value).__name__}", param or name, "invalid_type")
     return value
 
@@ -213,8 +210,12 @@ def completion(chat: bool, ident: str, model: str, tokens: list[GeneratedToken],
     else:
         choice.update(text=text, logprobs=None)
     return {
-        "id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": model,
-        "choices": [choice], "usage": usage(prompt_tokens, len(tokens)),
+        "id": ident,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, len(tokens)),
     }
 
 
@@ -227,11 +228,16 @@ def chunk(chat: bool, ident: str, model: str, token: GeneratedToken | None, firs
         choice.update(text=token.text if token else "", logprobs=None)
     if token is not None:
         choice["balcony"] = balcony_field(token)
-    return {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice]}
+    return {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()), "model": model, "choices": [choice]}
 
 
 def usage_chunk(chat: bool, ident: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
     """The last chunk when stream_options.include_usage: no choices, the usage."""
-    return {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": ident,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ..errors import BalconyError
@@ -39,9 +41,7 @@ class SamplingConfig:
         if not 0 < self.top_p <= 1:
             raise BalconyError(f"top-p {self.top_p} is outside (0, 1]; use 1 for no limit")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise BalconyError(
-                f"repetition penalty {self.repetition_penalty} is outside (0, {MAX_REPETITION_PENALTY:g}]; 1 means none, 1.1 is usual"
-            )
+            raise BalconyError(f"repetition penalty {self.repetition_penalty} is outside (0, {MAX_REPETITION_PENALTY:g}]; 1 means none, 1.1 is usual")
 
 
 class Sampler:
@@ -51,7 +51,7 @@ class Sampler:
         self.config = config
         self.rng = np.random.default_rng(config.seed)
 
-    def __call__(self, logits: np.ndarray, previous: list[int] = ()) -> int:
+    def __call__(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
         c = self.config
         scores = logits.astype(np.float64, copy=True)
         if c.repetition_penalty != 1.0 and len(previous):

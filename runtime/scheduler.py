@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 
 from .engine import GeneratedToken
 
@@ -20,7 +20,7 @@ class Busy(Exception):
 class Job:
     """One generation: an iterator of tokens run by the scheduler, read by an asyncio task through `queue`."""
 
-    def __init__(self, tokens: Iterator[GeneratedToken], loop: asyncio.AbstractEventLoop):
+    def __init__(self, tokens: Generator[GeneratedToken, None, None], loop: asyncio.AbstractEventLoop):
         self.tokens, self.loop = tokens, loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()

@@ -9,6 +9,8 @@ those of exit k run alone on the same prefix. The head runs on the last position
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnxruntime as ort
 
@@ -49,7 +51,7 @@ class Boundary:
 class Sequence:
     """The tokens of one conversation and their KV cache; `logits(exit)` gives the next-token logits at any exit."""
 
-    def __init__(self, manifest: Manifest, runners: dict[str, PieceRunner], device: str = "cpu", token_ids: list[int] = (), sliding_window: bool = False):
+    def __init__(self, manifest: Manifest, runners: dict[str, PieceRunner], device: str = "cpu", token_ids: Iterable[int] = (), sliding_window: bool = False):
         self.manifest, self.runners, self.device = manifest, runners, device
         self.chains = {entry.exit: [runners[name] for name in entry.chain] for entry in manifest.exits}
         # The pieces that read the hidden states at each depth: what a boundary must keep rows for.
@@ -93,16 +95,13 @@ class Sequence:
             return
         if not self.sliding_window:
             if len(self.tokens) == limit:
-                raise ContextFullError(
-                    f"the conversation reached the context length of {limit} tokens; "
-                    "start a new one (/reset) or enable the sliding window"
-                )
+                raise ContextFullError(f"the conversation reached the context length of {limit} tokens; start a new one (/reset) or enable the sliding window")
             raise ContextFullError(
                 f"{len(token_ids)} new tokens do not fit in the context of {limit} tokens ({len(self.tokens)} already used); "
                 "shorten the prompt or start a new conversation (/reset)"
             )
-        kept = self.tokens[-(limit // 2):] + [int(t) for t in token_ids]
-        self.tokens = kept if len(kept) <= limit else kept[-(limit // 2):]
+        kept = self.tokens[-(limit // 2) :] + [int(t) for t in token_ids]
+        self.tokens = kept if len(kept) <= limit else kept[-(limit // 2) :]
         self._reset_state()
 
     def logits(self, exit: int, every_position: bool = False) -> np.ndarray:
@@ -121,8 +120,8 @@ class Sequence:
             return last[1]
         self.cache.reserve(count)
         *body, head = self.chains[exit]
-        earliest, hidden = count - 1, None
-        for runner in body:
+        earliest = count - 1
+        for runner in body:  # every chain has at least one piece before its head (the manifest checks it)
             start, hidden = self._run_piece(runner, count)
             earliest = min(earliest, start)
         rows = hidden if every_position else hidden[:, -1:]

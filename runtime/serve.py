@@ -42,8 +42,13 @@ def model_name_of(folder: Path) -> str:
 def build_app(options: ServeOptions, hub: SignalHub, default_export: Callable[[], Path], warn=None):
     """The engine, the device controller and the app; the settings are checked before the slow engine load."""
     budget = Budget.parse(options.budget)
-    config = ServerConfig(model_name=options.model_name or SHIPPED_EXPORT_NAME, parallel=options.parallel,
-                          queue_limit=options.queue, api_key=options.api_key, cors_origins=options.cors)
+    config = ServerConfig(
+        model_name=options.model_name or SHIPPED_EXPORT_NAME,
+        parallel=options.parallel,
+        queue_limit=options.queue,
+        api_key=options.api_key,
+        cors_origins=options.cors,
+    )
     folder = options.export or default_export()
     engine = Engine.load(folder, providers=options.providers, threads=options.threads, trust_modified=options.trust_modified, warn=warn)
     controller = DeviceController(Controller(engine.controller_profiles(budget), budget))
@@ -58,9 +63,11 @@ def run_server(options: ServeOptions, hub: SignalHub, default_export: Callable[[
     listener = bound_socket(options.host, options.port)  # before the slow load: a taken port is said at once
     app, engine, config = build_app(options, hub, default_export, warn)
     host = f"[{options.host}]" if ":" in options.host else options.host
-    say(f"serving {config.model_name} on {engine.describe()} at http://{host}:{options.port}/v1 "
+    say(
+        f"serving {config.model_name} on {engine.describe()} at http://{host}:{options.port}/v1 "
         f"(parallel {config.parallel}, queue {config.queue_limit}, budget {options.budget}"
-        f"{', API key required' if config.api_key else ''})")
+        f"{', API key required' if config.api_key else ''})"
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[listener])
 

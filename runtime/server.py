@@ -103,8 +103,12 @@ def create_app(engine: Engine, config: ServerConfig, controller: DeviceControlle
         except PromptError as err:
             raise ApiError(400, str(err), "messages" if chat else "prompt", "invalid_prompt") from None
         if len(ids) >= context_length:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {context_length} tokens",
-                           "messages" if chat else "prompt", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt is {len(ids)} tokens; this model's context is {context_length} tokens",
+                "messages" if chat else "prompt",
+                "context_length_exceeded",
+            )
         return ids
 
     async def generation(request: Request, chat: bool) -> Response:
@@ -118,14 +122,12 @@ def create_app(engine: Engine, config: ServerConfig, controller: DeviceControlle
                 chooser = controller.for_request(parsed.budget or Budget("auto"))
             except BalconyError as err:
                 raise ApiError(400, str(err), "budget", "invalid_budget") from None
-            tokens = engine.generate(ids, max_new_tokens=max_tokens, sampling=parsed.sampling, signals=hub, stop=parsed.stop,
-                                     controller=chooser)
+            tokens = engine.generate(ids, max_new_tokens=max_tokens, sampling=parsed.sampling, signals=hub, stop=parsed.stop, controller=chooser)
             job = Job(tokens, asyncio.get_running_loop())
             try:
                 scheduler.submit(job)
             except Busy:
-                raise ApiError(503, "the server is busy (all slots and the queue are full); retry shortly",
-                               code="server_busy", kind="server_error") from None
+                raise ApiError(503, "the server is busy (all slots and the queue are full); retry shortly", code="server_busy", kind="server_error") from None
         except ApiError as err:
             metrics.requests.labels(endpoint=endpoint, status=str(err.status)).inc()
             headers = {"Retry-After": str(config.retry_after_s)} if err.status == 503 else None
@@ -135,8 +137,9 @@ def create_app(engine: Engine, config: ServerConfig, controller: DeviceControlle
         metrics.requests.labels(endpoint=endpoint, status="200").inc()
         ident = new_id(chat)
         if parsed.stream:
-            return StreamingResponse(stream(job, chat, ident, len(ids), parsed.include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                stream(job, chat, ident, len(ids), parsed.include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         return await whole(request, job, chat, ident, len(ids))
 
     async def whole(request: Request, job: Job, chat: bool, ident: str, prompt_tokens: int) -> Response:
@@ -176,10 +179,20 @@ def create_app(engine: Engine, config: ServerConfig, controller: DeviceControlle
             job.cancel()
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": config.model_name, "object": "model", "created": created, "owned_by": "balcony-edge",
-             "balcony": {"exits": engine.exits, "provider": engine.provider}},
-        ]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": config.model_name,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "balcony-edge",
+                        "balcony": {"exits": engine.exits, "provider": engine.provider},
+                    },
+                ],
+            }
+        )
 
     async def health(request: Request) -> Response:
         running, queued = scheduler.depth
@@ -206,8 +219,9 @@ def create_app(engine: Engine, config: ServerConfig, controller: DeviceControlle
 
     middleware = []
     if config.cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                                     allow_headers=["Authorization", "Content-Type"]))
+        middleware.append(
+            Middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+        )
     if config.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, key=config.api_key))
     routes = [
@@ -217,8 +231,7 @@ def create_app(engine: Engine, config: ServerConfig, controller: DeviceControlle
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_page, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={Exception: unexpected, 404: not_found, 405: wrong_method})
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers={Exception: unexpected, 404: not_found, 405: wrong_method})
     app.state.scheduler = scheduler
     return app
 

@@ -19,12 +19,13 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.tokens = Counter("balcony_tokens", "Generated tokens, by the exit that computed them", ["exit"], registry=self.registry)
         self.latency = Histogram(
-            "balcony_token_latency_seconds", "Time to compute one token (catch-up included)", buckets=LATENCY_BUCKETS_S,
+            "balcony_token_latency_seconds",
+            "Time to compute one token (catch-up included)",
+            buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
         self.catch_up = Counter("balcony_catch_up_positions", "Positions recomputed when a sequence deepened", registry=self.registry)
-        self.requests = Counter("balcony_requests", "Requests answered, by endpoint and HTTP status", ["endpoint", "status"],
-                                registry=self.registry)
+        self.requests = Counter("balcony_requests", "Requests answered, by endpoint and HTTP status", ["endpoint", "status"], registry=self.registry)
         self.running = Gauge("balcony_running_requests", "Generations running now", registry=self.registry)
         self.queued = Gauge("balcony_queued_requests", "Generations waiting for a slot", registry=self.registry)
         self.signals = Gauge("balcony_signal", "Last device reading, by signal (units in the name)", ["signal"], registry=self.registry)

@@ -22,9 +22,7 @@ class DeviceController:
     def for_request(self, budget: Budget) -> RequestController:
         """What one request's generation asks (Engine.generate's `controller`)."""
         if budget.kind == "exit" and budget.exit not in self.controller.exits:
-            raise ControllerError(
-                f"budget exit {budget.exit} is not an available exit; available exits: {', '.join(map(str, self.controller.exits))}"
-            )
+            raise ControllerError(f"budget exit {budget.exit} is not an available exit; available exits: {', '.join(map(str, self.controller.exits))}")
         return RequestController(self, budget)
 
     def choose(self, signals: Signals, last_latency_ms: float | None) -> Decision:

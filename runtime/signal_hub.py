@@ -31,7 +31,8 @@ PROBE_TIMEOUT_S = 5.0
 
 
 class SignalHub:
-    """Reads and merges every source; one that raises, hangs or gives no Signals, or a field no sensor can give (NaN, 500 degC), is warned of once and skipped."""
+    """Reads and merges every source; one that raises, hangs or gives no Signals, or a field no sensor can give (NaN,
+    500 degC), is warned of once and skipped."""
 
     def __init__(
         self,
@@ -113,8 +114,7 @@ class SignalHub:
             return value if key == "on_battery" else float(value)  # type: ignore[return-value, arg-type]
         if (id(source), key) not in self._reported:
             self._reported.add((id(source), key))
-            self._warn(f"signal source {source.name} gave {key}={reprlib.repr(value)}, {why}; "
-                       "that field of it is ignored from now on (check the sensor)")
+            self._warn(f"signal source {source.name} gave {key}={reprlib.repr(value)}, {why}; that field of it is ignored from now on (check the sensor)")
         return None
 
     def _drop(self, source: SignalSource, what: str, error: Exception | None = None) -> None:
@@ -141,8 +141,7 @@ class SignalHub:
             try:
                 _answer(asked, deadline)
             except _NoAnswer:
-                self._warn(f"signal source {source.name} did not close within {self.read_timeout_s:g} s; "
-                           "it is left to finish in the background")
+                self._warn(f"signal source {source.name} did not close within {self.read_timeout_s:g} s; it is left to finish in the background")
             except Exception as error:  # noqa: BLE001 - a source that fails to close must not hide the answer
                 self._warn(f"signal source {source.name} failed while closing and is dropped: {type(error).__name__}: {error}")
         self.sources.clear()

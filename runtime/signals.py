@@ -443,15 +443,16 @@ def _load_trace(path: Path, key: str) -> tuple[list[float], list[Signals]]:
         try:
             values = json.loads(line)
         except json.JSONDecodeError as error:
-            raise SignalError(f"{path}:{number} is not JSON ({error.msg}); each line is one object such as "
-                              '{"t_s": 0.0, "temperature_degc": 55}') from None
+            raise SignalError(f'{path}:{number} is not JSON ({error.msg}); each line is one object such as {{"t_s": 0.0, "temperature_degc": 55}}') from None
         if not isinstance(values, dict) or key not in values:
-            raise SignalError(f"{path}:{number} has no {key!r}; with this clock every line needs one, e.g. "
-                              f'{{"{key}": 0, "temperature_degc": 55}}')
+            raise SignalError(f'{path}:{number} has no {key!r}; with this clock every line needs one, e.g. {{"{key}": 0, "temperature_degc": 55}}')
         at = values.pop(key)
         values.pop("t_s" if key == "token" else "token", None)
         try:
-            rows.append((_as_float(key, at), Signals.from_dict(values)))
+            when = _as_float(key, at)
+            if when is None:
+                raise SignalError(f"{key} is null; give a number")
+            rows.append((when, Signals.from_dict(values)))
         except SignalError as error:
             raise SignalError(f"{path}:{number}: {error}") from None
     if not rows:

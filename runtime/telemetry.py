@@ -34,8 +34,7 @@ TELEMETRY_FIELDS = (
 class TelemetryWriter:
     """One JSON line per token, written as it goes (a crash or a tail -f sees every token); a failed write ends the telemetry, not the generation."""
 
-    def __init__(self, path: str | Path, clock: Callable[[], float] = time.monotonic,
-                 on_warning: Callable[[str], None] | None = None):
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.monotonic, on_warning: Callable[[str], None] | None = None):
         """Open path now, so that one that cannot be written is refused before generation; on_warning: default Python's warnings."""
         self.path = Path(path)
         self.warnings: list[str] = []
@@ -44,9 +43,7 @@ class TelemetryWriter:
         # An existing file is emptied only by the first line: a run that fails before its first token keeps it.
         self._created = not self.path.exists()
         if not self._created and not _is_telemetry_or_empty(self.path):
-            raise TelemetryError(
-                f"{self.path} exists and is not a telemetry file; give a new path (or remove that file yourself) (--telemetry)"
-            )
+            raise TelemetryError(f"{self.path} exists and is not a telemetry file; give a new path (or remove that file yourself) (--telemetry)")
         self._fd: int | None = _open_for_writing(self.path)
         self._lines = 0
         self._bytes = 0  # where the last whole line ends
@@ -103,8 +100,10 @@ class TelemetryWriter:
         self._warn(error)
 
     def _warn(self, error: OSError) -> None:
-        message = (f"cannot write telemetry to {self.path} ({error.strerror or error}): it stops after {self._lines} tokens, "
-                   "which are kept; free disk space or give another --telemetry path")
+        message = (
+            f"cannot write telemetry to {self.path} ({error.strerror or error}): it stops after {self._lines} tokens, "
+            "which are kept; free disk space or give another --telemetry path"
+        )
         self.warnings.append(message)
         self._on_warning(message)
 

@@ -31,16 +31,11 @@ def check_prompt_text(text: object) -> str:
         raise PromptError("the prompt is empty; type some text")
     for index, char in enumerate(text):
         if "\udc80" <= char <= "\udcff":  # how Python carries a byte that is not UTF-8 (surrogateescape)
-            raise PromptError(
-                f"the prompt is not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02x} at character {index}); pass UTF-8 text"
-            )
+            raise PromptError(f"the prompt is not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02x} at character {index}); pass UTF-8 text")
         if "\ud800" <= char <= "\udfff":
             raise PromptError(f"the prompt holds a lone surrogate U+{ord(char):04X} at character {index}; pass valid Unicode text")
         if unicodedata.category(char) == "Cc" and char not in ALLOWED_CONTROL_CHARACTERS:
-            raise PromptError(
-                f"the prompt holds control character U+{ord(char):04X} at character {index}; remove it "
-                "(tab and newlines are fine)"
-            )
+            raise PromptError(f"the prompt holds control character U+{ord(char):04X} at character {index}; remove it (tab and newlines are fine)")
     return text
 
 
@@ -75,9 +70,7 @@ class TextCodec:
         check_messages(messages)
         if self.template is None:
             return self.encode("\n".join(m["content"] for m in messages))
-        text = self.template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token, eos_token=self.eos_token
-        )
+        text = self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token, eos_token=self.eos_token)
         return self.encode(text)
 
 
@@ -145,13 +138,13 @@ class StreamDecoder:
         text = self.codec.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        piece = text[len(self.emitted):] if text.startswith(self.emitted) else text
+        piece = text[len(self.emitted) :] if text.startswith(self.emitted) else text
         self.emitted = text
         return piece
 
     def flush(self) -> str:
         """The text held back at the end of generation (an incomplete character shows as U+FFFD)."""
         text = self.codec.decode(self.ids)
-        piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        piece = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
         self.emitted = text
         return piece

@@ -24,13 +24,22 @@ held_out = pack(load_corpus(None).held_out, base.tokenizer, 512)[:8]
 for top_k in (int(k) for k in args.top_k.split(",")):
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(
-            exits=(8, 16, 24), out=out, batch_size=8, micro_batch_size=4, max_tokens=args.steps * 8 * 512,
-            precision=args.precision, distill_top_k=top_k,
+            exits=(8, 16, 24),
+            out=out,
+            batch_size=8,
+            micro_batch_size=4,
+            max_tokens=args.steps * 8 * 512,
+            precision=args.precision,
+            distill_top_k=top_k,
         )
         trainer = Trainer(config, base=base)
         summary = trainer.run()
         quality = evaluate(trainer.model, held_out, show_progress=False)
         result = {e.exit: {"kl": round(e.kl, 4), "top1": round(e.top1_agreement, 4)} for e in quality.exits}
         rate = summary["tokens_seen"] / summary["wall_seconds"]
-        print(json.dumps({"top_k": top_k, "precision": summary["precision"], "steps": args.steps,
-                          "tokens_per_second": round(rate), "held_out_full_vocab": result}), flush=True)
+        print(
+            json.dumps(
+                {"top_k": top_k, "precision": summary["precision"], "steps": args.steps, "tokens_per_second": round(rate), "held_out_full_vocab": result}
+            ),
+            flush=True,
+        )

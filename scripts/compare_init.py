@@ -22,8 +22,14 @@ held_out = pack(load_corpus(None).held_out, base.tokenizer, 512)[:8]
 for balcony_init, norm_init in (("last", "final"), ("last", "exit_input"), ("random", "final")):
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(
-            exits=tuple(int(k) for k in args.exits.split(",")), out=out, batch_size=8, micro_batch_size=4,
-            max_tokens=args.steps * 8 * 512, precision="bf16", balcony_init=balcony_init, norm_init=norm_init,
+            exits=tuple(int(k) for k in args.exits.split(",")),
+            out=out,
+            batch_size=8,
+            micro_batch_size=4,
+            max_tokens=args.steps * 8 * 512,
+            precision="bf16",
+            balcony_init=balcony_init,
+            norm_init=norm_init,
         )
         trainer = Trainer(config, base=base)
         trainer.run()

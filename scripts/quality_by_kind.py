@@ -33,8 +33,13 @@ for kind, documents in kinds.items():
     result = evaluate(model, blocks, show_progress=False)
     print(json.dumps({"kind": kind, **result.to_json()}), flush=True)
     rows.append((kind, result))
-print("\n| text | tokens | full ppl | x full @" + " / @".join(str(e.exit) for e in rows[0][1].exits)
-      + " | top-1 @" + " / @".join(str(e.exit) for e in rows[0][1].exits) + " |")
+print(
+    "\n| text | tokens | full ppl | x full @"
+    + " / @".join(str(e.exit) for e in rows[0][1].exits)
+    + " | top-1 @"
+    + " / @".join(str(e.exit) for e in rows[0][1].exits)
+    + " |"
+)
 print("| --- | --- | --- | --- | --- |")
 for kind, result in rows:
     ratios = " / ".join(f"{e.ppl / result.full_ppl:.2f}" for e in result.exits)

@@ -46,8 +46,7 @@ async def one_client(http: httpx.AsyncClient, model: str, tokens: int) -> dict:
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
                 stamps.append(time.perf_counter())
-    return {"ttft_s": stamps[0] - started, "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps),
-            "start": started, "end": stamps[-1]}
+    return {"ttft_s": stamps[0] - started, "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps), "start": started, "end": stamps[-1]}
 
 
 async def clients_at_once(url: str, model: str, count: int, tokens: int) -> dict:
@@ -87,8 +86,26 @@ def main() -> None:
     direct = engine_direct(args.export, args.tokens, args.repeats)
     print(f"engine direct: {direct:.1f} tok/s")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "balcony_edge", "-q", "serve", str(args.export), "--port", str(port),
-                               "--budget", "full", "--parallel", str(max(counts)), "--queue", "0", "--signals", "temperature_degc=40"])
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "balcony_edge",
+            "-q",
+            "serve",
+            str(args.export),
+            "--port",
+            str(port),
+            "--budget",
+            "full",
+            "--parallel",
+            str(max(counts)),
+            "--queue",
+            "0",
+            "--signals",
+            "temperature_degc=40",
+        ]
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -98,7 +115,7 @@ def main() -> None:
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start")
+                    raise SystemExit("the server did not start") from None
                 time.sleep(0.3)
         results = []
         for count in counts:

@@ -118,8 +118,25 @@ def test_bench_result_has_every_figure(tiny_export, tmp_path):
 
 def test_bench_command_writes_json_and_plot(tiny_export, tmp_path):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    args = ["bench", str(tiny_export), "--json", str(out), "--plot", str(plot), "--new-tokens", "3", "--prompt-tokens", "8",
-            "--repeats", "1", "--threads", "1", "--no-floor", "--no-peers", "--no-memory"]
+    args = [
+        "bench",
+        str(tiny_export),
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
+        "--new-tokens",
+        "3",
+        "--prompt-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--no-floor",
+        "--no-peers",
+        "--no-memory",
+    ]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     result = json.loads(out.read_text())
@@ -135,13 +152,16 @@ def test_bench_without_torch_skips_floors_and_torch_with_notes(tiny_export):
 
     from test_runtime_imports import BLOCKER
 
-    script = BLOCKER + f"""
+    script = (
+        BLOCKER
+        + f"""
 import json
 from pathlib import Path
 from balcony_edge.bench import BenchConfig, run_bench
 config = BenchConfig(export=Path({str(tiny_export)!r}), new_tokens=3, prompt_tokens=8, repeats=1, threads=1, memory=False, say=lambda t: None)
 print(json.dumps(run_bench(config)))
 """
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,6 +12,11 @@ import pytest
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "TERM": "dumb"}
 
 
+def spawn_chat(export, options: str) -> pexpect.spawn:
+    """`balcony-edge chat EXPORT OPTIONS` in a pseudo-terminal (options: space-separated, no spaces inside one)."""
+    return pexpect.spawn(sys.executable, ["-m", "balcony_edge", "chat", str(export), *options.split()], env=ENV, encoding="utf-8", timeout=120)
+
+
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
     """The chat keeps its line history in the cache folder: a test's own, not the user's."""
@@ -20,11 +25,7 @@ def own_cache(tmp_path, monkeypatch):
 
 
 def test_interactive_chat_streams_answers_and_obeys_commands(tiny_export, own_cache):
-    chat = pexpect.spawn(
-        sys.executable, ["-m", "balcony_edge", "chat", str(tiny_export), "--budget", "1", "--plain", "--temperature", "0",
-                         "--max-new-tokens", "8", "--signals", "temperature_degc=55,battery_percent=80"],
-        env=ENV, encoding="utf-8", timeout=120,
-    )
+    chat = spawn_chat(tiny_export, "--budget 1 --plain --temperature 0 --max-new-tokens 8 --signals temperature_degc=55,battery_percent=80")
     chat.expect("> ")
     chat.sendline("Write a short story about the sea.")
     chat.expect(r"\[1\]")  # the first token's exit marker
@@ -60,11 +61,7 @@ def test_interactive_chat_streams_answers_and_obeys_commands(tiny_export, own_ca
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(tiny_export):
-    chat = pexpect.spawn(
-        sys.executable, ["-m", "balcony_edge", "chat", str(tiny_export), "--budget", "full", "--plain", "--max-new-tokens", "100000",
-                         "--signals", "temperature_degc=50", "--sliding-window"],
-        env=ENV, encoding="utf-8", timeout=120,
-    )
+    chat = spawn_chat(tiny_export, "--budget full --plain --max-new-tokens 100000 --signals temperature_degc=50 --sliding-window")
     chat.expect("> ")
     chat.sendline("Tell me everything.")
     chat.expect(r"\[4\]")
@@ -80,18 +77,39 @@ def test_one_shot_prompt_with_replayed_trace_writes_telemetry_and_a_plot(tiny_ex
     trace.write_text("\n".join(json.dumps({"token": t, "temperature_degc": 60 + 2 * t, "battery_percent": 90}) for t in range(20)))
     telemetry = tmp_path / "run.jsonl"
     result = subprocess.run(
-        [sys.executable, "-m", "balcony_edge", "chat", str(tiny_export), "--prompt", "The harbour", "--budget", "auto",
-         "--signals", str(trace), "--signals-clock", "token", "--telemetry", str(telemetry), "--max-new-tokens", "12",
-         "--temperature", "0"],
-        capture_output=True, text=True, env=ENV,
+        [
+            sys.executable,
+            "-m",
+            "balcony_edge",
+            "chat",
+            str(tiny_export),
+            "--prompt",
+            "The harbour",
+            "--budget",
+            "auto",
+            "--signals",
+            str(trace),
+            "--signals-clock",
+            "token",
+            "--telemetry",
+            str(telemetry),
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
     )
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in telemetry.read_text().splitlines()]
     assert 1 <= len(records) <= 12
     assert records[0]["signals"]["temperature_degc"] == 60
     assert all({"t_s", "token_id", "exit", "latency_ms", "catch_up_tokens", "reason", "signals"} <= r.keys() for r in records)
-    plotted = subprocess.run([sys.executable, "-m", "balcony_edge", "plot", str(telemetry), "-o", str(tmp_path / "run.png")],
-                             capture_output=True, text=True, env=ENV)
+    plotted = subprocess.run(
+        [sys.executable, "-m", "balcony_edge", "plot", str(telemetry), "-o", str(tmp_path / "run.png")], capture_output=True, text=True, env=ENV
+    )
     assert plotted.returncode == 0, plotted.stderr
     assert (tmp_path / "run.png").stat().st_size > 10_000
 
@@ -100,6 +118,8 @@ def test_one_shot_prompt_with_replayed_trace_writes_telemetry_and_a_plot(tiny_ex
 def test_bad_budgets_are_one_line_errors(tiny_export, budget, words):
     result = subprocess.run(
         [sys.executable, "-m", "balcony_edge", "chat", str(tiny_export), "--prompt", "x", "--budget", budget],
-        capture_output=True, text=True, env=ENV,
+        capture_output=True,
+        text=True,
+        env=ENV,
     )
     assert result.returncode == 1 and words in result.stderr and "Traceback" not in result.stderr, result.stderr

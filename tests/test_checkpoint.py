@@ -145,9 +145,7 @@ def test_a_write_that_fails_half_way_through_a_file_leaves_the_last_checkpoint_b
 
 
 @pytest.mark.parametrize("full_at", [1, 2], ids=["weights file", "training state"])
-def test_disk_full_while_checkpointing_names_the_problem_and_the_fix_and_keeps_the_last_checkpoint(
-    tiny_base, tiny_base_dir, tmp_path, monkeypatch, full_at
-):
+def test_disk_full_while_checkpointing_names_the_problem_and_the_fix_and_keeps_the_last_checkpoint(tiny_base, tiny_base_dir, tmp_path, monkeypatch, full_at):
     old = _trained_model(tiny_base)
     state = {"step": 4, "moments": torch.ones(3)}
     save_checkpoint(old, str(tiny_base_dir), tmp_path / "run", {"steps": 4}, state=state)
@@ -204,9 +202,7 @@ def _in_a_child_killed_by_sigkill(action) -> None:
 
 
 @pytest.mark.parametrize("kill_point", ["half way through the weights file", "between the two renames"])
-def test_a_save_killed_by_sigkill_leaves_a_loadable_last_checkpoint_and_the_next_save_cleans_up(
-    tiny_base, tiny_base_dir, tmp_path, kill_point
-):
+def test_a_save_killed_by_sigkill_leaves_a_loadable_last_checkpoint_and_the_next_save_cleans_up(tiny_base, tiny_base_dir, tmp_path, kill_point):
     ckpt = tmp_path / "ckpt"
     old, new = _trained_model(tiny_base), build_model(tiny_base, BalconyConfig((1, 3), "random"), seed=5)
     save_checkpoint(old, str(tiny_base_dir), ckpt, {"steps": 1})
@@ -277,9 +273,7 @@ def base_never_loaded(monkeypatch):
         (lambda c: c.update(training=[1]), "training must be a JSON object, not [1]"),
     ],
 )
-def test_a_malformed_or_foreign_checkpoint_config_is_refused_before_loading_the_base(
-    tiny_checkpoint, tmp_path, base_never_loaded, change, message
-):
+def test_a_malformed_or_foreign_checkpoint_config_is_refused_before_loading_the_base(tiny_checkpoint, tmp_path, base_never_loaded, change, message):
     folder = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
     config = _config_json(folder)
     change(config)

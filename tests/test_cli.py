@@ -8,6 +8,9 @@ import sys
 import pytest
 
 
+SMALL_STEPS = ("--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "4")
+
+
 def run_cli(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "balcony_edge", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd)
@@ -17,8 +20,7 @@ def run_cli(*args, cwd=None):
 def tiny_run(tiny_base_dir, text_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
     result = run_cli(
-        "train", "--exits", "3,1", "--out", out, "--base", tiny_base_dir, "--data", text_dir, "--seq-len", "32",
-        "--batch-size", "4", "--micro-batch-size", "4", "--max-tokens", 4 * 32 * 3, "--threads", "1",
+        "train", "--exits", "3,1", "--out", out, "--base", tiny_base_dir, "--data", text_dir, *SMALL_STEPS, "--max-tokens", 4 * 32 * 3, "--threads", "1"
     )
     assert result.returncode == 0, result.stderr
     return out
@@ -78,10 +80,7 @@ def test_bad_base_models_are_named(tmp_path):
 
 
 def test_resume_from_another_run_is_refused(tiny_run, tiny_base_dir, text_dir):
-    result = run_cli(
-        "train", "--exits", "2", "--out", tiny_run, "--base", tiny_base_dir, "--data", text_dir, "--seq-len", "32",
-        "--batch-size", "4", "--micro-batch-size", "4", "--max-tokens", "384", "--resume",
-    )
+    result = run_cli("train", "--exits", "2", "--out", tiny_run, "--base", tiny_base_dir, "--data", text_dir, *SMALL_STEPS, "--max-tokens", "384", "--resume")
     assert result.returncode == 1 and "resume with --exits 1,3" in result.stderr
 
 
@@ -92,8 +91,7 @@ def test_generate_refuses_an_untrained_exit(tiny_run):
 
 @pytest.mark.parametrize("command", ["train", "eval", "export", "chat", "serve", "bench", "inspect"])
 def test_help_fits_80_columns_uncut(command):
-    result = subprocess.run([sys.executable, "-m", "balcony_edge", command, "--help"], capture_output=True, text=True,
-                            env={**os.environ, "COLUMNS": "80"})
+    result = subprocess.run([sys.executable, "-m", "balcony_edge", command, "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and max(map(len, lines)) <= 80
     assert not [line for line in lines if "…" in line], "a help text is cut; shorten it"

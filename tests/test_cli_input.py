@@ -63,8 +63,9 @@ def test_bad_chat_options_are_one_line_errors(tiny_export, capsys, args, words):
 
 
 def test_chat_with_good_options_answers(tiny_export, capsys):
-    code, out, err = run_main(capsys, "chat", tiny_export, "--prompt", "Hello", "--budget", "40ms", "--temperature", "0",
-                              "--max-new-tokens", "3", "--signals", "temperature_degc=50")
+    code, out, err = run_main(
+        capsys, "chat", tiny_export, "--prompt", "Hello", "--budget", "40ms", "--temperature", "0", "--max-new-tokens", "3", "--signals", "temperature_degc=50"
+    )
     assert code == 0, err
 
 
@@ -144,8 +145,7 @@ def test_a_modified_export_needs_trust_modified_and_then_warns(tiny_export, tmp_
         weights.write(bytes([first[0] ^ 1]))
     code, out, err = run_main(capsys, "chat", folder, "--prompt", "Hello", "--budget", "full", "--max-new-tokens", "2")
     assert_one_line_error(code, out, err, "weights.bin", "sha256 differs from manifest.json", "--trust-modified")
-    code, out, err = run_main(capsys, "chat", folder, "--prompt", "Hello", "--budget", "full", "--max-new-tokens", "2",
-                              "--trust-modified")
+    code, out, err = run_main(capsys, "chat", folder, "--prompt", "Hello", "--budget", "full", "--max-new-tokens", "2", "--trust-modified")
     assert code == 0 and "export: " in err and "weights.bin" in err
 
 

@@ -75,8 +75,9 @@ def test_bad_budgets_are_refused_with_the_forms_that_work(text):
 
 
 def test_an_unknown_budget_names_the_forms_that_work():
-    with pytest.raises(ControllerError, match="budget 'fast' is not understood; use auto, full, eco, an exit such as 16, "
-                                              "or a per-token latency target such as 40ms"):
+    with pytest.raises(
+        ControllerError, match="budget 'fast' is not understood; use auto, full, eco, an exit such as 16, or a per-token latency target such as 40ms"
+    ):
         Budget.parse("fast")
 
 
@@ -111,8 +112,7 @@ def test_falling_battery_steps_down_at_the_thresholds_and_never_back_up():
     expected = [30 if low >= 50 else 24 if low >= 20 else 8 for low in lowest]
     assert exits(decisions) == expected  # immediate at each threshold; jitter back over it does not step up
     assert [decisions[t].reason for t in switches(decisions)] == [
-        f"battery {round(percents[t], 1):g}% < {limit}% on battery: step down to exit {e}"
-        for t, limit, e in zip(switches(decisions), (50, 20), (24, 8))
+        f"battery {round(percents[t], 1):g}% < {limit}% on battery: step down to exit {e}" for t, limit, e in zip(switches(decisions), (50, 20), (24, 8))
     ]
     assert_reasons_name_a_signal(decisions)
 
@@ -181,10 +181,7 @@ def test_an_exit_slower_than_its_profile_is_not_retried_over_and_over():
 
 def test_steady_noisy_signals_do_not_oscillate():
     rng = random.Random(7)
-    readings = [
-        Signals(temperature_degc=rng.gauss(78.0, 0.6), battery_percent=60 + rng.choice((-1, 0, 1)), on_battery=True)
-        for _ in range(200)
-    ]
+    readings = [Signals(temperature_degc=rng.gauss(78.0, 0.6), battery_percent=60 + rng.choice((-1, 0, 1)), on_battery=True) for _ in range(200)]
     for budget in ("auto", "22ms", "eco"):
         decisions = replay(Controller(PROFILES, budget), readings, noise=0.1)
         assert len(switches(decisions)) <= 2, (budget, switches(decisions))

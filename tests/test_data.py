@@ -52,7 +52,7 @@ def test_the_default_corpus_ships_in_a_package():
         (lambda p: (p / "empty").mkdir() or p / "empty", "holds no .txt"),
         (lambda p: (p / "x.csv").write_text("a,b") and p / "x.csv", "is not .txt"),
         (lambda p: (p / "x.jsonl").write_text("{bad json\n") and p / "x.jsonl", "not valid JSON"),
-        (lambda p: (p / "x.jsonl").write_text('{"body": "no text field"}\n') and p / "x.jsonl", "no \"text\""),
+        (lambda p: (p / "x.jsonl").write_text('{"body": "no text field"}\n') and p / "x.jsonl", 'no "text"'),
         (lambda p: (p / "blank.txt").write_text("   \n") and p / "blank.txt", "holds no text"),
     ],
 )
@@ -63,7 +63,7 @@ def test_bad_data_paths_name_the_problem(tmp_path, setup, words):
 
 def test_parquet_without_a_text_column_is_refused(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "x.parquet")
-    with pytest.raises(DataError, match="no \"text\" column"):
+    with pytest.raises(DataError, match='no "text" column'):
         read_documents([tmp_path / "x.parquet"])
 
 

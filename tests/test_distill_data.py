@@ -69,8 +69,16 @@ def test_training_on_a_weighted_mix_runs_and_records_its_data(peaked_base_dir, t
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"text": f"question {i}? answer {i}. " * 20}) + "\n" for i in range(40)))
     config = TrainConfig(
-        exits=(1, 2), out=str(tmp_path / "run"), base=str(peaked_base_dir), data=[f"{text_dir}:0.7", f"{chat}:0.3"],
-        seq_len=32, batch_size=4, micro_batch_size=2, max_tokens=4 * 32 * 3, precision="fp32", distill_top_k=8,
+        exits=(1, 2),
+        out=str(tmp_path / "run"),
+        base=str(peaked_base_dir),
+        data=[f"{text_dir}:0.7", f"{chat}:0.3"],
+        seq_len=32,
+        batch_size=4,
+        micro_batch_size=2,
+        max_tokens=4 * 32 * 3,
+        precision="fp32",
+        distill_top_k=8,
     )
     summary = Trainer(config).run()
     assert summary["steps"] == 3 and summary["distill_top_k"] == 8

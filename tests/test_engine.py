@@ -7,7 +7,6 @@ from balcony_edge.runtime import Engine
 from balcony_edge.runtime.sequence import ContextFullError
 
 
-
 @pytest.fixture(scope="module")
 def engine(tiny_export):
     return Engine.load(tiny_export, providers=["cpu"], threads=1)

@@ -95,7 +95,7 @@ def test_gguf_exit_generates_the_torch_exits_tokens_in_llama_cpp(gguf_exit_8):
     llama_cpp = pytest.importorskip("llama_cpp")
     model, _, base = load_checkpoint()
     ids = base.tokenizer.encode(PROMPT)
-    expected = model.exit_model(8).generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+    expected = model.exit_model(8).generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :].tolist()
 
     def greedy(path):
         llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False)

@@ -74,11 +74,16 @@ def test_every_exit_and_the_full_model_get_a_graph(tiny_export):
 def test_exits_are_chains_of_pieces(tiny_export):
     manifest = Manifest.load(tiny_export)
     assert [(p.name, p.kind, p.first_layer, p.end_layer) for p in manifest.pieces] == [
-        ("layers_0_0", "segment", 0, 1), ("layers_1_1", "segment", 1, 2), ("layers_2_3", "segment", 2, 4),
-        ("balcony_1", "balcony", 1, 1), ("balcony_2", "balcony", 2, 2), ("head", "head", 4, 4),
+        ("layers_0_0", "segment", 0, 1),
+        ("layers_1_1", "segment", 1, 2),
+        ("layers_2_3", "segment", 2, 4),
+        ("balcony_1", "balcony", 1, 1),
+        ("balcony_2", "balcony", 2, 2),
+        ("head", "head", 4, 4),
     ]
     assert [e.chain for e in manifest.exits] == [
-        ["layers_0_0", "balcony_1", "head"], ["layers_0_0", "layers_1_1", "balcony_2", "head"],
+        ["layers_0_0", "balcony_1", "head"],
+        ["layers_0_0", "layers_1_1", "balcony_2", "head"],
         ["layers_0_0", "layers_1_1", "layers_2_3", "head"],
     ]
     owners: dict[str, str] = {}
@@ -185,9 +190,7 @@ def test_stored_weights_are_the_torch_parameters(tiny_export, tiny_model):
 def test_manifest_weight_table_matches_the_graphs(tiny_export):
     manifest = Manifest.load(tiny_export)
     tensors = external_tensors(tiny_export)
-    assert {name: places[0][1:] for name, places in tensors.items()} == {
-        name: (entry.offset, entry.length) for name, entry in manifest.weights.items()
-    }
+    assert {name: places[0][1:] for name, places in tensors.items()} == {name: (entry.offset, entry.length) for name, entry in manifest.weights.items()}
     for entry in [*manifest.pieces, *manifest.exits]:
         graph = onnx.load(tiny_export / entry.graph, load_external_data=False)
         assert entry.weights == [t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]

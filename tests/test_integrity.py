@@ -127,8 +127,13 @@ def _symlink_loop(export: Path, manifest: Manifest, secret: Path) -> str:
 @pytest.mark.parametrize(
     "damage",
     [
-        _absolute_tokenizer, _climbing_chat_template, _absolute_graph, _climbing_weights_file,
-        _symlinked_tokenizer, _symlinked_parent, _symlink_loop,
+        _absolute_tokenizer,
+        _climbing_chat_template,
+        _absolute_graph,
+        _climbing_weights_file,
+        _symlinked_tokenizer,
+        _symlinked_parent,
+        _symlink_loop,
     ],
 )
 @pytest.mark.parametrize("trust_modified", [False, True])
@@ -192,9 +197,7 @@ PLACES = {
     "If branch initializer": lambda t: helper.make_model(
         _graph([helper.make_node("If", ["c"], ["y"], then_branch=_graph(initializer=[t]), else_branch=_graph())])
     ),
-    "graph list attribute": lambda t: helper.make_model(
-        _graph([helper.make_node("Custom", [], ["y"], domain="x", graphs=[_graph(initializer=[t])])])
-    ),
+    "graph list attribute": lambda t: helper.make_model(_graph([helper.make_node("Custom", [], ["y"], domain="x", graphs=[_graph(initializer=[t])])])),
     "sparse initializer values": lambda t: helper.make_model(_graph(sparse_initializer=[_sparse(t)])),
     "sparse Constant value": lambda t: helper.make_model(_graph([helper.make_node("Constant", [], ["y"], sparse_value=_sparse(t))])),
     "function body": lambda t: helper.make_model(

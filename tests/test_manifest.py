@@ -31,7 +31,9 @@ def _segment(start: int, end: int) -> Piece:
 
 
 PIECES = [
-    _segment(0, 8), _segment(8, 16), _segment(16, 30),
+    _segment(0, 8),
+    _segment(8, 16),
+    _segment(16, 30),
     Piece("balcony_8", "balcony", "balcony_8.onnx", 8, 8, ["balcony.8"], ["norms.8.weight"]),
     Piece("balcony_16", "balcony", "balcony_16.onnx", 16, 16, ["balcony.16"], []),
     Piece("head", "head", "head.onnx", 30, 30, [], ["base.model.embed_tokens.weight"]),
@@ -235,9 +237,20 @@ def test_quality_written_as_an_int_is_read_as_a_float():
 def test_named_files_lists_every_file_once_in_order():
     manifest = _manifest({"weights.bin": "00" * 32, "report.json": "11" * 32})
     assert manifest.named_files() == [
-        "layers_0_7.onnx", "layers_8_15.onnx", "layers_16_29.onnx", "balcony_8.onnx", "balcony_16.onnx", "head.onnx",
-        "exit_8.onnx", "exit_16.onnx", "full.onnx", "weights.bin", "tokenizer.json", "tokenizer_config.json",
-        "chat_template.jinja", "report.json",
+        "layers_0_7.onnx",
+        "layers_8_15.onnx",
+        "layers_16_29.onnx",
+        "balcony_8.onnx",
+        "balcony_16.onnx",
+        "head.onnx",
+        "exit_8.onnx",
+        "exit_16.onnx",
+        "full.onnx",
+        "weights.bin",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "report.json",
     ]
 
 
@@ -339,7 +352,6 @@ def test_the_annotation_check_of_the_fuzz_tests_tells_a_wrong_type():
     assert _has_annotated_type(manifest, Manifest)
     assert not _has_annotated_type(dataclasses.replace(manifest, num_layers=True), Manifest)
     assert not _has_annotated_type(dataclasses.replace(manifest, exits=[dataclasses.replace(manifest.exits[0], quality=1)]), Manifest)
-
 
 
 def test_graph_io_names_follow_the_optimum_convention():

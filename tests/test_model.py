@@ -21,7 +21,8 @@ def _ids(base, n=2, seq=12, seed=0):
 def test_exit_list_is_validated_and_sorted():
     assert parse_exits("24, 8,16", 30) == (8, 16, 24)
     assert parse_exits([3, 1], 4) == (1, 3)
-    for bad, words in (("0,8", "out of range"), ("8,30", "out of range"), ("8,8", "twice"), ("8,x", "not an integer"), ("", "no exits"), ("8.5", "not an integer")):
+    cases = (("0,8", "out of range"), ("8,30", "out of range"), ("8,8", "twice"), ("8,x", "not an integer"), ("", "no exits"), ("8.5", "not an integer"))
+    for bad, words in cases:
         with pytest.raises(ExitsError, match=words):
             parse_exits(bad, 30)
 
@@ -85,7 +86,7 @@ def test_cached_greedy_generation_equals_recomputing_the_whole_prefix(tiny_base)
         ids = list(prompt)
         for _ in range(10):
             ids.append(int(model.exit_model(depth)(torch.tensor([ids])).logits[0, -1].argmax()))
-        assert new == ids[len(prompt):]
+        assert new == ids[len(prompt) :]
 
 
 def test_exit_model_refuses_an_untrained_exit(tiny_base):

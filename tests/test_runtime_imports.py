@@ -15,24 +15,30 @@ sys.meta_path.insert(0, Blocker())
 
 
 def test_runtime_imports_and_generates_with_torch_blocked(tiny_export):
-    script = BLOCKER + f"""
+    script = (
+        BLOCKER
+        + f"""
 from balcony_edge.runtime import Engine
 engine = Engine.load({str(tiny_export)!r}, providers=['cpu'])
 tokens = list(engine.generate('The harbour', max_new_tokens=5, budget='auto'))
 assert tokens and all(t.exit in engine.exits for t in tokens)
 print('ok', len(tokens), sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))
 """
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok") and result.stdout.strip().endswith("[]")
 
 
 def test_chat_command_runs_with_torch_blocked(tiny_export):
-    script = BLOCKER + f"""
+    script = (
+        BLOCKER
+        + f"""
 sys.argv = ['balcony-edge', 'chat', {str(tiny_export)!r}, '--prompt', 'Hello', '--max-new-tokens', '4', '--signals', 'temperature_degc=40']
 from balcony_edge.cli import main
 main()
 """
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "tok/s" in result.stdout

@@ -69,7 +69,7 @@ def test_a_prompt_longer_than_the_context_changes_nothing_or_slides_the_window(e
     assert sequence.tokens == [5, 6]
     windowed = engine.sequence([5, 6], sliding_window=True)
     windowed.extend([t % 300 for t in range(context + 1)])  # the window keeps the newest half of the context
-    assert windowed.tokens == [t % 300 for t in range(context + 1)][-(context // 2):]
+    assert windowed.tokens == [t % 300 for t in range(context + 1)][-(context // 2) :]
 
 
 @pytest.mark.parametrize(("field", "value"), [("temperature", 1e308), ("repetition_penalty", 1e308), ("temperature", -1.0)])
@@ -170,8 +170,15 @@ def chat_session(engine, sliding_window: bool, max_new_tokens: int):
     from rich.console import Console
 
     output = StringIO()
-    session = ChatSession(engine, "full", SamplingConfig(temperature=0.0), SignalHub([]), max_new_tokens=max_new_tokens,
-                          console=Console(file=output, width=200), sliding_window=sliding_window)
+    session = ChatSession(
+        engine,
+        "full",
+        SamplingConfig(temperature=0.0),
+        SignalHub([]),
+        max_new_tokens=max_new_tokens,
+        console=Console(file=output, width=200),
+        sliding_window=sliding_window,
+    )
     return session, output
 
 
@@ -224,8 +231,7 @@ def test_the_runtime_smoke_script_passes_on_an_export(tiny_export):
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prompt=st.lists(st.characters(exclude_categories=()) | st.sampled_from(AWKWARD), max_size=30).map("".join)
-       | st.lists(st.integers(-5, 500), max_size=6))
+@given(prompt=st.lists(st.characters(exclude_categories=()) | st.sampled_from(AWKWARD), max_size=30).map("".join) | st.lists(st.integers(-5, 500), max_size=6))
 def test_any_prompt_generates_or_is_refused_in_one_line(engine, prompt):
     try:
         tokens = list(engine.generate(prompt, 2, budget="full", sampling=SamplingConfig(temperature=0.0)))
@@ -261,11 +267,11 @@ def test_the_jetson_example_fails_in_one_line_and_takes_trust_modified(tiny_expo
 
 TEMPLATES = {
     "break": "{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}<{{ m['role'] }}>{{ m['content'] }}"
-             "{% if loop.index > 2 %}{% break %}{% endif %}{% endfor %}",
+    "{% if loop.index > 2 %}{% break %}{% endif %}{% endfor %}",
     "tojson": "{% for m in messages %}{{ m | tojson }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
     "system": "{% if messages[0]['role'] == 'system' %}[SYS]{{ messages[0]['content'] }}[/SYS]{% endif %}"
-              "{% for m in messages if m['role'] != 'system' %}{% generation %}{{ m['role'] }}: {{ m['content'] }}{% endgeneration %}\n{% endfor %}"
-              "{{ eos_token }}",
+    "{% for m in messages if m['role'] != 'system' %}{% generation %}{{ m['role'] }}: {{ m['content'] }}{% endgeneration %}\n{% endfor %}"
+    "{{ eos_token }}",
 }
 
 
@@ -278,15 +284,22 @@ def test_chat_templates_render_as_transformers_renders_them(tiny_export, tiny_ba
 
     messages = [
         {"role": "system", "content": "Be brief <b>&</b> 'kind'."},
-        {"role": "user", "content": "Is 3 < 4? Say \"yes\" & why."},
+        {"role": "user", "content": 'Is 3 < 4? Say "yes" & why.'},
         {"role": "assistant", "content": "Yes: 3 < 4."},
         {"role": "user", "content": "And ü > é?"},
     ]
     manifest = Manifest.load(tiny_export)
     tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
     expected = tokenizer.apply_chat_template(messages, chat_template=TEMPLATES[name], tokenize=False, add_generation_prompt=True)
-    got = chat_template_environment().from_string(TEMPLATES[name]).render(
-        messages=messages, add_generation_prompt=True, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+    got = (
+        chat_template_environment()
+        .from_string(TEMPLATES[name])
+        .render(
+            messages=messages,
+            add_generation_prompt=True,
+            bos_token=tokenizer.bos_token or "",
+            eos_token=tokenizer.eos_token or "",
+        )
     )
     assert got == expected and manifest.chat_template
     if name == "tojson":

@@ -43,7 +43,7 @@ def client(engine):
 
 
 def sse_events(text: str) -> list:
-    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     return [json.loads(event) for event in events[:-1]]
 
@@ -91,8 +91,13 @@ def test_models_health_and_metrics(client):
     assert client.get("/health").json()["status"] == "ok"
     client.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 2})
     metrics = client.get("/metrics").text
-    for name in ("balcony_tokens_total{exit=", "balcony_token_latency_seconds_bucket", "balcony_catch_up_positions_total",
-                 "balcony_queued_requests", 'balcony_requests_total{endpoint="/v1/chat/completions",status="200"}'):
+    for name in (
+        "balcony_tokens_total{exit=",
+        "balcony_token_latency_seconds_bucket",
+        "balcony_catch_up_positions_total",
+        "balcony_queued_requests",
+        'balcony_requests_total{endpoint="/v1/chat/completions",status="200"}',
+    ):
         assert name in metrics, name
 
 
@@ -158,6 +163,7 @@ def test_cors_is_off_unless_asked(engine):
 def test_the_device_controller_decides_and_a_request_budget_caps_it(engine):
     shallow, deep = engine.exits[0], engine.exits[-1]
     with TestClient(make_app(engine, budget="full")) as client:
+
         def exits(budget):
             body = {"model": MODEL, "messages": HELLO, "max_tokens": 4, "stream": True, "budget": budget}
             return {c["choices"][0]["balcony"]["exit"] for c in sse_events(client.post("/v1/chat/completions", json=body).text)[1:]}
@@ -238,7 +244,9 @@ def test_the_official_openai_client_streams_from_several_threads(engine):
 
 
 def test_serve_starts_and_answers_with_torch_blocked(tiny_export):
-    script = BLOCKER + f"""
+    script = (
+        BLOCKER
+        + f"""
 from pathlib import Path
 from starlette.testclient import TestClient
 from balcony_edge.runtime.serve import ServeOptions, build_app
@@ -249,6 +257,7 @@ with TestClient(app) as client:
     assert answer.status_code == 200, answer.text
 print('ok', config.model_name, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))
 """
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok tiny-fp32 []"
@@ -268,8 +277,21 @@ def test_serve_command_binds_localhost_requires_its_key_and_stops_on_interrupt(t
     key_file = tmp_path / "key.txt"
     key_file.write_text("from-a-file\n")
     port = free_port()
-    command = [sys.executable, "-m", "balcony_edge", "serve", str(tiny_export), "--port", str(port), "--api-key-file", str(key_file),
-               "--threads", "1", "--signals", "temperature_degc=40"]
+    command = [
+        sys.executable,
+        "-m",
+        "balcony_edge",
+        "serve",
+        str(tiny_export),
+        "--port",
+        str(port),
+        "--api-key-file",
+        str(key_file),
+        "--threads",
+        "1",
+        "--signals",
+        "temperature_degc=40",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60

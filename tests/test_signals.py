@@ -155,10 +155,13 @@ def test_psutil_source_reads_battery_and_hottest_sensor(monkeypatch):
 
 
 def test_jtop_dicts_become_signals():
-    temperature = {"cpu": {"online": True, "temp": 55.5}, "gpu": {"online": True, "temp": 53.0},
-                   "cv0": {"online": False, "temp": -256}, "tj": {"online": True, "temp": 56.25}}
-    power = {"rail": {"VDD_CPU_GPU_CV": {"power": 2400, "online": True}, "VDD_SOC": {"power": 1400}},
-             "tot": {"power": 6100, "name": "VDD_IN"}}
+    temperature = {
+        "cpu": {"online": True, "temp": 55.5},
+        "gpu": {"online": True, "temp": 53.0},
+        "cv0": {"online": False, "temp": -256},
+        "tj": {"online": True, "temp": 56.25},
+    }
+    power = {"rail": {"VDD_CPU_GPU_CV": {"power": 2400, "online": True}, "VDD_SOC": {"power": 1400}}, "tot": {"power": 6100, "name": "VDD_IN"}}
     reading = jtop_signals(temperature, power)
     assert (reading.temperature_degc, reading.gpu_temperature_degc, reading.power_mw) == (56.25, 53.0, 6100.0)
     assert reading.extra == {"cpu_degc": 55.5, "gpu_degc": 53.0, "tj_degc": 56.25, "VDD_CPU_GPU_CV_mw": 2400.0, "VDD_SOC_mw": 1400.0}
@@ -200,8 +203,7 @@ def test_merge_takes_the_hottest_temperature_and_fills_gaps():
     first = Signals(temperature_degc=60.0, power_mw=5000.0, extra={"a_degc": 1.0})
     second = Signals(temperature_degc=72.0, power_mw=9000.0, battery_percent=80.0, on_battery=False, extra={"a_degc": 2.0, "b_mw": 3.0})
     merged = first.merge(second)
-    assert merged == Signals(temperature_degc=72.0, power_mw=5000.0, battery_percent=80.0, on_battery=False,
-                             extra={"a_degc": 1.0, "b_mw": 3.0})
+    assert merged == Signals(temperature_degc=72.0, power_mw=5000.0, battery_percent=80.0, on_battery=False, extra={"a_degc": 1.0, "b_mw": 3.0})
 
 
 def test_signals_round_trip_through_a_flat_dict():
@@ -232,8 +234,7 @@ def test_a_failing_source_is_reported_once_and_skipped(tmp_path):
     assert broken.calls == 1
     assert seen == hub.warnings
     assert hub.warnings == [
-        "signal source broken failed and is skipped from now on: OSError: "
-        "Input/output error: /sys/devices/virtual/thermal/thermal_zone9/temp"
+        "signal source broken failed and is skipped from now on: OSError: Input/output error: /sys/devices/virtual/thermal/thermal_zone9/temp"
     ]
 
 
@@ -273,11 +274,14 @@ def _trace(tmp_path: Path, lines: list[dict]) -> Path:
 
 
 def test_trace_replays_on_the_clock(tmp_path):
-    path = _trace(tmp_path, [
-        {"t_s": 0.5, "temperature_degc": 55, "battery_percent": 80, "on_battery": True},
-        {"t_s": 2.5, "temperature_degc": 70},
-        {"t_s": 1.0, "temperature_degc": 60, "battery_percent": 79},
-    ])
+    path = _trace(
+        tmp_path,
+        [
+            {"t_s": 0.5, "temperature_degc": 55, "battery_percent": 80, "on_battery": True},
+            {"t_s": 2.5, "temperature_degc": 70},
+            {"t_s": 1.0, "temperature_degc": 60, "battery_percent": 79},
+        ],
+    )
     now = [100.0]
     source = TraceSource(path, clock="time", now=lambda: now[0])
     readings = []
@@ -311,6 +315,9 @@ def test_trace_lines_without_their_clock_key_are_refused(tmp_path):
         TraceSource(path, clock="token")
     with pytest.raises(SignalError, match="trace clock 'tokens' is not one of time, token"):
         TraceSource(path, clock="tokens")
+    path.write_text('{"t_s": null, "temperature_degc": 50}\n')
+    with pytest.raises(SignalError, match=r"trace.jsonl:1: t_s is null; give a number"):
+        TraceSource(path)
 
 
 def test_fixed_source_parses_key_value_text():
@@ -410,8 +417,7 @@ def test_a_hanging_source_does_not_keep_the_program_from_exiting():
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["signal source stuck did not answer within 0.1 s and is skipped from now on",
-                                        repr(Signals())]
+    assert done.stdout.splitlines() == ["signal source stuck did not answer within 0.1 s and is skipped from now on", repr(Signals())]
 
 
 class _Fast:
@@ -449,24 +455,26 @@ class _Returning:
         return self.value
 
 
-GOOD = {"temperature_degc": 55.0, "gpu_temperature_degc": 50.0, "battery_percent": 60.0, "on_battery": True, "power_mw": 4000.0,
-        "gpu_power_mw": 1500.0}
+GOOD = {"temperature_degc": 55.0, "gpu_temperature_degc": 50.0, "battery_percent": 60.0, "on_battery": True, "power_mw": 4000.0, "gpu_power_mw": 1500.0}
 
 
-@pytest.mark.parametrize("key, value, why", [
-    ("battery_percent", -5.0, "outside 0..100 %"),
-    ("battery_percent", 250.0, "outside 0..100 %"),
-    ("temperature_degc", 500.0, "outside -40..150 degC"),
-    ("temperature_degc", -300.0, "outside -40..150 degC"),
-    ("gpu_temperature_degc", math.nan, "not finite"),
-    ("power_mw", math.inf, "not finite"),
-    ("power_mw", -1200.0, "outside 0..2e+06 mW"),
-    ("gpu_power_mw", 1e9, "outside 0..2e+06 mW"),
-    ("on_battery", "yes", "not true or false"),
-    ("on_battery", 1, "not true or false"),
-    ("battery_percent", "80", "not a number"),
-    ("temperature_degc", True, "not a number"),
-])
+@pytest.mark.parametrize(
+    "key, value, why",
+    [
+        ("battery_percent", -5.0, "outside 0..100 %"),
+        ("battery_percent", 250.0, "outside 0..100 %"),
+        ("temperature_degc", 500.0, "outside -40..150 degC"),
+        ("temperature_degc", -300.0, "outside -40..150 degC"),
+        ("gpu_temperature_degc", math.nan, "not finite"),
+        ("power_mw", math.inf, "not finite"),
+        ("power_mw", -1200.0, "outside 0..2e+06 mW"),
+        ("gpu_power_mw", 1e9, "outside 0..2e+06 mW"),
+        ("on_battery", "yes", "not true or false"),
+        ("on_battery", 1, "not true or false"),
+        ("battery_percent", "80", "not a number"),
+        ("temperature_degc", True, "not a number"),
+    ],
+)
 def test_nonsense_battery_and_temperature_are_ignored_with_one_warning(key, value, why):
     seen = []
     source = _Returning(Signals(**{**GOOD, key: value}))
@@ -474,8 +482,7 @@ def test_nonsense_battery_and_temperature_are_ignored_with_one_warning(key, valu
     readings = [hub.read(t) for t in range(5)]
     assert readings == [Signals(**{k: v for k, v in GOOD.items() if k != key})] * 5  # the rest of the reading is kept
     assert source.calls == 5 and hub.sources == [source]
-    assert seen == hub.warnings == [
-        f"signal source odd gave {key}={value!r}, {why}; that field of it is ignored from now on (check the sensor)"]
+    assert seen == hub.warnings == [f"signal source odd gave {key}={value!r}, {why}; that field of it is ignored from now on (check the sensor)"]
 
 
 def test_nonsense_per_zone_and_per_rail_readings_are_ignored_by_their_unit():
@@ -483,7 +490,10 @@ def test_nonsense_per_zone_and_per_rail_readings_are_ignored_by_their_unit():
     hub = SignalHub([_Returning(Signals(temperature_degc=58.0, extra=extra))], on_warning=lambda text: None)
     assert hub.read() == Signals(temperature_degc=58.0, extra={"cpu_degc": 58.0, "VDD_SOC_mw": 1400.0, "fan_pwm": 120.0})
     assert [warning.split(",")[0] for warning in hub.warnings] == [
-        "signal source odd gave tj_degc=-256.0", "signal source odd gave VDD_IN_mw=-5.0", "signal source odd gave fan_rpm=nan"]
+        "signal source odd gave tj_degc=-256.0",
+        "signal source odd gave VDD_IN_mw=-5.0",
+        "signal source odd gave fan_rpm=nan",
+    ]
 
 
 def test_each_source_and_field_is_warned_about_once():
@@ -496,15 +506,19 @@ def test_each_source_and_field_is_warned_about_once():
     first.value = Signals(battery_percent=42.0)  # the sensor recovers: its readings count again
     assert hub.read().battery_percent == 42.0
     assert [warning.split(",")[0] for warning in hub.warnings] == [
-        "signal source odd gave battery_percent=101.0", "signal source other gave battery_percent=-1.0"]
+        "signal source odd gave battery_percent=101.0",
+        "signal source other gave battery_percent=-1.0",
+    ]
 
 
 READINGS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=3))
 
 
 @settings(max_examples=150, deadline=None)
-@given(headline=st.fixed_dictionaries({key: READINGS for key in GOOD}),
-       extra=st.dictionaries(st.sampled_from(["tj_degc", "VDD_IN_mw", "level_percent", "fan_rpm"]), READINGS, max_size=4))
+@given(
+    headline=st.fixed_dictionaries({key: READINGS for key in GOOD}),
+    extra=st.dictionaries(st.sampled_from(["tj_degc", "VDD_IN_mw", "level_percent", "fan_rpm"]), READINGS, max_size=4),
+)
 def test_whatever_a_source_returns_the_hub_passes_on_only_possible_readings(headline, extra):
     seen = []
     hub = SignalHub([_Returning(Signals(**headline, extra=extra), live=False)], on_warning=seen.append)

@@ -22,13 +22,25 @@ def _write_tokens(path, count: int = 40) -> list[dict]:
         for t in range(count):
             now[0] += 0.025
             exit = 30 if t < 15 else 16 if t < 30 else 24
-            signals = Signals(temperature_degc=60.0 + t, battery_percent=90.0 - t / 4, on_battery=True, power_mw=5200.0,
-                              extra={"VDD_SOC_mw": 1400.0, "tj-thermal_degc": 60.0 + t})
-            records.append(writer.write(
-                token_index=t, token_id=100 + t, token_text=" wörd\n" if t == 3 else f" w{t}", exit=exit,
-                latency_ms=25.0 + (40.0 if t == 30 else 0.0), catch_up_tokens=30 if t == 30 else 0,
-                signals=signals, reason=f"temperature {60.0 + t:.1f} degC < soft limit 77 degC: hold exit {exit}",
-            ))
+            signals = Signals(
+                temperature_degc=60.0 + t,
+                battery_percent=90.0 - t / 4,
+                on_battery=True,
+                power_mw=5200.0,
+                extra={"VDD_SOC_mw": 1400.0, "tj-thermal_degc": 60.0 + t},
+            )
+            records.append(
+                writer.write(
+                    token_index=t,
+                    token_id=100 + t,
+                    token_text=" wörd\n" if t == 3 else f" w{t}",
+                    exit=exit,
+                    latency_ms=25.0 + (40.0 if t == 30 else 0.0),
+                    catch_up_tokens=30 if t == 30 else 0,
+                    signals=signals,
+                    reason=f"temperature {60.0 + t:.1f} degC < soft limit 77 degC: hold exit {exit}",
+                )
+            )
     return records
 
 
@@ -42,8 +54,14 @@ def test_telemetry_round_trips_one_line_per_token(tmp_path):
     assert records[0]["t_s"] == pytest.approx(0.025)
     assert records[3]["token_text"] == " wörd\n"
     assert records[30]["catch_up_tokens"] == 30 and records[30]["latency_ms"] == 65.0 and records[30]["exit"] == 24
-    assert records[1]["signals"] == {"VDD_SOC_mw": 1400.0, "tj-thermal_degc": 61.0, "temperature_degc": 61.0,
-                                     "battery_percent": 89.75, "on_battery": True, "power_mw": 5200.0}
+    assert records[1]["signals"] == {
+        "VDD_SOC_mw": 1400.0,
+        "tj-thermal_degc": 61.0,
+        "temperature_degc": 61.0,
+        "battery_percent": 89.75,
+        "on_battery": True,
+        "power_mw": 5200.0,
+    }
 
 
 def test_each_line_is_on_disk_before_the_writer_closes(tmp_path):
@@ -101,8 +119,9 @@ def test_a_telemetry_path_inside_a_file_is_refused_before_generation_with_one_li
     for path in (tmp_path / "notes.txt" / "telemetry.jsonl", tmp_path / "notes.txt" / "run" / "telemetry.jsonl"):
         with pytest.raises(TelemetryError) as caught:
             TelemetryWriter(path)
-        assert str(caught.value) == (f"cannot write telemetry to {path}: part of its folder path is a file; "
-                                     "give a path whose folders are folders (or do not exist yet) (--telemetry)")
+        assert str(caught.value) == (
+            f"cannot write telemetry to {path}: part of its folder path is a file; give a path whose folders are folders (or do not exist yet) (--telemetry)"
+        )
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
@@ -111,8 +130,9 @@ def test_a_telemetry_path_that_is_a_folder_is_refused_naming_a_file_to_give(tmp_
     (tmp_path / "runs" / "old.jsonl").write_text("{}\n")
     with pytest.raises(TelemetryError) as caught:
         TelemetryWriter(tmp_path / "runs")
-    assert str(caught.value) == (f"cannot write telemetry to {tmp_path / 'runs'}: it is a folder; give a file in it such as "
-                                 f"{tmp_path / 'runs' / 'telemetry.jsonl'} (--telemetry)")
+    assert str(caught.value) == (
+        f"cannot write telemetry to {tmp_path / 'runs'}: it is a folder; give a file in it such as {tmp_path / 'runs' / 'telemetry.jsonl'} (--telemetry)"
+    )
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["old.jsonl"]
 
 
@@ -135,8 +155,7 @@ def test_a_telemetry_path_in_a_read_only_folder_is_refused(tmp_path, monkeypatch
             TelemetryWriter(path)
     finally:
         folder.chmod(0o755)
-    assert str(caught.value) == (f"cannot write telemetry to {path}: Permission denied; "
-                                 "give a file in a folder you can write (--telemetry)")
+    assert str(caught.value) == (f"cannot write telemetry to {path}: Permission denied; give a file in a folder you can write (--telemetry)")
     assert not path.exists()
 
 
@@ -160,8 +179,16 @@ def test_a_full_disk_stops_telemetry_with_one_warning_and_keeps_the_lines_writte
     assert [r["token_index"] for r in records] == list(range(3, 10))
     assert len(attempts) == 1  # stopped writing after the failure
     assert read_telemetry(path) == written  # whole lines only: the part of the fourth line was cut away
-    assert seen == writer.warnings == [(f"cannot write telemetry to {path} (No space left on device): it stops after 3 tokens, "
-                                        "which are kept; free disk space or give another --telemetry path")]
+    assert (
+        seen
+        == writer.warnings
+        == [
+            (
+                f"cannot write telemetry to {path} (No space left on device): it stops after 3 tokens, "
+                "which are kept; free disk space or give another --telemetry path"
+            )
+        ]
+    )
 
 
 def test_a_failed_telemetry_write_warns_on_the_library_logger_by_default(tmp_path, monkeypatch, caplog):

@@ -17,8 +17,18 @@ from balcony_edge.train import BlockOrder, TrainConfig, Trainer, lr_factor, trai
 
 def _config(peaked_base_dir, text_dir, out, **overrides):
     settings = dict(
-        exits=(1, 3), out=str(out), base=str(peaked_base_dir), data=[str(text_dir)], seq_len=32, batch_size=4,
-        micro_batch_size=2, lr=3e-3, max_tokens=4 * 32 * 8, save_every=4, precision="fp32", threads=1,
+        exits=(1, 3),
+        out=str(out),
+        base=str(peaked_base_dir),
+        data=[str(text_dir)],
+        seq_len=32,
+        batch_size=4,
+        micro_batch_size=2,
+        lr=3e-3,
+        max_tokens=4 * 32 * 8,
+        save_every=4,
+        precision="fp32",
+        threads=1,
     )
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -180,16 +190,47 @@ def test_learning_rate_warms_up_then_decays_to_its_floor():
 
 def test_ddp_with_two_gloo_processes_gives_the_weights_of_one_process(peaked_base_dir, text_dir, tmp_path):
     common = [
-        "--exits", "1,3", "--base", str(peaked_base_dir), "--data", str(text_dir), "--seq-len", "32",
-        "--batch-size", "4", "--micro-batch-size", "2", "--max-tokens", str(4 * 32 * 3), "--precision", "fp32",
-        "--threads", "1", "--lr", "3e-3",
+        "--exits",
+        "1,3",
+        "--base",
+        str(peaked_base_dir),
+        "--data",
+        str(text_dir),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--max-tokens",
+        str(4 * 32 * 3),
+        "--precision",
+        "fp32",
+        "--threads",
+        "1",
+        "--lr",
+        "3e-3",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "balcony_edge", "train", "--out", str(tmp_path / "one"), *common], check=True, env=env)
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-         "-m", "balcony_edge", "train", "--out", str(tmp_path / "two"), *common],
-        check=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "balcony_edge",
+            "train",
+            "--out",
+            str(tmp_path / "two"),
+            *common,
+        ],
+        check=True,
+        env=env,
     )
     one, two = load_file(tmp_path / "one" / WEIGHTS_FILE), load_file(tmp_path / "two" / WEIGHTS_FILE)
     initial = load_checkpoint(tmp_path / "one")[0]

@@ -27,8 +27,15 @@ from balcony_edge.errors import CheckpointError, TrainingStopped
 from balcony_edge.train import TrainConfig, Trainer, restore_rng_state, rng_state, train
 
 SHORT_RUN = {
-    "exits": (1, 3), "seq_len": 32, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "max_tokens": 4 * 32 * 8,
-    "save_every": 4, "precision": "fp32", "threads": 1,
+    "exits": (1, 3),
+    "seq_len": 32,
+    "batch_size": 4,
+    "micro_batch_size": 2,
+    "lr": 3e-3,
+    "max_tokens": 4 * 32 * 8,
+    "save_every": 4,
+    "precision": "fp32",
+    "threads": 1,
 }
 # Long enough (a few seconds) to be killed at a random moment after its first checkpoint.
 LONG_STEPS = 160
@@ -128,9 +135,7 @@ def test_resume_refuses_a_state_file_that_would_run_code_without_running_it(shor
     ],
     ids=["garbage", "empty", "truncated", "a list", "keys missing"],
 )
-def test_resume_refuses_a_damaged_state_file_in_one_line_and_touches_nothing(
-    short_run, peaked_base, peaked_base_dir, text_dir, tmp_path, damage, problem
-):
+def test_resume_refuses_a_damaged_state_file_in_one_line_and_touches_nothing(short_run, peaked_base, peaked_base_dir, text_dir, tmp_path, damage, problem):
     run = shutil.copytree(short_run, tmp_path / "run")
     (run / STATE_FILE).write_bytes(damage((run / STATE_FILE).read_bytes()))
     before = {p.name: p.read_bytes() for p in run.iterdir()}
@@ -188,9 +193,7 @@ def _signal_during_step(monkeypatch, signals, at_step):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_the_first_signal_finishes_the_step_saves_and_stops_with_one_line(
-    short_run, peaked_base, peaked_base_dir, text_dir, tmp_path, monkeypatch, signum
-):
+def test_the_first_signal_finishes_the_step_saves_and_stops_with_one_line(short_run, peaked_base, peaked_base_dir, text_dir, tmp_path, monkeypatch, signum):
     before = signal.getsignal(signum)
     run = tmp_path / "run"
     _signal_during_step(monkeypatch, [signum], at_step=5)
@@ -207,9 +210,7 @@ def test_the_first_signal_finishes_the_step_saves_and_stops_with_one_line(
     _assert_same_weights(run, short_run)
 
 
-def test_a_signal_during_a_checkpoint_write_lets_it_finish_then_stops(
-    short_run, peaked_base, peaked_base_dir, text_dir, tmp_path, monkeypatch
-):
+def test_a_signal_during_a_checkpoint_write_lets_it_finish_then_stops(short_run, peaked_base, peaked_base_dir, text_dir, tmp_path, monkeypatch):
     import balcony_edge.train as train_module
 
     real_save, saves = train_module.save_checkpoint, []
@@ -333,9 +334,7 @@ def _wait_for(condition, timeout_s: float) -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_run_killed_at_a_random_moment_resumes_to_the_weights_of_an_uninterrupted_run(
-    long_run, peaked_base_dir, text_dir, tmp_path, signum
-):
+def test_a_run_killed_at_a_random_moment_resumes_to_the_weights_of_an_uninterrupted_run(long_run, peaked_base_dir, text_dir, tmp_path, signum):
     run, log_path = tmp_path / "run", tmp_path / "train.log"
     command = _command_line(LONG_RUN, peaked_base_dir, text_dir, run)
     # A terminal-like stderr makes the progress bar print the step reached (and refresh it ten times a second).

@@ -96,8 +96,12 @@ def run_bench(config: BenchConfig) -> dict:
     """Measure the export; returns the JSON object `bench --json` writes."""
     say = config.say
     engine = Engine.load(
-        config.export, providers=[config.provider], threads=config.threads, prepack=config.prepack,
-        trust_modified=config.trust_modified, warn=config.say,
+        config.export,
+        providers=[config.provider],
+        threads=config.threads,
+        prepack=config.prepack,
+        trust_modified=config.trust_modified,
+        warn=config.say,
     )
     manifest = engine.manifest
     prompt = bench_prompt(engine, config.prompt_tokens)
@@ -133,9 +137,7 @@ def run_bench(config: BenchConfig) -> dict:
     del engine  # its sessions are not needed any more; the peers get the memory and caches
 
     perplexity = load_perplexities(config, manifest, notes)
-    result["exits"] = [
-        exit_row(entry, engine_stats[entry.exit], floor_stats.get(entry.exit), perplexity.get(entry.exit)) for entry in manifest.exits
-    ]
+    result["exits"] = [exit_row(entry, engine_stats[entry.exit], floor_stats.get(entry.exit), perplexity.get(entry.exit)) for entry in manifest.exits]
     result["engine_vs_bare"] = ratio(engine_stats[full.exit].decode_tok_s, bare.decode_tok_s if bare else None)
     result["bare_full"] = bare.to_json() if bare else None
     result["bare_tokens_match"] = bare.tokens == engine_tokens if bare else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import time
+from pathlib import Path
 
 
 def torch_generate(base_spec: str, prompt: list[int], new_tokens: int, repeats: int, threads: int | None, gpu: bool = False) -> dict:
@@ -31,8 +32,7 @@ def torch_generate(base_spec: str, prompt: list[int], new_tokens: int, repeats: 
     def timed(count: int) -> float:
         started = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
-                           do_sample=False, pad_token_id=0)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=0)
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started
@@ -50,11 +50,9 @@ LLAMA_CPP_TYPES = {"fp32": "f32", "fp16": "f16", "int8": "q8_0", "int4": "q4_0",
 _LLAMA_FTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
 
-def gguf_at_precision(source, file_type: str, folder) -> "Path | None":
+def gguf_at_precision(source, file_type: str, folder) -> Path | None:
     """The GGUF file converted to `file_type` (f32, f16, q8_0, q4_0) by llama.cpp's own quantizer, once, under folder;
     None when llama_cpp is not installed."""
-    from pathlib import Path
-
     if importlib.util.find_spec("llama_cpp") is None:
         return None
     import ctypes
@@ -79,10 +77,8 @@ def gguf_at_precision(source, file_type: str, folder) -> "Path | None":
 _EXIT_WRITER_TYPES = {"f32": "fp32", "f16": "f16", "q8_0": "q8_0"}
 
 
-def exit_gguf_files(checkpoint, exits, file_type: str, folder) -> "dict[int, Path] | None":
+def exit_gguf_files(checkpoint, exits, file_type: str, folder) -> dict[int, Path] | None:
     """Each exit of `checkpoint` as a GGUF file of `file_type`, written once under folder; None without llama_cpp."""
-    from pathlib import Path
-
     from ..checksums import file_sha256
     from ..checkpoint import WEIGHTS_FILE
     from ..export.exit_checkpoints import ExitCheckpointConfig, export_exit_checkpoints
@@ -93,8 +89,9 @@ def exit_gguf_files(checkpoint, exits, file_type: str, folder) -> "dict[int, Pat
     name = f"exits-{file_sha256(Path(checkpoint) / WEIGHTS_FILE)[:12]}"
     written = Path(folder) / f"{name}-{_EXIT_WRITER_TYPES.get(file_type, 'fp32')}"
     if not all((written / gguf_file_name(name, k)).is_file() for k in exits):
-        config = ExitCheckpointConfig(format="gguf", checkpoint=checkpoint, out=written, exits=tuple(exits),
-                                      dtype=_EXIT_WRITER_TYPES.get(file_type, "fp32"), force=True, name=name)
+        config = ExitCheckpointConfig(
+            format="gguf", checkpoint=checkpoint, out=written, exits=tuple(exits), dtype=_EXIT_WRITER_TYPES.get(file_type, "fp32"), force=True, name=name
+        )
         export_exit_checkpoints(config)
     files = {k: written / gguf_file_name(name, k) for k in exits}
     if file_type not in _EXIT_WRITER_TYPES:

@@ -39,10 +39,16 @@ def exits_table(result: dict):
         table.add_column(column, justify="right", no_wrap=True)
     for row in result["exits"]:
         table.add_row(
-            "full" if row["full"] else str(row["exit"]), _fmt(row["decode_tok_s"], ".1f"),
-            _fmt(row["floor_tok_s"], ".1f"), _fmt(row["vs_floor"], ".2f"), _fmt(row.get("vs_llama_cpp_full"), ".2f"),
-            _fmt(row["prefill_tok_s"], ".0f"), _fmt(row["ttft_ms"], ".0f"), f"{row['weight_bytes_per_token'] / 1e6:.0f}",
-            _fmt(row["bandwidth_gb_s"], ".1f"), _fmt(row["ppl"], ".1f"),
+            "full" if row["full"] else str(row["exit"]),
+            _fmt(row["decode_tok_s"], ".1f"),
+            _fmt(row["floor_tok_s"], ".1f"),
+            _fmt(row["vs_floor"], ".2f"),
+            _fmt(row.get("vs_llama_cpp_full"), ".2f"),
+            _fmt(row["prefill_tok_s"], ".0f"),
+            _fmt(row["ttft_ms"], ".0f"),
+            f"{row['weight_bytes_per_token'] / 1e6:.0f}",
+            _fmt(row["bandwidth_gb_s"], ".1f"),
+            _fmt(row["ppl"], ".1f"),
         )
     return table
 
@@ -66,7 +72,9 @@ def target_lines(result: dict) -> list[str]:
     line(f"engine / llama.cpp {result.get('llama_cpp_precision') or ''} (full)", result.get("engine_vs_llama_cpp"), TARGETS["engine_vs_llama_cpp"])
     against_llama = [row.get("vs_llama_cpp_full") for row in result["exits"] if row.get("vs_llama_cpp_full") is not None]
     line("slowest exit / llama.cpp full", min(against_llama) if against_llama else None, TARGETS["vs_llama_cpp_full"])
-    same_exit = [f"{'full' if row['full'] else row['exit']} {row['vs_llama_cpp_same_exit']:.2f}" for row in result["exits"] if row.get("vs_llama_cpp_same_exit")]
+    same_exit = [
+        f"{'full' if row['full'] else row['exit']} {row['vs_llama_cpp_same_exit']:.2f}" for row in result["exits"] if row.get("vs_llama_cpp_same_exit")
+    ]
     if same_exit:
         lines.append(f"engine / llama.cpp on the same exit's GGUF: {', '.join(same_exit)} (no target)")
     switch = result.get("switch_cost_steps", {})
