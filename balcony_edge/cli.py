@@ -291,15 +291,19 @@ def _export_exit_checkpoints(checkpoint, out, exits, format, dtype, base, force)
 @app.command()
 def inspect(
     folder: Annotated[Path, typer.Argument(help="Export folder written by `balcony-edge export`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (stdout) instead of the tables.")] = False,
 ) -> None:
     """Exits, files, sizes, usable onnxruntime providers and checksums of an export folder."""
     from .errors import ManifestError
     from .export.inspect import exits_table, files_table, inspect_export
 
     inspection = inspect_export(folder)
-    console.print(exits_table(folder, inspection.manifest, inspection.report))
-    console.print(files_table(inspection))
-    console.print(f"onnxruntime providers usable here: {', '.join(inspection.providers)}")
+    if as_json:
+        print(json.dumps(inspection.to_json(), indent=2))
+    else:
+        console.print(exits_table(folder, inspection.manifest, inspection.report))
+        console.print(files_table(inspection))
+        console.print(f"onnxruntime providers usable here: {', '.join(inspection.providers)}")
     if inspection.problems:
         name, why = next(iter(inspection.problems.items()))
         raise ManifestError(f"{len(inspection.problems)} file(s) of {folder} fail the export checks ({name}: {why}); export again")
@@ -470,7 +474,7 @@ def plot(
 @app.command()
 def bench(
     export_folder: ExportArg = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the whole result as one JSON object here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as one JSON object (stdout) instead of the table.")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="Write a speed (and perplexity against speed) plot (PNG) here.")] = None,
     new_tokens: Annotated[int, typer.Option(help="Greedy decode steps per run (tokens).")] = 128,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prefill and time to first token (tokens).")] = 256,
@@ -486,7 +490,6 @@ def bench(
     trust_modified: TrustOpt = False,
 ) -> None:
     """Speed per exit against its floor, engine overhead, switching cost, memory and peers, in one run."""
-    from .atomic import write_text_atomically
     from .bench import BenchConfig, run_bench
     from .paths import default_export_dir
     from .bench.report import exits_table, plot_bench, target_lines
@@ -495,7 +498,6 @@ def bench(
         console.print(f"[dim]{text}[/dim]")
 
     # The settings are checked (BenchConfig) before the default export is made on first use, which takes minutes.
-    _check_output_folder(json_out, "--json")
     _check_output_folder(plot, "--plot")
     config = BenchConfig(
         export=export_folder or default_export_dir(),
@@ -516,14 +518,14 @@ def bench(
     if export_folder is None:
         _default_export()
     result = run_bench(config)
-    console.print(exits_table(result))
-    for line in target_lines(result):
-        console.print(line)
-    for note in result["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}")
-    if json_out:
-        write_text_atomically(json_out, json.dumps(result, indent=2) + "\n")
-        console.print(f"wrote {json_out}")
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(exits_table(result))
+        for line in target_lines(result):
+            console.print(line)
+        for note in result["notes"]:
+            console.print(f"[yellow]note:[/yellow] {note}")
     if plot:
         plot_bench(result, str(plot))
         console.print(f"wrote {plot}")

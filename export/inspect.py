@@ -33,6 +33,18 @@ class Inspection:
     problems: dict[str, str]  # file -> why it fails a check of `runtime.integrity` (checksum and others)
     report: dict | None
 
+    def to_json(self) -> dict:
+        """What `inspect --json` prints: the manifest as written, file sizes, providers, problems and the report."""
+        return {
+            "folder": str(self.folder),
+            "manifest": json.loads(self.manifest.to_json()),
+            "file_bytes": self.file_bytes,
+            "providers": self.providers,
+            "problems": self.problems,
+            "checks_ok": not self.problems,
+            "report": self.report,
+        }
+
 
 def usable_providers() -> list[str]:
     """Providers built into onnxruntime that a session actually gets here (a GPU build may lack its GPU)."""

@@ -116,30 +116,12 @@ def test_bench_result_has_every_figure(tiny_export, tmp_path):
     json.dumps(result)  # serialisable as is
 
 
-def test_bench_command_writes_json_and_plot(tiny_export, tmp_path):
-    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    args = [
-        "bench",
-        str(tiny_export),
-        "--json",
-        str(out),
-        "--plot",
-        str(plot),
-        "--new-tokens",
-        "3",
-        "--prompt-tokens",
-        "8",
-        "--repeats",
-        "1",
-        "--threads",
-        "1",
-        "--no-floor",
-        "--no-peers",
-        "--no-memory",
-    ]
-    done = CliRunner().invoke(app, args)
+def test_bench_command_prints_json_and_writes_the_plot(tiny_export, tmp_path):
+    plot = tmp_path / "bench.png"
+    options = "--json --new-tokens 3 --prompt-tokens 8 --repeats 1 --threads 1 --no-floor --no-peers --no-memory".split()
+    done = CliRunner().invoke(app, ["bench", str(tiny_export), "--plot", str(plot), *options])
     assert done.exit_code == 0, done.output
-    result = json.loads(out.read_text())
+    result = json.loads(done.stdout)  # one JSON object on stdout; progress goes to stderr
     assert result["exits"][0]["floor_tok_s"] is None and result["exits"][-1]["floor_tok_s"] > 0  # bare loop on the full graph
     assert result["engine_vs_torch"] is None and result["memory_ratio_all_vs_full"] is None
     assert any("floors skipped" in note for note in result["notes"])

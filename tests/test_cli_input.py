@@ -106,7 +106,7 @@ def test_telemetry_that_cannot_be_written_fails_before_generating(tiny_export, t
         (["bench", "--repeats", "0"], ["--repeats 0 must be at least 1"]),
         (["bench", "--threads", "-2"], ["'--threads'"]),
         (["bench", "--eval", "e.json", "--checkpoint", "c"], ["--eval and --checkpoint both set"]),
-        (["bench", "--json", "no/such/folder/b.json"], ["--json no/such/folder/b.json", "does not exist"]),
+        (["bench", "--plot", "no/such/folder/b.png"], ["--plot no/such/folder/b.png", "does not exist"]),
         (["plot", "no-such-telemetry.jsonl"], ["no-such-telemetry.jsonl"]),
         (["train"], ["Missing option '--out'"]),
     ],

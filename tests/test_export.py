@@ -272,6 +272,15 @@ def test_inspect_passes_a_clean_export_and_fails_a_corrupted_byte(tiny_export, t
     assert inspect_export(copy).problems == {"weights.bin": "sha256 differs"}
 
 
+def test_inspect_json_prints_one_object_on_stdout(tiny_export, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["balcony-edge", "inspect", str(tiny_export), "--json"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    printed = json.loads(capsys.readouterr().out)  # stdout holds the JSON and nothing else
+    assert stop.value.code == 0 and printed["checks_ok"] and printed["problems"] == {}
+    assert [e["exit"] for e in printed["manifest"]["exits"]] == [1, 2, 4] and printed["file_bytes"]["weights.bin"] > 0
+
+
 # --- precision ---------------------------------------------------------------------------------------------
 
 
