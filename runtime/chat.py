@@ -22,9 +22,10 @@ from .text import check_prompt_text
 
 EXIT_COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
 HELP = (
-    "commands: /exit N (pin an exit), /budget X (auto, full, eco, 16, 40ms), /system TEXT, /stats, /reset, /quit; "
+    "commands: /exit N (pin an exit), /budget X (auto, full, eco, 16, 40ms), /system TEXT, /stats, /reset, /quit, /help; "
     'end a line with \\ to go on, or put """ alone on a line to start and end a multi-line message; Ctrl-C stops an answer'
 )
+BANNER = "type a message, /help for commands; Ctrl-C stops an answer, /quit or Ctrl-D ends"
 CONTINUE, BLOCK = "\\", '"""'
 HISTORY_FILE = "chat_history"
 
@@ -88,7 +89,7 @@ class ChatSession:
             if name in ("exit", "budget") and argument:  # /exit N is the budget N
                 self.budget = Budget.parse(argument)
             elif name == "stats":
-                for row in self.stats.lines() + [f"provider: {self.engine.describe()}"]:
+                for row in self.stats.lines() + [f"provider: {self.engine.describe(verbose=True)}"]:
                     self.console.print(f"[dim]{row}[/dim]")
                 return True
             elif name == "system":
@@ -174,7 +175,7 @@ class ChatSession:
 
     def run(self, read_line=input) -> None:
         """The interactive loop: read a message, answer it or run its command, until /quit or end of input."""
-        self.console.print(f"[dim]balcony-edge chat on {self.engine.describe()}; {HELP}[/dim]")
+        self.console.print(f"[dim]balcony-edge chat on {self.engine.describe()}\n{BANNER}[/dim]")
         history = None
         if read_line is input:
             if hasattr(sys.stdin, "reconfigure"):

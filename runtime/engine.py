@@ -127,11 +127,15 @@ class Engine:
         """A new conversation state (its own KV cache) over these sessions."""
         return Sequence(self.manifest, self.runners, self.device, token_ids, sliding_window)
 
-    def describe(self) -> str:
-        """One line: provider in use and the ones that failed."""
+    def describe(self, verbose: bool = False) -> str:
+        """One short line: the provider in use and, briefly, why the preferred ones are not (verbose: their full errors)."""
         text = f"{self.provider} ({len(self.exits)} exits: {', '.join(map(str, self.exits))}; {len(self.runners)} pieces)"
         if self.fallbacks:
-            text += "; unavailable: " + "; ".join(f"{p}: {why}" for p, why in self.fallbacks.items())
+            reasons = {p: why if verbose else short_reason(why) for p, why in self.fallbacks.items()}
+            if not verbose and len(set(reasons.values())) == 1:
+                text += f"; {' and '.join(p.removesuffix('ExecutionProvider') for p in reasons)}: {next(iter(reasons.values()))}"
+            else:
+                text += "; unavailable: " + "; ".join(f"{p}: {why}" for p, why in reasons.items())
         return text
 
     def profiles(self) -> list[ExitProfile]:
@@ -249,6 +253,17 @@ class Engine:
         if budget.is_fixed:
             return [ExitProfile(e.exit, 1.0, e.weight_bytes_per_token, e.quality) for e in self.manifest.exits]
         return self.profiles()
+
+
+# onnxruntime-gpu's messages when the machine has no usable CUDA (driver, device or libraries), in a few words.
+NO_CUDA_SIGNS = ("CUDA Provider not available", "libcuda", "libcudart", "libcublas", "no CUDA-capable device", "cudaErrorNoDevice")
+
+
+def short_reason(error: str) -> str:
+    """Why a provider did not start, in a few words for a status line."""
+    if any(sign in error for sign in NO_CUDA_SIGNS):
+        return "no CUDA device"
+    return error if len(error) <= 80 else error[:77] + "..."
 
 
 def _read_calibration(path: Path, exits: list[int]) -> dict[str, float] | None:

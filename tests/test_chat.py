@@ -123,3 +123,17 @@ def test_bad_budgets_are_one_line_errors(tiny_export, budget, words):
         env=ENV,
     )
     assert result.returncode == 1 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_first_screen_is_short_and_quiet(tiny_export):
+    """No onnxruntime provider errors, library warnings or tracebacks before the first prompt: two short lines."""
+    chat = spawn_chat(tiny_export, "--signals temperature_degc=40")
+    chat.expect("> ")
+    first_screen = chat.before.strip().splitlines()
+    chat.sendline("/help")
+    chat.expect(r"/system\s+TEXT")
+    chat.sendline("/quit")
+    chat.expect(pexpect.EOF)
+    assert len(first_screen) <= 3, first_screen
+    assert not [line for line in first_screen if any(w in line for w in ("provider_bridge", "Warning", "Traceback", "onnxruntime_src"))]
+    assert first_screen[0].startswith("balcony-edge chat on CPUExecutionProvider")
