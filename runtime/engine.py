@@ -28,7 +28,7 @@ from .sequence import Sequence
 from .sessions import SessionSettings, SharedWeights, device_of, open_session, resolve_providers
 from .signal_hub import SignalHub
 from .telemetry import TelemetryWriter
-from .text import PromptError, StreamDecoder, TextCodec, check_prompt_text
+from .text import PromptError, TextCodec, TextStream, check_prompt_text
 
 CALIBRATION_PROMPT_TOKENS = 32
 CALIBRATION_STEPS = 8
@@ -214,9 +214,9 @@ class Engine:
         sequence = sequence if sequence is not None else self.sequence()
         sequence.extend(self.prompt_ids(prompt, chat))
         hub = signals or SignalHub([])
-        sampler, decoder = Sampler(sampling), StreamDecoder(self.codec)
+        sampler, text = Sampler(sampling), TextStream(self.codec, stop)
         eos = set(self.manifest.generation.eos_token_ids)
-        last_latency, shown = None, 0  # shown: characters of the answer already yielded
+        last_latency = None
         for index in range(max_new_tokens):
             reading = hub.read(token_index=index)
             decision = controller.choose(reading, last_latency, index)
@@ -225,21 +225,13 @@ class Engine:
             token = sampler(logits, sequence.tokens)
             latency = (time.perf_counter() - started) * 1000
             last_latency = latency if index else None  # the first token carries the prompt's prefill
-            stopped = token in eos
-            if not stopped:
-                decoder.push(token)
-            cut = _first_stop(decoder.emitted, stop)
-            stopped = stopped or cut is not None or index == max_new_tokens - 1
-            if stopped and cut is None:
-                decoder.flush()
-            if cut is not None:
-                visible = cut
-            elif stopped:
-                visible = len(decoder.emitted)
-            else:  # hold back what may be the start of a stop string
-                visible = len(decoder.emitted) - _stop_prefix_length(decoder.emitted, stop)
-            piece, shown = decoder.emitted[shown : max(shown, visible)], max(shown, visible)
-            finish = ("stop" if token in eos or cut is not None else "length") if stopped else None
+            if token not in eos:
+                text.push(token)
+            stopped = token in eos or text.stop_at is not None or index == max_new_tokens - 1
+            if stopped:
+                text.finish()
+            piece = text.take(final=stopped)
+            finish = ("stop" if token in eos or text.stop_at is not None else "length") if stopped else None
             generated = GeneratedToken(token, piece, decision.exit, latency, sequence.last_catch_up, decision.reason, reading.to_dict(), finish)
             if telemetry is not None:
                 telemetry.write(index, token, piece, decision.exit, latency, generated.catch_up_tokens, reading, decision.reason)
@@ -273,17 +265,6 @@ def _read_calibration(path: Path, exits: list[int]) -> dict[str, float] | None:
         if all(float(measured[str(exit)]) > 0 for exit in exits):
             return {str(exit): float(measured[str(exit)]) for exit in exits}
     return None
-
-
-def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
-    """Where the earliest stop string begins in text (characters), or None."""
-    found = [text.index(s) for s in stop if s and s in text]
-    return min(found) if found else None
-
-
-def _stop_prefix_length(text: str, stop: tuple[str, ...]) -> int:
-    """Length of the longest end of text that begins some stop string (characters)."""
-    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def _quietly(make, *args):

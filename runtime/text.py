@@ -11,6 +11,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from ..errors import BalconyError
 from .manifest import Manifest
@@ -124,27 +125,46 @@ def chat_template_environment() -> ImmutableSandboxedEnvironment:
     return environment
 
 
-class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+class TextStream:
+    """The answer's text as tokens arrive (tokenizers' DecodeStream: each token decoded once, incomplete UTF-8 held
+    back), and how much of it may be shown: up to the first stop string, holding back what may begin one."""
 
-    def __init__(self, codec: TextCodec):
-        self.codec = codec
-        self.ids: list[int] = []
-        self.emitted = ""
+    def __init__(self, codec: TextCodec, stop: tuple[str, ...] = ()):
+        self.codec, self.stop = codec, tuple(s for s in stop if s)
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._pending: list[int] = []  # ids whose bytes do not yet make whole characters
+        self.text = ""
+        self.stop_at: int | None = None  # where the first stop string begins, once one has appeared
+        self._shown = 0
 
-    def push(self, token_id: int) -> str:
-        """Add one token; returns the new text it completes (may be empty)."""
-        self.ids.append(token_id)
-        text = self.codec.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece = text[len(self.emitted) :] if text.startswith(self.emitted) else text
-        self.emitted = text
-        return piece
+    def push(self, token_id: int) -> None:
+        """Add one generated token (not the end-of-sequence one)."""
+        chunk = self._stream.step(self.codec.tokenizer, token_id)
+        if chunk is None:
+            self._pending.append(token_id)
+            return
+        self._pending.clear()
+        searched_from = max(0, len(self.text) - max(map(len, self.stop), default=0))
+        self.text += chunk
+        if self.stop_at is None:
+            found = [self.text.find(s, searched_from) for s in self.stop]
+            self.stop_at = min((f for f in found if f >= 0), default=None)
 
-    def flush(self) -> str:
-        """The text held back at the end of generation (an incomplete character shows as U+FFFD)."""
-        text = self.codec.decode(self.ids)
-        piece = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
-        self.emitted = text
+    def finish(self) -> None:
+        """End of generation: bytes still held back show as they decode (an incomplete character as U+FFFD)."""
+        if self._pending and self.stop_at is None:
+            self.text += self.codec.decode(self._pending)
+            self._pending.clear()
+
+    def take(self, final: bool) -> str:
+        """The text that became visible since the last call (final: everything left, up to a stop string)."""
+        if self.stop_at is not None:
+            visible = self.stop_at
+        elif final:
+            visible = len(self.text)
+        else:
+            held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            visible = len(self.text) - held
+        piece = self.text[self._shown : max(self._shown, visible)]
+        self._shown = max(self._shown, visible)
         return piece

@@ -173,3 +173,32 @@ def test_the_gpu_check_script_runs_on_the_cpu_and_skips_absent_gpus(tiny_export)
     assert set(cpu["exits"]) == {"1", "2", "4"} and all(len(row["tokens"]) == 6 for row in cpu["exits"].values())
     for name in ("tensorrt", "cuda"):
         assert "skipped" in report["providers"][name] or report["providers"][name]["provider"].lower().startswith(name[:4])
+
+
+def test_text_stream_decodes_each_token_once_and_holds_back_split_characters_and_stop_prefixes(engine):
+    from balcony_edge.runtime.text import TextStream
+
+    codec = engine.codec
+    ids = codec.encode("naïve 🚢 harbour END tail")
+    stream = TextStream(codec, stop=("END",))
+    shown = ""
+    for token in ids:
+        stream.push(token)
+        shown += stream.take(final=False)
+        assert "\ufffd" not in shown and "END" not in shown
+        if stream.stop_at is not None:
+            break
+    shown += stream.take(final=True)
+    assert shown == "naïve 🚢 harbour "
+    cut = TextStream(codec)
+    for token in codec.encode("🚢")[:-1]:  # generation ended inside a character
+        cut.push(token)
+    assert cut.take(final=False) == ""
+    cut.finish()
+    assert cut.take(final=True) == "\ufffd" * len(cut.text) and cut.text
+
+
+def test_the_last_token_says_why_generation_ended(engine):
+    tokens = list(engine.generate("The harbour", max_new_tokens=3, budget="full"))
+    assert [t.finish for t in tokens[:-1]] == [None] * (len(tokens) - 1)
+    assert tokens[-1].finish == ("stop" if tokens[-1].id in engine.manifest.generation.eos_token_ids else "length")
