@@ -1,10 +1,11 @@
 """Per-exit quality of a checkpoint on several kinds of text, one JSON line per kind, and a markdown table.
 
     python scripts/unseen_texts.py --out eval-texts
-    python scripts/quality_by_kind.py [CHECKPOINT] --texts eval-texts [--chat data/teacher_chat.jsonl]
+    python scripts/quality_by_kind.py [CHECKPOINT] --texts eval-texts [--held-out data/teacher_chat.jsonl data-extra/code.jsonl]
 
-Kinds: the held-out 5% of the default corpus (news), the held-out 5% of the chat corpus when given, and every
-eval-texts/*.jsonl (kinds the balconies never trained on). The first --max-tokens tokens of each are predicted.
+Kinds: the held-out 5% of the default corpus (news), the held-out 5% of every --held-out training corpus, and
+every eval-texts/*.jsonl (files the balconies never trained on; --trained-kinds names those whose kind training
+saw in other files, so the table says so). The first --max-tokens tokens of each are predicted.
 """
 
 import argparse
@@ -18,15 +19,21 @@ from balcony_edge.evaluate import evaluate
 parser = argparse.ArgumentParser()
 parser.add_argument("checkpoint", nargs="?", type=Path, default=None)
 parser.add_argument("--texts", type=Path, required=True)
-parser.add_argument("--chat", type=Path, default=None)
+parser.add_argument("--held-out", type=Path, nargs="*", default=[], help="training corpora whose held-out 5%% to measure")
+parser.add_argument("--trained-kinds", nargs="*", default=[], help="eval-texts kinds that training saw in other files")
 parser.add_argument("--max-tokens", type=int, default=16384)
 args = parser.parse_args()
 
 model, info, loaded = load_checkpoint(args.checkpoint, None)
 kinds = {"news (held out)": load_corpus(None).held_out}
-if args.chat:
-    kinds["chat (held out)"] = load_corpus([args.chat]).held_out
-kinds |= {path.stem: read_documents([path]) for path in sorted(args.texts.glob("*.jsonl"))}
+kinds |= {f"{path.stem} (held out)": load_corpus([path]).held_out for path in args.held_out}
+
+
+def unseen_label(kind: str) -> str:
+    return f"{kind} (other files of a trained kind)" if kind in args.trained_kinds else f"{kind} (never trained on)"
+
+
+kinds |= {unseen_label(path.stem): read_documents([path]) for path in sorted(args.texts.glob("*.jsonl"))}
 rows = []
 for kind, documents in kinds.items():
     blocks = pack(documents, loaded.tokenizer, 512, what="evaluation")[: max(1, args.max_tokens // 512)]

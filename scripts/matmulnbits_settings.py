@@ -1,0 +1,93 @@
+"""MatMulNBits settings on this CPU, measured on SmolLM2's largest per-layer matmul shape (gate/up: 576 -> 1536, batch 1):
+accuracy level and block size for the symmetric int4 the export writes, and whether a GGUF Q4_1 block
+(w = d * q + m) can be kept exactly as MatMulNBits with float zero points (zp = -m / d) at a usable speed.
+
+python scripts/matmulnbits_settings.py            # one JSON line per setting, then a summary
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+N, K = 1536, 576
+RUNS = 500
+
+
+def pack(q: np.ndarray) -> np.ndarray:
+    """4-bit codes [N, blocks, block] -> bytes [N, blocks, block / 2], low nibble first (MatMulNBits' layout)."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def session(blob, scales, zero_points, block: int, level: int) -> ort.InferenceSession:
+    initializers = [numpy_helper.from_array(blob, "B"), numpy_helper.from_array(scales.reshape(-1), "S")]
+    inputs = ["A", "B", "S"]
+    if zero_points is not None:
+        initializers.append(numpy_helper.from_array(zero_points, "Z"))
+        inputs.append("Z")
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=K, N=N, bits=4, block_size=block, accuracy_level=level)
+    graph = helper.make_graph(
+        [node],
+        "matmul",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, N])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def timed(sess: ort.InferenceSession, feeds: dict) -> float:
+    """Median microseconds per run over RUNS runs in 5 groups, after a warm-up."""
+    sess.run(None, feeds)
+    groups = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(RUNS // 5):
+            sess.run(None, feeds)
+        groups.append((time.perf_counter() - started) / (RUNS // 5) * 1e6)
+    return sorted(groups)[2]
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    results = []
+    for block in (32, 64, 128):
+        blocks = K // block
+        q = rng.integers(0, 16, size=(N, blocks, block)).astype(np.uint8)
+        d = (rng.random((N, blocks)) * 0.02 + 0.001).astype(np.float32)
+        m = (-rng.random((N, blocks)) * 0.1).astype(np.float32)
+        q4_1 = (q * d[..., None] + m[..., None]).reshape(N, K)
+        symmetric = ((q.astype(np.float32) - 8) * d[..., None]).reshape(N, K)
+        cases = [("symmetric (zero point 8, implicit)", None, symmetric)]
+        if block == 32:
+            cases.append(("Q4_1 kept: float zero points -m/d", (-m / d).astype(np.float32).reshape(-1), q4_1))
+        for name, zero_points, reference in cases:
+            for level in (0, 1, 4):
+                sess = session(pack(q), d, zero_points, block, level)
+                y = sess.run(None, {"A": x})[0]
+                error = float(np.abs(y - x @ reference.T).max() / np.abs(x @ reference.T).max())
+                row = {
+                    "weights": name,
+                    "block": block,
+                    "accuracy_level": level,
+                    "us_per_call": round(timed(sess, {"A": x}), 1),
+                    "max_rel_error": float(f"{error:.2e}"),
+                }
+                results.append(row)
+                print(json.dumps(row))
+    fastest = min((r for r in results if r["weights"].startswith("symmetric")), key=lambda r: r["us_per_call"])
+    kept = min((r for r in results if r["weights"].startswith("Q4_1")), key=lambda r: r["us_per_call"])
+    print(json.dumps({"fastest_symmetric": fastest, "fastest_q4_1_kept": kept, "q4_1_kept_slowdown": round(kept["us_per_call"] / fastest["us_per_call"], 1)}))
+
+
+if __name__ == "__main__":
+    main()
