@@ -150,3 +150,13 @@ print(json.dumps(run_bench(config)))
     assert [row["floor_tok_s"] is None for row in result["exits"]] == [True, True, False]  # the bare loop still runs
     assert "skipped" in result["peers"]["torch"] and result["engine_vs_torch"] is None
     assert any("floors skipped" in note and "torch" in note for note in result["notes"])
+
+
+def test_the_summary_compares_each_exit_with_llama_cpp_on_its_own_gguf():
+    rows = [
+        {"exit": 8, "full": False, "vs_floor": 1.0, "vs_llama_cpp_full": 2.0, "vs_llama_cpp_same_exit": 0.75},
+        {"exit": 30, "full": True, "vs_floor": 1.0, "vs_llama_cpp_full": 0.6, "vs_llama_cpp_same_exit": 0.6},
+    ]
+    lines = target_lines({"exits": rows, "engine_vs_llama_cpp": 0.6, "llama_cpp_precision": "q4_0"})
+    assert "engine / llama.cpp on the same exit's GGUF: 8 0.75, full 0.60 (no target)" in lines
+    assert "slowest exit / llama.cpp full: 0.60 (target >= 1.0) MISSED" in lines
