@@ -106,7 +106,8 @@ class Engine:
                 weights = SharedWeights(self.folder, self.manifest, device)
                 runners = {}
                 for piece in self.manifest.pieces:
-                    session = _quietly(open_session, self.folder, piece, weights, provider, settings)
+                    quiet = _quietly if provider != "CPUExecutionProvider" else _as_is
+                    session = quiet(open_session, self.folder, piece, weights, provider, settings)
                     if session.get_providers()[0] != provider:
                         raise RuntimeError(f"onnxruntime fell back to {session.get_providers()[0]}")
                     runners[piece.name] = PieceRunner(session, piece)
@@ -267,8 +268,14 @@ def _read_calibration(path: Path, exits: list[int]) -> dict[str, float] | None:
     return None
 
 
+def _as_is(make, *args):
+    return make(*args)
+
+
 def _quietly(make, *args):
-    """Run make(*args) with onnxruntime's logging limited to fatal errors (a failing provider logs loudly)."""
+    """Run make(*args) with onnxruntime's logging limited to fatal errors: a GPU provider that cannot load logs its
+    library errors on the default logger, and the error we keep says it in a line. onnxruntime has no getter for that
+    logger's level, so it is set back to onnxruntime's own default (warning); CPU sessions never touch it."""
     ort.set_default_logger_severity(4)
     try:
         return make(*args)
