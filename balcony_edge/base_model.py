@@ -18,11 +18,11 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from .atomic import write_folder_atomically
-from .console import say
-from .paths import cache_dir
-from .checksums import file_sha256
-from .errors import BaseModelError
+from balcony_edge.common.atomic import write_folder_atomically
+from balcony_edge.console import say
+from balcony_edge.common.paths import cache_dir
+from balcony_edge.common.checksums import file_sha256
+from balcony_edge.common.errors import BaseModelError
 
 DEFAULT_BASE = "smollm2"
 DEFAULT_BASE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .atomic import atomic_path
-from .base_model import DEFAULT_BASE, load_base_model
-from .console import console, say
-from .errors import DataError
-from .precision import fast_bf16
-from .prompts import chat_prompts
+from balcony_edge.common.atomic import atomic_path
+from balcony_edge.base_model import DEFAULT_BASE, load_base_model
+from balcony_edge.console import console, say
+from balcony_edge.common.errors import DataError
+from balcony_edge.precision import fast_bf16
+from balcony_edge.prompts import chat_prompts
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .atomic import readable_folder, write_folder_atomically
-from .base_model import SUPPORTED_MODEL_TYPES, BaseModel, load_base_model
-from .errors import CheckpointError, ExitsError
-from .exits import parse_exits
-from .model import BalconyConfig, BalconyModel
-from .validation import is_whole_number
+from balcony_edge.common.atomic import readable_folder, write_folder_atomically
+from balcony_edge.base_model import SUPPORTED_MODEL_TYPES, BaseModel, load_base_model
+from balcony_edge.common.errors import CheckpointError, ExitsError
+from balcony_edge.exits import parse_exits
+from balcony_edge.model import BalconyConfig, BalconyModel
+from balcony_edge.common.validation import is_whole_number
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "balcony_config.json"

@@ -16,8 +16,8 @@ try:  # typer 0.26 and later carry their own copy of click
 except ImportError:
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
-from .console import console, labelled
-from .errors import BalconyError, TrainingStopped
+from balcony_edge.console import console, labelled
+from balcony_edge.common.errors import BalconyError, TrainingStopped
 
 app = typer.Typer(
     add_completion=False,
@@ -29,7 +29,7 @@ app = typer.Typer(
 
 def _show_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from balcony_edge import __version__
 
         print(f"balcony-edge {__version__}")
         raise typer.Exit()
@@ -89,8 +89,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its last checkpoint stopped.")] = False,
 ) -> None:
     """Train balconies by self-distillation from the frozen full model."""
-    from .train import TrainConfig
-    from .train import train as run_training
+    from balcony_edge.train import TrainConfig
+    from balcony_edge.train import train as run_training
 
     config = TrainConfig(
         exits=exits,
@@ -131,7 +131,7 @@ def chat_data(
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the batch that crosses so many minutes.")] = None,
 ) -> None:
     """Write a chat corpus of the teacher's own answers to varied prompts (a second training corpus beside news)."""
-    from .chat_corpus import ChatCorpusConfig, write_chat_corpus
+    from balcony_edge.chat_corpus import ChatCorpusConfig, write_chat_corpus
 
     config = ChatCorpusConfig(
         base=base,
@@ -164,9 +164,9 @@ def evaluate_command(
     chat: Annotated[bool, typer.Option(help="Also answer 20 fixed chat prompts at every exit and compare with the full model.")] = False,
 ) -> None:
     """Perplexity, top-1 agreement and KL per exit, beside the naive early exit and the full model."""
-    from .checkpoint import load_checkpoint
-    from .data import load_corpus, pack, read_documents
-    from .evaluate import evaluate, plot_quality
+    from balcony_edge.checkpoint import load_checkpoint
+    from balcony_edge.data import load_corpus, pack, read_documents
+    from balcony_edge.evaluate import evaluate, plot_quality
 
     _check_output_folder(plot, "--plot")
     model, info, loaded = load_checkpoint(checkpoint, base)
@@ -179,7 +179,7 @@ def evaluate_command(
         plot_quality(result, str(plot))
     answers = None
     if chat:
-        from .chat_quality import chat_quality
+        from balcony_edge.chat_quality import chat_quality
 
         answers = chat_quality(model, loaded.tokenizer, show_progress=not as_json)
     if as_json:
@@ -222,10 +222,10 @@ def generate(
     base: BaseOpt = None,
 ) -> None:
     """Greedy generation at one exit in torch (the reference the ONNX runtime is checked against)."""
-    from .checkpoint import load_checkpoint
-    from .errors import ExitsError
-    from .generate import eos_token_ids, generate_greedy, prompt_ids
-    from .runtime.text import check_prompt_text
+    from balcony_edge.checkpoint import load_checkpoint
+    from balcony_edge.common.errors import ExitsError
+    from balcony_edge.generate import eos_token_ids, generate_greedy, prompt_ids
+    from balcony_edge.runtime.text import check_prompt_text
 
     check_prompt_text(prompt)
     model, _, loaded = load_checkpoint(checkpoint, base)
@@ -265,9 +265,9 @@ def export(
             raise BalconyError(f"--quantize applies to --format onnx; for --format {format} choose a --dtype")
         _export_exit_checkpoints(checkpoint, out, exits, format, dtype, base, force)
         return
-    from .export.exporter import ExportConfig, export_checkpoint
-    from .export.inspect import exits_table
-    from .runtime.manifest import REPORT_FILE, Manifest
+    from balcony_edge.export.exporter import ExportConfig, export_checkpoint
+    from balcony_edge.export.inspect import exits_table
+    from balcony_edge.runtime.manifest import REPORT_FILE, Manifest
 
     config = ExportConfig(checkpoint=checkpoint, out=out, exits=exits, dtype=dtype or "fp32", quantize=quantize, base=base, force=force, verify=verify)
     folder = export_checkpoint(config)
@@ -281,7 +281,7 @@ def export(
 
 
 def _export_exit_checkpoints(checkpoint, out, exits, format, dtype, base, force) -> None:
-    from .export.exit_checkpoints import ExitCheckpointConfig, export_exit_checkpoints
+    from balcony_edge.export.exit_checkpoints import ExitCheckpointConfig, export_exit_checkpoints
 
     config = ExitCheckpointConfig(format=format, checkpoint=checkpoint, out=out, exits=exits, dtype=dtype, base=base, force=force)
     folder, names = export_exit_checkpoints(config)
@@ -294,8 +294,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (stdout) instead of the tables.")] = False,
 ) -> None:
     """Exits, files, sizes, usable onnxruntime providers and checksums of an export folder."""
-    from .errors import ManifestError
-    from .export.inspect import exits_table, files_table, inspect_export
+    from balcony_edge.common.errors import ManifestError
+    from balcony_edge.export.inspect import exits_table, files_table, inspect_export
 
     inspection = inspect_export(folder)
     if as_json:
@@ -329,13 +329,13 @@ ExportArg = Annotated[Optional[Path], typer.Argument(help="Export folder; defaul
 
 def _default_export() -> Path:
     """The default export folder, exported from the shipped checkpoint the first time (needs the train extra)."""
-    from .paths import default_export_dir
+    from balcony_edge.common.paths import default_export_dir
 
     folder = default_export_dir()
     if (folder / "manifest.json").is_file():
         return folder
     try:
-        from .export.exporter import ExportConfig, export_checkpoint
+        from balcony_edge.export.exporter import ExportConfig, export_checkpoint
     except ImportError:
         raise BalconyError(
             f"no default export at {folder}; create one with `balcony-edge export` where the train extra is installed, or give an export folder"
@@ -345,9 +345,9 @@ def _default_export() -> Path:
 
 
 def _signal_hub(signals: Optional[str], clock: str):
-    from .errors import SignalError
-    from .runtime.signal_hub import SignalHub, default_sources
-    from .runtime.signals import FixedSource, TraceSource
+    from balcony_edge.common.errors import SignalError
+    from balcony_edge.runtime.signal_hub import SignalHub, default_sources
+    from balcony_edge.runtime.signals import FixedSource, TraceSource
 
     is_trace = signals is not None and (signals.endswith(".jsonl") or Path(signals).is_file())
     if clock != "time" and not is_trace:
@@ -388,11 +388,11 @@ def chat(
     trust_modified: TrustOpt = False,
 ) -> None:
     """Chat with the model, switching exits between tokens from the budget and the device's signals."""
-    from .runtime import Engine, SamplingConfig
-    from .runtime.chat import ChatSession
-    from .runtime.controller import Budget
-    from .runtime.telemetry import TelemetryWriter
-    from .runtime.text import check_prompt_text
+    from balcony_edge.runtime import Engine, SamplingConfig
+    from balcony_edge.runtime.chat import ChatSession
+    from balcony_edge.runtime.controller import Budget
+    from balcony_edge.runtime.telemetry import TelemetryWriter
+    from balcony_edge.runtime.text import check_prompt_text
 
     # Everything the user typed is checked before the (slow) engine load or first-use export.
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
@@ -434,7 +434,7 @@ def serve(
     trust_modified: TrustOpt = False,
 ) -> None:
     """An OpenAI-compatible HTTP server (chat/completions, completions, models, health, metrics) over the engine."""
-    from .runtime.serve import ServeOptions, run_server
+    from balcony_edge.runtime.serve import ServeOptions, run_server
 
     key = api_key
     if api_key_file is not None:
@@ -466,7 +466,7 @@ def plot(
     out: Annotated[Path, typer.Option("-o", "--out", help="PNG to write.")] = Path("telemetry.png"),
 ) -> None:
     """Plot exit, latency and signals over the tokens of a telemetry file."""
-    from .runtime.telemetry import plot_telemetry, read_telemetry
+    from balcony_edge.runtime.telemetry import plot_telemetry, read_telemetry
 
     console.print(f"wrote {plot_telemetry(read_telemetry(telemetry), out)}")
 
@@ -490,9 +490,9 @@ def bench(
     trust_modified: TrustOpt = False,
 ) -> None:
     """Speed per exit against its floor, engine overhead, switching cost, memory and peers, in one run."""
-    from .bench import BenchConfig, run_bench
-    from .paths import default_export_dir
-    from .bench.report import exits_table, plot_bench, target_lines
+    from balcony_edge.bench import BenchConfig, run_bench
+    from balcony_edge.common.paths import default_export_dir
+    from balcony_edge.bench.report import exits_table, plot_bench, target_lines
 
     def progress(text: str) -> None:
         console.print(f"[dim]{text}[/dim]")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from balcony_edge.common.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")

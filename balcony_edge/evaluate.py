@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
-from .atomic import atomic_path
-from .console import console
-from .distill import kl_per_token
-from .model import BalconyModel
+from balcony_edge.common.atomic import atomic_path
+from balcony_edge.console import console
+from balcony_edge.distill import kl_per_token
+from balcony_edge.model import BalconyModel
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .errors import ExitsError
+from balcony_edge.common.errors import ExitsError
 
 
 def parse_exits(value: str | Iterable[int], num_layers: int | None) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from .model import BalconyModel
+from balcony_edge.model import BalconyModel
 
 
 def eos_token_ids(model: BalconyModel, tokenizer) -> set[int]:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .errors import ExitsError
-from .exits import parse_exits
+from balcony_edge.common.errors import ExitsError
+from balcony_edge.exits import parse_exits
 
 BALCONY_INITS = ("last", "random")
 NORM_INITS = ("final", "exit_input")

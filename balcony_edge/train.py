@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .base_model import DEFAULT_BASE, BaseModel, load_base_model
-from .atomic import readable_folder
-from .checkpoint import (
+from balcony_edge.base_model import DEFAULT_BASE, BaseModel, load_base_model
+from balcony_edge.common.atomic import readable_folder
+from balcony_edge.checkpoint import (
     STATE_FILE,
     WEIGHTS_FILE,
     build_model,
@@ -32,14 +32,14 @@ from .checkpoint import (
     resume_hint,
     save_checkpoint,
 )
-from .console import console, say
-from .data import DEFAULT_CORPUS, load_corpus, pack, weighted_sources
-from .distill import distill_backward
-from .errors import BalconyError, CheckpointError, TrainingStopped
-from .exits import parse_exits
-from .precision import fast_bf16
-from .validation import is_finite_number, is_whole_number
-from .model import (
+from balcony_edge.console import console, say
+from balcony_edge.data import DEFAULT_CORPUS, load_corpus, pack, weighted_sources
+from balcony_edge.distill import distill_backward
+from balcony_edge.common.errors import BalconyError, CheckpointError, TrainingStopped
+from balcony_edge.exits import parse_exits
+from balcony_edge.precision import fast_bf16
+from balcony_edge.common.validation import is_finite_number, is_whole_number
+from balcony_edge.model import (
     BALCONY_INITS,
     DEFAULT_NORM_INIT,
     NORM_INITS,

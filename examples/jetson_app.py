@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from balcony_edge.errors import BalconyError
+from balcony_edge.common.errors import BalconyError
 from balcony_edge.runtime import Engine
 from balcony_edge.runtime.signal_hub import SignalHub, default_sources
 from balcony_edge.runtime.signals import Signals

@@ -13,10 +13,10 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from ..runtime.manifest import Piece
-from ..runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
-from .graph_builder import IR_VERSION, MS_DOMAIN, OPSET
-from .weights import is_weight
+from balcony_edge.runtime.manifest import Piece
+from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from balcony_edge.export.graph_builder import IR_VERSION, MS_DOMAIN, OPSET
+from balcony_edge.export.weights import is_weight
 
 _KEPT = {INPUT_IDS, ATTENTION_MASK, LOGITS}
 

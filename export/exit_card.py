@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base_model import DEFAULT_BASE, DEFAULT_BASE_HUB_ID
-from ..checkpoint import CheckpointInfo
-from ..model import BalconyModel
-from .quality import QUALITY_TEXT, QUALITY_TOKENS
+from balcony_edge.base_model import DEFAULT_BASE, DEFAULT_BASE_HUB_ID
+from balcony_edge.checkpoint import CheckpointInfo
+from balcony_edge.model import BalconyModel
+from balcony_edge.export.quality import QUALITY_TEXT, QUALITY_TOKENS
 
 # Terms that travel with balconies distilled on a corpus, by the name `train --data` knows it by.
 DATA_TERMS = {

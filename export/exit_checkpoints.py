@@ -7,17 +7,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
-from ..atomic import exclusive_target, write_folder_atomically
-from ..base_model import gguf_source
-from ..checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, read_info
-from ..console import phase_progress
-from ..errors import ExportError
-from ..paths import default_export_dir
-from .exit_card import exit_card, exit_qualities
-from .exporter import check_target, export_name, select_exits
-from .gguf_exits import GGUF_DTYPES, gguf_file_name, read_source, write_exit_gguf
-from .hf_exits import HF_DTYPES, hf_folder_name, write_exit_folder
+from balcony_edge import __version__
+from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
+from balcony_edge.base_model import gguf_source
+from balcony_edge.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, read_info
+from balcony_edge.console import phase_progress
+from balcony_edge.common.errors import ExportError
+from balcony_edge.common.paths import default_export_dir
+from balcony_edge.export.exit_card import exit_card, exit_qualities
+from balcony_edge.export.exporter import check_target, export_name, select_exits
+from balcony_edge.export.gguf_exits import GGUF_DTYPES, gguf_file_name, read_source, write_exit_gguf
+from balcony_edge.export.hf_exits import HF_DTYPES, hf_folder_name, write_exit_folder
 
 FORMATS = ("onnx", "hf", "gguf")
 DEFAULT_DTYPES = {"hf": "fp32", "gguf": "f16"}

@@ -18,18 +18,18 @@ import onnxruntime
 import torch
 import transformers
 
-from .. import __version__
-from ..base_model import BaseModel
-from ..atomic import exclusive_target, write_folder_atomically
-from ..checkpoint import SHIPPED_CHECKPOINT, CheckpointInfo, load_checkpoint, read_info
-from ..checksums import file_sha256
-from ..console import phase_progress
-from ..errors import ExportError
-from ..exits import parse_exits
-from ..generate import eos_token_ids
-from ..model import BalconyModel
-from ..paths import SHIPPED_EXPORT_NAME, default_export_dir
-from ..runtime.manifest import (
+from balcony_edge import __version__
+from balcony_edge.base_model import BaseModel
+from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
+from balcony_edge.checkpoint import SHIPPED_CHECKPOINT, CheckpointInfo, load_checkpoint, read_info
+from balcony_edge.common.checksums import file_sha256
+from balcony_edge.console import phase_progress
+from balcony_edge.common.errors import ExportError
+from balcony_edge.exits import parse_exits
+from balcony_edge.generate import eos_token_ids
+from balcony_edge.model import BalconyModel
+from balcony_edge.common.paths import SHIPPED_EXPORT_NAME, default_export_dir
+from balcony_edge.runtime.manifest import (
     MANIFEST_FILE,
     REPORT_FILE,
     ExitGraph,
@@ -37,13 +37,13 @@ from ..runtime.manifest import (
     KVShape,
     Manifest,
 )
-from .compose import compose_exit
-from .genai import write_genai_folders
-from .pieces import PieceGraphs, balcony_slot, exit_chain, layer_slot, piece_layout
-from .quality import exit_agreement
-from .quantize import check_quantization, quantization_info, quantize_graph
-from .verify import verification_failures, verify_export
-from .weights import WEIGHTS_FILE, WeightFile, weight_bytes_per_token
+from balcony_edge.export.compose import compose_exit
+from balcony_edge.export.genai import write_genai_folders
+from balcony_edge.export.pieces import PieceGraphs, balcony_slot, exit_chain, layer_slot, piece_layout
+from balcony_edge.export.quality import exit_agreement
+from balcony_edge.export.quantize import check_quantization, quantization_info, quantize_graph
+from balcony_edge.export.verify import verification_failures, verify_export
+from balcony_edge.export.weights import WEIGHTS_FILE, WeightFile, weight_bytes_per_token
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, ExitGraph, Manifest
+from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, ExitGraph, Manifest
 
 GENAI_FOLDER = "genai"
 GENAI_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")

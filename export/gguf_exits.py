@@ -9,8 +9,8 @@ import gguf
 import numpy as np
 import torch
 
-from ..errors import ExportError
-from ..model import BalconyModel
+from balcony_edge.common.errors import ExportError
+from balcony_edge.model import BalconyModel
 
 GGUF_DTYPES = ("f16", "fp32", "q8_0")
 FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "fp32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}

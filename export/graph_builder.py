@@ -20,8 +20,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ExportError
-from ..runtime.manifest import ATTENTION_MASK, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from balcony_edge.common.errors import ExportError
+from balcony_edge.runtime.manifest import ATTENTION_MASK, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..model import BalconyModel
+from balcony_edge.model import BalconyModel
 
 HF_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

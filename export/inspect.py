@@ -14,9 +14,9 @@ from onnx import TensorProto, helper
 from rich.markup import escape
 from rich.table import Table
 
-from ..atomic import readable_folder
-from ..runtime.integrity import export_problems, path_problem
-from ..runtime.manifest import MANIFEST_FILE, REPORT_FILE, Manifest
+from balcony_edge.common.atomic import readable_folder
+from balcony_edge.runtime.integrity import export_problems, path_problem
+from balcony_edge.runtime.manifest import MANIFEST_FILE, REPORT_FILE, Manifest
 
 _PROBE_OPSET = 18
 _PROBE_IR_VERSION = 10  # onnxruntime reads IR versions up to its own; 10 is old enough for all recent ones

@@ -14,10 +14,10 @@ import torch
 from onnx import TensorProto
 from transformers import PreTrainedModel
 
-from ..model import BalconyModel
-from ..runtime.manifest import Piece
-from ..runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
-from .graph_builder import (
+from balcony_edge.model import BalconyModel
+from balcony_edge.runtime.manifest import Piece
+from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from balcony_edge.export.graph_builder import (
     EXIT_HIDDEN,
     Architecture,
     DecoderEmitter,

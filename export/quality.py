@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import BalconyModel
+from balcony_edge.model import BalconyModel
 
 QUALITY_TOKENS = 256  # at most, so that any model's context holds the text
 QUALITY_TEXT = (

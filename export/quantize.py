@@ -7,7 +7,7 @@ import logging
 import onnx
 import onnxruntime
 
-from ..errors import ExportError
+from balcony_edge.common.errors import ExportError
 
 QUANTIZATION_BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32  # weights per quantisation block (along K)

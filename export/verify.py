@@ -11,12 +11,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..console import phase_progress
-from ..generate import generate_greedy, prompt_ids
-from ..model import BalconyModel
-from ..runtime.engine import Engine
-from ..runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, ExitGraph, KVShape, Manifest
-from ..runtime.sessions import SessionSettings
+from balcony_edge.console import phase_progress
+from balcony_edge.generate import generate_greedy, prompt_ids
+from balcony_edge.model import BalconyModel
+from balcony_edge.runtime.engine import Engine
+from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, ExitGraph, KVShape, Manifest
+from balcony_edge.runtime.sessions import SessionSettings
 
 PROMPT = (
     "The harbour was quiet in the early morning. Fishing boats rocked against the pier while gulls circled "

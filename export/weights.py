@@ -10,8 +10,8 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
-from ..errors import ExportError
-from ..runtime.manifest import WeightEntry
+from balcony_edge.common.errors import ExportError
+from balcony_edge.runtime.manifest import WeightEntry
 
 WEIGHTS_FILE = "weights.bin"
 # Weights are named after BalconyModel parameters (quantizers add suffixes such as `_Q4`, `_scales`);

@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from ..console import labelled
-from ..errors import BalconyError
-from .controller import Budget
-from .engine import Engine, GeneratedToken
-from .sequence import ContextFullError
-from .sampling import SamplingConfig
-from .signal_hub import SignalHub
-from .telemetry import TelemetryWriter
-from .text import check_prompt_text
+from balcony_edge.console import labelled
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.runtime.controller import Budget
+from balcony_edge.runtime.engine import Engine, GeneratedToken
+from balcony_edge.runtime.sequence import ContextFullError
+from balcony_edge.runtime.sampling import SamplingConfig
+from balcony_edge.runtime.signal_hub import SignalHub
+from balcony_edge.runtime.telemetry import TelemetryWriter
+from balcony_edge.runtime.text import check_prompt_text
 
 EXIT_COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
 HELP = (
@@ -228,7 +228,7 @@ def line_editing():
         import readline
     except ImportError:  # Windows without pyreadline: plain input still works
         return None
-    from ..paths import cache_dir
+    from balcony_edge.common.paths import cache_dir
 
     path = cache_dir() / HISTORY_FILE
     with contextlib.suppress(OSError):

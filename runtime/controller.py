@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
-from ..errors import ControllerError
-from .signals import Signals
+from balcony_edge.common.errors import ControllerError
+from balcony_edge.runtime.signals import Signals
 
 BUDGET_KINDS = ("auto", "full", "exit", "latency", "eco")
 _LATENCY = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*ms$")

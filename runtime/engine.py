@@ -15,20 +15,20 @@ from typing import cast
 
 import onnxruntime as ort
 
-from ..atomic import readable_folder, write_text_atomically
-from ..errors import BalconyError
-from ..paths import cache_dir, default_export_dir
-from ..validation import is_whole_number
-from .controller import Budget, Chooser, Controller, ControllerConfig, ExitProfile
-from .integrity import check_export_files
-from .manifest import Manifest
-from .sampling import Sampler, SamplingConfig
-from .graph_runner import PieceRunner
-from .sequence import Sequence
-from .sessions import SessionSettings, SharedWeights, device_of, open_session, resolve_providers
-from .signal_hub import SignalHub
-from .telemetry import TelemetryWriter
-from .text import PromptError, TextCodec, TextStream, check_prompt_text
+from balcony_edge.common.atomic import readable_folder, write_text_atomically
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.common.paths import cache_dir, default_export_dir
+from balcony_edge.common.validation import is_whole_number
+from balcony_edge.runtime.controller import Budget, Chooser, Controller, ControllerConfig, ExitProfile
+from balcony_edge.runtime.integrity import check_export_files
+from balcony_edge.runtime.manifest import Manifest
+from balcony_edge.runtime.sampling import Sampler, SamplingConfig
+from balcony_edge.runtime.graph_runner import PieceRunner
+from balcony_edge.runtime.sequence import Sequence
+from balcony_edge.runtime.sessions import SessionSettings, SharedWeights, device_of, open_session, resolve_providers
+from balcony_edge.runtime.signal_hub import SignalHub
+from balcony_edge.runtime.telemetry import TelemetryWriter
+from balcony_edge.runtime.text import PromptError, TextCodec, TextStream, check_prompt_text
 
 CALIBRATION_PROMPT_TOKENS = 32
 CALIBRATION_STEPS = 8

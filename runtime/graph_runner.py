@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from .kv_cache import KVCache
-from .manifest import ATTENTION_MASK, INPUT_IDS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, Piece
+from balcony_edge.runtime.kv_cache import KVCache
+from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, Piece
 
 
 class PieceRunner:

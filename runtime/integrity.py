@@ -15,10 +15,10 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 
-from ..console import log_warning
-from ..checksums import file_sha256
-from ..errors import IntegrityError
-from .manifest import FIX, Manifest
+from balcony_edge.console import log_warning
+from balcony_edge.common.checksums import file_sha256
+from balcony_edge.common.errors import IntegrityError
+from balcony_edge.runtime.manifest import FIX, Manifest
 
 MODIFIED = "sha256 differs"  # why a file that changed since the export is named
 

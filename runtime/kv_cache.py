@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from .manifest import Manifest
+from balcony_edge.runtime.manifest import Manifest
 
 INITIAL_CAPACITY = 256  # tokens
 

@@ -15,8 +15,8 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from ..errors import ManifestError
-from ..validation import is_finite_number
+from balcony_edge.common.errors import ManifestError
+from balcony_edge.common.validation import is_finite_number
 
 SCHEMA_VERSION = 2  # 2: exits as chains of pieces
 MANIFEST_FILE = "manifest.json"

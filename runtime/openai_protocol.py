@@ -7,11 +7,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..errors import BalconyError
-from ..validation import is_finite_number, is_whole_number
-from .controller import Budget
-from .engine import GeneratedToken
-from .sampling import SamplingConfig
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.common.validation import is_finite_number, is_whole_number
+from balcony_edge.runtime.controller import Budget
+from balcony_edge.runtime.engine import GeneratedToken
+from balcony_edge.runtime.sampling import SamplingConfig
 
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 UNSUPPORTED_WHEN_SET = {  # fields a client may send at their neutral value; anything else is refused, not ignored

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import BalconyError
-from ..validation import is_finite_number, is_whole_number
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.common.validation import is_finite_number, is_whole_number
 
 
 # Beyond these the arithmetic overflows (1e308) and the choice is the same as at the bound anyway.

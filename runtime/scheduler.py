@@ -8,7 +8,7 @@ import threading
 from collections import deque
 from collections.abc import Generator
 
-from .engine import GeneratedToken
+from balcony_edge.runtime.engine import GeneratedToken
 
 DONE = object()  # put on a job's queue after its last token
 

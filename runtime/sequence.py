@@ -14,11 +14,11 @@ from collections.abc import Iterable
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BalconyError
-from .graph_runner import PieceRunner
-from .kv_cache import KVCache
-from .manifest import Manifest
-from .text import PromptError
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.runtime.graph_runner import PieceRunner
+from balcony_edge.runtime.kv_cache import KVCache
+from balcony_edge.runtime.manifest import Manifest
+from balcony_edge.runtime.text import PromptError
 
 
 class ContextFullError(BalconyError):

@@ -7,13 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import BalconyError
-from ..paths import SHIPPED_EXPORT_NAME, default_export_dir
-from .controller import Budget, Controller
-from .engine import Engine
-from .server import ServerConfig, create_app
-from .shared_controller import DeviceController
-from .signal_hub import SignalHub
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.common.paths import SHIPPED_EXPORT_NAME, default_export_dir
+from balcony_edge.runtime.controller import Budget, Controller
+from balcony_edge.runtime.engine import Engine
+from balcony_edge.runtime.server import ServerConfig, create_app
+from balcony_edge.runtime.shared_controller import DeviceController
+from balcony_edge.runtime.signal_hub import SignalHub
 
 
 @dataclass(frozen=True)

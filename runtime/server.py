@@ -20,15 +20,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import BalconyError
-from .controller import Budget
-from .engine import Engine, GeneratedToken
-from .openai_protocol import ApiError, chunk, completion, new_id, parse_request, usage_chunk
-from .scheduler import DONE, Busy, Job, Scheduler
-from .server_metrics import ServerMetrics
-from .shared_controller import DeviceController
-from .signal_hub import SignalHub
-from .text import PromptError
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.runtime.controller import Budget
+from balcony_edge.runtime.engine import Engine, GeneratedToken
+from balcony_edge.runtime.openai_protocol import ApiError, chunk, completion, new_id, parse_request, usage_chunk
+from balcony_edge.runtime.scheduler import DONE, Busy, Job, Scheduler
+from balcony_edge.runtime.server_metrics import ServerMetrics
+from balcony_edge.runtime.shared_controller import DeviceController
+from balcony_edge.runtime.signal_hub import SignalHub
+from balcony_edge.runtime.text import PromptError
 
 log = logging.getLogger("balcony_edge")
 OPEN_PATHS = ("/health",)  # answered without the API key

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BalconyError
-from ..validation import is_whole_number
-from .manifest import Manifest, Piece
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.common.validation import is_whole_number
+from balcony_edge.runtime.manifest import Manifest, Piece
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import threading
 
-from ..errors import ControllerError
-from .controller import Budget, Controller, Decision
-from .signals import Signals
+from balcony_edge.common.errors import ControllerError
+from balcony_edge.runtime.controller import Budget, Controller, Decision
+from balcony_edge.runtime.signals import Signals
 
 
 class DeviceController:

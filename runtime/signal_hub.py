@@ -19,9 +19,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import fields
 from pathlib import Path
 
-from ..console import log_warning
-from ..errors import SignalError
-from .signals import JtopSource, NvmlSource, PsutilSource, SignalSource, Signals, SysfsSource, why_impossible
+from balcony_edge.console import log_warning
+from balcony_edge.common.errors import SignalError
+from balcony_edge.runtime.signals import JtopSource, NvmlSource, PsutilSource, SignalSource, Signals, SysfsSource, why_impossible
 
 # A healthy read takes well under 50 ms (sysfs, psutil, NVML, jtop's cached sample) and a token 20-200 ms on the edge:
 # 0.5 s leaves ten times the slowest healthy read under load, yet stalls generation for a few tokens' time once at most.

@@ -20,8 +20,8 @@ from typing import Protocol
 
 import psutil
 
-from ..errors import SignalError
-from .manifest import short_repr
+from balcony_edge.common.errors import SignalError
+from balcony_edge.runtime.manifest import short_repr
 
 # Readings outside these ranges are offline sensors (Orin reports -256 degC) or garbage, never a real device.
 VALID_TEMPERATURE_DEGC = (-40.0, 150.0)

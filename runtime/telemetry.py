@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from ..atomic import atomic_path
-from ..console import log_warning
-from ..errors import TelemetryError
-from .signals import Signals
+from balcony_edge.common.atomic import atomic_path
+from balcony_edge.console import log_warning
+from balcony_edge.common.errors import TelemetryError
+from balcony_edge.runtime.signals import Signals
 
 HEADLINE = {f.name for f in fields(Signals)} - {"extra"}
 

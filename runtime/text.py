@@ -13,8 +13,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from ..errors import BalconyError
-from .manifest import Manifest
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.runtime.manifest import Manifest
 
 
 ALLOWED_CONTROL_CHARACTERS = "\t\n\r"

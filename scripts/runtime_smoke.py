@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from balcony_edge.errors import BalconyError
+from balcony_edge.common.errors import BalconyError
 from balcony_edge.runtime import Engine, SamplingConfig
 from balcony_edge.runtime.signal_hub import SignalHub
 from balcony_edge.runtime.signals import Signals

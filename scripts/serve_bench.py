@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from balcony_edge.paths import default_export_dir
+from balcony_edge.common.paths import default_export_dir
 from balcony_edge.runtime import Engine
 
 PROMPT = "The harbour was quiet in the early morning. Fishing boats rocked against the pier while gulls circled overhead, and"

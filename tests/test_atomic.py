@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from balcony_edge.atomic import atomic_path, readable_folder, write_folder_atomically, write_text_atomically
+from balcony_edge.common.atomic import atomic_path, readable_folder, write_folder_atomically, write_text_atomically
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

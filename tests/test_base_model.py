@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from balcony_edge import base_model
 from balcony_edge.base_model import DEFAULT_BASE, load_base_model, resolve_base_folder
-from balcony_edge.errors import BaseModelError
+from balcony_edge.common.errors import BaseModelError
 
 from conftest import make_base_folder
 

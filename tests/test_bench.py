@@ -18,7 +18,7 @@ from balcony_edge.bench.quality import perplexities_from_eval
 from balcony_edge.bench.report import target_lines
 from balcony_edge.bench.switching import deepening_time, switch_cost_steps
 from balcony_edge.cli import app
-from balcony_edge.errors import BalconyError
+from balcony_edge.common.errors import BalconyError
 from balcony_edge.runtime import Engine
 from balcony_edge.runtime.manifest import Manifest
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from balcony_edge.base_model import SUPPORTED_MODEL_TYPES, load_base_model
-from balcony_edge.atomic import write_folder_atomically
+from balcony_edge.common.atomic import write_folder_atomically
 from balcony_edge.checkpoint import (
     CONFIG_FILE,
     SCHEMA_VERSION,
@@ -27,7 +27,7 @@ from balcony_edge.checkpoint import (
     read_info,
     save_checkpoint,
 )
-from balcony_edge.errors import CheckpointError
+from balcony_edge.common.errors import CheckpointError
 from balcony_edge.model import BalconyConfig
 
 from conftest import make_base_folder

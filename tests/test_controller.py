@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from balcony_edge.errors import ControllerError
+from balcony_edge.common.errors import ControllerError
 from balcony_edge.runtime.controller import Budget, Controller, ControllerConfig, Decision, ExitProfile
 from balcony_edge.runtime.signal_hub import SignalHub
 from balcony_edge.runtime.signals import Signals, TraceSource

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from balcony_edge.data import HELD_OUT_EVERY, default_corpus_files, load_corpus, pack, read_documents
-from balcony_edge.errors import DataError
+from balcony_edge.common.errors import DataError
 
 
 def test_reads_text_jsonl_and_parquet_from_files_and_folders(tmp_path):

@@ -10,7 +10,7 @@ from balcony_edge.chat_corpus import ChatCorpusConfig, write_chat_corpus
 from balcony_edge.chat_quality import chat_quality
 from balcony_edge.data import DEFAULT_CORPUS, Source, load_corpus, parse_source, weighted_sources
 from balcony_edge.distill import distill_backward
-from balcony_edge.errors import DataError
+from balcony_edge.common.errors import DataError
 from balcony_edge.precision import cpu_flags, fast_bf16
 from balcony_edge.prompts import QUALITY_PROMPTS, chat_prompts
 from balcony_edge.train import MixedOrder, TrainConfig, Trainer

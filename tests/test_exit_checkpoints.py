@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from balcony_edge.base_model import default_gguf_path, load_base_model
 from balcony_edge.checkpoint import build_model, load_checkpoint, save_checkpoint
 from balcony_edge.cli import main
-from balcony_edge.errors import ExportError
+from balcony_edge.common.errors import ExportError
 from balcony_edge.export.exit_checkpoints import LISTING_FILE, ExitCheckpointConfig, export_exit_checkpoints
 from balcony_edge.model import BalconyConfig
 from conftest import make_base_folder, spread

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from balcony_edge.cli import main
-from balcony_edge.errors import BalconyError, ExportError
+from balcony_edge.common.errors import BalconyError, ExportError
 from balcony_edge.export import exporter
 from balcony_edge.export.exporter import ExportConfig, export_checkpoint
 from balcony_edge.export.inspect import inspect_export
@@ -429,7 +429,7 @@ def test_default_out_dir_is_named_after_the_checkpoint(tiny_checkpoint):
 
 
 def test_export_error_is_a_balcony_error():
-    from balcony_edge.errors import BalconyError
+    from balcony_edge.common.errors import BalconyError
 
     assert issubclass(ExportError, BalconyError)
 
@@ -466,7 +466,7 @@ def test_a_second_export_to_the_same_folder_is_refused_while_the_first_writes(ti
     holder = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from balcony_edge.atomic import exclusive_target
+        from balcony_edge.common.atomic import exclusive_target
         with exclusive_target(Path({str(out)!r}), "the export"):
             print("locked", flush=True)
             time.sleep(30)

@@ -19,11 +19,11 @@ from onnx import TensorProto, helper
 from onnx.external_data_helper import set_external_data
 from rich.console import Console
 
-from balcony_edge.errors import IntegrityError, ManifestError
+from balcony_edge.common.errors import IntegrityError, ManifestError
 from balcony_edge.export.inspect import exits_table, files_table, inspect_export
 from balcony_edge.runtime import integrity
 from balcony_edge.runtime.integrity import export_problems, check_export_files
-from balcony_edge.checksums import file_sha256
+from balcony_edge.common.checksums import file_sha256
 from balcony_edge.runtime.manifest import Manifest
 
 FIX = "export again (`balcony-edge export --force`)"

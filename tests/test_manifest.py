@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balcony_edge.errors import ManifestError
+from balcony_edge.common.errors import ManifestError
 from balcony_edge.runtime import manifest as manifest_module
 from balcony_edge.runtime.manifest import (
     MANIFEST_FILE,

@@ -5,7 +5,7 @@ import torch
 
 from balcony_edge.base_model import load_base_model
 from balcony_edge.checkpoint import build_model
-from balcony_edge.errors import ExitsError
+from balcony_edge.common.errors import ExitsError
 from balcony_edge.exits import parse_exits
 from balcony_edge.generate import generate_greedy
 from balcony_edge.model import BalconyConfig

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balcony_edge.errors import BalconyError
+from balcony_edge.common.errors import BalconyError
 from balcony_edge.runtime import Engine, SamplingConfig
 from balcony_edge.runtime.chat import ChatSession
 from balcony_edge.runtime.sequence import ContextFullError

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from balcony_edge.errors import BalconyError
+from balcony_edge.common.errors import BalconyError
 from balcony_edge.runtime.sampling import Sampler, SamplingConfig
 
 LOGITS = np.array([1.0, 3.0, 2.0, 0.5, -1.0], dtype=np.float32)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balcony_edge.errors import SignalError
+from balcony_edge.common.errors import SignalError
 from balcony_edge.runtime import signals as signals_module
 from balcony_edge.runtime.signal_hub import SignalHub, default_sources
 from balcony_edge.runtime.signals import (

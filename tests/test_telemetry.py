@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from balcony_edge.errors import TelemetryError
+from balcony_edge.common.errors import TelemetryError
 from balcony_edge.runtime import telemetry as telemetry_module
 from balcony_edge.runtime.signals import Signals
 from balcony_edge.runtime.telemetry import TELEMETRY_FIELDS, TelemetryWriter, plot_telemetry, read_telemetry

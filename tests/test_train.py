@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from balcony_edge.checkpoint import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, load_checkpoint
-from balcony_edge.errors import BalconyError, CheckpointError
+from balcony_edge.common.errors import BalconyError, CheckpointError
 from balcony_edge.train import BlockOrder, TrainConfig, Trainer, lr_factor, train
 
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from balcony_edge.base_model import load_base_model
 from balcony_edge.checkpoint import STATE_FILE, WEIGHTS_FILE, read_info
-from balcony_edge.errors import CheckpointError, TrainingStopped
+from balcony_edge.common.errors import CheckpointError, TrainingStopped
 from balcony_edge.train import TrainConfig, Trainer, restore_rng_state, rng_state, train
 
 SHORT_RUN = {

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ..errors import BalconyError
-from ..runtime.engine import Engine
-from ..runtime.manifest import Manifest
-from .decode import CONTEXTS, BareDecoder, DecodeStats, EngineDecoder, context_step_ratio, measure
-from .switching import BACKLOGS, switch_costs
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.runtime.engine import Engine
+from balcony_edge.runtime.manifest import Manifest
+from balcony_edge.bench.decode import CONTEXTS, BareDecoder, DecodeStats, EngineDecoder, context_step_ratio, measure
+from balcony_edge.bench.switching import BACKLOGS, switch_costs
 
 PROMPT_TEXT = (
     "The harbour was quiet in the early morning. Fishing boats rocked against the pier while gulls circled "
@@ -158,7 +158,7 @@ def run_bench(config: BenchConfig) -> dict:
     notes.append("onnxruntime-genai: not measured by the bench (it needs onnxruntime, which must not share an environment with onnxruntime-gpu)")
 
     if config.memory:
-        from .memory import memory_ratio
+        from balcony_edge.bench.memory import memory_ratio
 
         say("memory: all exits against the full model alone, each in a fresh process")
         result["memory"] = memory_ratio(config.export, config.provider, config.threads, config.prepack)
@@ -206,7 +206,7 @@ def measure_floors(config: BenchConfig, manifest: Manifest, prompt: list[int], n
     if not config.floors:
         notes.append("floors skipped (--no-floor)")
         return stats
-    from .floors import floor_graphs, torch_available
+    from balcony_edge.bench.floors import floor_graphs, torch_available
 
     if not torch_available():
         notes.append("floors skipped: exporting truncated graphs needs torch (the train extra)")
@@ -221,15 +221,15 @@ def measure_floors(config: BenchConfig, manifest: Manifest, prompt: list[int], n
 
 def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], notes: list[str]) -> dict:
     """torch generate of the base model; llama.cpp on the default GGUF when the base is the default model."""
-    from ..paths import cache_dir
-    from .peers import LLAMA_CPP_TYPES, gguf_at_precision, llama_cpp, torch_generate
+    from balcony_edge.common.paths import cache_dir
+    from balcony_edge.bench.peers import LLAMA_CPP_TYPES, gguf_at_precision, llama_cpp, torch_generate
 
     config.say("peer: torch generate")
     gpu = config.provider != "cpu"
     peers = {"torch": torch_generate(manifest.base["source"], prompt, config.new_tokens, config.repeats, config.threads, gpu)}
     gguf = None
     try:
-        from ..base_model import default_gguf_path
+        from balcony_edge.base_model import default_gguf_path
 
         if manifest.base.get("source") == "smollm2":
             gguf = default_gguf_path()
@@ -253,9 +253,9 @@ def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], no
 
 def llama_cpp_exits(config: BenchConfig, manifest: Manifest, file_type: str, prompt: list[int]) -> dict:
     """llama.cpp on each exit written as a GGUF file of the same type (`export --format gguf`): exit against exit."""
-    from ..checkpoint import SHIPPED_CHECKPOINT
-    from ..paths import cache_dir
-    from .peers import exit_gguf_files, llama_cpp
+    from balcony_edge.checkpoint import SHIPPED_CHECKPOINT
+    from balcony_edge.common.paths import cache_dir
+    from balcony_edge.bench.peers import exit_gguf_files, llama_cpp
 
     checkpoint = config.checkpoint or SHIPPED_CHECKPOINT  # the speed of an exit's file depends on its shapes only
     exits = [entry.exit for entry in manifest.exits if not entry.is_full]
@@ -272,7 +272,7 @@ def llama_cpp_exits(config: BenchConfig, manifest: Manifest, file_type: str, pro
 
 def load_perplexities(config: BenchConfig, manifest: Manifest, notes: list[str]) -> dict[int, float]:
     """exit -> perplexity from --eval, else a short torch eval of --checkpoint, else nothing."""
-    from .quality import read_eval_file, short_eval
+    from balcony_edge.bench.quality import read_eval_file, short_eval
 
     if config.eval_file is not None:
         return read_eval_file(config.eval_file, manifest.num_layers)

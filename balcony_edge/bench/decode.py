@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..runtime.manifest import ATTENTION_MASK, INPUT_IDS
-from ..runtime.sessions import session_options
+from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS
+from balcony_edge.runtime.sessions import session_options
 
 
 @dataclass

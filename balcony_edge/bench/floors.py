@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..paths import cache_dir
-from ..runtime.manifest import Manifest
+from balcony_edge.common.paths import cache_dir
+from balcony_edge.runtime.manifest import Manifest
 
 FLOOR_DATA_SUFFIX = ".data"
 FLOOR_VERSION = 2  # 2: built by the graph builder (fused contrib ops), no longer traced
@@ -39,7 +39,7 @@ def floor_graphs(manifest: Manifest, depths: list[int], base=None, say=print) ->
     missing = [d for d in depths if not floor_graph_path(manifest, d).is_file()]
     if missing:
         if base is None:
-            from ..base_model import load_base_model
+            from balcony_edge.base_model import load_base_model
 
             base = load_base_model(manifest.base["source"])
         check_same_base(manifest, base)
@@ -50,7 +50,7 @@ def floor_graphs(manifest: Manifest, depths: list[int], base=None, say=print) ->
 
 
 def check_same_base(manifest: Manifest, base) -> None:
-    from ..errors import BalconyError
+    from balcony_edge.common.errors import BalconyError
 
     if base.identity.sha256 != manifest.base["sha256"]:
         raise BalconyError(
@@ -63,9 +63,9 @@ def export_floor(model, layers: int, manifest: Manifest, path: Path) -> None:
     """Build a truncated base model with the export's own graph builder, dtype and quantisation; weights beside it."""
     import onnx
 
-    from ..export.exporter import NUMPY_DTYPES
-    from ..export.pieces import PieceGraphs
-    from ..export.quantize import quantize_graph
+    from balcony_edge.export.exporter import NUMPY_DTYPES
+    from balcony_edge.export.pieces import PieceGraphs
+    from balcony_edge.export.quantize import quantize_graph
 
     quantized = manifest.quantization is not None
     if NUMPY_DTYPES[manifest.dtype] != NUMPY_DTYPES["fp32"]:

@@ -27,7 +27,7 @@ def measure_in_subprocess(folder: Path, mode: str, provider: str, threads: int |
     command += ["--prepack" if prepack else "--no-prepack"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        from ..errors import BalconyError
+        from balcony_edge.common.errors import BalconyError
 
         raise BalconyError(f"the memory probe failed ({mode}): {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -64,9 +64,9 @@ def probe(folder: Path, mode: str, provider: str, threads: int | None, prepack: 
     """Load, touch every weight by decoding, and read this process's memory."""
     import psutil
 
-    from ..runtime.engine import Engine
-    from ..runtime.manifest import Manifest
-    from ..runtime.sessions import SessionSettings, resolve_providers
+    from balcony_edge.runtime.engine import Engine
+    from balcony_edge.runtime.manifest import Manifest
+    from balcony_edge.runtime.sessions import SessionSettings, resolve_providers
 
     manifest = Manifest.load(folder)
     if mode == "full":  # the full model's chain alone: no balcony pieces

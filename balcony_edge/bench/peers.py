@@ -20,7 +20,7 @@ def torch_generate(base_spec: str, prompt: list[int], new_tokens: int, repeats: 
     try:
         import torch
 
-        from ..base_model import load_base_model
+        from balcony_edge.base_model import load_base_model
     except ImportError:
         return {"skipped": "torch is not installed (the train extra)"}
     if threads:
@@ -79,10 +79,10 @@ _EXIT_WRITER_TYPES = {"f32": "fp32", "f16": "f16", "q8_0": "q8_0"}
 
 def exit_gguf_files(checkpoint, exits, file_type: str, folder) -> dict[int, Path] | None:
     """Each exit of `checkpoint` as a GGUF file of `file_type`, written once under folder; None without llama_cpp."""
-    from ..checksums import file_sha256
-    from ..checkpoint import WEIGHTS_FILE
-    from ..export.exit_checkpoints import ExitCheckpointConfig, export_exit_checkpoints
-    from ..export.gguf_exits import gguf_file_name
+    from balcony_edge.common.checksums import file_sha256
+    from balcony_edge.checkpoint import WEIGHTS_FILE
+    from balcony_edge.export.exit_checkpoints import ExitCheckpointConfig, export_exit_checkpoints
+    from balcony_edge.export.gguf_exits import gguf_file_name
 
     if importlib.util.find_spec("llama_cpp") is None:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import BalconyError
+from balcony_edge.common.errors import BalconyError
 
 SHORT_EVAL_TOKENS = 4096
 
@@ -31,9 +31,9 @@ def read_eval_file(path: Path, num_layers: int) -> dict[int, float]:
 
 def short_eval(checkpoint: Path, max_tokens: int = SHORT_EVAL_TOKENS, seq_len: int = 512) -> dict[int, float]:
     """Held-out perplexity per exit of a checkpoint in torch, on the default corpus's first max_tokens held-out tokens."""
-    from ..checkpoint import load_checkpoint
-    from ..data import load_corpus, pack
-    from ..evaluate import evaluate
+    from balcony_edge.checkpoint import load_checkpoint
+    from balcony_edge.data import load_corpus, pack
+    from balcony_edge.evaluate import evaluate
 
     model, _, loaded = load_checkpoint(checkpoint)
     blocks = pack(load_corpus(None).held_out, loaded.tokenizer, seq_len, what="evaluation")[: max(1, max_tokens // seq_len)]

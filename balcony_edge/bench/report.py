@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..atomic import atomic_path
+from balcony_edge.common.atomic import atomic_path
 
 # The targets (ratios measured side by side in one run): README.md ("What each number means") says how each is measured.
 TARGETS = {

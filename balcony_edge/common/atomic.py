@@ -47,7 +47,7 @@ def exclusive_target(target: Path, what: str) -> Iterator[None]:
     goes with its process; its lock file stays until the next writer is done."""
     import fcntl
 
-    from .errors import BalconyError
+    from balcony_edge.common.errors import BalconyError
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
