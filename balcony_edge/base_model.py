@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from balcony_edge.common.atomic import write_folder_atomically
-from balcony_edge.console import say
+from balcony_edge.common.console import say
 from balcony_edge.common.paths import cache_dir
 from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.errors import BaseModelError

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from balcony_edge.common.atomic import atomic_path
 from balcony_edge.base_model import DEFAULT_BASE, load_base_model
-from balcony_edge.console import console, say
+from balcony_edge.common.console import console, say
 from balcony_edge.common.errors import DataError
 from balcony_edge.precision import fast_bf16
 from balcony_edge.prompts import chat_prompts

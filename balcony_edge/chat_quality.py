@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from rich.progress import Progress
 
-from balcony_edge.console import console
+from balcony_edge.common.console import console
 from balcony_edge.generate import eos_token_ids, generate_greedy, prompt_ids
 from balcony_edge.model import BalconyModel
 from balcony_edge.prompts import QUALITY_PROMPTS

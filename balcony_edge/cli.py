@@ -16,7 +16,7 @@ try:  # typer 0.26 and later carry their own copy of click
 except ImportError:
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
-from balcony_edge.console import console, labelled
+from balcony_edge.common.console import console, labelled
 from balcony_edge.common.errors import BalconyError, TrainingStopped
 
 app = typer.Typer(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from balcony_edge.common.atomic import atomic_path
-from balcony_edge.console import console
+from balcony_edge.common.console import console
 from balcony_edge.distill import kl_per_token
 from balcony_edge.model import BalconyModel
 

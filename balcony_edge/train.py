@@ -32,7 +32,7 @@ from balcony_edge.checkpoint import (
     resume_hint,
     save_checkpoint,
 )
-from balcony_edge.console import console, say
+from balcony_edge.common.console import console, say
 from balcony_edge.data import DEFAULT_CORPUS, load_corpus, pack, weighted_sources
 from balcony_edge.distill import distill_backward
 from balcony_edge.common.errors import BalconyError, CheckpointError, TrainingStopped

@@ -11,7 +11,7 @@ from balcony_edge import __version__
 from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
 from balcony_edge.base_model import gguf_source
 from balcony_edge.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, read_info
-from balcony_edge.console import phase_progress
+from balcony_edge.common.console import phase_progress
 from balcony_edge.common.errors import ExportError
 from balcony_edge.common.paths import default_export_dir
 from balcony_edge.export.exit_card import exit_card, exit_qualities

@@ -23,7 +23,7 @@ from balcony_edge.base_model import BaseModel
 from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
 from balcony_edge.checkpoint import SHIPPED_CHECKPOINT, CheckpointInfo, load_checkpoint, read_info
 from balcony_edge.common.checksums import file_sha256
-from balcony_edge.console import phase_progress
+from balcony_edge.common.console import phase_progress
 from balcony_edge.common.errors import ExportError
 from balcony_edge.exits import parse_exits
 from balcony_edge.generate import eos_token_ids

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from balcony_edge.console import phase_progress
+from balcony_edge.common.console import phase_progress
 from balcony_edge.generate import generate_greedy, prompt_ids
 from balcony_edge.model import BalconyModel
 from balcony_edge.runtime.engine import Engine

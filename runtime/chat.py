@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from balcony_edge.console import labelled
+from balcony_edge.common.console import labelled
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.runtime.controller import Budget
 from balcony_edge.runtime.engine import Engine, GeneratedToken

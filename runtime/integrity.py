@@ -15,7 +15,7 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 
-from balcony_edge.console import log_warning
+from balcony_edge.common.console import log_warning
 from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.errors import IntegrityError
 from balcony_edge.runtime.manifest import FIX, Manifest

@@ -19,7 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import fields
 from pathlib import Path
 
-from balcony_edge.console import log_warning
+from balcony_edge.common.console import log_warning
 from balcony_edge.common.errors import SignalError
 from balcony_edge.runtime.signals import JtopSource, NvmlSource, PsutilSource, SignalSource, Signals, SysfsSource, why_impossible
 

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from balcony_edge.common.atomic import atomic_path
-from balcony_edge.console import log_warning
+from balcony_edge.common.console import log_warning
 from balcony_edge.common.errors import TelemetryError
 from balcony_edge.runtime.signals import Signals
 

@@ -206,7 +206,7 @@ def test_quiet_hides_status_lines_but_not_errors(tiny_export, capsys, monkeypatc
     import sys
 
     from balcony_edge.cli import main
-    from balcony_edge.console import console
+    from balcony_edge.common.console import console
 
     monkeypatch.setattr(sys, "argv", ["balcony-edge", "-q", "chat", str(tiny_export), "--budget", "nonsense", "--prompt", "hi"])
     with pytest.raises(SystemExit) as done:
