@@ -1,5 +1,6 @@
 """The runtime is what a Jetson app installs alone: it must import and generate with torch and transformers absent."""
 
+import ast
 import subprocess
 import sys
 
@@ -42,3 +43,19 @@ main()
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "tok/s" in result.stdout
+
+
+def test_the_runtime_imports_only_itself_and_balcony_edge_common(tiny_export):
+    script = f"""
+import sys
+from balcony_edge.runtime import Engine
+from balcony_edge.runtime.server import create_app
+engine = Engine.load({str(tiny_export)!r}, providers=['cpu'])
+list(engine.generate('The harbour', max_new_tokens=2))
+print(sorted(m for m in sys.modules if m.startswith('balcony_edge')))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loaded = ast.literal_eval(result.stdout)  # a printed list of module names
+    outside = [m for m in loaded if m != "balcony_edge" and not m.startswith(("balcony_edge.runtime", "balcony_edge.common"))]
+    assert not outside, f"the runtime reaches into the torch side: {outside}"
