@@ -96,10 +96,22 @@ def read_file(path: Path) -> list[str]:
         raw = path.read_bytes()
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read data file {path} ({err}); check its permissions and format") from None
+    if looks_binary(raw):
+        raise DataError(f"data file {path} holds binary data, not text; give a text, JSONL or parquet file")
     try:
         return [raw.decode("utf-8")]
     except UnicodeDecodeError:
         return [raw.decode("latin-1")]
+
+
+BINARY_SHARE = 0.05  # text files hold almost no control bytes; random or compressed data holds about 12%
+
+
+def looks_binary(raw: bytes) -> bool:
+    """A NUL byte, or control bytes other than tab, newlines and form feed in more than 5% of the first 64 KiB."""
+    head = raw[:65536]
+    controls = sum(1 for byte in head if byte < 32 and byte not in (9, 10, 12, 13) or byte == 127)
+    return b"\x00" in head or controls > BINARY_SHARE * max(1, len(head))
 
 
 def read_documents(paths: list[str | Path]) -> list[str]:

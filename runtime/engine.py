@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import threading
 import time
@@ -91,7 +92,11 @@ class Engine:
         prepack: CPU MatMul weight prepacking (on: each weight is in one piece's session, so packing copies nothing
         twice; off only to measure what it brings).
         """
+        if folder is not None and not isinstance(folder, (str, os.PathLike)):
+            raise BalconyError(f"the export folder must be a path (str or pathlib.Path), not {type(folder).__name__}")
         folder = readable_folder(Path(folder) if folder is not None else default_export_dir())
+        if folder.is_file():
+            raise BalconyError(f"{folder} is a file, not an export folder; pass the folder that holds it ({folder.parent})")
         if not folder.is_dir():
             raise BalconyError(f"export folder {folder} does not exist; create it with `balcony-edge export`")
         settings = SessionSettings(providers=resolve_providers(providers), threads=threads, trt_cache=str(cache_dir() / "tensorrt"), prepack=prepack)
@@ -209,6 +214,8 @@ class Engine:
         given, e.g. one shared by every request of a server, else by a Controller of its own for `budget`)."""
         if not (is_whole_number(max_new_tokens) and max_new_tokens >= 1):
             raise BalconyError(f"max_new_tokens {max_new_tokens!r} must be a whole number of tokens, at least 1")
+        if not isinstance(sampling, SamplingConfig):
+            raise BalconyError(f"sampling must be a SamplingConfig, such as SamplingConfig(temperature=0.7), not {type(sampling).__name__}")
         if controller is None:
             budget = budget if isinstance(budget, Budget) else Budget.parse(str(budget))
             controller = Controller(self.controller_profiles(budget), budget, controller_config)

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from balcony_edge.common.errors import BalconyError
+from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.graph_runner import PieceRunner
 from balcony_edge.runtime.kv_cache import KVCache
 from balcony_edge.runtime.manifest import Manifest
@@ -85,9 +86,13 @@ class Sequence:
 
         With the sliding window, tokens that do not fit make room instead: the newest half of the context is kept,
         then the new tokens (positions restart at 0, so the cache is rebuilt on the next call)."""
+        if isinstance(token_ids, (str, bytes)):
+            raise PromptError("token ids must be a list of ints, not text; turn text into ids with engine.prompt_ids(text)")
         token_ids = list(token_ids)
         vocab, limit = self.manifest.vocab_size, self.context_length
         for token_id in token_ids:
+            if not is_whole_number(token_id):
+                raise PromptError(f"token id {token_id!r} is not an int; feed whole-number ids of this model's tokenizer")
             if not 0 <= token_id < vocab:
                 raise PromptError(f"token id {token_id} is outside the vocabulary (0 to {vocab - 1}); feed ids of this model's tokenizer")
         if len(self.tokens) + len(token_ids) <= limit:
@@ -112,6 +117,8 @@ class Sequence:
         count = len(self.tokens)
         if count == 0:
             raise BalconyError("the sequence is empty; feed at least one token (a prompt) before asking for logits")
+        if not is_whole_number(exit):
+            raise BalconyError(f"exit {exit!r} is a {type(exit).__name__}; give the exit as an int such as {min(self.chains)}")
         if exit not in self.chains:
             raise BalconyError(f"exit {exit} is not in this export; exits: {', '.join(map(str, sorted(self.chains)))}")
         last = self._last_logits.get(exit)

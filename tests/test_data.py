@@ -70,3 +70,15 @@ def test_parquet_without_a_text_column_is_refused(tmp_path):
 def test_text_shorter_than_one_sequence_is_refused(tiny_base):
     with pytest.raises(DataError, match="shorter than one sequence of 512"):
         pack(["only a few words"], tiny_base.tokenizer, seq_len=512)
+
+
+def test_binary_data_named_txt_is_refused_but_latin_1_text_is_read(tmp_path):
+    import random
+
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(random.Random(0).randbytes(3000))
+    with pytest.raises(DataError, match="holds binary data, not text"):
+        read_documents([noise])
+    text = tmp_path / "old.txt"
+    text.write_bytes("Caf\xe9 cr\xe8me, na\xefve\tr\xe9sum\xe9\n".encode("latin-1") * 50)
+    assert read_documents([text])[0].startswith("Café crème")

@@ -333,3 +333,18 @@ def test_a_system_message_starts_the_conversation_and_slash_system_replaces_it(e
     assert "control character" in output.getvalue() and session.system == "You answer in one word."
     started = ChatSession(engine, "full", SamplingConfig(temperature=0.0), SignalHub([]), system="Be brief.")
     assert started.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_wrong_types_through_the_python_api_are_balcony_errors_naming_the_fix(engine, tiny_export):
+    cases = [
+        (lambda: Engine.load(12345), "must be a path (str or pathlib.Path), not int"),
+        (lambda: Engine.load(tiny_export / "manifest.json"), "is a file, not an export folder; pass the folder that holds it"),
+        (lambda: engine.sequence("hello"), "not text; turn text into ids with engine.prompt_ids(text)"),
+        (lambda: engine.sequence([1, "2"]), "token id '2' is not an int"),
+        (lambda: list(engine.generate("hi", max_new_tokens=2, sampling={"temperature": 0})), "sampling must be a SamplingConfig"),
+        (lambda: engine.sequence([5, 6]).logits("2"), "exit '2' is a str; give the exit as an int"),
+    ]
+    for call, message in cases:
+        with pytest.raises(BalconyError) as caught:
+            call()
+        assert message in str(caught.value)
