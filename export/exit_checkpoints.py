@@ -14,7 +14,8 @@ from balcony_edge.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, read_in
 from balcony_edge.common.console import phase_progress
 from balcony_edge.common.errors import ExportError
 from balcony_edge.common.paths import default_export_dir
-from balcony_edge.export.exit_card import exit_card, exit_qualities
+from balcony_edge.export.exit_card import exit_card
+from balcony_edge.export.quality import against_full
 from balcony_edge.export.exporter import check_target, export_name, select_exits
 from balcony_edge.export.gguf_exits import GGUF_DTYPES, gguf_file_name, read_source, write_exit_gguf
 from balcony_edge.export.hf_exits import HF_DTYPES, hf_folder_name, write_exit_folder
@@ -75,10 +76,10 @@ def export_exit_checkpoints(config: ExitCheckpointConfig) -> tuple[Path, list[st
         def fill(staging: Path) -> None:
             with phase_progress() as progress:
                 task = progress.add_task(f"export ({config.format}, {config.file_dtype})", total=len(exits))
-                qualities = exit_qualities(model, base.tokenizer) if config.format == "hf" else {}
+                quality = against_full(model, base.tokenizer) if config.format == "hf" else None
                 for k in exits:
                     if config.format == "hf":
-                        card = exit_card(k, model, info, qualities[k], base_license)
+                        card = exit_card(k, model, info, quality, base_license)
                         (staging / hf_folder_name(k)).mkdir()
                         write_exit_folder(staging / hf_folder_name(k), k, model, base.tokenizer, config.file_dtype, card)
                         written.append(hf_folder_name(k))

@@ -40,7 +40,7 @@ from balcony_edge.runtime.manifest import (
 from balcony_edge.export.compose import compose_exit
 from balcony_edge.export.genai import write_genai_folders
 from balcony_edge.export.pieces import PieceGraphs, balcony_slot, exit_chain, layer_slot, piece_layout
-from balcony_edge.export.quality import exit_agreement
+from balcony_edge.export.quality import against_full
 from balcony_edge.export.quantize import check_quantization, quantization_info, quantize_graph
 from balcony_edge.export.verify import verification_failures, verify_export
 from balcony_edge.export.weights import WEIGHTS_FILE, WeightFile, weight_bytes_per_token
@@ -185,7 +185,7 @@ def write_export(
 ) -> None:
     """Fill a staging folder: piece graphs, exit graphs and weights, tokenizer files, report.json (verified), manifest.json last."""
     started = time.perf_counter()
-    quality, quality_tokens = exit_agreement(model, base.tokenizer)
+    quality = against_full(model, base.tokenizer)
     builder = PieceGraphs(export_model, NUMPY_DTYPES[config.dtype], tie_head_as_gemm=config.quantize is None)
     layout = piece_layout(exits, model.num_layers)
     depths = (*exits, model.num_layers)
@@ -213,7 +213,7 @@ def write_export(
                     chain=chain,
                     weights=save_graph(staging, name, proto, weights),
                     weight_bytes_per_token=weight_bytes_per_token(proto, weights),
-                    quality=round(quality[k], 4),
+                    quality=round(quality.top1[k], 4),
                 )
             )
             progress.advance(task)
@@ -242,7 +242,7 @@ def write_export(
         "weights_file_bytes": weights.size,
         "parameter_bytes": parameter_bytes(export_model),
         "graph_bytes": {name: (staging / name).stat().st_size for name in [p.graph for p in pieces] + [g.graph for g in graphs]},
-        "quality_tokens": quality_tokens,
+        "quality_tokens": quality.tokens,
         "genai_folders": genai_folders,
         "verification": None,
     }

@@ -1,7 +1,10 @@
-"""Each exit's agreement with the full model's next token on a fixed English text, measured in torch at export
-time: the `quality` the runtime's controller reads from the manifest."""
+"""Each exit against the full model on a fixed English text, measured in torch at export time: its next-token
+agreement is the `quality` the runtime's controller reads from the manifest; with its perplexity ratio it goes
+into the model card of an exit exported as a plain checkpoint."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -22,10 +25,27 @@ QUALITY_TEXT = (
 )
 
 
+@dataclass(frozen=True)
+class AgainstFull:
+    """Every exit (and the full model, key num_layers) against the full model on QUALITY_TEXT."""
+
+    top1: dict[int, float]  # agreement (0..1) of the exit's next token with the full model's
+    perplexity_ratio: dict[int, float]  # the exit's perplexity over the full model's
+    tokens: int  # what it was measured on
+
+
 @torch.no_grad()
-def exit_agreement(model: BalconyModel, tokenizer) -> tuple[dict[int, float], int]:
-    """Top-1 agreement (0..1) of every exit's next token with the full model's, and the tokens it was measured on."""
+def against_full(model: BalconyModel, tokenizer) -> AgainstFull:
+    """Top-1 agreement and perplexity ratio of every exit, from one backbone pass over the fixed text."""
     ids = torch.tensor([tokenizer.encode(QUALITY_TEXT)[:QUALITY_TOKENS]])
     logits = model.all_logits(ids)
-    full = logits[model.num_layers].argmax(-1)
-    return {k: float((logits[k].argmax(-1) == full).float().mean()) for k in logits}, ids.shape[1]
+    full = logits[model.num_layers]
+
+    def perplexity(scores: torch.Tensor) -> float:
+        return float(torch.nn.functional.cross_entropy(scores[0, :-1], ids[0, 1:]).exp())
+
+    return AgainstFull(
+        top1={k: float((scores.argmax(-1) == full.argmax(-1)).float().mean()) for k, scores in logits.items()},
+        perplexity_ratio={k: perplexity(scores) / perplexity(full) for k, scores in logits.items()},
+        tokens=ids.shape[1],
+    )

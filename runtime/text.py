@@ -131,6 +131,7 @@ class TextStream:
 
     def __init__(self, codec: TextCodec, stop: tuple[str, ...] = ()):
         self.codec, self.stop = codec, tuple(s for s in stop if s)
+        self._reach = max(map(len, self.stop), default=0)  # a stop string that ends in new text starts this far back at most
         self._stream = DecodeStream(skip_special_tokens=True)
         self._pending: list[int] = []  # ids whose bytes do not yet make whole characters
         self.text = ""
@@ -144,7 +145,7 @@ class TextStream:
             self._pending.append(token_id)
             return
         self._pending.clear()
-        searched_from = max(0, len(self.text) - max(map(len, self.stop), default=0))
+        searched_from = max(0, len(self.text) - self._reach)
         self.text += chunk
         if self.stop_at is None:
             found = [self.text.find(s, searched_from) for s in self.stop]
