@@ -167,8 +167,7 @@ class Controller:
             raise ControllerError(f"exit profiles repeat an exit: {', '.join(map(str, self.exits))}; give one profile per exit")
         self.budget = Budget.parse(budget) if isinstance(budget, str) else budget
         self.config = config or ControllerConfig()
-        if self.budget.kind == "exit" and self.budget.exit not in self.exits:
-            raise ControllerError(f"budget exit {self.budget.exit} is not an available exit; available exits: {', '.join(map(str, self.exits))}")
+        self.check_budget(self.budget)
         self.latency_target_ms = self.budget.latency_target_ms or self.config.latency_target_ms
         self._top = len(self.exits) - 1
         self._eco_floor = self._eco_floor_level()
@@ -237,6 +236,11 @@ class Controller:
 
     def _tokens_since_switch(self, token_index: int) -> int | None:
         return None if self._switch_token is None else token_index - self._switch_token
+
+    def check_budget(self, budget: Budget) -> None:
+        """Refuse a budget that pins an exit this controller does not have."""
+        if budget.kind == "exit" and budget.exit not in self.exits:
+            raise ControllerError(f"budget exit {budget.exit} is not an available exit; available exits: {', '.join(map(str, self.exits))}")
 
     def deepest_allowed(self, budget: Budget) -> int:
         """The deepest exit another budget allows now (a server's request capping this device-wide controller):

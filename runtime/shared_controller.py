@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 
-from balcony_edge.common.errors import ControllerError
 from balcony_edge.runtime.controller import Budget, Controller, Decision
 from balcony_edge.runtime.signals import Signals
 
@@ -21,8 +20,7 @@ class DeviceController:
 
     def for_request(self, budget: Budget) -> RequestController:
         """What one request's generation asks (Engine.generate's `controller`)."""
-        if budget.kind == "exit" and budget.exit not in self.controller.exits:
-            raise ControllerError(f"budget exit {budget.exit} is not an available exit; available exits: {', '.join(map(str, self.controller.exits))}")
+        self.controller.check_budget(budget)
         return RequestController(self, budget)
 
     def choose(self, signals: Signals, last_latency_ms: float | None) -> Decision:

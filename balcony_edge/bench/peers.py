@@ -87,11 +87,10 @@ def exit_gguf_files(checkpoint, exits, file_type: str, folder) -> dict[int, Path
     if importlib.util.find_spec("llama_cpp") is None:
         return None
     name = f"exits-{file_sha256(Path(checkpoint) / WEIGHTS_FILE)[:12]}"
-    written = Path(folder) / f"{name}-{_EXIT_WRITER_TYPES.get(file_type, 'fp32')}"
+    writer_type = _EXIT_WRITER_TYPES.get(file_type, "fp32")
+    written = Path(folder) / f"{name}-{writer_type}"
     if not all((written / gguf_file_name(name, k)).is_file() for k in exits):
-        config = ExitCheckpointConfig(
-            format="gguf", checkpoint=checkpoint, out=written, exits=tuple(exits), dtype=_EXIT_WRITER_TYPES.get(file_type, "fp32"), force=True, name=name
-        )
+        config = ExitCheckpointConfig(format="gguf", checkpoint=checkpoint, out=written, exits=tuple(exits), dtype=writer_type, force=True, name=name)
         export_exit_checkpoints(config)
     files = {k: written / gguf_file_name(name, k) for k in exits}
     if file_type not in _EXIT_WRITER_TYPES:
