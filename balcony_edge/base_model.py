@@ -77,15 +77,14 @@ def gguf_source(spec: str) -> Path | None:
 
 def resolve_base_folder(spec: str) -> tuple[Path, str]:
     """Turn `smollm2`, a GGUF file or a Hugging Face folder into a folder that transformers loads, and a name."""
-    if spec == DEFAULT_BASE:
-        return _converted_gguf(default_gguf_path()), DEFAULT_BASE
+    gguf = gguf_source(spec)
+    if gguf is not None:
+        return _converted_gguf(gguf), DEFAULT_BASE if spec == DEFAULT_BASE else gguf.stem
     path = Path(spec).expanduser()
     if not path.exists():
         raise BaseModelError(f"base model {spec!r} not found: give `smollm2`, a Hugging Face model folder or a .gguf file")
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise BaseModelError(f"base model file {spec} is not a .gguf file: give a GGUF file or a model folder")
-        return _converted_gguf(path), path.stem
+        raise BaseModelError(f"base model file {spec} is not a .gguf file: give a GGUF file or a model folder")
     _check_hf_folder(path)
     return path, path.resolve().name
 
