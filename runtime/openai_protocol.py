@@ -136,14 +136,14 @@ def _prompt(body: dict) -> str:
 
 
 def _max_tokens(body: dict) -> int | None:
-    value = None
+    """max_completion_tokens (OpenAI's current name) or else max_tokens; None when neither is given."""
     for name in ("max_completion_tokens", "max_tokens"):
-        if body.get(name) is not None:
-            value = body[name]
+        value = body.get(name)
+        if value is not None:
             if not (is_whole_number(value) and not isinstance(value, bool) and value >= 1):
                 raise ApiError(400, f"{name} must be a whole number of at least 1, not {value!r}", name, "invalid_value")
             return int(value)
-    return value
+    return None
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
