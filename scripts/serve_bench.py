@@ -1,6 +1,10 @@
 """What the HTTP layer of `balcony-edge serve` costs: the engine driven directly against the server with 1, 2, 4 and 8
 concurrent streaming clients (aggregate tok/s, time to first token, inter-token latency p50/p95), in one run.
 
+The single-stream comparison alternates the two (engine, server, engine, server, ...) with the same prompt and the
+same definition of the rate (tokens after the first over the time from the first to the last), so that the
+machine's drift between runs falls on both; its figure is the median of the pairs' ratios.
+
 python scripts/serve_bench.py --json serve-bench.json            # the default export, full depth, greedy
 python scripts/serve_bench.py EXPORT --clients 1,2,4 --tokens 64
 
@@ -27,14 +31,33 @@ from balcony_edge.runtime import Engine
 PROMPT = "The harbour was quiet in the early morning. Fishing boats rocked against the pier while gulls circled overhead, and"
 
 
-def engine_direct(export: Path, tokens: int, repeats: int) -> float:
-    """Decode tok/s of Engine.generate alone at full depth, greedy (median of repeats, first token excluded)."""
-    engine = Engine.load(export)
-    rates = []
+def rate(stamps: list[float]) -> float:
+    """Tokens after the first over the time from the first to the last."""
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def engine_direct(engine: Engine, tokens: int) -> float:
+    """Decode tok/s of one Engine.generate at full depth, greedy."""
+    return rate([time.perf_counter() for _ in engine.generate(PROMPT, max_new_tokens=tokens, budget="full", chat=False)])
+
+
+def single_stream_pairs(engine: Engine, url: str, model: str, tokens: int, repeats: int) -> dict:
+    """Engine and one streaming client in turn, `repeats` pairs after a warm-up pair; medians and the median ratio."""
+
+    async def served() -> float:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+            return rate((await one_client(http, model, tokens))["stamps"])
+
+    pairs = []
     for _ in range(repeats + 1):
-        stamps = [time.perf_counter() for _ in engine.generate(PROMPT, max_new_tokens=tokens, budget="full", chat=False)]
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return statistics.median(rates[1:])
+        pairs.append((engine_direct(engine, tokens), asyncio.run(served())))
+    pairs = pairs[1:]
+    return {
+        "engine_tok_s": round(statistics.median(e for e, _ in pairs), 2),
+        "served_tok_s": round(statistics.median(s for _, s in pairs), 2),
+        "served_vs_engine": round(statistics.median(s / e for e, s in pairs), 3),
+        "pairs": [[round(e, 2), round(s, 2)] for e, s in pairs],
+    }
 
 
 async def one_client(http: httpx.AsyncClient, model: str, tokens: int) -> dict:
@@ -46,7 +69,7 @@ async def one_client(http: httpx.AsyncClient, model: str, tokens: int) -> dict:
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
                 stamps.append(time.perf_counter())
-    return {"ttft_s": stamps[0] - started, "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps), "start": started, "end": stamps[-1]}
+    return {"ttft_s": stamps[0] - started, "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps), "start": started, "stamps": stamps}
 
 
 async def clients_at_once(url: str, model: str, count: int, tokens: int) -> dict:
@@ -54,7 +77,7 @@ async def clients_at_once(url: str, model: str, count: int, tokens: int) -> dict
         await one_client(http, model, 4)  # warm-up
         runs = await asyncio.gather(*(one_client(http, model, tokens) for _ in range(count)))
     gaps = sorted(g for run in runs for g in run["gaps_s"])
-    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    wall = max(r["stamps"][-1] for r in runs) - min(r["start"] for r in runs)
     aggregate = sum(r["tokens"] for r in runs) / wall
     p95 = gaps[int(0.95 * (len(gaps) - 1))]
     return {
@@ -79,12 +102,11 @@ def main() -> None:
     parser.add_argument("export", nargs="?", type=Path, default=default_export_dir())
     parser.add_argument("--clients", default="1,2,4,8")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="engine / server pairs for the single-stream ratio")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
-    direct = engine_direct(args.export, args.tokens, args.repeats)
-    print(f"engine direct: {direct:.1f} tok/s")
+    engine = Engine.load(args.export)
     port = free_port()
     server = subprocess.Popen(
         [
@@ -117,6 +139,8 @@ def main() -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise SystemExit("the server did not start") from None
                 time.sleep(0.3)
+        single = single_stream_pairs(engine, url, model, args.tokens, args.repeats)
+        print(json.dumps(single))
         results = []
         for count in counts:
             result = asyncio.run(clients_at_once(url, model, count, args.tokens))
@@ -125,13 +149,13 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    single = results[0]["aggregate_tok_s"] if counts[0] == 1 else None
     four = next((r for r in results if r["clients"] == 4), None)
     report = {
         "export": str(args.export),
         "tokens": args.tokens,
-        "engine_direct_tok_s": round(direct, 2),
-        "http_single_vs_engine": round(single / direct, 3) if single else None,
+        "engine_direct_tok_s": single["engine_tok_s"],
+        "http_single_vs_engine": single["served_vs_engine"],
+        "single_stream": single,
         "itl_p95_vs_fair_step_at_4": four["itl_p95_vs_fair_step"] if four else None,
         "runs": results,
     }

@@ -12,7 +12,6 @@ import numpy as np
 import onnxruntime as ort
 
 from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS
-from balcony_edge.runtime.sessions import session_options
 
 
 @dataclass
@@ -79,11 +78,15 @@ class EngineDecoder:
 class BareDecoder:
     """A plain onnxruntime loop over one causal-LM graph: past = the previous run's present, nothing else around it.
 
-    The session is onnxruntime's default (it reads its own external data, prepacks weights), with the given threads.
+    The session is onnxruntime's default (a thread pool of its own, spinning; it reads its own external data and
+    prepacks weights), with the given threads.
     """
 
     def __init__(self, graph: Path, threads: int | None, kv_heads: int, head_dim: int, dtype=np.float32, providers=None):
-        options = session_options(threads, prepack=True)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(graph), sess_options=options, providers=providers or ["CPUExecutionProvider"])
         self.past_names = [i.name for i in self.session.get_inputs() if i.name not in (INPUT_IDS, ATTENTION_MASK)]
         self.output_names = [o.name for o in self.session.get_outputs()]  # logits, then the presents in past order
