@@ -131,15 +131,8 @@ class ChatSession:
         tokens: list[GeneratedToken] = []
         started, shown_exit = time.perf_counter(), None
         try:
-            for token in self.engine.generate(
-                new_ids,
-                self.max_new_tokens,
-                self.budget,
-                self.sampling,
-                self.signals,
-                telemetry=self.telemetry,
-                sequence=sequence,
-            ):
+            generation = self.engine.generate(new_ids, self.max_new_tokens, self.budget, self.sampling, self.signals, sequence=sequence)
+            for token in self.telemetry.follow(generation) if self.telemetry is not None else generation:
                 tokens.append(token)
                 self.stats.add(token)
                 if self.plain:

@@ -28,7 +28,6 @@ from balcony_edge.runtime.graph_runner import PieceRunner
 from balcony_edge.runtime.sequence import Sequence
 from balcony_edge.runtime.sessions import SessionSettings, SharedWeights, device_of, open_session, resolve_providers
 from balcony_edge.runtime.signal_hub import SignalHub
-from balcony_edge.runtime.telemetry import TelemetryWriter
 from balcony_edge.runtime.text import PromptError, TextCodec, TextStream, check_prompt_text
 
 CALIBRATION_PROMPT_TOKENS = 32
@@ -205,13 +204,14 @@ class Engine:
         signals: SignalHub | None = None,
         controller_config: ControllerConfig | None = None,
         stop: tuple[str, ...] = (),
-        telemetry: TelemetryWriter | None = None,
         sequence: Sequence | None = None,
         chat: bool = True,
         controller: Chooser | None = None,
     ) -> Generator[GeneratedToken, None, None]:
         """Stream new tokens for a prompt; the exit of each is chosen just before it is computed (by `controller` when
-        given, e.g. one shared by every request of a server, else by a Controller of its own for `budget`)."""
+        given, e.g. one shared by every request of a server, else by a Controller of its own for `budget`).
+
+        Model work only: a TelemetryWriter records the tokens as they pass (`writer.follow(engine.generate(...))`)."""
         if not (is_whole_number(max_new_tokens) and max_new_tokens >= 1):
             raise BalconyError(f"max_new_tokens {max_new_tokens!r} must be a whole number of tokens, at least 1")
         if not isinstance(sampling, SamplingConfig):
@@ -241,8 +241,6 @@ class Engine:
             piece = text.take(final=stopped)
             finish = ("stop" if token in eos or text.stop_at is not None else "length") if stopped else None
             generated = GeneratedToken(token, piece, decision.exit, latency, sequence.last_catch_up, decision.reason, reading.to_dict(), finish)
-            if telemetry is not None:
-                telemetry.write(index, token, piece, decision.exit, latency, generated.catch_up_tokens, reading, decision.reason)
             yield generated
             if stopped:
                 return

@@ -7,13 +7,14 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
 
 from balcony_edge.common.atomic import atomic_path
 from balcony_edge.common.console import log_warning
 from balcony_edge.common.errors import TelemetryError
+from balcony_edge.runtime.engine import GeneratedToken
 from balcony_edge.runtime.signals import Signals
 
 HEADLINE = {f.name for f in fields(Signals)} - {"extra"}
@@ -77,6 +78,12 @@ class TelemetryWriter:
         if self._fd is not None:
             self._append((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         return record
+
+    def follow(self, tokens: Iterable[GeneratedToken]) -> Generator[GeneratedToken, None, None]:
+        """Hand on each token of a generation, its record written first (token_index counts from 0)."""
+        for index, token in enumerate(tokens):
+            self.write(index, token.id, token.text, token.exit, token.latency_ms, token.catch_up_tokens, token.signals, token.reason)
+            yield token
 
     def _append(self, line: bytes) -> None:
         try:

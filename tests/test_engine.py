@@ -5,6 +5,7 @@ import pytest
 
 from balcony_edge.runtime import Engine
 from balcony_edge.runtime.sequence import ContextFullError
+from balcony_edge.runtime.telemetry import TelemetryWriter, read_telemetry
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +203,16 @@ def test_the_last_token_says_why_generation_ended(engine):
     tokens = list(engine.generate("The harbour", max_new_tokens=3, budget="full"))
     assert [t.finish for t in tokens[:-1]] == [None] * (len(tokens) - 1)
     assert tokens[-1].finish == ("stop" if tokens[-1].id in engine.manifest.generation.eos_token_ids else "length")
+
+
+def test_a_telemetry_writer_follows_a_generation_one_line_per_token(engine, tmp_path):
+    path = tmp_path / "run.jsonl"
+    with TelemetryWriter(path) as writer:
+        tokens = list(writer.follow(engine.generate("Hello there", max_new_tokens=6, budget=str(engine.exits[1]), chat=False)))
+    records = read_telemetry(path)
+    assert [r["token_index"] for r in records] == list(range(len(tokens)))
+    assert [(r["token_id"], r["token_text"], r["exit"], r["catch_up_tokens"], r["reason"]) for r in records] == [
+        (t.id, t.text, t.exit, t.catch_up_tokens, t.reason) for t in tokens
+    ]
+    assert [r["latency_ms"] for r in records] == [round(t.latency_ms, 3) for t in tokens]
+    assert all(r["signals"] == t.signals for r, t in zip(records, tokens))
