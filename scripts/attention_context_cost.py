@@ -4,6 +4,10 @@ SmolLM2's shapes (9 query heads, 3 KV heads, head size 64), past and present sha
 the whole KV cache once per token: 3 MB at 2,000 tokens in float32, 31 layers: 95 MB a step, more than the int4
 weights (86 MB). In float16 the cache is half that; the graph then casts Q, K, V in and the output back.
 
+Last, the same arithmetic as three standard ops (FusedMatMul, Softmax, MatMul) with the three query heads that share a
+KV head as one matrix product ([3 KV heads] x [3 x 64] by [64 x n]): what the attention itself costs when each KV
+head is read once per step, not once per query head.
+
 python scripts/attention_context_cost.py
 """
 
@@ -80,3 +84,38 @@ for name, elem, dtype in (("float32", TensorProto.FLOAT, np.float32), ("float16"
             s.run_with_iobinding(b)
             ts.append(time.perf_counter() - t)
         print(f"{name} cache, {past + 1} tokens: {statistics.median(ts) * 1e6:.0f} us")
+
+
+def grouped_session() -> ort.InferenceSession:
+    """Scores of the query heads of each KV head as one product, softmax, weighted values (no cache write, no rotary)."""
+    f, group = TensorProto.FLOAT, H // KV
+    nodes = [
+        helper.make_node("FusedMatMul", ["q", "k"], ["s"], domain="com.microsoft", transB=1, alpha=D**-0.5),
+        helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["o"]),
+    ]
+    shapes = {"q": [KV, group, D], "k": [KV, "n", D], "v": [KV, "n", D]}
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, f, shape) for n, shape in shapes.items()], [helper.make_tensor_value_info("o", f, [KV, group, D])]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+s = grouped_session()
+for n in (64, 2000):
+    b = s.io_binding()
+    b.bind_cpu_input("q", rng.standard_normal((KV, H // KV, D)).astype(np.float32))
+    b.bind_cpu_input("k", rng.standard_normal((KV, n, D)).astype(np.float32))
+    b.bind_cpu_input("v", rng.standard_normal((KV, n, D)).astype(np.float32))
+    b.bind_output("o")
+    s.run_with_iobinding(b)
+    ts = []
+    for _ in range(300):
+        t = time.perf_counter()
+        s.run_with_iobinding(b)
+        ts.append(time.perf_counter() - t)
+    print(f"grouped matrix products, {n} tokens: {statistics.median(ts) * 1e6:.0f} us")
