@@ -60,6 +60,17 @@ def session(cache: int) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def median_us(s: ort.InferenceSession, b: ort.IOBinding) -> float:
+    """Median microseconds of 300 runs after one warm-up."""
+    s.run_with_iobinding(b)
+    ts = []
+    for _ in range(300):
+        t = time.perf_counter()
+        s.run_with_iobinding(b)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e6
+
+
 rng = np.random.default_rng(0)
 q, k, v = (rng.standard_normal((1, 1, n * D)).astype(np.float32) for n in (H, KV, KV))
 for name, elem, dtype in (("float32", TensorProto.FLOAT, np.float32), ("float16", TensorProto.FLOAT16, np.float16)):
@@ -77,13 +88,7 @@ for name, elem, dtype in (("float32", TensorProto.FLOAT, np.float32), ("float16"
         b.bind_ortvalue_output("ok", pk)
         b.bind_ortvalue_output("ov", pv)
         b.bind_output("o")
-        s.run_with_iobinding(b)
-        ts = []
-        for _ in range(300):
-            t = time.perf_counter()
-            s.run_with_iobinding(b)
-            ts.append(time.perf_counter() - t)
-        print(f"{name} cache, {past + 1} tokens: {statistics.median(ts) * 1e6:.0f} us")
+        print(f"{name} cache, {past + 1} tokens: {median_us(s, b):.0f} us")
 
 
 def grouped_session() -> ort.InferenceSession:
@@ -112,10 +117,4 @@ for n in (64, 2000):
     b.bind_cpu_input("k", rng.standard_normal((KV, n, D)).astype(np.float32))
     b.bind_cpu_input("v", rng.standard_normal((KV, n, D)).astype(np.float32))
     b.bind_output("o")
-    s.run_with_iobinding(b)
-    ts = []
-    for _ in range(300):
-        t = time.perf_counter()
-        s.run_with_iobinding(b)
-        ts.append(time.perf_counter() - t)
-    print(f"grouped matrix products, {n} tokens: {statistics.median(ts) * 1e6:.0f} us")
+    print(f"grouped matrix products, {n} tokens: {median_us(s, b):.0f} us")
