@@ -19,13 +19,12 @@ from balcony_edge.base_model import SUPPORTED_MODEL_TYPES, BaseModel, load_base_
 from balcony_edge.common.errors import CheckpointError, ExitsError
 from balcony_edge.exits import parse_exits
 from balcony_edge.model import BalconyConfig, BalconyModel
+from balcony_edge.common.paths import CHECKPOINT_WEIGHTS_FILE as WEIGHTS_FILE, SHIPPED_CHECKPOINT
 from balcony_edge.common.validation import is_whole_number
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "balcony_config.json"
-WEIGHTS_FILE = "balconies.safetensors"
 STATE_FILE = "training_state.pt"
-SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "smollm2"
 
 
 @dataclass(frozen=True)

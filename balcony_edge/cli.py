@@ -328,20 +328,27 @@ ExportArg = Annotated[Optional[Path], typer.Argument(help="Export folder; defaul
 
 
 def _default_export() -> Path:
-    """The default export folder, exported from the shipped checkpoint the first time (needs the train extra)."""
+    """The default export folder, exported from the shipped checkpoint the first time, and again when the shipped
+    checkpoint has changed since (needs the train extra; without it an older export is used, with a warning)."""
     from balcony_edge.common.paths import default_export_dir
+    from balcony_edge.export.provenance import older_than_shipped
 
     folder = default_export_dir()
-    if (folder / "manifest.json").is_file():
+    exists = (folder / "manifest.json").is_file()
+    if exists and not older_than_shipped(folder):
         return folder
     try:
         from balcony_edge.export.exporter import ExportConfig, export_checkpoint
     except ImportError:
+        if exists:
+            _warner("export")(f"{folder} holds older balconies than the shipped ones; run `balcony-edge export --force` where the train extra is installed")
+            return folder
         raise BalconyError(
             f"no default export at {folder}; create one with `balcony-edge export` where the train extra is installed, or give an export folder"
         ) from None
-    console.print(f"[dim]first use: exporting the shipped checkpoint to {folder} (under a minute, once)[/dim]")
-    return export_checkpoint(ExportConfig(checkpoint=None, out=folder))
+    why = "the shipped checkpoint changed since the default export was made" if exists else "first use"
+    console.print(f"[dim]{why}: exporting the shipped checkpoint to {folder} (under a minute, once)[/dim]")
+    return export_checkpoint(ExportConfig(checkpoint=None, out=folder, force=exists))
 
 
 def _signal_hub(signals: Optional[str], clock: str):

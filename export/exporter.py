@@ -39,6 +39,7 @@ from balcony_edge.runtime.manifest import (
 )
 from balcony_edge.export.compose import compose_exit
 from balcony_edge.export.genai import write_genai_folders
+from balcony_edge.export.provenance import checkpoint_identity
 from balcony_edge.export.pieces import PieceGraphs, balcony_slot, exit_chain, layer_slot, piece_layout
 from balcony_edge.export.quality import against_full
 from balcony_edge.export.quantize import check_quantization, quantization_info, quantize_graph
@@ -104,7 +105,7 @@ def _export_locked(config: ExportConfig, checkpoint: Path, out: Path, exits: tup
     check_disk_space(out, parameter_bytes(export_model))
 
     def fill(staging: Path) -> None:
-        write_export(staging, config, model, export_model, info, base, exits)
+        write_export(staging, config, model, export_model, info, base, exits, checkpoint_identity(checkpoint))
 
     try:
         write_folder_atomically(out, fill)
@@ -182,8 +183,10 @@ def write_export(
     info: CheckpointInfo,
     base: BaseModel,
     exits: tuple[int, ...],
+    source: dict,
 ) -> None:
-    """Fill a staging folder: piece graphs, exit graphs and weights, tokenizer files, report.json (verified), manifest.json last."""
+    """Fill a staging folder: piece graphs, exit graphs and weights, tokenizer files, report.json (verified; `source`:
+    which checkpoint), manifest.json last."""
     started = time.perf_counter()
     quality = against_full(model, base.tokenizer)
     builder = PieceGraphs(export_model, NUMPY_DTYPES[config.dtype], tie_head_as_gemm=config.quantize is None)
@@ -238,6 +241,7 @@ def write_export(
     report = {
         "precision": config.precision,
         "exported_with": tool_versions(),
+        "checkpoint": source,
         "export_seconds": round(time.perf_counter() - started, 2),
         "weights_file_bytes": weights.size,
         "parameter_bytes": parameter_bytes(export_model),

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 SHIPPED_EXPORT_NAME = "smollm2-balcony"
+SHIPPED_CHECKPOINT = Path(__file__).parent.parent / "checkpoints" / "smollm2"
+CHECKPOINT_WEIGHTS_FILE = "balconies.safetensors"  # a checkpoint's balcony weights
 
 
 def cache_dir() -> Path:
