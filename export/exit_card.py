@@ -19,11 +19,15 @@ DATA_TERMS = {
 
 def data_terms(training: dict) -> list[str]:
     """The training data sources and the terms each carries (unknown sources: their own licence applies)."""
-    sources = training.get("data") or []
-    if "init_from" in training:
-        sources = [*sources, *(training["init_from"].get("training", {}).get("data") or [])]
+    sources = training_sources(training)
     names = dict.fromkeys(str(source).rsplit(":", 1)[0] if ":" in str(source) else str(source) for source in sources)
     return [f"{name}: {DATA_TERMS.get(name, 'its own licence applies')}" for name in names]
+
+
+def training_sources(training: dict) -> list[str]:
+    """The `--data` sources of a run and of every run it started from (--init-from, however deep)."""
+    before = training.get("init_from", {}).get("training", {})
+    return [*(training.get("data") or []), *(training_sources(before) if before else [])]
 
 
 def training_tokens(training: dict) -> int:

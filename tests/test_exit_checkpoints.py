@@ -143,3 +143,15 @@ def test_force_replaces_only_a_folder_this_export_wrote(tmp_path, tiny_checkpoin
     export_exit_checkpoints(ExitCheckpointConfig(format="hf", checkpoint=tiny_checkpoint, out=out, force=True))
     assert sorted(p.name for p in out.iterdir()) == sorted(["exit_1", "exit_2", LISTING_FILE])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder or lock left behind
+
+
+def test_a_card_counts_the_tokens_and_data_of_every_run_it_started_from():
+    from balcony_edge.export.exit_card import data_terms, training_tokens
+
+    first = {"tokens_seen": 100, "data": ["bbc-news:0.7", "chat.jsonl:0.3"]}
+    second = {"tokens_seen": 20, "data": ["code.jsonl"], "init_from": {"path": "runs/a", "training": first}}
+    third = {"tokens_seen": 3, "data": ["code.jsonl:0.5", "readmes.jsonl:0.5"], "init_from": {"path": "runs/b", "training": second}}
+    assert training_tokens(third) == 123
+    terms = data_terms(third)
+    assert [t.split(":")[0] for t in terms] == ["code.jsonl", "readmes.jsonl", "bbc-news", "chat.jsonl"]
+    assert "non-commercial" in terms[2]
