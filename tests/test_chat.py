@@ -61,7 +61,8 @@ def test_interactive_chat_streams_answers_and_obeys_commands(tiny_export, own_ca
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(tiny_export):
-    chat = spawn_chat(tiny_export, "--budget full --plain --max-new-tokens 100000 --signals temperature_degc=50 --sliding-window")
+    # Greedy: the tiny model never picks its end token then (sampled, an answer sometimes ended before the interrupt).
+    chat = spawn_chat(tiny_export, "--budget full --plain --temperature 0 --max-new-tokens 100000 --signals temperature_degc=50 --sliding-window")
     chat.expect("> ")
     chat.sendline("Tell me everything.")
     chat.expect(r"\[4\]")
