@@ -18,22 +18,22 @@ DATA_TERMS = {
 
 
 def data_terms(training: dict) -> list[str]:
-    """The training data sources and the terms each carries (unknown sources: their own licence applies)."""
-    sources = training_sources(training)
+    """The training data sources, of every run the balconies started from too, and the terms each carries (unknown
+    sources: their own licence applies)."""
+    sources = [source for run in training_runs(training) for source in run.get("data") or []]
     names = dict.fromkeys(str(source).rsplit(":", 1)[0] if ":" in str(source) else str(source) for source in sources)
     return [f"{name}: {DATA_TERMS.get(name, 'its own licence applies')}" for name in names]
 
 
-def training_sources(training: dict) -> list[str]:
-    """The `--data` sources of a run and of every run it started from (--init-from, however deep)."""
+def training_runs(training: dict) -> list[dict]:
+    """A run's training record and those of every run it started from (--init-from, however deep), newest first."""
     before = training.get("init_from", {}).get("training", {})
-    return [*(training.get("data") or []), *(training_sources(before) if before else [])]
+    return [training, *(training_runs(before) if before else [])]
 
 
 def training_tokens(training: dict) -> int:
-    """Tokens the balconies saw, counting the run they started from (--init-from)."""
-    before = training.get("init_from", {}).get("training", {})
-    return int(training.get("tokens_seen", 0)) + (training_tokens(before) if before else 0)
+    """Tokens the balconies saw, counting every run they started from."""
+    return sum(int(run.get("tokens_seen", 0)) for run in training_runs(training))
 
 
 def exit_card(k: int, model: BalconyModel, info: CheckpointInfo, quality: AgainstFull, base_license: str | None) -> str:

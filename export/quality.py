@@ -44,8 +44,9 @@ def against_full(model: BalconyModel, tokenizer) -> AgainstFull:
     def perplexity(scores: torch.Tensor) -> float:
         return float(torch.nn.functional.cross_entropy(scores[0, :-1], ids[0, 1:]).exp())
 
+    full_top1, full_perplexity = full.argmax(-1), perplexity(full)
     return AgainstFull(
-        top1={k: float((scores.argmax(-1) == full.argmax(-1)).float().mean()) for k, scores in logits.items()},
-        perplexity_ratio={k: perplexity(scores) / perplexity(full) for k, scores in logits.items()},
+        top1={k: float((scores.argmax(-1) == full_top1).float().mean()) for k, scores in logits.items()},
+        perplexity_ratio={k: perplexity(scores) / full_perplexity for k, scores in logits.items()},
         tokens=ids.shape[1],
     )

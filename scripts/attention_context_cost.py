@@ -21,6 +21,15 @@ from onnx import TensorProto, helper
 H, KV, D, CAP = 9, 3, 64, 2048
 
 
+def two_thread_session(graph) -> ort.InferenceSession:
+    """A CPU session with two intra-op threads for one small graph (opset 17 + com.microsoft)."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def session(cache: int) -> ort.InferenceSession:
     """GroupQueryAttention with float32 Q, K, V and output; with a float16 cache the node runs in float16 between casts."""
     f = TensorProto.FLOAT
@@ -53,11 +62,22 @@ def session(cache: int) -> ort.InferenceSession:
             helper.make_tensor_value_info("ov", cache, [1, KV, "cap", D]),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 10
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return two_thread_session(graph)
+
+
+def grouped_session() -> ort.InferenceSession:
+    """Scores of the query heads of each KV head as one product, softmax, weighted values (no cache write, no rotary)."""
+    f, group = TensorProto.FLOAT, H // KV
+    nodes = [
+        helper.make_node("FusedMatMul", ["q", "k"], ["s"], domain="com.microsoft", transB=1, alpha=D**-0.5),
+        helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["o"]),
+    ]
+    shapes = {"q": [KV, group, D], "k": [KV, "n", D], "v": [KV, "n", D]}
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, f, shape) for n, shape in shapes.items()], [helper.make_tensor_value_info("o", f, [KV, group, D])]
+    )
+    return two_thread_session(graph)
 
 
 def median_us(s: ort.InferenceSession, b: ort.IOBinding) -> float:
@@ -89,25 +109,6 @@ for name, elem, dtype in (("float32", TensorProto.FLOAT, np.float32), ("float16"
         b.bind_ortvalue_output("ov", pv)
         b.bind_output("o")
         print(f"{name} cache, {past + 1} tokens: {median_us(s, b):.0f} us")
-
-
-def grouped_session() -> ort.InferenceSession:
-    """Scores of the query heads of each KV head as one product, softmax, weighted values (no cache write, no rotary)."""
-    f, group = TensorProto.FLOAT, H // KV
-    nodes = [
-        helper.make_node("FusedMatMul", ["q", "k"], ["s"], domain="com.microsoft", transB=1, alpha=D**-0.5),
-        helper.make_node("Softmax", ["s"], ["p"], axis=-1),
-        helper.make_node("MatMul", ["p", "v"], ["o"]),
-    ]
-    shapes = {"q": [KV, group, D], "k": [KV, "n", D], "v": [KV, "n", D]}
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info(n, f, shape) for n, shape in shapes.items()], [helper.make_tensor_value_info("o", f, [KV, group, D])]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 10
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 s = grouped_session()
