@@ -324,6 +324,23 @@ def _check_output_folder(path: Optional[Path], option: str) -> None:
         raise BalconyError(f"{option} {path}: folder {path.parent} does not exist; create it or choose another path")
 
 
+def _thread_pool_choice(value: str) -> str:
+    """The --thread-pool value, checked when the command line is read (before any slow load)."""
+    from balcony_edge.runtime.sessions import THREAD_POOLS
+
+    if value not in THREAD_POOLS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(THREAD_POOLS)}")
+    return value
+
+
+ThreadPoolOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="BALCONY_EDGE_THREAD_POOL",
+        callback=_thread_pool_choice,
+        help="process: every piece on onnxruntime's one pool for the process (spins; fastest on a CPU); session: a pool per piece, spinning off.",
+    ),
+]
 ExportArg = Annotated[Optional[Path], typer.Argument(help="Export folder; default: the default export, created from the shipped checkpoint on first use.")]
 
 
@@ -392,6 +409,7 @@ def chat(
     provider: Annotated[Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for onnxruntime.")] = None,
     sliding_window: Annotated[bool, typer.Option("--sliding-window", help="Past the context length, keep the newest half instead of stopping.")] = False,
+    thread_pool: ThreadPoolOpt = "process",
     trust_modified: TrustOpt = False,
 ) -> None:
     """Chat with the model, switching exits between tokens from the budget and the device's signals."""
@@ -410,7 +428,14 @@ def chat(
     with contextlib.ExitStack() as stack:  # the telemetry file and the signal sources are closed whatever happens
         writer = stack.enter_context(TelemetryWriter(telemetry, on_warning=_warner("telemetry"))) if telemetry else None
         hub = stack.enter_context(_signal_hub(signals, signals_clock))
-        engine = Engine.load(export_folder or _default_export(), providers=provider, threads=threads, trust_modified=trust_modified, warn=_warner("export"))
+        engine = Engine.load(
+            export_folder or _default_export(),
+            providers=provider,
+            threads=threads,
+            trust_modified=trust_modified,
+            warn=_warner("export"),
+            thread_pool=thread_pool,
+        )
         session = ChatSession(engine, parsed_budget, sampling, hub, writer, max_new_tokens, plain, sliding_window=sliding_window, system=system)
         if prompt is not None:
             session.answer(prompt)
@@ -438,6 +463,7 @@ def serve(
     signals: Annotated[Optional[str], typer.Option(help="A JSONL trace to replay, or fixed values; default: this device's sensors.")] = None,
     provider: Annotated[Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for onnxruntime.")] = None,
+    thread_pool: ThreadPoolOpt = "process",
     trust_modified: TrustOpt = False,
 ) -> None:
     """An OpenAI-compatible HTTP server (chat/completions, completions, models, health, metrics) over the engine."""
@@ -461,6 +487,7 @@ def serve(
         cors=tuple(cors or ()),
         providers=provider,
         threads=threads,
+        thread_pool=thread_pool,
         trust_modified=trust_modified,
     )
     with _signal_hub(signals, "time") as hub:
@@ -489,6 +516,7 @@ def bench(
     threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads for onnxruntime and torch; default: theirs.")] = None,
     provider: Annotated[str, typer.Option(help="tensorrt, cuda or cpu.")] = "cpu",
     prepack: Annotated[bool, typer.Option("--prepack/--no-prepack", help="CPU weight prepacking (--no-prepack: to measure what it brings).")] = True,
+    thread_pool: ThreadPoolOpt = "process",
     floor: Annotated[bool, typer.Option("--floor/--no-floor", help="Measure each exit's floor (a truncated base model; needs torch once).")] = True,
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Measure torch generate and llama.cpp on the same base model.")] = True,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure RSS of all exits against the full model alone.")] = True,
@@ -514,6 +542,7 @@ def bench(
         threads=threads,
         provider=provider,
         prepack=prepack,
+        thread_pool=thread_pool,
         floors=floor,
         peers=peers,
         memory=memory,

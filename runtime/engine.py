@@ -26,7 +26,7 @@ from balcony_edge.runtime.manifest import Manifest
 from balcony_edge.runtime.sampling import Sampler, SamplingConfig
 from balcony_edge.runtime.graph_runner import PieceRunner
 from balcony_edge.runtime.sequence import Sequence
-from balcony_edge.runtime.sessions import SessionSettings, SharedWeights, device_of, open_session, resolve_providers
+from balcony_edge.runtime.sessions import ProcessPool, SessionSettings, SharedWeights, device_of, open_session, resolve_providers
 from balcony_edge.runtime.signal_hub import SignalHub
 from balcony_edge.runtime.text import PromptError, TextCodec, TextStream, check_prompt_text
 
@@ -81,6 +81,7 @@ class Engine:
         prepack: bool = True,
         trust_modified: bool = False,
         warn: Callable[[str], None] | None = None,
+        thread_pool: str = "session",
     ) -> Engine:
         """Load an export folder (default: the default export); providers tried in order: TensorRT, CUDA, CPU.
 
@@ -90,19 +91,19 @@ class Engine:
 
         prepack: CPU MatMul weight prepacking (on: each weight is in one piece's session, so packing copies nothing
         twice; off only to measure what it brings).
+
+        thread_pool: "session" (default) gives each piece's session a pool of its own, spinning off; "process" runs
+        every piece on onnxruntime's one process-wide pool, which spins between nodes and is faster on a CPU (README,
+        "Benchmarks"), but once it exists onnxruntime refuses every later session in the process that asks for a pool
+        of its own: choose it when this process makes no other onnxruntime sessions (as `chat` and `serve` do).
         """
-        if folder is not None and not isinstance(folder, (str, os.PathLike)):
-            raise BalconyError(f"the export folder must be a path (str or pathlib.Path), not {type(folder).__name__}")
-        folder = readable_folder(Path(folder) if folder is not None else default_export_dir())
-        if folder.is_file():
-            raise BalconyError(f"{folder} is a file, not an export folder; pass the folder that holds it ({folder.parent})")
-        if not folder.is_dir():
-            raise BalconyError(f"export folder {folder} does not exist; create it with `balcony-edge export`")
-        settings = SessionSettings(providers=resolve_providers(providers), threads=threads, trt_cache=str(cache_dir() / "tensorrt"), prepack=prepack)
+        folder = export_folder(folder)
+        settings = session_settings(providers, threads, prepack, thread_pool)
         return cls(folder, Manifest.load(folder), settings, trust_modified=trust_modified, warn=warn)
 
     def _open_sessions(self, settings: SessionSettings):
         """Sessions on the first provider that opens them all; what failed before is kept in `fallbacks`."""
+        ProcessPool.admit(settings.thread_pool, settings.threads)  # its errors concern every provider alike
         fallbacks: dict[str, str] = {}
         for provider in settings.providers:
             device = device_of(provider)
@@ -165,7 +166,7 @@ class Engine:
         graphs = "-".join(self.manifest.files[e.graph][:8] for e in self.manifest.exits)
         threads = self.settings.threads or 0  # 0: onnxruntime's default
         packed = "" if self.prepack else "-unpacked"
-        return cache_dir() / "calibration" / f"{graphs}-{self.provider}-{threads}{packed}.json"
+        return cache_dir() / "calibration" / f"{graphs}-{self.provider}-{threads}{packed}-{self.settings.thread_pool}.json"
 
     def calibrate(self) -> dict[str, float]:
         """Median decode step per exit after a short prompt (ms), exit -> ms."""
@@ -251,6 +252,25 @@ class Engine:
         if budget.is_fixed:
             return [ExitProfile(e.exit, 1.0, e.weight_bytes_per_token, e.quality) for e in self.manifest.exits]
         return self.profiles()
+
+
+def export_folder(folder: str | Path | None) -> Path:
+    """The export folder asked for (None: the default export), or a one-line error when it is not one."""
+    if folder is not None and not isinstance(folder, (str, os.PathLike)):
+        raise BalconyError(f"the export folder must be a path (str or pathlib.Path), not {type(folder).__name__}")
+    folder = readable_folder(Path(folder) if folder is not None else default_export_dir())
+    if folder.is_file():
+        raise BalconyError(f"{folder} is a file, not an export folder; pass the folder that holds it ({folder.parent})")
+    if not folder.is_dir():
+        raise BalconyError(f"export folder {folder} does not exist; create it with `balcony-edge export`")
+    return folder
+
+
+def session_settings(providers: list[str] | None, threads: int | None, prepack: bool = True, thread_pool: str = "session") -> SessionSettings:
+    """How an engine's sessions are made: the providers this onnxruntime has, in order, and the TensorRT cache in ours."""
+    return SessionSettings(
+        providers=resolve_providers(providers), threads=threads, trt_cache=str(cache_dir() / "tensorrt"), prepack=prepack, thread_pool=thread_pool
+    )
 
 
 # onnxruntime-gpu's messages when the machine has no usable CUDA (driver, device or libraries), in a few words.

@@ -27,26 +27,38 @@ class ContextFullError(BalconyError):
 
 
 class Boundary:
-    """Hidden states at one depth for the positions [start, start + len(rows)) that a deeper piece may still need."""
+    """Hidden states at one depth for the positions [start, end) that a deeper piece may still need, in a buffer
+    that grows by doubling: a step writes its row in place, however many rows a lagging piece keeps held."""
 
     def __init__(self):
-        self.start, self.rows = 0, None
+        self.start = self.end = 0
+        self._base = 0  # the buffer row of position `start`
+        self._buffer = np.empty((1, 0, 0), dtype=np.float32)
 
     def take(self, start: int, end: int) -> np.ndarray:
-        return self.rows[:, start - self.start : end - self.start]
+        return self._buffer[:, self._base + start - self.start : self._base + end - self.start]
 
     def put(self, start: int, rows: np.ndarray) -> None:
         """Store rows for positions start.. (replacing those from start on), keeping earlier rows still held."""
-        if self.rows is None or start <= self.start or start > self.start + self.rows.shape[1]:
-            self.start, self.rows = start, rows
-        else:
-            self.rows = np.concatenate([self.rows[:, : start - self.start], rows], axis=1)
+        if start <= self.start or start > self.end:
+            self.start = self.end = start
+            self._base = 0
+        self.end = start  # rows from `start` on are replaced
+        held = self.end - self.start
+        needed = held + rows.shape[1]
+        if self._base + needed > self._buffer.shape[1] or self._buffer.shape[2] != rows.shape[2] or self._buffer.dtype != rows.dtype:
+            buffer = np.empty((1, max(2 * needed, 64), rows.shape[2]), dtype=rows.dtype)
+            if held:
+                buffer[:, :held] = self._buffer[:, self._base : self._base + held]
+            self._buffer, self._base = buffer, 0
+        self._buffer[:, self._base + held : self._base + needed] = rows
+        self.end = start + rows.shape[1]
 
     def drop_before(self, position: int) -> None:
         """Forget rows before `position` (every consumer has them)."""
-        if self.rows is not None and position > self.start:
-            cut = min(position - self.start, self.rows.shape[1])
-            self.rows, self.start = self.rows[:, cut:], self.start + cut
+        if position > self.start:
+            cut = min(position, self.end) - self.start
+            self.start, self._base = self.start + cut, self._base + cut
 
 
 class Sequence:

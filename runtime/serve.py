@@ -31,6 +31,7 @@ class ServeOptions:
     cors: tuple[str, ...] = ()
     providers: list[str] | None = None
     threads: int | None = None
+    thread_pool: str = "session"
     trust_modified: bool = False
 
 
@@ -50,7 +51,9 @@ def build_app(options: ServeOptions, hub: SignalHub, default_export: Callable[[]
         cors_origins=options.cors,
     )
     folder = options.export or default_export()
-    engine = Engine.load(folder, providers=options.providers, threads=options.threads, trust_modified=options.trust_modified, warn=warn)
+    engine = Engine.load(
+        folder, providers=options.providers, threads=options.threads, trust_modified=options.trust_modified, warn=warn, thread_pool=options.thread_pool
+    )
     controller = DeviceController(Controller(engine.controller_profiles(budget), budget))
     config = replace(config, model_name=options.model_name or model_name_of(folder))
     return create_app(engine, config, controller, hub), engine, config

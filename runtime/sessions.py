@@ -4,6 +4,7 @@ the one session of the one piece that uses it (the shared rotary tables excepted
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from balcony_edge.runtime.manifest import Manifest, Piece
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+THREAD_POOLS = ("session", "process")  # a pool per piece's session, or onnxruntime's one pool for the whole process
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,11 @@ class SessionSettings:
     threads: int | None = None  # intra-op threads; None: onnxruntime's default (all cores)
     trt_cache: str | None = None  # folder for TensorRT engine and timing caches
     prepack: bool = True  # CPU MatMul weight prepacking (off only to measure what it brings)
+    thread_pool: str = "session"  # "process": every piece on onnxruntime's process-wide pool (see process_thread_pool)
 
     def __post_init__(self) -> None:
+        if self.thread_pool not in THREAD_POOLS:
+            raise BalconyError(f"thread pool {self.thread_pool!r} is unknown; choose session or process")
         if self.threads is not None and not (is_whole_number(self.threads) and self.threads >= 1):
             raise BalconyError(f"threads {self.threads!r} must be a whole number, at least 1 (or None for all cores)")
         cores = os.cpu_count() or 1
@@ -91,16 +96,54 @@ class SharedWeights:
         return sum(self.manifest.weights[name].length for name in self._values)
 
 
-def session_options(threads: int | None, prepack: bool) -> ort.SessionOptions:
-    """Options of every session: all graph optimisations, intra-op threads (None: all cores), prepacking on or off."""
+class ProcessPool:
+    """onnxruntime's one thread pool for the whole process, made once. onnxruntime refuses, after it exists, every
+    session of the process that asks for threads of its own, so only a process that holds nothing else opts in
+    (`chat`, `serve` and the bench do; a library's host application decides for itself)."""
+
+    _lock = threading.Lock()
+    threads: int | None = None
+    made = False
+
+    @classmethod
+    def ensure(cls, threads: int | None) -> None:
+        """Make the pool with `threads` intra-op threads (None: one per physical core), or check the one made before."""
+        with cls._lock:
+            if cls.made and cls.threads != threads:
+                have = cls.threads or "one per physical core"
+                raise BalconyError(f"this process's onnxruntime thread pool has {have} threads; load with threads={cls.threads} (it cannot change once made)")
+            if not cls.made:
+                ort.set_global_thread_pool_sizes(threads or 0, 1)
+                cls.threads, cls.made = threads, True
+
+    @classmethod
+    def admit(cls, thread_pool: str, threads: int | None) -> None:
+        """Make or check the pool for sessions on it; for sessions with pools of their own, a clear error instead of
+        onnxruntime's when the process pool already exists."""
+        if thread_pool == "process":
+            cls.ensure(threads)
+        elif cls.made:
+            raise BalconyError(
+                "this process already runs onnxruntime on one process-wide thread pool (an earlier thread_pool='process'), "
+                "and onnxruntime allows no session a pool of its own after that; load with thread_pool='process'"
+            )
+
+
+def session_options(threads: int | None, prepack: bool, thread_pool: str = "session") -> ort.SessionOptions:
+    """Options of every session: all graph optimisations, prepacking on or off, and threads: a pool of its own with
+    `threads` intra-op threads (None: all cores) and no spinning, or the process's one pool (which spins)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Every piece has its own session and thread pool; spinning workers of idle pools would take the cores from the
-    # piece that runs (measured: full depth 12.6 tok/s spinning, 30.7 not, on 2 cores).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    ProcessPool.admit(thread_pool, threads)
+    if thread_pool == "process":
+        options.use_per_session_threads = False
+    else:
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Every piece has its own session and thread pool; spinning workers of idle pools would take the cores from
+        # the piece that runs (measured: full depth 12.6 tok/s spinning, 30.7 not, on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -109,7 +152,7 @@ def session_options(threads: int | None, prepack: bool) -> ort.SessionOptions:
 
 def open_session(folder: Path, piece: Piece, weights: SharedWeights, provider: str, settings: SessionSettings) -> ort.InferenceSession:
     """A session for one piece's graph whose weights are lent from the memory-mapped weights file."""
-    options = session_options(settings.threads, settings.prepack)
+    options = session_options(settings.threads, settings.prepack, settings.thread_pool)
     for name in piece.weights:
         options.add_initializer(name, weights.value(name))
     providers = [_provider_options(provider, settings, weights.device)]

@@ -7,6 +7,9 @@ import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Commands run in this process (main([...]), CliRunner) keep per-session onnxruntime pools: a process-wide pool, the
+# commands' default, would refuse every later test's session; tests in subprocesses drop this to run the default.
+os.environ["BALCONY_EDGE_THREAD_POOL"] = "session"
 
 import pytest
 import torch

@@ -128,7 +128,7 @@ def test_bench_command_prints_json_and_writes_the_plot(tiny_export, tmp_path):
     assert plot.stat().st_size > 0
 
 
-def test_bench_without_torch_skips_floors_and_torch_with_notes(tiny_export):
+def test_bench_without_torch_skips_floors_and_torch_with_notes_on_the_process_pool(tiny_export):
     import subprocess
     import sys
 
@@ -140,7 +140,9 @@ def test_bench_without_torch_skips_floors_and_torch_with_notes(tiny_export):
 import json
 from pathlib import Path
 from balcony_edge.bench import BenchConfig, run_bench
-config = BenchConfig(export=Path({str(tiny_export)!r}), new_tokens=3, prompt_tokens=8, repeats=1, threads=1, memory=False, say=lambda t: None)
+config = BenchConfig(
+    export=Path({str(tiny_export)!r}), new_tokens=3, prompt_tokens=8, repeats=1, threads=1, memory=False, thread_pool="process", say=lambda t: None
+)
 print(json.dumps(run_bench(config)))
 """
     )
@@ -148,6 +150,7 @@ print(json.dumps(run_bench(config)))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert [row["floor_tok_s"] is None for row in result["exits"]] == [True, True, False]  # the bare loop still runs
+    assert result["thread_pool"] == "process" and result["bare_tokens_match"] is True  # bare loop first, then the pool
     assert "skipped" in result["peers"]["torch"] and result["engine_vs_torch"] is None
     assert any("floors skipped" in note and "torch" in note for note in result["notes"])
 

@@ -105,6 +105,7 @@ def test_telemetry_that_cannot_be_written_fails_before_generating(tiny_export, t
         (["export", "--quantize", "int3"], ["int3"]),
         (["bench", "--repeats", "0"], ["--repeats 0 must be at least 1"]),
         (["bench", "--threads", "-2"], ["'--threads'"]),
+        (["chat", "--thread-pool", "spin"], ["'--thread-pool'", "'spin' is not one of session, process"]),
         (["bench", "--eval", "e.json", "--checkpoint", "c"], ["--eval and --checkpoint both set"]),
         (["bench", "--plot", "no/such/folder/b.png"], ["--plot no/such/folder/b.png", "does not exist"]),
         (["plot", "no-such-telemetry.jsonl"], ["no-such-telemetry.jsonl"]),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from balcony_edge.runtime import Engine
-from balcony_edge.runtime.sequence import ContextFullError
+from balcony_edge.runtime.sequence import Boundary, ContextFullError
 from balcony_edge.runtime.telemetry import TelemetryWriter, read_telemetry
 
 
@@ -42,6 +42,38 @@ def test_switching_exit_gives_static_exit_logits(engine):
             np.testing.assert_allclose(logits, static[int(exit)][position], rtol=0, atol=1e-4)
             if position + 1 < len(tokens):
                 sequence.append(tokens[position + 1])
+
+
+def test_a_long_deep_stretch_then_shallow_catches_up_exactly(engine):
+    """Hidden states held for a lagging balcony across buffer growth (more rows than the first buffer holds)."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, engine.manifest.vocab_size, size=160).tolist()
+    static = _static_logits(engine, tokens)
+    shallow, deep = engine.exits[0], engine.exits[-1]
+    schedule = [deep] * 100 + [shallow] * 10 + [deep, shallow] * 24 + [deep]
+    sequence = engine.sequence(tokens[:1])
+    for position, exit in enumerate(schedule):
+        np.testing.assert_allclose(sequence.logits(exit), static[exit][position], rtol=0, atol=1e-4)
+        sequence.append(tokens[position + 1])
+
+
+def test_a_boundary_keeps_exactly_the_rows_put_and_not_dropped():
+    rng = np.random.default_rng(2)
+    boundary, expected = Boundary(), {}
+    end = 0
+    for _ in range(300):
+        if rng.random() < 0.2 and expected:
+            position = int(rng.integers(min(expected), end + 1))
+            boundary.drop_before(position)
+            expected = {p: row for p, row in expected.items() if p >= position}
+            continue
+        start = int(rng.integers(max(min(expected, default=0), end - 3), end + 1))
+        rows = rng.standard_normal((1, int(rng.integers(1, 40)), 4)).astype(np.float32)
+        boundary.put(start, rows)
+        expected = {p: row for p, row in expected.items() if p < start} | {start + i: rows[0, i] for i in range(rows.shape[1])}
+        end = start + rows.shape[1]
+        held = sorted(expected)
+        np.testing.assert_array_equal(boundary.take(held[0], end)[0], np.stack([expected[p] for p in held]))
 
 
 def test_deepening_recomputes_exactly_the_backlog(engine):

@@ -12,8 +12,10 @@ from pathlib import Path
 import onnxruntime as ort
 
 from balcony_edge.common.errors import BalconyError
-from balcony_edge.runtime.engine import Engine
+from balcony_edge.runtime.engine import Engine, export_folder, session_settings
+from balcony_edge.runtime.integrity import check_export_files
 from balcony_edge.runtime.manifest import Manifest
+from balcony_edge.runtime.text import TextCodec
 from balcony_edge.bench.decode import CONTEXTS, BareDecoder, DecodeStats, EngineDecoder, context_step_ratio, measure
 from balcony_edge.bench.switching import BACKLOGS, switch_costs
 
@@ -35,6 +37,7 @@ class BenchConfig:
     threads: int | None = None  # intra-op threads (onnxruntime and torch); None: their defaults (all cores)
     provider: str = "cpu"
     prepack: bool = True  # CPU weight prepacking (False: to measure what it brings)
+    thread_pool: str = "session"  # the engine's onnxruntime threads (runtime.sessions); the command measures "process", as chat runs
     floors: bool = True
     peers: bool = True
     memory: bool = True
@@ -62,10 +65,10 @@ def export_precision(manifest: Manifest) -> str:
     return method if manifest.dtype == "fp32" else f"{manifest.dtype}-{method}"
 
 
-def bench_prompt(engine: Engine, length: int) -> list[int]:
+def bench_prompt(codec: TextCodec, manifest: Manifest, length: int) -> list[int]:
     """A fixed English prompt of exactly `length` tokens (the text repeated), within the context length."""
-    piece = engine.codec.encode(PROMPT_TEXT)
-    length = min(length, engine.manifest.generation.context_length // 2)
+    piece = codec.encode(PROMPT_TEXT)
+    length = min(length, manifest.generation.context_length // 2)
     return (piece * (length // len(piece) + 1))[:length]
 
 
@@ -95,29 +98,28 @@ def machine_info(provider: str, threads: int | None) -> dict:
 def run_bench(config: BenchConfig) -> dict:
     """Measure the export; returns the JSON object `bench --json` writes."""
     say = config.say
-    engine = Engine.load(
-        config.export,
-        providers=[config.provider],
-        threads=config.threads,
-        prepack=config.prepack,
-        trust_modified=config.trust_modified,
-        warn=config.say,
-    )
-    manifest = engine.manifest
-    prompt = bench_prompt(engine, config.prompt_tokens)
+    folder = export_folder(config.export)
+    manifest = Manifest.load(folder)
+    check_export_files(folder, manifest, trust_modified=config.trust_modified, warn=say)
+    settings = session_settings([config.provider], config.threads, config.prepack, config.thread_pool)
+    prompt = bench_prompt(TextCodec(folder, manifest), manifest, config.prompt_tokens)
+    notes: list[str] = []
+    # The floors run first, in onnxruntime's default sessions: none can be made once the engine's process pool exists.
+    floor_stats = measure_floors(config, manifest, prompt, notes)
+    engine = Engine(folder, manifest, settings, verify=False)
     result = {
         "export": str(config.export),
         "precision": export_precision(manifest),
         "machine": machine_info(engine.provider, config.threads),
         "provider": engine.provider,
         "threads": config.threads,
+        "thread_pool": config.thread_pool,
         "prepack": engine.prepack,
         "new_tokens": config.new_tokens,
         "prompt_tokens": len(prompt),
         "repeats": config.repeats,
-        "notes": [],
+        "notes": notes,
     }
-    notes = result["notes"]
 
     engine_stats: dict[int, DecodeStats] = {}
     for entry in manifest.exits:
@@ -125,7 +127,6 @@ def run_bench(config: BenchConfig) -> dict:
         engine_stats[entry.exit] = measure(EngineDecoder(engine, entry.exit), prompt, config.new_tokens, config.repeats)
 
     full = manifest.exits[-1]
-    floor_stats = measure_floors(config, manifest, prompt, notes)
     bare = floor_stats.get(full.exit)
     deep_step_s = engine_stats[full.exit].step_ms / 1000
     say(f"switching: exit {manifest.exits[0].exit} -> {full.exit} after {', '.join(map(str, config.backlogs))} tokens")
@@ -161,7 +162,7 @@ def run_bench(config: BenchConfig) -> dict:
         from balcony_edge.bench.memory import memory_ratio
 
         say("memory: all exits against the full model alone, each in a fresh process")
-        result["memory"] = memory_ratio(config.export, config.provider, config.threads, config.prepack)
+        result["memory"] = memory_ratio(folder, settings)
         result["memory_ratio_all_vs_full"] = result["memory"]["ratio_all_vs_full"]
     else:
         result["memory_ratio_all_vs_full"] = None

@@ -15,16 +15,20 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from balcony_edge.runtime.sessions import THREAD_POOLS, SessionSettings, resolve_providers
+
 MODES = ("all", "full")
 WARM_TOKENS = 8
 
 
-def measure_in_subprocess(folder: Path, mode: str, provider: str, threads: int | None, prepack: bool) -> dict:
+def measure_in_subprocess(folder: Path, mode: str, settings: SessionSettings) -> dict:
     """RSS (and GPU) bytes of a fresh process holding `mode` sessions of the export, after a short decode."""
-    command = [sys.executable, "-m", "balcony_edge.bench.memory", str(folder), "--mode", mode, "--provider", provider]
-    if threads:
-        command += ["--threads", str(threads)]
-    command += ["--prepack" if prepack else "--no-prepack"]
+    command = [sys.executable, "-m", "balcony_edge.bench.memory", str(folder), "--mode", mode, "--thread-pool", settings.thread_pool]
+    for provider in settings.providers:
+        command += ["--provider", provider]
+    if settings.threads:
+        command += ["--threads", str(settings.threads)]
+    command += ["--prepack" if settings.prepack else "--no-prepack"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         from balcony_edge.common.errors import BalconyError
@@ -33,9 +37,9 @@ def measure_in_subprocess(folder: Path, mode: str, provider: str, threads: int |
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def memory_ratio(folder: Path, provider: str, threads: int | None, prepack: bool) -> dict:
-    """All exits loaded against the full model alone: both measurements and their ratio."""
-    measured = {mode: measure_in_subprocess(folder, mode, provider, threads, prepack) for mode in MODES}
+def memory_ratio(folder: Path, settings: SessionSettings) -> dict:
+    """All exits loaded against the full model alone, on the engine's session settings: both measurements and their ratio."""
+    measured = {mode: measure_in_subprocess(folder, mode, settings) for mode in MODES}
     key = "gpu_bytes" if measured["full"].get("gpu_bytes") else "rss_bytes"
     return {
         "all_exits": measured["all"],
@@ -60,19 +64,17 @@ def _gpu_bytes() -> int | None:
     return None
 
 
-def probe(folder: Path, mode: str, provider: str, threads: int | None, prepack: bool) -> dict:
+def probe(folder: Path, mode: str, settings: SessionSettings) -> dict:
     """Load, touch every weight by decoding, and read this process's memory."""
     import psutil
 
     from balcony_edge.runtime.engine import Engine
     from balcony_edge.runtime.manifest import Manifest
-    from balcony_edge.runtime.sessions import SessionSettings, resolve_providers
 
     manifest = Manifest.load(folder)
     if mode == "full":  # the full model's chain alone: no balcony pieces
         full = manifest.exits[-1]
         manifest = replace(manifest, exits=[full], pieces=[p for p in manifest.pieces if p.name in full.chain])
-    settings = SessionSettings(providers=resolve_providers([provider]), threads=threads, prepack=prepack)
     engine = Engine(folder, manifest, settings, verify=False)
     for exit in engine.exits:
         sequence = engine.sequence(list(range(1, 1 + WARM_TOKENS)))
@@ -90,11 +92,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--mode", choices=MODES, required=True)
-    parser.add_argument("--provider", default="cpu")
+    parser.add_argument("--provider", action="append", help="repeatable, in order of preference; default: cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--thread-pool", choices=THREAD_POOLS, default="session")
     args = parser.parse_args()
-    print(json.dumps(probe(args.folder, args.mode, args.provider, args.threads, args.prepack)))
+    settings = SessionSettings(resolve_providers(args.provider or ["cpu"]), args.threads, prepack=args.prepack, thread_pool=args.thread_pool)
+    print(json.dumps(probe(args.folder, args.mode, settings)))
 
 
 if __name__ == "__main__":
