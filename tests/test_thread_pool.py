@@ -5,6 +5,7 @@ check runs in a fresh process: the pool cannot be undone in the test process."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -44,7 +45,7 @@ for name, make in {{
 out["second_on_pool"] = len(logits_per_step(Engine.load({str(tiny_export)!r}, threads=1, thread_pool="process")))
 print(json.dumps(out))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=__import__("pathlib").Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parent)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -56,3 +57,14 @@ def test_the_process_pool_gives_the_per_session_logits_and_refuses_clearly(tiny_
     assert "load with thread_pool='process'" in pooled["own_pool"]
     assert "thread pool has 1 threads" in pooled["other_size"] and "load with threads=1" in pooled["other_size"]
     assert pooled["second_on_pool"] == len(EXIT_SCHEDULE)  # more engines share the one pool
+
+
+def test_the_pool_comparison_script_alternates_fresh_processes(tiny_export, tmp_path):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "thread_pool_bench.py"
+    out = tmp_path / "pools.json"
+    command = [sys.executable, str(script), str(tiny_export), "--rounds", "2", "--tokens", "3", "--repeats", "1", "--busy", "1", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert set(result["process_vs_session"]) == {"1", "2", "4"} and all(r > 0 for r in result["process_vs_session"].values())
+    assert [len(result["runs"][pool]) for pool in ("session", "process")] == [2, 2] and result["busy_processes"] == 1
