@@ -339,8 +339,7 @@ ThreadPoolOpt = Annotated[
         envvar="BALCONY_EDGE_THREAD_POOL",
         show_envvar=False,  # README names it; bench's narrow help column would cut the name
         callback=_thread_pool_choice,
-        help="process: every piece on onnxruntime's one pool for the process (spins; fastest on a quiet CPU); "
-        "session: a pool per piece, spinning off.",
+        help="process: every piece on onnxruntime's one pool for the process (spins; fastest on a quiet CPU); session: a pool per piece, spinning off.",
     ),
 ]
 ExportArg = Annotated[Optional[Path], typer.Argument(help="Export folder; default: the default export, created from the shipped checkpoint on first use.")]
