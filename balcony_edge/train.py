@@ -32,7 +32,7 @@ from balcony_edge.checkpoint import (
     resume_hint,
     save_checkpoint,
 )
-from balcony_edge.common.console import console, say
+from balcony_edge.common.console import console, log_warning, say
 from balcony_edge.data import DEFAULT_CORPUS, load_corpus, pack, weighted_sources
 from balcony_edge.distill import distill_backward
 from balcony_edge.common.errors import BalconyError, CheckpointError, TrainingStopped
@@ -354,6 +354,12 @@ class Trainer:
         info = read_info(folder)
         self._check_same_balconies(info, "--init-from", folder, "holds", "train with")
         copy_balcony_weights(self.model, read_weights(folder), folder / WEIGHTS_FILE)
+        before, c = info.training or {}, self.config
+        if before.get("seed") == c.seed and before.get("data") == (c.data or [DEFAULT_CORPUS]) and before.get("seq_len") == c.seq_len:
+            log_warning(
+                f"--init-from {folder} was trained on the same data with the same --seed {c.seed}: this run would see its text "
+                "again, in the same order; give another --seed to draw other text"
+            )
         return info.training
 
     def _restore(self, state: dict) -> None:
@@ -437,6 +443,7 @@ class Trainer:
             "batch_size": c.batch_size,
             "lr": c.lr,
             "distill_top_k": c.distill_top_k,
+            "seed": c.seed,  # with the data, it fixes which text each step saw
             "precision": "bf16" if self.bf16 else "fp32",
             "ranks": self.dist.world,
             **({"init_from": {"path": c.init_from, "training": self.init_training}} if c.init_from else {}),

@@ -87,9 +87,19 @@ def test_init_from_starts_from_a_checkpoints_balconies_and_keeps_its_record(peak
     for name, tensor in trainer.model.balcony_state_dict().items():
         assert torch.equal(tensor, first[name]), name
     summary = train(_config(peaked_base_dir, text_dir, tmp_path / "second", init_from=str(tmp_path / "first")))
-    assert summary["init_from"]["training"]["tokens_seen"] == 2 * 4 * 32
+    assert summary["init_from"]["training"]["tokens_seen"] == 2 * 4 * 32 and summary["seed"] == 0
     with pytest.raises(CheckpointError, match="--init-from: .* holds exits 1,3"):
         Trainer(_config(peaked_base_dir, text_dir, tmp_path / "third", exits=(1, 2), init_from=str(tmp_path / "first")))
+
+
+def test_init_from_a_run_of_the_same_data_and_seed_warns_that_it_would_replay_its_text(peaked_base_dir, text_dir, tmp_path, caplog):
+    train(_config(peaked_base_dir, text_dir, tmp_path / "first", max_tokens=4 * 32 * 2))
+    with caplog.at_level("WARNING", logger="balcony_edge"):
+        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "other-seed", init_from=str(tmp_path / "first"), seed=1))
+    assert "--seed" not in caplog.text
+    with caplog.at_level("WARNING", logger="balcony_edge"):
+        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "same-seed", init_from=str(tmp_path / "first")))
+    assert "same data with the same --seed 0" in caplog.text and "give another --seed" in caplog.text
 
 
 def test_max_minutes_stops_and_leaves_a_resumable_checkpoint(peaked_base_dir, text_dir, tmp_path):
