@@ -110,11 +110,23 @@ class ProcessPool:
         """Make the pool with `threads` intra-op threads (None: one per physical core), or check the one made before."""
         with cls._lock:
             if cls.made and cls.threads != threads:
-                have = cls.threads or "one per physical core"
-                raise BalconyError(f"this process's onnxruntime thread pool has {have} threads; load with threads={cls.threads} (it cannot change once made)")
-            if not cls.made:
+                have = f"{cls.threads} threads" if cls.threads else "one thread per physical core (threads=None)"
+                raise BalconyError(f"this process's onnxruntime thread pool has {have}; load with threads={cls.threads} (a pool cannot change once made)")
+            if cls.made:
+                return
+            if not hasattr(ort, "set_global_thread_pool_sizes"):
+                raise BalconyError(
+                    f"onnxruntime {ort.__version__} has no process-wide thread pool (1.23 and later do); "
+                    "upgrade it, or use thread_pool='session' (--thread-pool session)"
+                )
+            try:
                 ort.set_global_thread_pool_sizes(threads or 0, 1)
-                cls.threads, cls.made = threads, True
+            except Exception as err:  # onnxruntime's Fail: the host application made the process's pools already
+                raise BalconyError(
+                    f"onnxruntime's process-wide thread pool cannot be made here ({str(err).strip().splitlines()[0]}); "
+                    "if this application made it, load with thread_pool='process' after it, or use thread_pool='session' in a process without one"
+                ) from None
+            cls.threads, cls.made = threads, True
 
     @classmethod
     def admit(cls, thread_pool: str, threads: int | None) -> None:

@@ -53,6 +53,7 @@ def compare(folder: Path, rounds: int, tokens: int, repeats: int, busy: int) -> 
     finally:
         for hog in hogs:
             hog.kill()
+            hog.wait()
     exits = list(runs["session"][0])
     return {
         "export": str(folder),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from balcony_edge.runtime import Engine
 
@@ -68,3 +69,26 @@ def test_the_pool_comparison_script_alternates_fresh_processes(tiny_export, tmp_
     result = json.loads(out.read_text())
     assert set(result["process_vs_session"]) == {"1", "2", "4"} and all(r > 0 for r in result["process_vs_session"].values())
     assert [len(result["runs"][pool]) for pool in ("session", "process")] == [2, 2] and result["busy_processes"] == 1
+
+
+def test_an_onnxruntime_without_the_process_pool_or_with_one_made_by_the_host_is_a_clear_error(tiny_export, monkeypatch):
+    import onnxruntime as ort
+
+    from balcony_edge.common.errors import BalconyError
+
+    monkeypatch.delattr(ort, "set_global_thread_pool_sizes")  # as in onnxruntime before 1.23
+    with pytest.raises(BalconyError, match="has no process-wide thread pool.*--thread-pool session"):
+        Engine.load(tiny_export, threads=1, thread_pool="process")
+    monkeypatch.undo()
+    script = f"""
+import onnxruntime as ort
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.runtime import Engine
+ort.set_global_thread_pool_sizes(1, 1)  # the host application's own pool
+try:
+    Engine.load({str(tiny_export)!r}, threads=1, thread_pool="process")
+except BalconyError as err:
+    print(err)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert "process-wide thread pool cannot be made here" in done.stdout, done.stdout + done.stderr
