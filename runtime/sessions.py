@@ -28,7 +28,7 @@ class SessionSettings:
     threads: int | None = None  # intra-op threads; None: onnxruntime's default (all cores)
     trt_cache: str | None = None  # folder for TensorRT engine and timing caches
     prepack: bool = True  # CPU MatMul weight prepacking (off only to measure what it brings)
-    thread_pool: str = "session"  # "process": every piece on onnxruntime's process-wide pool (see process_thread_pool)
+    thread_pool: str = "session"  # "process": every piece on onnxruntime's process-wide pool (see ProcessPool)
 
     def __post_init__(self) -> None:
         if self.thread_pool not in THREAD_POOLS:
@@ -109,10 +109,10 @@ class ProcessPool:
     def ensure(cls, threads: int | None) -> None:
         """Make the pool with `threads` intra-op threads (None: one per physical core), or check the one made before."""
         with cls._lock:
-            if cls.made and cls.threads != threads:
-                have = f"{cls.threads} threads" if cls.threads else "one thread per physical core (threads=None)"
-                raise BalconyError(f"this process's onnxruntime thread pool has {have}; load with threads={cls.threads} (a pool cannot change once made)")
             if cls.made:
+                if cls.threads != threads:
+                    have = f"{cls.threads} threads" if cls.threads else "one thread per physical core (threads=None)"
+                    raise BalconyError(f"this process's onnxruntime thread pool has {have}; load with threads={cls.threads} (a pool cannot change once made)")
                 return
             if not hasattr(ort, "set_global_thread_pool_sizes"):
                 raise BalconyError(
