@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from balcony_edge.common.atomic import write_folder_atomically
+from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
 from balcony_edge.common.console import say
 from balcony_edge.common.paths import cache_dir
 from balcony_edge.common.checksums import file_sha256
@@ -186,6 +186,14 @@ def _converted_gguf(gguf_path: Path) -> Path:
     # The target only ever appears whole (write_folder_atomically), so config.json means complete.
     if (target / "config.json").is_file():
         return target
+    # Two processes that start at once (an export beside a training run) convert it once: the second waits.
+    with exclusive_target(target, "the converted base model", wait=True):
+        if (target / "config.json").is_file():
+            return target
+        return _convert_gguf(gguf_path, target)
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> Path:
     architecture = _gguf_architecture(gguf_path)
     if architecture not in _GGUF_TO_MODEL_TYPE:
         raise BaseModelError(f"{gguf_path.name} is a GGUF of architecture {architecture!r}; supported: {', '.join(_GGUF_TO_MODEL_TYPE)}")

@@ -35,6 +35,7 @@ class ChatCorpusConfig:
     top_p: float = 0.9
     batch_size: int = 64
     seed: int = 0
+    exclude: str | None = None  # a chat corpus (JSONL) whose prompts are not drawn again
 
     def __post_init__(self) -> None:
         for name in ("prompts", "max_new_tokens", "batch_size"):
@@ -42,6 +43,21 @@ class ChatCorpusConfig:
                 raise DataError(f"--{name.replace('_', '-')} must be an integer of at least 1, not {getattr(self, name)!r}")
         if not 0 < self.temperature <= 10 or not 0 < self.top_p <= 1:
             raise DataError("--temperature must be in (0, 10] and --top-p in (0, 1]; give values in range")
+
+
+def answered_prompts(path: Path) -> frozenset[str]:
+    """The prompts a chat corpus already answers (its records' `prompt` fields)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise DataError(f"cannot read --exclude {path} ({err.strerror}); give a chat corpus written by `chat-data`") from None
+    prompts = set()
+    for number, line in enumerate(lines, 1):
+        try:
+            prompts.add(json.loads(line)["prompt"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"--exclude {path} line {number} is not a chat-data record with a prompt; give a file written by `chat-data`") from None
+    return frozenset(prompts)
 
 
 def _conversation(system: str | None, prompt: str) -> list[dict]:
@@ -65,7 +81,10 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
     dtype = torch.bfloat16 if fast_bf16(device) else torch.float32
     model = model.to(device=device, dtype=dtype)
     tokenizer.padding_side = "left"
-    pairs = chat_prompts(config.prompts, config.seed)
+    exclude = answered_prompts(Path(config.exclude)) if config.exclude else frozenset()
+    pairs = chat_prompts(config.prompts, config.seed, exclude)
+    if not pairs:
+        raise DataError(f"--exclude {config.exclude} answers every prompt there is; nothing is left to generate")
     rendered = [tokenizer.apply_chat_template(_conversation(s, p), tokenize=False, add_generation_prompt=True) for s, p in pairs]
     by_length = sorted(range(len(pairs)), key=lambda i: len(rendered[i]))  # similar lengths batch with little padding
     batches = [by_length[i : i + config.batch_size] for i in range(0, len(by_length), config.batch_size)]

@@ -129,6 +129,7 @@ def chat_data(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts answered together.")] = 64,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the batch that crosses so many minutes.")] = None,
+    exclude: Annotated[Optional[Path], typer.Option(help="A chat corpus (JSONL) whose prompts are not drawn again (its held-out answers stay unseen).")] = None,
 ) -> None:
     """Write a chat corpus of the teacher's own answers to varied prompts (a second training corpus beside news)."""
     from balcony_edge.chat_corpus import ChatCorpusConfig, write_chat_corpus
@@ -141,6 +142,7 @@ def chat_data(
         top_p=top_p,
         batch_size=batch_size,
         seed=seed,
+        exclude=str(exclude) if exclude is not None else None,
     )
     written = write_chat_corpus(config, out, max_minutes)
     console.print(f"wrote {out}: {written} answers")

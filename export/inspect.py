@@ -17,6 +17,7 @@ from rich.table import Table
 from balcony_edge.common.atomic import readable_folder
 from balcony_edge.runtime.integrity import export_problems, path_problem
 from balcony_edge.runtime.manifest import MANIFEST_FILE, REPORT_FILE, Manifest
+from balcony_edge.runtime.sessions import load_cuda_libraries
 
 _PROBE_OPSET = 18
 _PROBE_IR_VERSION = 10  # onnxruntime reads IR versions up to its own; 10 is old enough for all recent ones
@@ -55,6 +56,7 @@ def usable_providers() -> list[str]:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _PROBE_OPSET)], ir_version=_PROBE_IR_VERSION)
+    load_cuda_libraries()
     ort.set_default_logger_severity(4)  # a provider that cannot start logs an error; here that is the answer
     options = ort.SessionOptions()
     options.log_severity_level = 4

@@ -3,6 +3,9 @@ the one session of the one piece that uses it (the shared rotary tables excepted
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import os
 import threading
 from dataclasses import dataclass
@@ -48,12 +51,24 @@ def resolve_providers(requested: list[str] | tuple[str, ...] | None) -> tuple[st
     if unknown:
         raise BalconyError(f"provider {unknown[0]!r} is unknown; choose from tensorrt, cuda, cpu")
     usable = tuple(p for p in names if p in available)
+    if any(device_of(p) == "cuda" for p in usable):
+        load_cuda_libraries()
     if not usable:
         raise BalconyError(
             f"none of the providers {', '.join(names)} is in this onnxruntime (it has {', '.join(sorted(available))}); "
             "ask for one of those (cpu always works) or install onnxruntime-gpu for cuda and tensorrt"
         )
     return usable
+
+
+@functools.cache
+def load_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from pip's nvidia packages (where PyTorch's wheels put them) when the library path has
+    none: onnxruntime-gpu's CUDA provider looks only on the library path. Once per process; quiet, because a
+    provider that still cannot start is reported when its session opens."""
+    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu only
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints each library it could not find
+            ort.preload_dlls(msvc=False)
 
 
 def _provider_options(provider: str, settings: SessionSettings, device: str) -> tuple[str, dict]:

@@ -1,12 +1,13 @@
 """Training throughput and data: distillation over the teacher's top-k tokens, corpora mixed by weight, bf16
 detection, the teacher's chat corpus, and the chat-quality check."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from balcony_edge.chat_corpus import ChatCorpusConfig, write_chat_corpus
+from balcony_edge.chat_corpus import ChatCorpusConfig, answered_prompts, write_chat_corpus
 from balcony_edge.chat_quality import chat_quality
 from balcony_edge.data import DEFAULT_CORPUS, Source, load_corpus, parse_source, weighted_sources
 from balcony_edge.distill import distill_backward
@@ -117,6 +118,24 @@ def test_the_teacher_writes_a_chat_corpus_that_training_reads(tiny_base_dir, tmp
     assert load_corpus([out]).train  # training reads it as a JSONL corpus
     with pytest.raises(DataError, match="must end in .jsonl"):
         write_chat_corpus(config, tmp_path / "chat.txt")
+    # --exclude: a second corpus draws none of the first one's prompts
+    more = tmp_path / "more.jsonl"
+    assert write_chat_corpus(dataclasses.replace(config, prompts=4, exclude=str(out)), more) == 4
+    again = {json.loads(line)["prompt"] for line in more.read_text().splitlines()}
+    assert len(again) == 4 and not again & {r["prompt"] for r in records}
+    assert all(json.loads(line)["generation"]["exclude"] == str(out) for line in more.read_text().splitlines())
+
+
+def test_chat_prompts_exclude_and_a_malformed_exclude_file(tmp_path):
+    every = {p for _, p in chat_prompts(10_000)}
+    some = frozenset(sorted(every)[:100])
+    assert {p for _, p in chat_prompts(10_000, exclude=some)} == every - some
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "no prompt"}\n')
+    with pytest.raises(DataError, match="line 2 is not a chat-data record"):
+        answered_prompts(bad)
+    with pytest.raises(DataError, match="cannot read --exclude"):
+        answered_prompts(tmp_path / "absent.jsonl")
 
 
 def test_chat_quality_compares_every_exit_with_the_full_model(tiny_model, tiny_base):

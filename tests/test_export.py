@@ -5,6 +5,7 @@ verified against torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import itertools
@@ -24,7 +25,7 @@ from balcony_edge.common.errors import BalconyError, ExportError
 from balcony_edge.export import exporter
 from balcony_edge.export.exporter import ExportConfig, export_checkpoint
 from balcony_edge.export.inspect import inspect_export
-from balcony_edge.export.verify import GraphDecoder
+from balcony_edge.export.verify import ExitCheck, GraphDecoder, graph_tolerance
 from balcony_edge.export.weights import PAGE_ALIGNMENT, WeightFile
 from balcony_edge.generate import generate_greedy
 from balcony_edge.runtime.engine import Engine
@@ -312,6 +313,18 @@ def test_fp16_export_halves_the_weights_and_agrees_with_fp32(tiny_checkpoint, ti
     assert (out / "weights.bin").stat().st_size < 0.55 * fp32_bytes
     checks = json.loads((out / "report.json").read_text())["verification"]["exits"]
     assert all(c["finite"] and c["top1_agreement"] >= 0.9 and c["max_abs_diff"] < 0.05 for c in checks)
+    assert all(c["graph_max_abs_diff"] <= c["graph_tolerance"] for c in checks)
+
+
+def test_the_standard_graph_may_round_differently_from_the_chain_only_in_fp16():
+    logits = np.array([[-3.0, 20.0, 4.0]], dtype=np.float32)
+    assert graph_tolerance("float32", logits) == 1e-2
+    assert graph_tolerance("float16", logits) == pytest.approx(8 * 2**-10 * 20)  # 8 float16 steps at 20
+    check = ExitCheck(exit=8, max_abs_diff=0.1, top1_agreement=1.0, greedy_matched=32, greedy_tokens=32, finite=True, graph_max_abs_diff=0.04)
+    assert check.failure(exact=False) == "the standard graph of exit 8 differs from its chain by 4.00e-02 in logits (tolerance 1.00e-02)"
+    fp16 = dataclasses.replace(check, graph_tolerance=graph_tolerance("float16", logits))
+    assert fp16.failure(exact=False) is None
+    assert dataclasses.replace(fp16, graph_max_abs_diff=1.0).failure(exact=False).startswith("the standard graph of exit 8 differs")
 
 
 # --- bad input, one line each ------------------------------------------------------------------------------

@@ -348,3 +348,22 @@ def test_wrong_types_through_the_python_api_are_balcony_errors_naming_the_fix(en
         with pytest.raises(BalconyError) as caught:
             call()
         assert message in str(caught.value)
+
+
+def test_cuda_libraries_are_loaded_once_and_quietly_when_a_gpu_provider_is_asked(monkeypatch, capsys):
+    import onnxruntime
+
+    from balcony_edge.runtime import sessions
+
+    calls = []
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    # onnxruntime-gpu's preload prints each library it cannot find; a CPU-only onnxruntime has no preload at all
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda **options: calls.append(options) or print("Failed to load libcublasLt.so.13"), raising=False)
+    sessions.load_cuda_libraries.cache_clear()
+    try:
+        assert sessions.resolve_providers(["cpu"]) == ("CPUExecutionProvider",) and calls == []
+        assert sessions.resolve_providers(["cuda", "cpu"]) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+        sessions.resolve_providers(["tensorrt", "cuda"])
+        assert calls == [{"msvc": False}] and capsys.readouterr().out == ""
+    finally:
+        sessions.load_cuda_libraries.cache_clear()

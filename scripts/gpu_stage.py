@@ -1,0 +1,51 @@
+"""Slice files for a GPU machine that takes at most 64 MiB a call, working tree included (the `device` tool).
+
+    python scripts/gpu_stage.py extras.tar.zst gguf.zst ort.tar.zst --out .stage
+
+Writes .stage/c1, .stage/c2, ...: each call carries one folder (`carry: [".stage/cN"]`) and copies it into the
+machine's stage folder; `cat NAME.part* > NAME` joins a file there. Files are sliced in the order given, so the
+first ones are whole after the fewest calls. The room a call has is 64 MiB less the working tree that travels
+with it (tracked and untracked, not ignored, files) and a small margin for edits between calls.
+"""
+
+import argparse
+import shutil
+import subprocess
+from pathlib import Path
+
+CALL_LIMIT = 64 * 2**20
+MARGIN = 512 * 2**10
+
+
+def working_tree_bytes() -> int:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True, check=True)
+    return sum(Path(name).stat().st_size for name in listed.stdout.decode().split("\0") if name and Path(name).is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=Path(".stage"))
+    args = parser.parse_args()
+    room = CALL_LIMIT - working_tree_bytes() - MARGIN
+    shutil.rmtree(args.out, ignore_errors=True)
+    call, used, parts = 1, 0, {}
+    for path in args.files:
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            if used == room:
+                call, used = call + 1, 0
+            size = min(room - used, len(data) - offset)
+            folder = args.out / f"c{call}"
+            folder.mkdir(parents=True, exist_ok=True)
+            parts[path.name] = parts.get(path.name, 0) + 1
+            (folder / f"{path.name}.part{parts[path.name]:02d}").write_bytes(data[offset : offset + size])
+            offset, used = offset + size, used + size
+    for folder in sorted(args.out.iterdir(), key=lambda f: int(f.name[1:])):
+        print(folder, sum(f.stat().st_size for f in folder.iterdir()) / 1e6, "MB:", " ".join(sorted(f.name for f in folder.iterdir())))
+    print(f"{call} calls of at most {room / 1e6:.1f} MB each")
+
+
+if __name__ == "__main__":
+    main()
