@@ -81,6 +81,8 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
     dtype = torch.bfloat16 if fast_bf16(device) else torch.float32
     model = model.to(device=device, dtype=dtype)
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # some transformers versions convert the GGUF's tokenizer without one
+        tokenizer.pad_token = tokenizer.eos_token  # (padding is masked out: any token will do)
     exclude = answered_prompts(Path(config.exclude)) if config.exclude else frozenset()
     pairs = chat_prompts(config.prompts, config.seed, exclude)
     if not pairs:

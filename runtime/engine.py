@@ -106,9 +106,8 @@ class Engine:
         ProcessPool.admit(settings.thread_pool, settings.threads)  # its errors concern every provider alike
         fallbacks: dict[str, str] = {}
         for provider in settings.providers:
-            device = device_of(provider)
             try:
-                weights = SharedWeights(self.folder, self.manifest, device)
+                weights = SharedWeights(self.folder, self.manifest)
                 runners = {}
                 for piece in self.manifest.pieces:
                     quiet = _quietly if provider != "CPUExecutionProvider" else _as_is

@@ -71,7 +71,7 @@ def load_cuda_libraries() -> None:
             ort.preload_dlls(msvc=False)
 
 
-def _provider_options(provider: str, settings: SessionSettings, device: str) -> tuple[str, dict]:
+def _provider_options(provider: str, settings: SessionSettings) -> tuple[str, dict]:
     if provider == "TensorrtExecutionProvider":
         cache = settings.trt_cache or str(Path.home() / ".cache" / "balcony-edge" / "tensorrt")
         os.makedirs(cache, exist_ok=True)
@@ -91,10 +91,12 @@ def device_of(provider: str) -> str:
 
 
 class SharedWeights:
-    """The export's weights as OrtValues, made once from a memory map of the weights file and lent to every session."""
+    """The export's weights as OrtValues, made once from a memory map of the weights file and lent to every session.
+    They stay CPU buffers of ours on every provider: onnxruntime takes only user-owned CPU buffers as initializers and
+    copies each to the device once, for the one session whose piece uses it."""
 
-    def __init__(self, folder: Path, manifest: Manifest, device: str):
-        self.manifest, self.device = manifest, device
+    def __init__(self, folder: Path, manifest: Manifest):
+        self.manifest = manifest
         self._map = np.memmap(Path(folder) / manifest.weights_file, dtype=np.uint8, mode="r")
         self._values: dict[str, ort.OrtValue] = {}
 
@@ -103,7 +105,7 @@ class SharedWeights:
             entry = self.manifest.weights[name]
             raw = self._map[entry.offset : entry.offset + entry.length]
             array = raw.view(np.dtype(entry.dtype)).reshape(entry.shape)
-            self._values[name] = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+            self._values[name] = ort.OrtValue.ortvalue_from_numpy(array)
         return self._values[name]
 
     def nbytes(self) -> int:
@@ -182,7 +184,7 @@ def open_session(folder: Path, piece: Piece, weights: SharedWeights, provider: s
     options = session_options(settings.threads, settings.prepack, settings.thread_pool)
     for name in piece.weights:
         options.add_initializer(name, weights.value(name))
-    providers = [_provider_options(provider, settings, weights.device)]
+    providers = [_provider_options(provider, settings)]
     if provider != "CPUExecutionProvider":
         providers.append(("CPUExecutionProvider", {}))  # for the nodes the accelerator does not take
     return ort.InferenceSession(str(Path(folder) / piece.graph), sess_options=options, providers=providers)
