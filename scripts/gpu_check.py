@@ -24,6 +24,10 @@ from balcony_edge.runtime import Engine
 from balcony_edge.runtime.sessions import PROVIDER_ALIASES
 
 PROMPT = "Write a short story about a lighthouse keeper and a storm."
+# Largest logit difference a switching schedule may show against static exits: float32 on the CPU is exact (to
+# summation order), a GPU's kernels differ more; float16 rounds where the pieces run over other shapes (a few float16
+# steps at logits of ~30).
+SWITCHING_LIMIT = {("float32", "cpu"): 1e-3, ("float32", "gpu"): 0.05, ("float16", "cpu"): 0.25, ("float16", "gpu"): 0.25}
 SCHEDULE = (8, 8, 30, 16, 24, 8, 30, 30, 16, 8)  # exits in turn, a few tokens each (missing exits are skipped)
 
 
@@ -57,6 +61,7 @@ def check(folder: str, provider: str, reference: dict[int, list[int]] | None, to
     engine = Engine.load(folder, providers=[provider])
     result = {"provider": engine.provider, "described": engine.describe(), "load_s": round(time.perf_counter() - started, 1)}
     prompt = engine.prompt_ids(PROMPT)
+    greedy(engine, engine.exits[0], prompt, 8)  # untimed: a GPU provider tunes its kernels on the first calls
     result["exits"] = {}
     for exit in engine.exits:
         made, rate = greedy(engine, exit, prompt, tokens)
@@ -66,6 +71,7 @@ def check(folder: str, provider: str, reference: dict[int, list[int]] | None, to
             row["same_as_cpu"] = same
         result["exits"][exit] = row
     result["switching_max_abs_diff"] = switching_error(engine, prompt)
+    result["switching_limit"] = SWITCHING_LIMIT[(engine.manifest.kv.dtype, "cpu" if provider == "cpu" else "gpu")]
     return result
 
 
@@ -80,7 +86,7 @@ def main() -> int:
     reference = check(args.export, "cpu", None, args.tokens)
     report["providers"]["cpu"] = reference
     cpu_tokens = {exit: row["tokens"] for exit, row in reference["exits"].items()}
-    failed = reference["switching_max_abs_diff"] > 1e-3
+    failed = reference["switching_max_abs_diff"] > reference["switching_limit"]
     for name in (p for p in args.providers if p != "cpu"):
         if PROVIDER_ALIASES[name] not in available:
             report["providers"][name] = {"skipped": f"{PROVIDER_ALIASES[name]} cannot start here (not built in, or no GPU)"}
@@ -92,7 +98,7 @@ def main() -> int:
             failed = True
             continue
         report["providers"][name] = result
-        failed |= result["provider"] != PROVIDER_ALIASES[name] or result["switching_max_abs_diff"] > 0.05
+        failed |= result["provider"] != PROVIDER_ALIASES[name] or result["switching_max_abs_diff"] > result["switching_limit"]
     print(json.dumps(report, indent=1))
     return 1 if failed else 0
 

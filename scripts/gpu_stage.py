@@ -22,29 +22,35 @@ def working_tree_bytes() -> int:
     return sum(Path(name).stat().st_size for name in listed.stdout.decode().split("\0") if name and Path(name).is_file())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, default=Path(".stage"))
-    args = parser.parse_args()
-    room = CALL_LIMIT - working_tree_bytes() - MARGIN
-    shutil.rmtree(args.out, ignore_errors=True)
+def slice_files(files: list[Path], out: Path, room: int) -> list[Path]:
+    """Slice `files`, in order, into folders out/c1, out/c2, ... of at most `room` bytes each; returns the folders."""
+    shutil.rmtree(out, ignore_errors=True)
     call, used, parts = 1, 0, {}
-    for path in args.files:
+    for path in files:
         data = path.read_bytes()
         offset = 0
         while offset < len(data):
             if used == room:
                 call, used = call + 1, 0
             size = min(room - used, len(data) - offset)
-            folder = args.out / f"c{call}"
+            folder = out / f"c{call}"
             folder.mkdir(parents=True, exist_ok=True)
             parts[path.name] = parts.get(path.name, 0) + 1
             (folder / f"{path.name}.part{parts[path.name]:02d}").write_bytes(data[offset : offset + size])
             offset, used = offset + size, used + size
-    for folder in sorted(args.out.iterdir(), key=lambda f: int(f.name[1:])):
+    return [out / f"c{i}" for i in range(1, call + 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=Path(".stage"))
+    args = parser.parse_args()
+    room = CALL_LIMIT - working_tree_bytes() - MARGIN
+    folders = slice_files(args.files, args.out, room)
+    for folder in folders:
         print(folder, sum(f.stat().st_size for f in folder.iterdir()) / 1e6, "MB:", " ".join(sorted(f.name for f in folder.iterdir())))
-    print(f"{call} calls of at most {room / 1e6:.1f} MB each")
+    print(f"{len(folders)} calls of at most {room / 1e6:.1f} MB each")
 
 
 if __name__ == "__main__":

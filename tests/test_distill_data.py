@@ -145,3 +145,18 @@ def test_chat_quality_compares_every_exit_with_the_full_model(tiny_model, tiny_b
     assert all(0 <= e.same_answer <= 1 and 0 <= e.mean_common_prefix <= 4 for e in result.exits)
     same = chat_quality(tiny_model, tiny_base.tokenizer, tokens=4, show_progress=False)
     assert same.to_json() == result.to_json()  # greedy: the same answers every time
+
+
+def test_chat_data_pads_with_eos_where_the_tokenizer_names_no_pad_token(tiny_base_dir, tmp_path, monkeypatch):
+    import balcony_edge.chat_corpus as chat_corpus
+
+    real = chat_corpus.load_base_model
+
+    def without_pad_token(spec):  # as transformers 5.17 converts the default model's GGUF tokenizer
+        base = real(spec)
+        base.tokenizer.pad_token = None
+        return base
+
+    monkeypatch.setattr(chat_corpus, "load_base_model", without_pad_token)
+    config = ChatCorpusConfig(base=str(tiny_base_dir), prompts=3, max_new_tokens=4, batch_size=3)
+    assert write_chat_corpus(config, tmp_path / "chat.jsonl") == 3

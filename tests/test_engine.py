@@ -142,6 +142,10 @@ def test_all_sessions_share_one_copy_of_the_weights(engine):
     assert lent == sum(engine.manifest.weights[name].length for name in {n for p in pieces for n in p.weights})
     assert len({id(runner.session) for runner in engine.runners.values()}) == len(pieces)
     assert engine.provider == "CPUExecutionProvider"
+    # lent as CPU buffers of ours on every provider: onnxruntime refuses a device buffer it did not allocate as an
+    # initializer ("Buffer containing the initializer must be owned by the user", seen on an H200) and copies each
+    # CPU one to the device itself
+    assert {engine.weights.value(name).device_name() for name in engine.manifest.weights} == {"cpu"}
 
 
 def test_no_weight_is_in_two_sessions(engine):
@@ -202,7 +206,7 @@ def test_the_gpu_check_script_runs_on_the_cpu_and_skips_absent_gpus(tiny_export)
     report = json.loads(done.stdout)
     assert done.returncode == 0, done.stderr
     cpu = report["providers"]["cpu"]
-    assert cpu["provider"] == "CPUExecutionProvider" and cpu["switching_max_abs_diff"] <= 1e-4
+    assert cpu["provider"] == "CPUExecutionProvider" and cpu["switching_max_abs_diff"] <= 1e-4 and cpu["switching_limit"] == 1e-3
     assert set(cpu["exits"]) == {"1", "2", "4"} and all(len(row["tokens"]) == 6 for row in cpu["exits"].values())
     for name in ("tensorrt", "cuda"):
         assert "skipped" in report["providers"][name] or report["providers"][name]["provider"].lower().startswith(name[:4])

@@ -1,0 +1,31 @@
+"""Slices for a GPU machine that takes a limited number of bytes a call (scripts/gpu_stage.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent.parent / "scripts" / "gpu_stage.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_stage", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_slices_fill_each_call_in_order_and_join_back_into_the_files(tmp_path):
+    stage = load_script()
+    files = {"small.tar.xz": bytes(range(256)) * 3, "model.xz": bytes(reversed(range(256))) * 10, "ort.tar.xz": b"o" * 1000}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    folders = stage.slice_files([tmp_path / name for name in files], tmp_path / "stage", room=1000)
+    total = sum(map(len, files.values()))
+    assert [f.name for f in folders] == [f"c{i}" for i in range(1, -(-total // 1000) + 1)]
+    assert all(sum(p.stat().st_size for p in folder.iterdir()) <= 1000 for folder in folders)
+    assert sum(p.stat().st_size for p in folders[0].iterdir()) == 1000  # the first calls go full
+    assert {p.name for p in folders[0].iterdir()} == {"small.tar.xz.part01", "model.xz.part01"}  # the first file first
+    for name, data in files.items():
+        parts = sorted((p for folder in folders for p in folder.glob(f"{name}.part*")), key=lambda p: p.name)
+        assert b"".join(p.read_bytes() for p in parts) == data  # `cat NAME.part* > NAME` on the machine
