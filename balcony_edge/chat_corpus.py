@@ -129,7 +129,7 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
                 file.write(json.dumps(record, ensure_ascii=False) + "\n")
                 written += 1
             progress.advance(task, len(batch))
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline and written < len(pairs):
                 say(f"--max-minutes {max_minutes} reached after {written} of {len(pairs)} prompts; the file holds those")
                 break
     return written

@@ -4,6 +4,7 @@ whose exit a controller picks before every token from a budget and device signal
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import statistics
@@ -113,7 +114,7 @@ class Engine:
                     quiet = _quietly if provider != "CPUExecutionProvider" else _as_is
                     session = quiet(open_session, self.folder, piece, weights, provider, settings)
                     if session.get_providers()[0] != provider:
-                        raise RuntimeError(f"onnxruntime fell back to {session.get_providers()[0]}")
+                        raise RuntimeError("no usable GPU or GPU libraries")  # onnxruntime fell back to the CPU
                     runners[piece.name] = PieceRunner(session, piece)
                 return provider, fallbacks, weights, runners
             except Exception as err:  # a provider that cannot start is skipped, with the reason reported
@@ -297,11 +298,13 @@ def _as_is(make, *args):
 
 
 def _quietly(make, *args):
-    """Run make(*args) with onnxruntime's logging limited to fatal errors: a GPU provider that cannot load logs its
-    library errors on the default logger, and the error we keep says it in a line. onnxruntime has no getter for that
-    logger's level, so it is set back to onnxruntime's own default (warning); CPU sessions never touch it."""
+    """Run make(*args) with onnxruntime's logging limited to fatal errors and its printing swallowed: a GPU provider
+    that cannot load logs its library errors on the default logger and prints "EP Error ... Falling back" on stdout,
+    and the error we keep says it in a line. onnxruntime has no getter for that logger's level, so it is set back to
+    onnxruntime's own default (warning); CPU sessions never touch it."""
     ort.set_default_logger_severity(4)
     try:
-        return make(*args)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return make(*args)
     finally:
         ort.set_default_logger_severity(2)
