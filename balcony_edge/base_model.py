@@ -220,12 +220,23 @@ def _dequantised_gguf(gguf_path: Path) -> tuple[object, PreTrainedModel]:
     loaded, loading_info = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True)
     _refuse_missing_weights(loading_info, gguf_path)
     config = loaded.config
+    _match_special_tokens(tokenizer, config)
     # A GGUF-loaded model refuses save_pretrained; a plain model of the same config takes its weights.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     return tokenizer, plain
+
+
+def _match_special_tokens(tokenizer, config) -> None:
+    """Give the tokenizer the model's end and padding tokens where its conversion named others: transformers 5.17
+    converted SmolLM2's GGUF tokenizer with `<|im_start|>` as its eos_token and no pad token, while the model (and
+    generation) ends turns with `<|im_end|>`; packing and chat corpora read the tokenizer's."""
+    for name in ("eos", "pad"):
+        wanted = getattr(config, f"{name}_token_id", None)
+        if isinstance(wanted, int) and getattr(tokenizer, f"{name}_token_id") != wanted:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(wanted))
 
 
 def _ensure_disk_space(folder: Path, needed: int) -> None:

@@ -51,6 +51,8 @@ def answered_prompts(path: Path) -> frozenset[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise DataError(f"cannot read --exclude {path} ({err.strerror}); give a chat corpus written by `chat-data`") from None
+    except UnicodeDecodeError:
+        raise DataError(f"--exclude {path} is not UTF-8 text; give a chat corpus written by `chat-data`") from None
     prompts = set()
     for number, line in enumerate(lines, 1):
         try:
@@ -73,6 +75,7 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
         raise DataError(f"{out} must end in .jsonl; training reads chat corpora as JSONL")
     if not out.parent.is_dir():
         raise DataError(f"folder {out.parent} does not exist; create it or choose another --out")
+    exclude = answered_prompts(Path(config.exclude)) if config.exclude else frozenset()
     base = load_base_model(config.base)
     tokenizer, model = base.tokenizer, base.model
     if not tokenizer.chat_template:
@@ -83,7 +86,6 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # some transformers versions convert the GGUF's tokenizer without one
         tokenizer.pad_token = tokenizer.eos_token  # (padding is masked out: any token will do)
-    exclude = answered_prompts(Path(config.exclude)) if config.exclude else frozenset()
     pairs = chat_prompts(config.prompts, config.seed, exclude)
     if not pairs:
         raise DataError(f"--exclude {config.exclude} answers every prompt there is; nothing is left to generate")
@@ -118,9 +120,10 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
                 )
             for row, i in enumerate(batch):
                 answer = tokenizer.decode(output[row, encoded["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-                end = tokenizer.eos_token or ""
+                # the template closes the turn itself (a tokenizer's eos_token need not be the turn's end)
+                turn = _conversation(*pairs[i]) + [{"role": "assistant", "content": answer}]
                 record = {
-                    "text": rendered[i] + answer + end,
+                    "text": tokenizer.apply_chat_template(turn, tokenize=False),
                     "system": pairs[i][0],
                     "prompt": pairs[i][1],
                     "answer": answer,

@@ -48,7 +48,7 @@ class ExitCheck:
     greedy_tokens: int
     finite: bool
     graph_max_abs_diff: float  # the standard exit graph's logits against the chain's
-    graph_tolerance: float = GRAPH_TOLERANCE  # (reports written before float16 tolerances hold float32 exports only)
+    graph_tolerance: float = GRAPH_TOLERANCE  # reports written before this field were checked at GRAPH_TOLERANCE
 
     def failure(self, exact: bool) -> str | None:
         """Why this check fails (NaN/inf always; in fp32 also a logit difference or a greedy token), else None."""

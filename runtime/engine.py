@@ -112,9 +112,9 @@ class Engine:
                 runners = {}
                 for piece in self.manifest.pieces:
                     quiet = _quietly if provider != "CPUExecutionProvider" else _as_is
-                    session = quiet(open_session, self.folder, piece, weights, provider, settings)
-                    if session.get_providers()[0] != provider:
-                        raise RuntimeError("no usable GPU or GPU libraries")  # onnxruntime fell back to the CPU
+                    session, printed = quiet(open_session, self.folder, piece, weights, provider, settings)
+                    if session.get_providers()[0] != provider:  # onnxruntime fell back to the CPU
+                        raise RuntimeError(_fallback_reason(printed) or "no usable GPU")
                     runners[piece.name] = PieceRunner(session, piece)
                 return provider, fallbacks, weights, runners
             except Exception as err:  # a provider that cannot start is skipped, with the reason reported
@@ -141,7 +141,7 @@ class Engine:
             if not verbose and len(set(reasons.values())) == 1:
                 text += f"; {' and '.join(p.removesuffix('ExecutionProvider') for p in reasons)}: {next(iter(reasons.values()))}"
             else:
-                text += "; unavailable: " + "; ".join(f"{p}: {why}" for p, why in reasons.items())
+                text += "; unavailable: " + "; ".join(f"{p if verbose else p.removesuffix('ExecutionProvider')}: {why}" for p, why in reasons.items())
         return text
 
     def profiles(self) -> list[ExitProfile]:
@@ -274,11 +274,14 @@ def session_settings(providers: list[str] | None, threads: int | None, prepack: 
 
 
 # onnxruntime-gpu's messages when the machine has no usable CUDA (driver, device or libraries), in a few words.
+NO_TENSORRT_SIGNS = ("install TensorRT libraries", "libnvinfer")
 NO_CUDA_SIGNS = ("CUDA Provider not available", "libcuda", "libcudart", "libcublas", "no CUDA-capable device", "cudaErrorNoDevice")
 
 
 def short_reason(error: str) -> str:
     """Why a provider did not start, in a few words for a status line."""
+    if any(sign in error for sign in NO_TENSORRT_SIGNS):
+        return "no TensorRT libraries"
     if any(sign in error for sign in NO_CUDA_SIGNS):
         return "no CUDA device"
     return error if len(error) <= 80 else error[:77] + "..."
@@ -293,18 +296,29 @@ def _read_calibration(path: Path, exits: list[int]) -> dict[str, float] | None:
     return None
 
 
-def _as_is(make, *args):
-    return make(*args)
+def _as_is(make, *args) -> tuple[ort.InferenceSession, str]:
+    return make(*args), ""
 
 
-def _quietly(make, *args):
-    """Run make(*args) with onnxruntime's logging limited to fatal errors and its printing swallowed: a GPU provider
-    that cannot load logs its library errors on the default logger and prints "EP Error ... Falling back" on stdout,
-    and the error we keep says it in a line. onnxruntime has no getter for that logger's level, so it is set back to
-    onnxruntime's own default (warning); CPU sessions never touch it."""
+def _quietly(make, *args) -> tuple[ort.InferenceSession, str]:
+    """Run make(*args) with onnxruntime's logging limited to fatal errors and what it prints caught and returned: a
+    GPU provider that cannot load logs its library errors on the default logger and prints "EP Error ... Falling
+    back" on stdout; the error we keep says it in a line (_fallback_reason). onnxruntime has no getter for that
+    logger's level, so it is set back to onnxruntime's own default (warning); CPU sessions never touch it."""
     ort.set_default_logger_severity(4)
+    printed = io.StringIO()
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return make(*args)
+        with contextlib.redirect_stdout(printed):
+            session = make(*args)
+        return session, printed.getvalue()
     finally:
         ort.set_default_logger_severity(2)
+
+
+def _fallback_reason(printed: str) -> str | None:
+    """onnxruntime's reason for falling back from a provider, from its "EP Error <where> <why> when using ..." line."""
+    for line in printed.splitlines():
+        if line.startswith("EP Error "):
+            why = line.removeprefix("EP Error ").split(" when using ")[0]
+            return why.split("] : ")[-1] if "] : " in why else why.split("&) ")[-1]
+    return None

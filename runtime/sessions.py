@@ -63,9 +63,9 @@ def resolve_providers(requested: list[str] | tuple[str, ...] | None) -> tuple[st
 
 @functools.cache
 def load_cuda_libraries() -> None:
-    """Load CUDA and cuDNN from pip's nvidia packages (where PyTorch's wheels put them) when the library path has
-    none: onnxruntime-gpu's CUDA provider looks only on the library path. Once per process; quiet, because a
-    provider that still cannot start is reported when its session opens."""
+    """Load CUDA and cuDNN for onnxruntime-gpu, from pip's nvidia packages where they are installed (PyTorch's wheels
+    put them there, off the library path that onnxruntime's CUDA provider searches), else from the library path.
+    Once per process; quiet, because a provider that still cannot start is reported when its session opens."""
     if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu only
         with contextlib.redirect_stdout(io.StringIO()):  # it prints each library it could not find
             ort.preload_dlls(msvc=False)

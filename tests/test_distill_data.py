@@ -147,16 +147,28 @@ def test_chat_quality_compares_every_exit_with_the_full_model(tiny_model, tiny_b
     assert same.to_json() == result.to_json()  # greedy: the same answers every time
 
 
-def test_chat_data_pads_with_eos_where_the_tokenizer_names_no_pad_token(tiny_base_dir, tmp_path, monkeypatch):
+def test_chat_data_closes_turns_by_the_template_whatever_the_tokenizer_names_its_tokens(tiny_base_dir, tmp_path, monkeypatch):
     import balcony_edge.chat_corpus as chat_corpus
 
     real = chat_corpus.load_base_model
 
-    def without_pad_token(spec):  # as transformers 5.17 converts the default model's GGUF tokenizer
+    def as_converted_by_transformers_5_17(spec):  # no pad token, and <|im_start|> named as eos_token
         base = real(spec)
         base.tokenizer.pad_token = None
+        base.tokenizer.eos_token = "<|im_start|>"
         return base
 
-    monkeypatch.setattr(chat_corpus, "load_base_model", without_pad_token)
+    monkeypatch.setattr(chat_corpus, "load_base_model", as_converted_by_transformers_5_17)
     config = ChatCorpusConfig(base=str(tiny_base_dir), prompts=3, max_new_tokens=4, batch_size=3)
     assert write_chat_corpus(config, tmp_path / "chat.jsonl") == 3
+    for line in (tmp_path / "chat.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["text"].endswith(record["answer"] + "<|im_end|>\n")
+
+
+def test_a_non_utf8_exclude_file_is_a_one_line_error_before_the_model_loads(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    config = ChatCorpusConfig(base="no-such-model", prompts=3, exclude=str(bad))
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        write_chat_corpus(config, tmp_path / "chat.jsonl")

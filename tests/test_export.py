@@ -313,7 +313,6 @@ def test_fp16_export_halves_the_weights_and_agrees_with_fp32(tiny_checkpoint, ti
     assert (out / "weights.bin").stat().st_size < 0.55 * fp32_bytes
     checks = json.loads((out / "report.json").read_text())["verification"]["exits"]
     assert all(c["finite"] and c["top1_agreement"] >= 0.9 and c["max_abs_diff"] < 0.05 for c in checks)
-    assert all(c["graph_max_abs_diff"] <= c["graph_tolerance"] for c in checks)
 
 
 def test_the_standard_graph_may_round_differently_from_the_chain_only_in_fp16():

@@ -48,6 +48,7 @@ def exclusive_target(target: Path, what: str, wait: bool = False) -> Iterator[No
     writer is done."""
     import fcntl
 
+    from balcony_edge.common.console import say
     from balcony_edge.common.errors import BalconyError
 
     target = Path(target)
@@ -56,7 +57,13 @@ def exclusive_target(target: Path, what: str, wait: bool = False) -> Iterator[No
     while True:
         with open(lock, "a") as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not wait:
+                        raise
+                    say(f"waiting for another process writing {what} {target}")
+                    fcntl.flock(handle, fcntl.LOCK_EX)
                 held = os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino  # else the holder removed it as we opened it
             except (BlockingIOError, FileNotFoundError):
                 held = False
