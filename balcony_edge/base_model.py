@@ -271,6 +271,8 @@ def load_base_model(spec: str = DEFAULT_BASE) -> BaseModel:
     model = _load_model(folder)
     model.eval()
     model.requires_grad_(False)
+    if gguf_source(spec) is not None:  # a cache converted by an older version may hold a mis-named end token
+        _match_special_tokens(tokenizer, model.config)
     identity = BaseIdentity(
         name=name,
         model_type=model.config.model_type,

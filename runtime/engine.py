@@ -273,7 +273,8 @@ def session_settings(providers: list[str] | None, threads: int | None, prepack: 
     )
 
 
-# onnxruntime-gpu's messages when the machine has no usable CUDA (driver, device or libraries), in a few words.
+# onnxruntime-gpu's messages when the machine has no TensorRT libraries, or no usable CUDA (driver, device or
+# libraries), said in a few words.
 NO_TENSORRT_SIGNS = ("install TensorRT libraries", "libnvinfer")
 NO_CUDA_SIGNS = ("CUDA Provider not available", "libcuda", "libcudart", "libcublas", "no CUDA-capable device", "cudaErrorNoDevice")
 

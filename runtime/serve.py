@@ -67,7 +67,7 @@ def run_server(options: ServeOptions, hub: SignalHub, default_export: Callable[[
     app, engine, config = build_app(options, hub, default_export, warn)
     host = f"[{options.host}]" if ":" in options.host else options.host
     say(
-        f"serving {config.model_name} at http://{host}:{options.port}/v1 on {engine.describe()} "  # the address first: never wrapped
+        f"serving {config.model_name} at http://{host}:{options.port}/v1 on {engine.describe()} "  # the address first: a long status line wraps after it
         f"(parallel {config.parallel}, queue {config.queue_limit}, budget {options.budget}"
         f"{', API key required' if config.api_key else ''})"
     )

@@ -66,6 +66,9 @@ train() {
     local rate tokens
     rate=$(grep -o '[0-9,]* tok/s' "$results/probe.log" | tail -1 | tr -d ', tok/s')
     [ -n "$rate" ] || { log "the probe reported no rate"; exit 1; }
+    local average  # tokens over seconds, warm-up included: the rate can only be higher (a cut-off figure is not)
+    average=$(python3 -c "import json; t = json.load(open('$stage/probe/balcony_config.json'))['training']; print(int(t['tokens_seen'] / t['wall_seconds']))")
+    [ "$rate" -ge "$average" ] || rate=$average
     tokens=$(( rate * TRAIN_SECONDS * 8 / 10 / (BATCH * 512) * (BATCH * 512) ))
     log "training $tokens tokens (probe: $rate tok/s)"
     balcony-edge train --out "$results/smollm2-gpu" "${mix[@]}" "${common[@]}" --max-tokens "$tokens" \
@@ -129,6 +132,9 @@ case $phase in
         check || true  # (set -e does not reach into it: it runs to its end and says so)
         ;;
     train-steps) train ;;
-    finish) finish "$2" "$3" ;;
+    finish)
+        [ $# -ge 3 ] || { echo "usage: scripts/gpu_session.sh finish STAGE OUT" >&2; exit 2; }
+        finish "$2" "$3"
+        ;;
     *) echo "phase: install, train or finish" >&2; exit 2 ;;
 esac

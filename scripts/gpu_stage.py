@@ -18,11 +18,10 @@ CALL_LIMIT = 64 * 2**20
 MARGIN = 512 * 2**10
 
 
-def working_tree_bytes(leaving_out: Path) -> int:
-    """Bytes of the files that travel with every call (tracked, or untracked and not ignored), less `leaving_out`."""
+def working_tree_bytes() -> int:
+    """Bytes of the files that travel with every call: tracked, or untracked and not ignored."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True, check=True)
-    paths = [Path(name) for name in listed.stdout.decode().split("\0") if name]
-    return sum(p.stat().st_size for p in paths if p.is_file() and leaving_out.resolve() not in p.resolve().parents)
+    return sum(Path(name).stat().st_size for name in listed.stdout.decode().split("\0") if name and Path(name).is_file())
 
 
 def slice_files(files: list[Path], out: Path, room: int) -> list[Path]:
@@ -54,7 +53,9 @@ def main() -> None:
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=Path(".stage"))
     args = parser.parse_args()
-    room = CALL_LIMIT - working_tree_bytes(leaving_out=args.out) - MARGIN
+    if subprocess.run(["git", "check-ignore", "-q", str(args.out / "c1")]).returncode != 0:  # a path inside: /DIR/ patterns
+        raise SystemExit(f"{args.out} is not ignored by git, so its slices would travel with every call; ignore it or choose another --out")
+    room = CALL_LIMIT - working_tree_bytes() - MARGIN
     folders = slice_files(args.files, args.out, room)
     for folder in folders:
         print(folder, sum(f.stat().st_size for f in folder.iterdir()) / 1e6, "MB:", " ".join(sorted(f.name for f in folder.iterdir())))
