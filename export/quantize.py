@@ -40,10 +40,14 @@ def _matmul_nbits_quantizer():
     """onnxruntime's MatMulNBitsQuantizer, imported without the root-logger INFO level its module sets on import."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ModuleNotFoundError as err:  # onnxruntime 1.31's quantizer imports onnx_ir, which it does not install
+        package = (err.name or "").replace("_", "-")
+        raise ExportError(f"onnxruntime's quantizer needs the package {package}: run `pip install {package}` (the train extra has it)") from None
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     return MatMulNBitsQuantizer
 
 

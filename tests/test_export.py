@@ -526,3 +526,13 @@ def test_onnxruntime_genai_runs_an_exit_graph_as_the_engine_does(tiny_export):
             expected.append(int(np.argmax(sequence.logits(entry.exit))))
             sequence.append(expected[-1])
         assert tokens == expected
+
+
+def test_a_quantizer_dependency_that_is_missing_is_named_with_the_fix(monkeypatch):
+    """onnxruntime 1.31's MatMulNBitsQuantizer imports onnx_ir, which onnxruntime does not install."""
+    from balcony_edge.export.quantize import _matmul_nbits_quantizer
+
+    monkeypatch.delitem(sys.modules, "onnxruntime.quantization.matmul_nbits_quantizer", raising=False)
+    monkeypatch.setitem(sys.modules, "onnx_ir", None)  # as if not installed
+    with pytest.raises(ExportError, match=r"needs the package onnx-ir: run `pip install onnx-ir`"):
+        _matmul_nbits_quantizer()
