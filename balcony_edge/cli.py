@@ -148,6 +148,36 @@ def chat_data(
     console.print(f"wrote {out}: {written} answers")
 
 
+@app.command("free-text")
+def free_text(
+    out: Annotated[Path, typer.Option(help="JSONL file to write (whole, at the end).")],
+    base: Annotated[str, typer.Option(help="Teacher: `smollm2`, a Hugging Face folder or a .gguf file.")] = "smollm2",
+    samples: Annotated[int, typer.Option(min=1, help="Texts to sample.")] = 1000,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest text, in tokens.")] = 512,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (1: the model's own distribution).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts sampled together.")] = 64,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    start: Annotated[Optional[str], typer.Option(help="Text every sample starts from; default: <|endoftext|>, else the BOS token.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the batch that crosses so many minutes.")] = None,
+) -> None:
+    """Write a free-text corpus: what the teacher writes from a bare document start (the kinds of text it knows)."""
+    from balcony_edge.free_text import FreeTextConfig, write_free_text
+
+    config = FreeTextConfig(
+        base=base,
+        samples=samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+        start=start,
+    )
+    written = write_free_text(config, out, max_minutes)
+    console.print(f"wrote {out}: {written} texts")
+
+
 @app.command("eval")
 def evaluate_command(
     checkpoint: CheckpointArg = None,

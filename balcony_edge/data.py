@@ -1,9 +1,12 @@
-"""Training and evaluation text: files or folders of .txt, .jsonl and .parquet, or the default corpus, packed into blocks."""
+"""Training and evaluation text: files or folders of .txt, .jsonl and .parquet (text and JSONL also xz- or
+gzip-compressed: .jsonl.xz), or the default corpus, packed into blocks."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
+import lzma
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 DATA_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+COMPRESSED = {".xz": lzma.open, ".gz": gzip.open}  # text and JSONL files may come compressed (corpus.jsonl.xz)
 DEFAULT_CORPUS = "bbc-news"
 HELD_OUT_EVERY = 20  # every 20th document (5%) is held out for evaluation, never trained on
 
@@ -37,14 +41,21 @@ def default_corpus_files() -> list[Path]:
     return sorted(root.glob("*/*.txt"))
 
 
+def data_suffix(path: Path) -> str:
+    """The kind of a data file: its suffix, or the one before .xz/.gz for a compressed text or JSONL file."""
+    if path.suffix in COMPRESSED and len(path.suffixes) > 1 and path.suffixes[-2] in TEXT_SUFFIXES + JSONL_SUFFIXES:
+        return path.suffixes[-2]
+    return path.suffix
+
+
 def _data_files(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"data path {path} does not exist; give text, JSONL or parquet files or a folder of them")
     if path.is_file():
-        if path.suffix not in DATA_SUFFIXES:
-            raise DataError(f"data file {path} is not .txt, .md, .jsonl, .json or .parquet; convert it or give another file")
+        if data_suffix(path) not in DATA_SUFFIXES:
+            raise DataError(f"data file {path} is not .txt, .md, .jsonl, .json (any of them .xz or .gz) or .parquet; convert it or give another file")
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p) in DATA_SUFFIXES)
     if not files:
         raise DataError(f"data folder {path} holds no .txt, .jsonl or .parquet files; put training text there")
     return files
@@ -61,9 +72,17 @@ def write_jsonl_kinds(folder: Path, kinds: dict[str, list[str]]) -> list[str]:
     return lines
 
 
+def _read_bytes(path: Path) -> bytes:
+    opener = COMPRESSED.get(path.suffix)
+    if opener is None:
+        return path.read_bytes()
+    with opener(path, "rb") as file:
+        return file.read()
+
+
 def _read_jsonl(path: Path) -> list[str]:
     documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_bytes(path).decode("utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -89,12 +108,12 @@ def _read_parquet(path: Path) -> list[str]:
 def read_file(path: Path) -> list[str]:
     """The documents in one data file (a text file is one document)."""
     try:
-        if path.suffix in JSONL_SUFFIXES:
+        if data_suffix(path) in JSONL_SUFFIXES:
             return _read_jsonl(path)
         if path.suffix in PARQUET_SUFFIXES:
             return _read_parquet(path)
-        raw = path.read_bytes()
-    except (OSError, ValueError) as err:
+        raw = _read_bytes(path)
+    except (OSError, ValueError, EOFError, lzma.LZMAError) as err:
         raise DataError(f"cannot read data file {path} ({err}); check its permissions and format") from None
     if looks_binary(raw):
         raise DataError(f"data file {path} holds binary data, not text; give a text, JSONL or parquet file")

@@ -110,6 +110,9 @@ def test_telemetry_that_cannot_be_written_fails_before_generating(tiny_export, t
         (["bench", "--plot", "no/such/folder/b.png"], ["--plot no/such/folder/b.png", "does not exist"]),
         (["plot", "no-such-telemetry.jsonl"], ["no-such-telemetry.jsonl"]),
         (["train"], ["Missing option '--out'"]),
+        (["free-text", "--out", "free.txt"], ["free.txt must end in .jsonl"]),
+        (["free-text", "--out", "free.jsonl", "--top-p", "2"], ["--top-p in (0, 1]"]),
+        (["free-text", "--out", "no/such/free.jsonl"], ["folder no/such does not exist"]),
     ],
 )
 def test_bad_command_lines_are_one_line_errors(capsys, tmp_path, monkeypatch, args, words):

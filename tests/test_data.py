@@ -21,6 +21,23 @@ def test_reads_text_jsonl_and_parquet_from_files_and_folders(tmp_path):
     assert read_documents([tmp_path / "b.jsonl"]) == ["json one", "json two"]
 
 
+def test_xz_and_gzip_compressed_text_and_jsonl_read_as_their_plain_selves(tmp_path):
+    import gzip
+    import lzma
+
+    lines = json.dumps({"text": "xz one"}) + "\n" + json.dumps({"text": "xz two"}) + "\n"
+    (tmp_path / "a.jsonl.xz").write_bytes(lzma.compress(lines.encode()))
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(b"gzipped text"))
+    (tmp_path / "c.parquet.gz").write_bytes(b"not read: parquet compresses itself")
+    assert read_documents([tmp_path]) == ["xz one", "xz two", "gzipped text"]
+    assert load_corpus([tmp_path / "a.jsonl.xz"]).train == ["xz one"]
+    (tmp_path / "broken.jsonl.xz").write_bytes(lzma.compress(lines.encode())[:-20])
+    with pytest.raises(DataError, match="cannot read data file .*broken.jsonl.xz"):
+        read_documents([tmp_path / "broken.jsonl.xz"])
+    with pytest.raises(DataError, match=r"is not .txt, .md, .jsonl, .json \(any of them .xz or .gz\) or .parquet"):
+        read_documents([tmp_path / "c.parquet.gz"])
+
+
 def test_pack_joins_documents_with_eos_into_fixed_blocks(tiny_base):
     tokenizer = tiny_base.tokenizer
     docs = ["the river runs", "a small city"]

@@ -11,6 +11,7 @@ from balcony_edge.chat_corpus import ChatCorpusConfig, answered_prompts, write_c
 from balcony_edge.chat_quality import chat_quality
 from balcony_edge.data import DEFAULT_CORPUS, Source, load_corpus, parse_source, weighted_sources
 from balcony_edge.distill import distill_backward
+from balcony_edge.free_text import FreeTextConfig, write_free_text
 from balcony_edge.common.errors import DataError
 from balcony_edge.precision import cpu_flags, fast_bf16
 from balcony_edge.prompts import QUALITY_PROMPTS, chat_prompts
@@ -126,6 +127,23 @@ def test_the_teacher_writes_a_chat_corpus_that_training_reads(tiny_base_dir, tmp
     assert all(json.loads(line)["generation"]["exclude"] == str(out) for line in more.read_text().splitlines())
 
 
+def test_the_teacher_writes_free_text_that_training_reads(tiny_base_dir, tmp_path):
+    out = tmp_path / "free.jsonl"
+    config = FreeTextConfig(base=str(tiny_base_dir), samples=5, max_new_tokens=8, batch_size=2, seed=3)
+    written = write_free_text(config, out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written == len(records) and 1 <= written <= 5 and [p.name for p in tmp_path.iterdir()] == ["free.jsonl"]
+    assert all(r["text"] and r["generation"]["start"] == "<|endoftext|>" and r["generation"]["temperature"] == 1.0 for r in records)
+    assert len({r["text"] for r in records}) > 1  # sampled, not one text five times
+    assert load_corpus([out]).train
+    write_free_text(config, again := tmp_path / "again.jsonl")
+    assert again.read_text() == out.read_text()  # the seed decides every sample
+    with pytest.raises(DataError, match="must end in .jsonl"):
+        write_free_text(config, tmp_path / "free.txt")
+    with pytest.raises(DataError, match=r"--top-p in \(0, 1\]"):
+        FreeTextConfig(top_p=0)
+
+
 def test_chat_prompts_exclude_and_a_malformed_exclude_file(tmp_path):
     every = {p for _, p in chat_prompts(10_000)}
     some = frozenset(sorted(every)[:100])
@@ -148,9 +166,9 @@ def test_chat_quality_compares_every_exit_with_the_full_model(tiny_model, tiny_b
 
 
 def test_chat_data_closes_turns_by_the_template_whatever_the_tokenizer_names_its_tokens(tiny_base_dir, tmp_path, monkeypatch):
-    import balcony_edge.chat_corpus as chat_corpus
+    import balcony_edge.teacher_sampling as teacher_sampling
 
-    real = chat_corpus.load_base_model
+    real = teacher_sampling.load_base_model
 
     def as_converted_by_transformers_5_17(spec):  # no pad token, and <|im_start|> named as eos_token
         base = real(spec)
@@ -158,7 +176,7 @@ def test_chat_data_closes_turns_by_the_template_whatever_the_tokenizer_names_its
         base.tokenizer.eos_token = "<|im_start|>"
         return base
 
-    monkeypatch.setattr(chat_corpus, "load_base_model", as_converted_by_transformers_5_17)
+    monkeypatch.setattr(teacher_sampling, "load_base_model", as_converted_by_transformers_5_17)
     config = ChatCorpusConfig(base=str(tiny_base_dir), prompts=3, max_new_tokens=4, batch_size=3)
     assert write_chat_corpus(config, tmp_path / "chat.jsonl") == 3
     for line in (tmp_path / "chat.jsonl").read_text().splitlines():

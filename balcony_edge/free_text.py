@@ -1,0 +1,58 @@
+"""A free-text corpus written by the teacher: what the model writes from a bare document start, at temperature 1.
+
+Chat answers cover what users ask; free text covers the rest of what the model knows (web pages, code, lists,
+stories, law), each kind as often as the model itself writes it. Distilling on the model's own text teaches the
+balconies the model where it actually goes, without choosing kinds of text by hand. Each JSONL record holds the
+sample (`text`, what training reads) and the generation settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from balcony_edge.common.errors import DataError
+from balcony_edge.teacher_sampling import Teacher, TeacherConfig, check_out, write_samples
+
+DOCUMENT_START = "<|endoftext|>"  # the document separator of GPT-2-style vocabularies (SmolLM2's among them)
+
+
+@dataclass(frozen=True)
+class FreeTextConfig(TeacherConfig):
+    """How the teacher's free text is sampled (stored with every record)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 1.0  # the model's own distribution
+    top_p: float = 0.95
+    samples: int = 1000
+    start: str | None = None  # the text every sample starts from; default: the vocabulary's document start
+
+
+def document_start(tokenizer) -> str:
+    """`<|endoftext|>` where the vocabulary has it, else its beginning-of-sequence token."""
+    if DOCUMENT_START in tokenizer.get_vocab():
+        return DOCUMENT_START
+    if tokenizer.bos_token:
+        return tokenizer.bos_token
+    raise DataError("the base model's tokenizer has neither <|endoftext|> nor a beginning-of-sequence token; give --start")
+
+
+def write_free_text(config: FreeTextConfig, out: Path, max_minutes: float | None = None) -> int:
+    """Sample `config.samples` texts into `out` (JSONL, written whole at the end); returns the records written.
+
+    Empty samples (the model ended at once) are dropped. With `max_minutes`, sampling stops after the batch that
+    crosses the limit and the file holds the batches done."""
+    check_out(out)
+    teacher = Teacher.load(config.base)
+    start = config.start if config.start is not None else document_start(teacher.tokenizer)
+    settings = asdict(config) | {"start": start, "dtype": str(teacher.dtype).removeprefix("torch."), "device": teacher.device.type}
+    order = list(range(config.samples))
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    torch.manual_seed(config.seed)
+
+    def record(_: int, text: str) -> dict | None:
+        return {"text": text, "generation": settings} if text else None
+
+    return write_samples(out, teacher, [start] * config.samples, batches, config.sampling, record, "teacher free text", max_minutes)

@@ -1,0 +1,140 @@
+"""The teacher writing text: batched sampling from the base model into a JSONL corpus, one record per sample.
+
+Shared by the chat corpus (answers to prompts) and the free-text corpus (the model's own text from a bare start):
+the base model on the GPU when torch sees one (bf16 where it is fast), left padding, a rich progress bar, a
+--max-minutes stop after the batch that crosses it, and the file written whole at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from balcony_edge.base_model import DEFAULT_BASE, load_base_model
+from balcony_edge.common.atomic import atomic_path
+from balcony_edge.common.console import console, say
+from balcony_edge.common.errors import DataError
+from balcony_edge.precision import fast_bf16
+
+
+def check_out(out: Path) -> None:
+    """A teacher corpus goes to a .jsonl file in a folder that exists (checked before the model loads)."""
+    if out.suffix != ".jsonl":
+        raise DataError(f"{out} must end in .jsonl; training reads teacher corpora as JSONL")
+    if not out.parent.is_dir():
+        raise DataError(f"folder {out.parent} does not exist; create it or choose another --out")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each sample is drawn."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """What every teacher corpus records of how it was sampled; each kind of corpus adds its own fields."""
+
+    base: str = DEFAULT_BASE
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and field.name != "seed" and not (isinstance(value, int) and value >= 1):
+                raise DataError(f"--{field.name.replace('_', '-')} must be an integer of at least 1, not {value!r}")
+        if not 0 < self.temperature <= 10 or not 0 < self.top_p <= 1:
+            raise DataError("--temperature must be in (0, 10] and --top-p in (0, 1]; give values in range")
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p)
+
+
+@dataclass
+class Teacher:
+    """The base model ready to sample: its tokenizer padded on the left, on the fastest device and dtype here."""
+
+    tokenizer: object
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def load(cls, base: str) -> Teacher:
+        loaded = load_base_model(base)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if fast_bf16(device) else torch.float32
+        tokenizer = loaded.tokenizer
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:  # some transformers versions convert the GGUF's tokenizer without one
+            tokenizer.pad_token = tokenizer.eos_token  # (padding is masked out: any token will do)
+        return cls(tokenizer, loaded.model.to(device=device, dtype=dtype), device, dtype)
+
+    def sample(self, inputs: list[str], sampling: Sampling) -> list[str]:
+        """One batch: what the model writes after each input, special tokens dropped."""
+        encoded = self.tokenizer(inputs, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        with torch.no_grad():
+            output = self.model.generate(
+                **encoded,
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        start = encoded["input_ids"].shape[1]
+        return [self.tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in output]
+
+
+def write_samples(
+    out: Path,
+    teacher: Teacher,
+    inputs: list[str],
+    batches: list[list[int]],
+    sampling: Sampling,
+    record: Callable[[int, str], dict | None],
+    label: str,
+    max_minutes: float | None = None,
+) -> int:
+    """Sample `inputs` batch by batch into `out` (JSONL, written whole at the end); returns the records written.
+
+    `record(i, text)` turns input i's sample into a record, or None to drop it. With `max_minutes`, sampling stops
+    after the batch that crosses the limit and the file holds the batches done."""
+    check_out(out)
+    deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
+    written = done = 0
+    progress = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with atomic_path(out) as partial, partial.open("w", encoding="utf-8") as file, progress:
+        task = progress.add_task("generate", total=len(inputs))
+        for batch in batches:
+            for i, text in zip(batch, teacher.sample([inputs[i] for i in batch], sampling)):
+                if (line := record(i, text)) is not None:
+                    file.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    written += 1
+            done += len(batch)
+            progress.advance(task, len(batch))
+            if deadline is not None and time.monotonic() >= deadline and done < len(inputs):
+                say(f"--max-minutes {max_minutes} reached after {done} of {len(inputs)} samples; the file holds those")
+                break
+    return written
