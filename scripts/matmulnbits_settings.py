@@ -1,5 +1,5 @@
 """MatMulNBits settings on this CPU, measured on SmolLM2's largest per-layer matmul shape (gate/up: 576 -> 1536, batch 1):
-accuracy level and block size for the symmetric int4 the export writes, and whether a GGUF Q4_1 block
+accuracy level and block size (16, 32, 64) for the symmetric int4 the export writes, and whether a GGUF Q4_1 block
 (w = d * q + m) can be kept exactly as MatMulNBits with float zero points (zp = -m / d) at a usable speed.
 
 python scripts/matmulnbits_settings.py            # one JSON line per setting, then a summary
@@ -60,7 +60,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, K)).astype(np.float32)
     results = []
-    for block in (32, 64):  # 576 is no multiple of 128
+    for block in (16, 32, 64):  # 576 is no multiple of 128
         blocks = K // block
         q = rng.integers(0, 16, size=(N, blocks, block)).astype(np.uint8)
         d = (rng.random((N, blocks)) * 0.02 + 0.001).astype(np.float32)

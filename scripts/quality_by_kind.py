@@ -28,7 +28,7 @@ args = parser.parse_args()
 model, info, loaded = load_checkpoint(args.checkpoint, None)
 model.to(args.device)
 kinds = {"news (held out)": load_corpus(None).held_out}
-kinds |= {f"{path.stem} (held out)": load_corpus([path]).held_out for path in args.held_out}
+kinds |= {f"{path.name.split('.')[0]} (held out)": load_corpus([path]).held_out for path in args.held_out}  # a.jsonl.xz: a
 
 
 def unseen_label(kind: str) -> str:
