@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from balcony_edge.common.errors import DataError
 from balcony_edge.prompts import chat_prompts
@@ -53,7 +51,7 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
     """Generate answers batch by batch into `out` (JSONL, written whole at the end); returns the records written.
 
     With `max_minutes`, generation stops after the batch that crosses the limit and the file holds the batches done."""
-    check_out(out)
+    check_out(out, max_minutes)
     exclude = answered_prompts(Path(config.exclude)) if config.exclude else frozenset()
     teacher = Teacher.load(config.base)
     if not teacher.tokenizer.chat_template:
@@ -65,13 +63,12 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
     by_length = sorted(range(len(pairs)), key=lambda i: len(rendered[i]))  # similar lengths batch with little padding
     batches = [by_length[i : i + config.batch_size] for i in range(0, len(by_length), config.batch_size)]
     random.Random(config.seed).shuffle(batches)  # a --max-minutes stop keeps a mix of every kind of request
-    settings = asdict(config) | {"dtype": str(teacher.dtype).removeprefix("torch."), "device": teacher.device.type}
-    torch.manual_seed(config.seed)
+    settings = teacher.settings(config)
 
     def record(i: int, answer: str) -> dict:
         # the template closes the turn itself (a tokenizer's eos_token need not be the turn's end)
-        turn = _conversation(*pairs[i]) + [{"role": "assistant", "content": answer}]
+        turn = _conversation(*pairs[i]) + [{"role": "assistant", "content": answer.strip()}]
         text = teacher.tokenizer.apply_chat_template(turn, tokenize=False)
-        return {"text": text, "system": pairs[i][0], "prompt": pairs[i][1], "answer": answer, "generation": settings}
+        return {"text": text, "system": pairs[i][0], "prompt": pairs[i][1], "answer": answer.strip(), "generation": settings}
 
-    return write_samples(out, teacher, rendered, batches, config.sampling, record, "teacher answers", max_minutes)
+    return write_samples(out, teacher, rendered, batches, config, record, "teacher answers", max_minutes)

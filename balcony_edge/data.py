@@ -8,6 +8,7 @@ import importlib.util
 import json
 import lzma
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,12 @@ def data_suffix(path: Path) -> str:
     return path.suffix
 
 
+def data_stem(path: Path) -> str:
+    """A data file's name without its kind and compression: news.jsonl.xz -> news, notes.v2.txt -> notes.v2."""
+    name = path.name.removesuffix(path.suffix) if data_suffix(path) != path.suffix else path.name
+    return name.removesuffix(data_suffix(path))
+
+
 def _data_files(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"data path {path} does not exist; give text, JSONL or parquet files or a folder of them")
@@ -57,7 +64,7 @@ def _data_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p) in DATA_SUFFIXES)
     if not files:
-        raise DataError(f"data folder {path} holds no .txt, .jsonl or .parquet files; put training text there")
+        raise DataError(f"data folder {path} holds no .txt, .md, .jsonl, .json (any of them .xz or .gz) or .parquet files; put training text there")
     return files
 
 
@@ -113,7 +120,7 @@ def read_file(path: Path) -> list[str]:
         if path.suffix in PARQUET_SUFFIXES:
             return _read_parquet(path)
         raw = _read_bytes(path)
-    except (OSError, ValueError, EOFError, lzma.LZMAError) as err:
+    except (OSError, ValueError, EOFError, lzma.LZMAError, zlib.error) as err:
         raise DataError(f"cannot read data file {path} ({err}); check its permissions and format") from None
     if looks_binary(raw):
         raise DataError(f"data file {path} holds binary data, not text; give a text, JSONL or parquet file")

@@ -8,10 +8,8 @@ sample (`text`, what training reads) and the generation settings.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from balcony_edge.common.errors import DataError
 from balcony_edge.teacher_sampling import Teacher, TeacherConfig, check_out, write_samples
@@ -29,6 +27,11 @@ class FreeTextConfig(TeacherConfig):
     samples: int = 1000
     start: str | None = None  # the text every sample starts from; default: the vocabulary's document start
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.start is not None and not self.start.strip():
+            raise DataError("--start is empty; give the text every sample starts from, or leave it out")
+
 
 def document_start(tokenizer) -> str:
     """`<|endoftext|>` where the vocabulary has it, else its beginning-of-sequence token."""
@@ -42,17 +45,21 @@ def document_start(tokenizer) -> str:
 def write_free_text(config: FreeTextConfig, out: Path, max_minutes: float | None = None) -> int:
     """Sample `config.samples` texts into `out` (JSONL, written whole at the end); returns the records written.
 
-    Empty samples (the model ended at once) are dropped. With `max_minutes`, sampling stops after the batch that
-    crosses the limit and the file holds the batches done."""
-    check_out(out)
+    A sample ends where the model ends the document (its end token, or the start token again when the start is a
+    special token such as `<|endoftext|>`); a start that is plain text begins each record's text. Empty samples
+    are dropped. With `max_minutes`, sampling stops after the batch that crosses the limit and the file holds the
+    batches done."""
+    check_out(out, max_minutes)
     teacher = Teacher.load(config.base)
     start = config.start if config.start is not None else document_start(teacher.tokenizer)
-    settings = asdict(config) | {"start": start, "dtype": str(teacher.dtype).removeprefix("torch."), "device": teacher.device.type}
+    special = start in teacher.tokenizer.all_special_tokens
+    stops = (teacher.tokenizer.convert_tokens_to_ids(start),) if special else ()
+    settings = teacher.settings(config) | {"start": start}
     order = list(range(config.samples))
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    torch.manual_seed(config.seed)
 
     def record(_: int, text: str) -> dict | None:
+        text = (text if special else start + text).strip()
         return {"text": text, "generation": settings} if text else None
 
-    return write_samples(out, teacher, [start] * config.samples, batches, config.sampling, record, "teacher free text", max_minutes)
+    return write_samples(out, teacher, [start] * config.samples, batches, config, record, "teacher free text", max_minutes, stops)

@@ -8,9 +8,10 @@ the base model on the GPU when torch sees one (bf16 where it is fast), left padd
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -23,21 +24,15 @@ from balcony_edge.common.errors import DataError
 from balcony_edge.precision import fast_bf16
 
 
-def check_out(out: Path) -> None:
-    """A teacher corpus goes to a .jsonl file in a folder that exists (checked before the model loads)."""
+def check_out(out: Path, max_minutes: float | None) -> None:
+    """A teacher corpus goes to a .jsonl file in a folder that exists, within a positive time limit if any (checked
+    before the model loads)."""
+    if max_minutes is not None and not (math.isfinite(max_minutes) and max_minutes > 0):
+        raise DataError(f"--max-minutes must be a positive number, not {max_minutes}; leave it out for no limit")
     if out.suffix != ".jsonl":
         raise DataError(f"{out} must end in .jsonl; training reads teacher corpora as JSONL")
     if not out.parent.is_dir():
         raise DataError(f"folder {out.parent} does not exist; create it or choose another --out")
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How each sample is drawn."""
-
-    max_new_tokens: int
-    temperature: float
-    top_p: float
 
 
 @dataclass(frozen=True)
@@ -54,14 +49,11 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.type == "int" and field.name != "seed" and not (isinstance(value, int) and value >= 1):
-                raise DataError(f"--{field.name.replace('_', '-')} must be an integer of at least 1, not {value!r}")
+            if field.type in ("int", int) and not (type(value) is int and value >= (0 if field.name == "seed" else 1)):
+                least = 0 if field.name == "seed" else 1
+                raise DataError(f"--{field.name.replace('_', '-')} must be an integer of at least {least}, not {value!r}")
         if not 0 < self.temperature <= 10 or not 0 < self.top_p <= 1:
             raise DataError("--temperature must be in (0, 10] and --top-p in (0, 1]; give values in range")
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(self.max_new_tokens, self.temperature, self.top_p)
 
 
 @dataclass
@@ -84,20 +76,28 @@ class Teacher:
             tokenizer.pad_token = tokenizer.eos_token  # (padding is masked out: any token will do)
         return cls(tokenizer, loaded.model.to(device=device, dtype=dtype), device, dtype)
 
-    def sample(self, inputs: list[str], sampling: Sampling) -> list[str]:
-        """One batch: what the model writes after each input, special tokens dropped."""
+    def settings(self, config: TeacherConfig) -> dict:
+        """What a record stores of how it was made: the config, the dtype and the device."""
+        return asdict(config) | {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type}
+
+    def sample(self, inputs: list[str], config: TeacherConfig, stops: tuple[int, ...] = ()) -> list[str]:
+        """One batch: what the model writes after each input, up to its end token or one of `stops`, special
+        tokens dropped (not stripped: a continuation keeps its leading space)."""
         encoded = self.tokenizer(inputs, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        configured = self.model.generation_config.eos_token_id  # an int, a list or None
+        ends = {self.tokenizer.eos_token_id, *stops, *(configured if isinstance(configured, list) else [configured])} - {None}
         with torch.no_grad():
             output = self.model.generate(
                 **encoded,
-                max_new_tokens=sampling.max_new_tokens,
+                max_new_tokens=config.max_new_tokens,
                 do_sample=True,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
+                temperature=config.temperature,
+                top_p=config.top_p,
                 pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=sorted(ends),
             )
         start = encoded["input_ids"].shape[1]
-        return [self.tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in output]
+        return [self.tokenizer.decode(row[start:], skip_special_tokens=True) for row in output]
 
 
 def write_samples(
@@ -105,16 +105,18 @@ def write_samples(
     teacher: Teacher,
     inputs: list[str],
     batches: list[list[int]],
-    sampling: Sampling,
+    config: TeacherConfig,
     record: Callable[[int, str], dict | None],
     label: str,
     max_minutes: float | None = None,
+    stops: tuple[int, ...] = (),
 ) -> int:
-    """Sample `inputs` batch by batch into `out` (JSONL, written whole at the end); returns the records written.
+    """Sample `inputs` batch by batch into `out` (JSONL, written whole at the end; `check_out` it before loading
+    the teacher); returns the records written. Seeded with `config.seed`.
 
     `record(i, text)` turns input i's sample into a record, or None to drop it. With `max_minutes`, sampling stops
     after the batch that crosses the limit and the file holds the batches done."""
-    check_out(out)
+    torch.manual_seed(config.seed)
     deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
     written = done = 0
     progress = Progress(
@@ -128,7 +130,7 @@ def write_samples(
     with atomic_path(out) as partial, partial.open("w", encoding="utf-8") as file, progress:
         task = progress.add_task("generate", total=len(inputs))
         for batch in batches:
-            for i, text in zip(batch, teacher.sample([inputs[i] for i in batch], sampling)):
+            for i, text in zip(batch, teacher.sample([inputs[i] for i in batch], config, stops)):
                 if (line := record(i, text)) is not None:
                     file.write(json.dumps(line, ensure_ascii=False) + "\n")
                     written += 1

@@ -5,7 +5,7 @@
 #   scripts/gpu_session.sh install STAGE      # our package, gguf, the default corpus and base model, from STAGE
 #   scripts/gpu_session.sh train STAGE        # the teacher's free-text corpus, training, quality per kind of text
 #   scripts/gpu_session.sh check STAGE        # an fp16 export and scripts/gpu_check.py on it (needs ort.tar.xz)
-#   scripts/gpu_session.sh collect STAGE OUT  # results into OUT: the checkpoint in 15 MB parts, the rest gzipped
+#   scripts/gpu_session.sh collect STAGE OUT  # results into OUT: the checkpoint in 15 MiB parts, the rest gzipped
 #
 # One call runs several: `install STAGE && train STAGE; collect STAGE OUT` (a call may run 10 minutes).
 # STAGE holds what the machine cannot download, sent in slices of under 64 MiB (scripts/gpu_stage.py makes them):
@@ -27,6 +27,7 @@ site=$stage/site
 mkdir -p "$results"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BALCONY_EDGE_CACHE=$stage/cache PATH=$site/bin:$PATH PYTHONPATH=$site
 log() { echo "[$(date +%T)] $*" | tee -a "$results/session.log"; }
+trap 'log "$phase failed at line $LINENO: $BASH_COMMAND"' ERR
 
 # Sizes for an H200 (a dry run gives small ones, above).
 FREE_SECONDS=${FREE_SECONDS:-100}  # the free-text corpus stops after the batch that crosses this
@@ -34,7 +35,8 @@ FREE_SAMPLES=${FREE_SAMPLES:-40000}
 FREE_BATCH=${FREE_BATCH:-2048}
 FREE_TOKENS=${FREE_TOKENS:-512}
 TRAIN_SECONDS=${TRAIN_SECONDS:-240}
-RATE=${RATE:-45000}  # training tok/s on an H200 with this mix (the last runs averaged about 48,000)
+RATE=${RATE:-43500}  # training tok/s on an H200 with this mix (runs 7 and 8 averaged 43,600 and 44,200)
+SEED=${SEED:-8}  # another seed for another run from the same checkpoint, or it replays the same text
 BATCH=${BATCH:-64}
 DEVICE=${DEVICE:-cuda}
 TEXTS=$stage/texts
@@ -63,7 +65,7 @@ train() {
     local tokens=$((RATE * TRAIN_SECONDS / (BATCH * 512) * (BATCH * 512)))
     log "training $tokens tokens ($RATE tok/s for $TRAIN_SECONDS s)"
     balcony-edge train --out "$run" "${mix[@]}" --init-from "$shipped" --batch-size "$BATCH" --micro-batch-size "$BATCH" \
-        --lr 1e-3 --save-dtype fp16 --seed 8 --max-tokens "$tokens" --max-minutes "$(python3 -c "print($TRAIN_SECONDS / 60 + 0.5)")" \
+        --lr 1e-3 --save-dtype fp16 --seed "$SEED" --max-tokens "$tokens" --max-minutes "$(python3 -c "print($TRAIN_SECONDS / 60 + 0.5)")" \
         --save-every 50 >"$results/train.log" 2>&1
     log "trained: $(tail -1 "$results/train.log")"
     log "quality of $run"
@@ -88,8 +90,9 @@ check() {  # an fp16 export of the shipped checkpoint, then scripts/gpu_check.py
     log "gpu_check done"
 }
 
-collect() {  # into OUT: files of at most 15 MB (the checkpoint split; logs, JSON and corpora gzipped and split)
+collect() {  # into OUT: files of at most 15 MiB (the checkpoint split; logs, JSON and corpora gzipped and split)
     local out=$1 run=$results/smollm2-gpu
+    mkdir -p "$out"
     log "collecting into $out"
     if [ -f "$run/balconies.safetensors" ]; then
         split -b 15M -d "$run/balconies.safetensors" "$out/balconies.safetensors.part"

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from balcony_edge.checkpoint import load_checkpoint
-from balcony_edge.data import load_corpus, pack, read_documents
+from balcony_edge.data import JSONL_SUFFIXES, data_stem, data_suffix, load_corpus, pack, read_documents
 from balcony_edge.evaluate import evaluate
 
 parser = argparse.ArgumentParser()
@@ -28,14 +28,19 @@ args = parser.parse_args()
 model, info, loaded = load_checkpoint(args.checkpoint, None)
 model.to(args.device)
 kinds = {"news (held out)": load_corpus(None).held_out}
-kinds |= {f"{path.name.split('.')[0]} (held out)": load_corpus([path]).held_out for path in args.held_out}  # a.jsonl.xz: a
+held_out = {f"{data_stem(path)} (held out)": path for path in args.held_out}
 
 
 def unseen_label(kind: str) -> str:
     return f"{kind} (other files of a trained kind)" if kind in args.trained_kinds else f"{kind} (never trained on)"
 
 
-kinds |= {unseen_label(path.stem): read_documents([path]) for path in sorted(args.texts.glob("*.jsonl"))}
+texts = [path for path in sorted(args.texts.iterdir()) if data_suffix(path) in JSONL_SUFFIXES]
+unseen = {unseen_label(data_stem(path)): path for path in texts}
+if len(held_out) < len(args.held_out) or len(unseen) < len(texts):
+    raise SystemExit("two texts share a name (the file name without .jsonl and .xz/.gz); rename one")
+kinds |= {label: load_corpus([path]).held_out for label, path in held_out.items()}
+kinds |= {label: read_documents([path]) for label, path in unseen.items()}
 rows = []
 for kind, documents in kinds.items():
     blocks = pack(documents, loaded.tokenizer, 512, what="evaluation")[: max(1, args.max_tokens // 512)]

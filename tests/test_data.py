@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from balcony_edge.data import HELD_OUT_EVERY, default_corpus_files, load_corpus, pack, read_documents
+from balcony_edge.data import HELD_OUT_EVERY, data_stem, default_corpus_files, load_corpus, pack, read_documents
 from balcony_edge.common.errors import DataError
 
 
@@ -34,6 +34,12 @@ def test_xz_and_gzip_compressed_text_and_jsonl_read_as_their_plain_selves(tmp_pa
     (tmp_path / "broken.jsonl.xz").write_bytes(lzma.compress(lines.encode())[:-20])
     with pytest.raises(DataError, match="cannot read data file .*broken.jsonl.xz"):
         read_documents([tmp_path / "broken.jsonl.xz"])
+    damaged = bytearray(gzip.compress(b"some text that deflate packs " * 40))
+    damaged[20:30] = bytes(10)  # a broken deflate stream: zlib's own error, not an OSError
+    (tmp_path / "damaged.txt.gz").write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match="cannot read data file .*damaged.txt.gz"):
+        read_documents([tmp_path / "damaged.txt.gz"])
+    assert [data_stem(tmp_path / n) for n in ("a.jsonl.xz", "notes.v2.txt", "c.parquet.gz")] == ["a", "notes.v2", "c.parquet"]
     with pytest.raises(DataError, match=r"is not .txt, .md, .jsonl, .json \(any of them .xz or .gz\) or .parquet"):
         read_documents([tmp_path / "c.parquet.gz"])
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from balcony_edge.base_model import load_base_model
 from balcony_edge.chat_corpus import ChatCorpusConfig, answered_prompts, write_chat_corpus
 from balcony_edge.chat_quality import chat_quality
 from balcony_edge.data import DEFAULT_CORPUS, Source, load_corpus, parse_source, weighted_sources
@@ -140,8 +141,53 @@ def test_the_teacher_writes_free_text_that_training_reads(tiny_base_dir, tmp_pat
     assert again.read_text() == out.read_text()  # the seed decides every sample
     with pytest.raises(DataError, match="must end in .jsonl"):
         write_free_text(config, tmp_path / "free.txt")
-    with pytest.raises(DataError, match=r"--top-p in \(0, 1\]"):
-        FreeTextConfig(top_p=0)
+    with pytest.raises(DataError, match="--max-minutes must be a positive number"):
+        write_free_text(config, tmp_path / "free.jsonl", max_minutes=0)
+    # a start of plain text begins every record's text
+    plain = dataclasses.replace(config, start="The river")
+    write_free_text(plain, story := tmp_path / "story.jsonl")
+    assert all(json.loads(line)["text"].startswith("The river") for line in story.read_text().splitlines())
+
+
+def test_free_text_stops_at_the_document_start_and_drops_empty_samples(tiny_base_dir, tmp_path, monkeypatch):
+    import balcony_edge.teacher_sampling as teacher_sampling
+
+    seen = {}
+
+    def generate(self, **kwargs):  # the model ends at once: every sample is empty
+        seen["eos"] = kwargs["eos_token_id"]
+        return kwargs["input_ids"]
+
+    config = FreeTextConfig(base=str(tiny_base_dir), samples=3, max_new_tokens=4, batch_size=3)
+    real_load = teacher_sampling.Teacher.load
+
+    def load(base):
+        teacher = real_load(base)
+        monkeypatch.setattr(type(teacher.model), "generate", generate)
+        return teacher
+
+    monkeypatch.setattr(teacher_sampling.Teacher, "load", staticmethod(load))
+    assert write_free_text(config, tmp_path / "free.jsonl") == 0 and (tmp_path / "free.jsonl").read_text() == ""
+    tokenizer = load_base_model(str(tiny_base_dir)).tokenizer
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in seen["eos"] and tokenizer.eos_token_id in seen["eos"]
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: FreeTextConfig(samples=0), "--samples must be an integer of at least 1, not 0"),
+        (lambda: FreeTextConfig(samples=True), "--samples must be an integer of at least 1, not True"),
+        (lambda: ChatCorpusConfig(prompts=0), "--prompts must be an integer of at least 1, not 0"),
+        (lambda: ChatCorpusConfig(batch_size=-2), "--batch-size must be an integer of at least 1, not -2"),
+        (lambda: FreeTextConfig(seed=-1), "--seed must be an integer of at least 0, not -1"),
+        (lambda: FreeTextConfig(top_p=0), r"--top-p in \(0, 1\]"),
+        (lambda: FreeTextConfig(start=" "), "--start is empty"),
+    ],
+)
+def test_teacher_corpus_configs_refuse_bad_values_in_one_line(make, words):
+    with pytest.raises(DataError, match=words):
+        make()
+    assert FreeTextConfig(seed=0).seed == 0
 
 
 def test_chat_prompts_exclude_and_a_malformed_exclude_file(tmp_path):
