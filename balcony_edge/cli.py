@@ -67,7 +67,7 @@ def train(
     data: Annotated[
         Optional[list[str]],
         typer.Option(
-            help="Text, JSONL or parquet files or folders (repeatable); PATH:WEIGHT mixes sources by weight (`bbc-news` is the default corpus).",
+            help="Text, JSONL (.xz or .gz too) or parquet files or folders (repeatable); PATH:WEIGHT mixes sources by weight (`bbc-news`: default corpus).",
         ),
     ] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per packed sequence.")] = 512,

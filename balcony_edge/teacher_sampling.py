@@ -52,8 +52,10 @@ class TeacherConfig:
             if field.type in ("int", int) and not (type(value) is int and value >= (0 if field.name == "seed" else 1)):
                 least = 0 if field.name == "seed" else 1
                 raise DataError(f"--{field.name.replace('_', '-')} must be an integer of at least {least}, not {value!r}")
-        if not 0 < self.temperature <= 10 or not 0 < self.top_p <= 1:
-            raise DataError("--temperature must be in (0, 10] and --top-p in (0, 1]; give values in range")
+        if not 0 < self.temperature <= 10:
+            raise DataError(f"--temperature must be in (0, 10], not {self.temperature}; 1 samples the model's own distribution")
+        if not 0 < self.top_p <= 1:
+            raise DataError(f"--top-p must be in (0, 1], not {self.top_p}; 1 keeps every token")
 
 
 @dataclass

@@ -111,7 +111,7 @@ def test_telemetry_that_cannot_be_written_fails_before_generating(tiny_export, t
         (["plot", "no-such-telemetry.jsonl"], ["no-such-telemetry.jsonl"]),
         (["train"], ["Missing option '--out'"]),
         (["free-text", "--out", "free.txt"], ["free.txt must end in .jsonl"]),
-        (["free-text", "--out", "free.jsonl", "--top-p", "2"], ["--top-p in (0, 1]"]),
+        (["free-text", "--out", "free.jsonl", "--top-p", "2"], ["--top-p must be in (0, 1], not 2.0"]),
         (["free-text", "--out", "no/such/free.jsonl"], ["folder no/such does not exist"]),
     ],
 )

@@ -180,7 +180,8 @@ def test_free_text_stops_at_the_document_start_and_drops_empty_samples(tiny_base
         (lambda: ChatCorpusConfig(prompts=0), "--prompts must be an integer of at least 1, not 0"),
         (lambda: ChatCorpusConfig(batch_size=-2), "--batch-size must be an integer of at least 1, not -2"),
         (lambda: FreeTextConfig(seed=-1), "--seed must be an integer of at least 0, not -1"),
-        (lambda: FreeTextConfig(top_p=0), r"--top-p in \(0, 1\]"),
+        (lambda: FreeTextConfig(top_p=0), r"--top-p must be in \(0, 1\], not 0"),
+        (lambda: ChatCorpusConfig(temperature=0), r"--temperature must be in \(0, 10\], not 0"),
         (lambda: FreeTextConfig(start=" "), "--start is empty"),
     ],
 )
