@@ -65,10 +65,11 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
     random.Random(config.seed).shuffle(batches)  # a --max-minutes stop keeps a mix of every kind of request
     settings = teacher.settings(config)
 
-    def record(i: int, answer: str) -> dict:
+    def record(i: int, sample: str) -> dict:
+        answer = sample.strip()
         # the template closes the turn itself (a tokenizer's eos_token need not be the turn's end)
-        turn = _conversation(*pairs[i]) + [{"role": "assistant", "content": answer.strip()}]
+        turn = _conversation(*pairs[i]) + [{"role": "assistant", "content": answer}]
         text = teacher.tokenizer.apply_chat_template(turn, tokenize=False)
-        return {"text": text, "system": pairs[i][0], "prompt": pairs[i][1], "answer": answer.strip(), "generation": settings}
+        return {"text": text, "system": pairs[i][0], "prompt": pairs[i][1], "answer": answer, "generation": settings}
 
     return write_samples(out, teacher, rendered, batches, config, record, "teacher answers", max_minutes)

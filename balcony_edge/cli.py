@@ -18,6 +18,7 @@ except ImportError:
 
 from balcony_edge.common.console import console, labelled
 from balcony_edge.common.errors import BalconyError, TrainingStopped
+from balcony_edge.common.paths import check_output_folder
 
 app = typer.Typer(
     add_completion=False,
@@ -200,7 +201,7 @@ def evaluate_command(
     from balcony_edge.data import load_corpus, pack, read_documents
     from balcony_edge.evaluate import evaluate, plot_quality
 
-    _check_output_folder(plot, "--plot")
+    check_output_folder(plot, "--plot")
     model, info, loaded = load_checkpoint(checkpoint, base)
     documents = load_corpus(data).held_out if held_out or not data else read_documents(data)
     blocks = pack(documents, loaded.tokenizer, seq_len, what="evaluation")
@@ -348,12 +349,6 @@ TrustOpt = Annotated[bool, typer.Option("--trust-modified", help="Load an export
 def _warner(topic: str):
     """A callable that prints one yellow `topic:` line per warning."""
     return lambda text: console.print(labelled(f"{topic}: ", "yellow", text), soft_wrap=True)
-
-
-def _check_output_folder(path: Optional[Path], option: str) -> None:
-    """Refuse an output path whose folder is missing before the work, not after it."""
-    if path is not None and not path.parent.is_dir():
-        raise BalconyError(f"{option} {path}: folder {path.parent} does not exist; create it or choose another path")
 
 
 def _thread_pool_choice(value: str) -> str:
@@ -566,7 +561,7 @@ def bench(
         console.print(f"[dim]{text}[/dim]")
 
     # The settings are checked (BenchConfig) before the default export is made on first use, which takes minutes.
-    _check_output_folder(plot, "--plot")
+    check_output_folder(plot, "--plot")
     config = BenchConfig(
         export=export_folder or default_export_dir(),
         new_tokens=new_tokens,

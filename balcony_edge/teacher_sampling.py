@@ -21,6 +21,7 @@ from balcony_edge.base_model import DEFAULT_BASE, load_base_model
 from balcony_edge.common.atomic import atomic_path
 from balcony_edge.common.console import console, say
 from balcony_edge.common.errors import DataError
+from balcony_edge.common.paths import check_output_folder
 from balcony_edge.precision import fast_bf16
 
 
@@ -31,8 +32,7 @@ def check_out(out: Path, max_minutes: float | None) -> None:
         raise DataError(f"--max-minutes must be a positive number, not {max_minutes}; leave it out for no limit")
     if out.suffix != ".jsonl":
         raise DataError(f"{out} must end in .jsonl; training reads teacher corpora as JSONL")
-    if not out.parent.is_dir():
-        raise DataError(f"folder {out.parent} does not exist; create it or choose another --out")
+    check_output_folder(out, "--out", DataError)
 
 
 @dataclass(frozen=True)

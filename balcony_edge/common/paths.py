@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from balcony_edge.common.errors import BalconyError
+
 SHIPPED_EXPORT_NAME = "smollm2-balcony"
 SHIPPED_CHECKPOINT = Path(__file__).parent.parent / "checkpoints" / "smollm2"
 CHECKPOINT_WEIGHTS_FILE = "balconies.safetensors"  # a checkpoint's balcony weights
@@ -21,3 +23,9 @@ def cache_dir() -> Path:
 def default_export_dir(name: str = SHIPPED_EXPORT_NAME, precision: str = "fp32") -> Path:
     """<cache dir>/exports/<name>-<precision>: where `export` writes by default and `chat` looks first."""
     return cache_dir() / "exports" / f"{name}-{precision}"
+
+
+def check_output_folder(path: Path | None, option: str, error: type[BalconyError] = BalconyError) -> None:
+    """Refuse an output path whose folder is missing before the work, not after it."""
+    if path is not None and not path.parent.is_dir():
+        raise error(f"{option} {path}: folder {path.parent} does not exist; create it or choose another path")
