@@ -290,19 +290,23 @@ def export(
     base: BaseOpt = None,
     force: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
     verify: Annotated[bool, typer.Option(help="onnx: check every graph in onnxruntime against the torch model.")] = True,
+    kv_cache: Annotated[str, typer.Option(help="onnx: float (the activations' type) or int8 (a quarter of fp32's cache; calibrated scales).")] = "float",
 ) -> None:
     """Export each exit: ONNX graphs sharing one weights file (with the full model and a manifest), or one Hugging
     Face folder or GGUF file per exit."""
     if format != "onnx":
-        if quantize is not None:
-            raise BalconyError(f"--quantize applies to --format onnx; for --format {format} choose a --dtype")
+        if quantize is not None or kv_cache != "float":
+            option = "--quantize" if quantize is not None else "--kv-cache"
+            raise BalconyError(f"{option} applies to --format onnx; for --format {format} choose a --dtype")
         _export_exit_checkpoints(checkpoint, out, exits, format, dtype, base, force)
         return
     from balcony_edge.export.exporter import ExportConfig, export_checkpoint
     from balcony_edge.export.inspect import exits_table
     from balcony_edge.runtime.manifest import REPORT_FILE, Manifest
 
-    config = ExportConfig(checkpoint=checkpoint, out=out, exits=exits, dtype=dtype or "fp32", quantize=quantize, base=base, force=force, verify=verify)
+    config = ExportConfig(
+        checkpoint=checkpoint, out=out, exits=exits, dtype=dtype or "fp32", quantize=quantize, base=base, force=force, verify=verify, kv_cache=kv_cache
+    )
     folder = export_checkpoint(config)
     report = json.loads((folder / REPORT_FILE).read_text())
     console.print(exits_table(folder, Manifest.load(folder), report))

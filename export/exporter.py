@@ -30,7 +30,9 @@ from balcony_edge.generate import eos_token_ids
 from balcony_edge.model import BalconyModel
 from balcony_edge.common.paths import SHIPPED_EXPORT_NAME, default_export_dir
 from balcony_edge.runtime.manifest import (
+    KV_DTYPES,
     MANIFEST_FILE,
+    QUANTIZED_KV_DTYPE,
     REPORT_FILE,
     ExitGraph,
     GenerationDefaults,
@@ -39,6 +41,7 @@ from balcony_edge.runtime.manifest import (
 )
 from balcony_edge.export.compose import compose_exit
 from balcony_edge.export.genai import write_genai_folders
+from balcony_edge.export.kv_calibration import kv_cache_scales
 from balcony_edge.export.provenance import checkpoint_identity
 from balcony_edge.export.pieces import PieceGraphs, balcony_slot, exit_chain, layer_slot, piece_layout
 from balcony_edge.export.quality import against_full
@@ -50,6 +53,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+KV_CACHES = ("float", "int8")  # the KV cache in the activations' float type, or int8 codes with calibrated scales
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,14 @@ class ExportConfig:
     base: str | None = None  # base model spec; default: the checkpoint's
     force: bool = False
     verify: bool = True
+    kv_cache: str = "float"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ExportError(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
         check_quantization(self.quantize)
+        if self.kv_cache not in KV_CACHES:
+            raise ExportError(f"--kv-cache {self.kv_cache!r} is unknown; choose one of {', '.join(KV_CACHES)}")
 
     @property
     def precision(self) -> str:
@@ -78,9 +85,14 @@ class ExportConfig:
         return self.quantize if self.dtype == "fp32" else f"{self.dtype}-{self.quantize}"
 
     @property
+    def folder_suffix(self) -> str:
+        """What the default folder name ends with: the precision, and `-kv8` for an int8 KV cache."""
+        return self.precision + ("-kv8" if self.kv_cache == "int8" else "")
+
+    @property
     def exact(self) -> bool:
         """Whether the export must match torch to fp32 tolerance (and greedy tokens exactly)."""
-        return self.dtype == "fp32" and self.quantize is None
+        return self.dtype == "fp32" and self.quantize is None and self.kv_cache == "float"
 
 
 def export_name(checkpoint: Path) -> str:
@@ -91,7 +103,7 @@ def export_name(checkpoint: Path) -> str:
 def export_checkpoint(config: ExportConfig) -> Path:
     """Export a checkpoint's exits and full model to an ONNX folder (verified unless config.verify is False)."""
     checkpoint = Path(config.checkpoint) if config.checkpoint is not None else SHIPPED_CHECKPOINT
-    out = Path(config.out) if config.out is not None else default_export_dir(export_name(checkpoint), config.precision)
+    out = Path(config.out) if config.out is not None else default_export_dir(export_name(checkpoint), config.folder_suffix)
     exits = select_exits(config.exits, read_info(checkpoint), checkpoint)
     check_target(out, config.force)
     with exclusive_target(out, "the export"):
@@ -189,7 +201,8 @@ def write_export(
     which checkpoint), manifest.json last."""
     started = time.perf_counter()
     quality = against_full(model, base.tokenizer)
-    builder = PieceGraphs(export_model, NUMPY_DTYPES[config.dtype], tie_head_as_gemm=config.quantize is None)
+    kv_scales = kv_cache_scales(model, base.tokenizer) if config.kv_cache == "int8" else None
+    builder = PieceGraphs(export_model, NUMPY_DTYPES[config.dtype], tie_head_as_gemm=config.quantize is None, kv_scales=kv_scales)
     layout = piece_layout(exits, model.num_layers)
     depths = (*exits, model.num_layers)
     with phase_progress() as progress, open(staging / WEIGHTS_FILE, "wb") as handle:
@@ -229,7 +242,7 @@ def write_export(
         quantization=quantization_info(config.quantize),
         weights_file=weights.name,
         weights=weights.tensors,
-        kv=kv_shape(model.base.config, config.dtype),
+        kv=kv_shape(model.base.config, config.dtype, config.kv_cache),
         cache_slots=[layer_slot(i) for i in range(model.num_layers)] + [balcony_slot(k) for k in exits],
         pieces=pieces,
         exits=graphs,
@@ -240,6 +253,7 @@ def write_export(
     genai_folders = write_genai_folders(staging, manifest)
     report = {
         "precision": config.precision,
+        "kv_cache": config.kv_cache,
         "exported_with": tool_versions(),
         "checkpoint": source,
         "export_seconds": round(time.perf_counter() - started, 2),
@@ -290,15 +304,15 @@ def save_graph(staging: Path, name: str, proto: onnx.ModelProto, weights: Weight
     return [tensor.name for tensor in proto.graph.initializer if tensor.name in weights.tensors]
 
 
-def kv_shape(config, dtype: str) -> KVShape:
-    """Per-slot cache shape from a Hugging Face config."""
+def kv_shape(config, dtype: str, kv_cache: str = "float") -> KVShape:
+    """Per-slot cache shape from a Hugging Face config; its dtype the activations' or int8."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return KVShape(
         num_kv_heads=config.num_key_value_heads,
         head_dim=head_dim,
         num_attention_heads=config.num_attention_heads,
         hidden_size=config.hidden_size,
-        dtype={"fp32": "float32", "fp16": "float16"}[dtype],
+        dtype=QUANTIZED_KV_DTYPE if kv_cache == "int8" else KV_DTYPES[dtype],
     )
 
 

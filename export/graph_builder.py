@@ -21,6 +21,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from balcony_edge.common.errors import ExportError
+from balcony_edge.export.kv_calibration import KVScales
 from balcony_edge.runtime.manifest import ATTENTION_MASK, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 OPSET = 17
@@ -126,10 +127,18 @@ def _array(tensor: torch.Tensor, dtype: np.dtype) -> np.ndarray:
 class DecoderEmitter:
     """Emits the nodes of decoder layers, norms, embedding and head into a GraphBuilder."""
 
-    def __init__(self, builder: GraphBuilder, arch: Architecture, names: dict[int, str], rotary: tuple[np.ndarray, np.ndarray]):
+    def __init__(
+        self,
+        builder: GraphBuilder,
+        arch: Architecture,
+        names: dict[int, str],
+        rotary: tuple[np.ndarray, np.ndarray],
+        kv_scales: dict[str, KVScales] | None = None,
+    ):
         self.b, self.arch = builder, arch
         self.names = names  # id(parameter) -> BalconyModel name
         self.rotary = rotary
+        self.kv_scales = kv_scales  # attention name -> its int8 cache scales; None: a float cache
         self._mask: tuple[str, str] | None = None
 
     def param(self, parameter: torch.nn.Parameter, suffix: str = "", transform=None) -> str:
@@ -195,9 +204,15 @@ class DecoderEmitter:
             query = [qkv, "", ""]  # packed Q, K, V
         seqlens, total = self.mask_info()
         cos, sin = self.rotary_caches()
+        inputs = [*query, PAST_KEY.format(slot=slot), PAST_VALUE.format(slot=slot), seqlens, total, cos, sin]
+        quantized_cache = {}
+        if self.kv_scales is not None:  # int8 codes in the cache, one scale per KV head and channel
+            scales = self.kv_scales[base]
+            inputs += ["", "", "", b.weight(f"{base}.k_cache_scale", scales.key), b.weight(f"{base}.v_cache_scale", scales.value)]
+            quantized_cache = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
         out = b.node(
             "GroupQueryAttention",
-            [*query, PAST_KEY.format(slot=slot), PAST_VALUE.format(slot=slot), seqlens, total, cos, sin],
+            inputs,
             [b.fresh("attention"), PRESENT_KEY.format(slot=slot), PRESENT_VALUE.format(slot=slot)],
             MS_DOMAIN,
             num_heads=a.num_heads,
@@ -206,6 +221,7 @@ class DecoderEmitter:
             rotary_interleaved=0,
             scale=float(attn.scaling),
             local_window_size=a.sliding_window or -1,
+            **quantized_cache,
         )[0]
         output = b.one("MatMul", [out, self.param(attn.o_proj.weight, TRANSPOSED, np.transpose)])
         if attn.o_proj.bias is not None:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from balcony_edge.common.atomic import readable_folder
 from balcony_edge.runtime.integrity import export_problems, path_problem
-from balcony_edge.runtime.manifest import MANIFEST_FILE, REPORT_FILE, Manifest
+from balcony_edge.runtime.manifest import MANIFEST_FILE, QUANTIZED_KV_DTYPE, REPORT_FILE, Manifest
 from balcony_edge.runtime.sessions import load_cuda_libraries
 
 _PROBE_OPSET = 18
@@ -114,6 +114,7 @@ def exits_table(folder: Path, manifest: Manifest, report: dict | None) -> Table:
     """One row per exit: layers, weights read per token, cache slots and the verification figures."""
     figures = verification_figures(report)
     precision = manifest.dtype + (f" + {manifest.quantization['method']}" if manifest.quantization else "")
+    precision += ", int8 KV cache" if manifest.kv.dtype == QUANTIZED_KV_DTYPE else ""
     table = Table(title=escape(f"{manifest.base['name']}, {precision}: {folder}"))  # the name comes from the manifest
     for column in ("exit", "layers", "MB/token", "cache slots", "max |diff|", "top-1", "greedy"):
         table.add_column(column, justify="right", no_wrap=True)

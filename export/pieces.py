@@ -14,6 +14,7 @@ import torch
 from onnx import TensorProto
 from transformers import PreTrainedModel
 
+from balcony_edge.export.kv_calibration import KVScales
 from balcony_edge.model import BalconyModel
 from balcony_edge.runtime.manifest import Piece
 from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
@@ -82,7 +83,8 @@ def rotary_tables(base: PreTrainedModel, dtype: np.dtype) -> tuple[np.ndarray, n
 class PieceGraphs:
     """Builds the graphs of one export from a BalconyModel (float32 or float16 parameters), or of a plain base model."""
 
-    def __init__(self, model: BalconyModel | PreTrainedModel, dtype: np.dtype, tie_head_as_gemm: bool = True):
+    def __init__(self, model: BalconyModel | PreTrainedModel, dtype: np.dtype, tie_head_as_gemm: bool = True, kv_scales: dict[str, KVScales] | None = None):
+        """kv_scales: an int8 KV cache with these scales (by attention name; see kv_calibration), else a float one."""
         if isinstance(model, BalconyModel):
             self.base, self.balconies, self.norms = model.base, model.balconies, model.norms
             named = model.named_parameters()
@@ -95,21 +97,23 @@ class PieceGraphs:
         self.names = {id(p): name for name, p in named}  # a tied head maps to the embedding
         self.rotary = rotary_tables(self.base, self.dtype)
         self.tie_head_as_gemm = tie_head_as_gemm
+        self.kv_scales = kv_scales
 
     @property
     def elem(self) -> int:
         return onnx.helper.np_dtype_to_tensor_dtype(self.dtype)
 
-    def _builder(self, name: str) -> tuple[GraphBuilder, DecoderEmitter]:
+    def _builder(self, name: str, kv_scales: dict[str, KVScales] | None = None) -> tuple[GraphBuilder, DecoderEmitter]:
         builder = GraphBuilder(name, self.dtype)
-        return builder, DecoderEmitter(builder, self.arch, self.names, self.rotary)
+        return builder, DecoderEmitter(builder, self.arch, self.names, self.rotary, kv_scales)
 
-    def _cache_io(self, builder: GraphBuilder, slot: str) -> None:
+    def _cache_io(self, builder: GraphBuilder, slot: str, quantized: bool = False) -> None:
         shape = ["batch_size", self.arch.num_kv_heads, "cache_length", self.arch.head_dim]
-        builder.add_input(PAST_KEY.format(slot=slot), self.elem, shape)
-        builder.add_input(PAST_VALUE.format(slot=slot), self.elem, shape)
-        builder.add_output(PRESENT_KEY.format(slot=slot), self.elem, shape)
-        builder.add_output(PRESENT_VALUE.format(slot=slot), self.elem, shape)
+        elem = TensorProto.INT8 if quantized else self.elem
+        builder.add_input(PAST_KEY.format(slot=slot), elem, shape)
+        builder.add_input(PAST_VALUE.format(slot=slot), elem, shape)
+        builder.add_output(PRESENT_KEY.format(slot=slot), elem, shape)
+        builder.add_output(PRESENT_VALUE.format(slot=slot), elem, shape)
 
     def _hidden_io(self, builder: GraphBuilder, name: str, output: bool) -> None:
         shape = ["batch_size", "sequence_length", self.arch.hidden_size]
@@ -150,7 +154,7 @@ class PieceGraphs:
 
     def piece(self, piece: Piece) -> onnx.ModelProto:
         """The graph of one piece."""
-        builder, emitter = self._builder(piece.name)
+        builder, emitter = self._builder(piece.name, self.kv_scales)
         if piece.kind == HEAD:
             self._hidden_io(builder, EXIT_HIDDEN, output=False)
             self._head_nodes(emitter, EXIT_HIDDEN)
@@ -158,7 +162,7 @@ class PieceGraphs:
             return builder.model()
         residual = self._begin(builder, piece.first_layer)
         for slot in piece.cache_slots:
-            self._cache_io(builder, slot)
+            self._cache_io(builder, slot, quantized=self.kv_scales is not None)
         if piece.kind == BALCONY:
             self._balcony_nodes(emitter, piece.first_layer, residual, piece.cache_slots[0], EXIT_HIDDEN)
             self._hidden_io(builder, EXIT_HIDDEN, output=True)

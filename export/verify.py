@@ -15,7 +15,7 @@ from balcony_edge.common.console import phase_progress
 from balcony_edge.generate import generate_greedy, prompt_ids
 from balcony_edge.model import BalconyModel
 from balcony_edge.runtime.engine import Engine
-from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, ExitGraph, KVShape, Manifest
+from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, KV_DTYPES, LOGITS, PAST_KEY, PAST_VALUE, ExitGraph, KVShape, Manifest
 from balcony_edge.runtime.sessions import SessionSettings
 
 PROMPT = (
@@ -114,7 +114,7 @@ def check_exit(folder: Path, manifest: Manifest, entry: ExitGraph, engine: Engin
         greedy_tokens=GREEDY_TOKENS,
         finite=finite,
         graph_max_abs_diff=float(np.abs(graph - got).max()),
-        graph_tolerance=graph_tolerance(manifest.kv.dtype, got),
+        graph_tolerance=graph_tolerance(KV_DTYPES[manifest.dtype], got),
     )
 
 

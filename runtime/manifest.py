@@ -26,6 +26,7 @@ FIX = "export again (`balcony-edge export --force`)"
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 KV_DTYPES = {"fp32": "float32", "fp16": "float16"}  # manifest dtype -> numpy name of activations and KV cache
+QUANTIZED_KV_DTYPE = "int8"  # a KV cache of int8 codes with calibrated per-channel scales (`export --kv-cache int8`)
 WEIGHT_DTYPES = {"float32": 4, "float16": 2, "uint8": 1}  # numpy names the exporter writes -> bytes per element
 # Keys of the free-form `base` and `quantization` records that the runtime and tools read.
 _REQUIRED_KEYS = {"base": ("name", "source", "sha256"), "quantization": ("method",)}
@@ -106,7 +107,7 @@ class KVShape:
     head_dim: int
     num_attention_heads: int
     hidden_size: int
-    dtype: str  # numpy name: float32 or float16
+    dtype: str  # numpy name: float32 or float16 (the activations'), or int8 (codes; scales are in the graphs)
 
 
 @dataclass(frozen=True)
@@ -266,8 +267,10 @@ def _check_values(manifest: Manifest) -> None:
     _check_positive(manifest.generation, ("context_length",), "generation.")
     if manifest.dtype not in KV_DTYPES:
         raise _refuse("dtype", f"is {short_repr(manifest.dtype)}, not one of {', '.join(KV_DTYPES)}")
-    if manifest.kv.dtype != KV_DTYPES[manifest.dtype]:
-        raise _refuse("kv.dtype", f"is {short_repr(manifest.kv.dtype)}, not {KV_DTYPES[manifest.dtype]} as dtype {manifest.dtype} needs")
+    if manifest.kv.dtype not in (KV_DTYPES[manifest.dtype], QUANTIZED_KV_DTYPE):
+        raise _refuse(
+            "kv.dtype", f"is {short_repr(manifest.kv.dtype)}, not {KV_DTYPES[manifest.dtype]} (as dtype {manifest.dtype} needs) or {QUANTIZED_KV_DTYPE}"
+        )
     for field_name, keys in _REQUIRED_KEYS.items():
         _check_keys(getattr(manifest, field_name), keys, field_name)
     for name, entry in manifest.weights.items():

@@ -177,3 +177,12 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("exports") / "tiny-fp32"
     return export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=out))
+
+
+@pytest.fixture(scope="session")
+def tiny_export_kv8(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported in fp32 with an int8 KV cache (every trained exit, verified)."""
+    from balcony_edge.export.exporter import ExportConfig, export_checkpoint
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-fp32-kv8"
+    return export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=out, kv_cache="int8"))

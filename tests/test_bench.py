@@ -3,6 +3,8 @@
 No timing thresholds: speed is measured by `balcony-edge bench`, and its figures are in docs/bench.md.
 """
 
+import dataclasses
+import importlib.util
 import json
 
 import numpy as np
@@ -12,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from balcony_edge.bench import BenchConfig, run_bench
+from balcony_edge.bench.benchmark import genai_exits
 from balcony_edge.bench.decode import BareDecoder, EngineDecoder, greedy_run, summarize
 from balcony_edge.bench.floors import floor_graphs
 from balcony_edge.bench.quality import perplexities_from_eval
@@ -110,10 +113,24 @@ def test_bench_result_has_every_figure(tiny_export, tmp_path):
     assert result["memory_ratio_all_vs_full"] > 0
     assert "skipped" in result["peers"]["llama_cpp"]  # only the default model has a GGUF
     assert result["machine"]["provider"] == "CPUExecutionProvider" and result["prompt_tokens"] == 16
-    assert len(target_lines(result)) == 8
+    genai = importlib.util.find_spec("onnxruntime_genai") is not None
+    assert len(target_lines(result)) == 8 + genai  # a line for genai when it ran
     assert result["context_step_ratio"]["64"] == 1.0 and result["llama_cpp_precision"] is None
     assert all(row["vs_llama_cpp_full"] is None for row in result["exits"])
+    if not genai:
+        assert result["engine_vs_genai"] is None and any(note.startswith("onnxruntime_genai skipped") for note in result["notes"])
+    else:
+        assert result["engine_vs_genai"] > 0 and all(row["genai_tok_s"] > 0 for row in result["exits"])
     json.dumps(result)  # serialisable as is
+
+
+def test_onnxruntime_genai_runs_each_exit_graph_when_importable(tiny_export):
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is installed in an environment of its own (README)")
+    config = BenchConfig(export=tiny_export, new_tokens=4, prompt_tokens=16, repeats=1, threads=1, say=lambda t: None)
+    run = genai_exits(config, Manifest.load(tiny_export), list(range(5, 21)))
+    assert set(run["exits"]) == {"1", "2", "4"}
+    assert all(r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 and r["folder"].endswith(f"exit_{k}" if k != "4" else "full") for k, r in run["exits"].items())
+    assert "skipped" in genai_exits(dataclasses.replace(config, provider="cuda"), Manifest.load(tiny_export), [5, 6])
 
 
 def test_bench_command_prints_json_and_writes_the_plot(tiny_export, tmp_path):
@@ -140,6 +157,7 @@ def test_bench_without_torch_skips_floors_and_torch_with_notes_on_the_process_po
 import json
 from pathlib import Path
 from balcony_edge.bench import BenchConfig, run_bench
+from balcony_edge.bench.benchmark import genai_exits
 config = BenchConfig(
     export=Path({str(tiny_export)!r}), new_tokens=3, prompt_tokens=8, repeats=1, threads=1, memory=False, thread_pool="process", say=lambda t: None
 )
@@ -163,3 +181,5 @@ def test_the_summary_compares_each_exit_with_llama_cpp_on_its_own_gguf():
     lines = target_lines({"exits": rows, "engine_vs_llama_cpp": 0.6, "llama_cpp_precision": "q4_0"})
     assert "engine / llama.cpp on the same exit's GGUF: 8 0.75, full 0.60 (no target)" in lines
     assert "slowest exit / llama.cpp full: 0.60 (target >= 1.0) MISSED" in lines
+    rows[0]["vs_genai"], rows[1]["vs_genai"] = 1.1, 0.95
+    assert "engine / onnxruntime-genai on the exit's graph: 8 1.10, full 0.95 (no target)" in target_lines({"exits": rows})

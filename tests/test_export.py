@@ -507,8 +507,11 @@ def test_each_exit_has_an_onnxruntime_genai_folder_of_links(tiny_export):
             assert (folder / name).is_symlink() and (folder / name).resolve() == (tiny_export / name).resolve()
 
 
-def test_onnxruntime_genai_runs_an_exit_graph_as_the_engine_does(tiny_export):
+@pytest.mark.parametrize("fixture", ["tiny_export", "tiny_export_kv8"])
+def test_onnxruntime_genai_runs_an_exit_graph_as_the_engine_does(request, fixture):
+    """With a float cache and with an int8 one (`--kv-cache int8`)."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is installed in an environment of its own (README)")
+    tiny_export = request.getfixturevalue(fixture)
     engine = Engine.load(tiny_export, providers=["cpu"])
     prompt = [5, 17, 42, 99, 7]
     for entry in engine.manifest.exits:

@@ -182,7 +182,7 @@ def test_a_field_of_the_wrong_type_is_refused_with_its_path(path, value, message
         (("generation", "eos_token_ids", 0), 49152, "field generation.eos_token_ids[0] is 49152, not a token id below vocab_size 49152"),
         (("generation", "pad_token_id"), -2, "field generation.pad_token_id is -2, not a token id"),
         (("kv", "head_dim"), 0, "field kv.head_dim is 0, not a positive int"),
-        (("kv", "dtype"), "float16", "field kv.dtype is 'float16', not float32 as dtype fp32 needs"),
+        (("kv", "dtype"), "float16", "field kv.dtype is 'float16', not float32 (as dtype fp32 needs) or int8"),
         (("dtype",), "bf16", "field dtype is 'bf16', not one of fp32, fp16"),
         (("base", "name"), 3, "field base['name'] is 3, not a string"),
         (("quantization",), {"bits": 4}, "field quantization['method'] is None, not a string"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from balcony_edge.common.errors import BalconyError
+from balcony_edge.export.genai import GENAI_FOLDER
 from balcony_edge.runtime.engine import Engine, export_folder, session_settings
 from balcony_edge.runtime.integrity import check_export_files
 from balcony_edge.runtime.manifest import Manifest
@@ -110,6 +111,7 @@ def run_bench(config: BenchConfig) -> dict:
     result = {
         "export": str(config.export),
         "precision": export_precision(manifest),
+        "kv_cache": manifest.kv.dtype,
         "machine": machine_info(engine.provider, config.threads),
         "provider": engine.provider,
         "threads": config.threads,
@@ -155,8 +157,11 @@ def run_bench(config: BenchConfig) -> dict:
         same_exit = llama.get("decode_tok_s") if row["full"] else llama_exits.get(str(row["exit"]), {}).get("decode_tok_s")
         row["llama_cpp_same_exit_tok_s"] = same_exit
         row["vs_llama_cpp_same_exit"] = ratio(row["decode_tok_s"], same_exit)
-    result["engine_vs_genai"] = None
-    notes.append("onnxruntime-genai: not measured by the bench (it needs onnxruntime, which must not share an environment with onnxruntime-gpu)")
+    genai = result["peers"].get("onnxruntime_genai", {}).get("exits", {})
+    for row in result["exits"]:
+        row["genai_tok_s"] = genai.get(str(row["exit"]), {}).get("decode_tok_s")
+        row["vs_genai"] = ratio(row["decode_tok_s"], row["genai_tok_s"])
+    result["engine_vs_genai"] = result["exits"][-1]["vs_genai"]
 
     if config.memory:
         from balcony_edge.bench.memory import memory_ratio
@@ -246,6 +251,7 @@ def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], no
         peers["llama_cpp"] = llama_cpp(converted or gguf, prompt, config.new_tokens, config.repeats, config.threads)
         peers["llama_cpp"]["file_type"] = file_type
         peers["llama_cpp_exits"] = llama_cpp_exits(config, manifest, file_type, prompt)
+    peers["onnxruntime_genai"] = genai_exits(config, manifest, prompt)
     for name, peer in peers.items():
         if "skipped" in peer:
             notes.append(f"{name} skipped: {peer['skipped']}")
@@ -269,6 +275,22 @@ def llama_cpp_exits(config: BenchConfig, manifest: Manifest, file_type: str, pro
         return {"skipped": "llama-cpp-python is not installed"}
     runs = {str(k): llama_cpp(path, prompt, config.new_tokens, config.repeats, config.threads) for k, path in files.items()}
     return {"checkpoint": str(checkpoint), "file_type": file_type, "exits": runs}
+
+
+def genai_exits(config: BenchConfig, manifest: Manifest, prompt: list[int]) -> dict:
+    """onnxruntime-genai on every exit's standard graph (the export's genai folders), on the CPU."""
+    from balcony_edge.bench.peers import onnxruntime_genai
+
+    if config.provider != "cpu":
+        return {"skipped": "measured on the CPU provider only (its genai_config.json names no GPU provider)"}
+    runs = {}
+    for entry in manifest.exits:
+        config.say(f"peer: onnxruntime-genai on {entry.graph}")
+        run = onnxruntime_genai(Path(config.export) / GENAI_FOLDER / Path(entry.graph).stem, prompt, config.new_tokens, config.repeats, config.threads)
+        if "skipped" in run:
+            return run
+        runs[str(entry.exit)] = run
+    return {"exits": runs}
 
 
 def load_perplexities(config: BenchConfig, manifest: Manifest, notes: list[str]) -> dict[int, float]:

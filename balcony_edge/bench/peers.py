@@ -1,4 +1,5 @@
-"""Other ways to run the same base model on the same machine: torch `generate`, and llama.cpp on the GGUF file.
+"""Other ways to run the same model on the same machine: torch `generate` and llama.cpp on the GGUF file (the base
+model), and onnxruntime-genai on the export's own standard graph of each exit.
 
 Each returns `{"decode_tok_s": ..., "ttft_ms": ...}` with the same prompt and token counts as the engine, or
 `{"skipped": why}` when it cannot run here.
@@ -124,6 +125,34 @@ def llama_cpp(gguf_path, prompt: list[int], new_tokens: int, repeats: int, threa
         "file": str(gguf_path),
         "prompt_tokens": len(tokens),
     }
+
+
+def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int | None) -> dict:
+    """onnxruntime-genai on one exit's genai folder of the export (its standard graph, greedy, on the CPU), after the
+    engine's own prompt tokens; skipped when onnxruntime_genai is not importable (it lives beside onnxruntime-gpu,
+    installed without its dependencies: README)."""
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return {"skipped": "onnxruntime-genai is not importable (pip install --no-deps --target ~/genai onnxruntime-genai; PYTHONPATH=~/genai)"}
+    import json
+
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+
+    def timed(count: int) -> float:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + count, do_sample=False)
+        generator = og.Generator(model, params)
+        started = time.perf_counter()
+        generator.append_tokens(prompt)  # the prompt's forward pass; each later call makes one token
+        for _ in range(count):
+            generator.generate_next_token()
+        return time.perf_counter() - started
+
+    return {**_decode_and_first_token(timed, new_tokens, repeats), "folder": str(folder), "genai": og.__version__}
 
 
 def _decode_and_first_token(timed, new_tokens: int, repeats: int) -> dict:

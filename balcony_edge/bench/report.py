@@ -77,6 +77,9 @@ def target_lines(result: dict) -> list[str]:
     ]
     if same_exit:
         lines.append(f"engine / llama.cpp on the same exit's GGUF: {', '.join(same_exit)} (no target)")
+    genai = [f"{'full' if row['full'] else row['exit']} {row['vs_genai']:.2f}" for row in result["exits"] if row.get("vs_genai")]
+    if genai:
+        lines.append(f"engine / onnxruntime-genai on the exit's graph: {', '.join(genai)} (no target)")
     switch = result.get("switch_cost_steps", {})
     line("deepening after 16 tokens (deep steps)", switch.get("16"), TARGETS["switch_cost_16"], at_most=True)
     line("decode step, 2000 / 64 tokens of context", result.get("context_step_ratio", {}).get("2000"), TARGETS["context_2000"], at_most=True)
