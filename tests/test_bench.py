@@ -124,6 +124,13 @@ def test_bench_result_has_every_figure(tiny_export, tmp_path):
     json.dumps(result)  # serialisable as is
 
 
+def test_an_int8_cache_export_is_benched_against_float_cache_floors(tiny_export_kv8):
+    config = BenchConfig(export=tiny_export_kv8, new_tokens=3, prompt_tokens=8, repeats=1, threads=1, peers=False, memory=False, say=lambda t: None)
+    result = run_bench(config)
+    assert result["kv_cache"] == "int8" and result["bare_tokens_match"] is True
+    assert all(row["floor_tok_s"] > 0 for row in result["exits"])  # floors are plain models: a float cache
+
+
 def test_onnxruntime_genai_runs_each_exit_graph_when_importable(tiny_export):
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is installed in an environment of its own (README)")
     config = BenchConfig(export=tiny_export, new_tokens=4, prompt_tokens=16, repeats=1, threads=1, say=lambda t: None)

@@ -200,7 +200,7 @@ def measure_floors(config: BenchConfig, manifest: Manifest, prompt: list[int], n
     providers = ["CPUExecutionProvider"]
 
     def bare(graph: Path) -> DecodeStats:
-        decoder = BareDecoder(graph, config.threads, kv.num_kv_heads, kv.head_dim, dtype=kv.dtype, providers=providers)
+        decoder = BareDecoder(graph, config.threads, kv.num_kv_heads, kv.head_dim, providers=providers)
         return measure(decoder, prompt, config.new_tokens, config.repeats)
 
     full = manifest.exits[-1]

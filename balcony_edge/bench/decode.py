@@ -75,6 +75,9 @@ class EngineDecoder:
         return self.sequence.logits(self.exit)
 
 
+CACHE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # onnxruntime's names
+
+
 class BareDecoder:
     """A plain onnxruntime loop over one causal-LM graph: past = the previous run's present, nothing else around it.
 
@@ -82,16 +85,18 @@ class BareDecoder:
     prepacks weights), with the given threads.
     """
 
-    def __init__(self, graph: Path, threads: int | None, kv_heads: int, head_dim: int, dtype=np.float32, providers=None):
+    def __init__(self, graph: Path, threads: int | None, kv_heads: int, head_dim: int, providers=None):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(graph), sess_options=options, providers=providers or ["CPUExecutionProvider"])
-        self.past_names = [i.name for i in self.session.get_inputs() if i.name not in (INPUT_IDS, ATTENTION_MASK)]
+        inputs = {i.name: i.type for i in self.session.get_inputs()}
+        self.past_names = [name for name in inputs if name not in (INPUT_IDS, ATTENTION_MASK)]
         self.output_names = [o.name for o in self.session.get_outputs()]  # logits, then the presents in past order
         self.layers = len(self.past_names) // 2
-        self.empty = np.zeros((1, kv_heads, 0, head_dim), dtype=dtype)
+        # The cache type is the graph's own: a floor keeps a float cache where the export's may be int8.
+        self.empty = np.zeros((1, kv_heads, 0, head_dim), dtype=CACHE_TYPES[inputs[self.past_names[0]]])
         self.past: list[np.ndarray] = []
         self.length = 0
 

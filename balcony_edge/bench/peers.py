@@ -8,6 +8,7 @@ Each returns `{"decode_tok_s": ..., "ttft_ms": ...}` with the same prompt and to
 from __future__ import annotations
 
 import importlib.util
+import os
 import statistics
 import time
 from pathlib import Path
@@ -104,8 +105,6 @@ def llama_cpp(gguf_path, prompt: list[int], new_tokens: int, repeats: int, threa
     tokenizer); skipped when llama_cpp is not installed."""
     if importlib.util.find_spec("llama_cpp") is None:
         return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python, about 10 minutes to build)"}
-    import os
-
     from llama_cpp import Llama
 
     # use_extra_bufts=False: a source build with AMX crashed inside llama_decode on quantised files without it.
@@ -136,10 +135,12 @@ def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats:
     import json
 
     import onnxruntime_genai as og
+    import psutil
 
     config = og.Config(str(folder))
-    if threads:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    # The engine's default is onnxruntime's (one thread per physical core); genai's own default ran at half speed here.
+    threads = threads or psutil.cpu_count(logical=False) or os.cpu_count()
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     model = og.Model(config)
 
     def timed(count: int) -> float:
@@ -152,7 +153,7 @@ def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats:
             generator.generate_next_token()
         return time.perf_counter() - started
 
-    return {**_decode_and_first_token(timed, new_tokens, repeats), "folder": str(folder), "genai": og.__version__}
+    return {**_decode_and_first_token(timed, new_tokens, repeats), "folder": str(folder), "threads": threads, "genai": og.__version__}
 
 
 def _decode_and_first_token(timed, new_tokens: int, repeats: int) -> dict:
