@@ -1,8 +1,9 @@
 """What one decode step's attention costs as the conversation grows: onnxruntime's GroupQueryAttention alone, with
 SmolLM2's shapes (9 query heads, 3 KV heads, head size 64), past and present sharing one buffer of 2,048 positions
-(as the engine binds them), after 64 and after 2,000 tokens, with a float32 and a float16 cache. Each layer reads
-the whole KV cache once per token: 3 MB at 2,000 tokens in float32, 31 layers: 95 MB a step, more than the int4
-weights (86 MB). In float16 the cache is half that; the graph then casts Q, K, V in and the output back.
+(as the engine binds them), after 64 and after 2,000 tokens, with a float32, a float16 and an int8 cache. Each layer
+reads the whole KV cache once per token: 3 MB at 2,000 tokens in float32, 31 layers: 95 MB a step, more than the int4
+weights (86 MB). In float16 the cache is half that; the graph then casts Q, K, V in and the output back. In int8 (what
+`export --kv-cache int8` writes) it is a quarter, and the node quantises keys and values itself (per-channel scales).
 
 Last, the same arithmetic as three standard ops (FusedMatMul, Softmax, MatMul) with the three query heads that share a
 KV head as one matrix product ([3 KV heads] x [3 x 64] by [64 x n]): what the attention itself costs when each KV
@@ -16,7 +17,7 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 H, KV, D, CAP = 9, 3, 64, 2048
 
@@ -31,18 +32,20 @@ def two_thread_session(graph) -> ort.InferenceSession:
 
 
 def session(cache: int) -> ort.InferenceSession:
-    """GroupQueryAttention with float32 Q, K, V and output; with a float16 cache the node runs in float16 between casts."""
+    """GroupQueryAttention with float32 Q, K, V and output; with a float16 cache the node runs in float16 between casts;
+    with an int8 cache it quantises keys and values itself (per-channel scales, as `export --kv-cache int8` writes)."""
     f = TensorProto.FLOAT
     nodes, q, k, v, o = [], "q", "k", "v", "o"
-    if cache != f:
+    if cache == TensorProto.FLOAT16:
         nodes = [helper.make_node("Cast", [n], [n + "16"], to=cache) for n in (q, k, v)]
         q, k, v, o = "q16", "k16", "v16", "o16"
-    nodes.append(
-        helper.make_node(
-            "GroupQueryAttention", [q, k, v, "pk", "pv", "seqlens_k", "total"], [o, "ok", "ov"], domain="com.microsoft", num_heads=H, kv_num_heads=KV
-        )
-    )
-    if cache != f:
+    inputs, quantized, initializers = [q, k, v, "pk", "pv", "seqlens_k", "total"], {}, []
+    if cache == TensorProto.INT8:
+        inputs += ["", "", "", "", "", "k_scale", "v_scale"]
+        quantized = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+        initializers = [numpy_helper.from_array(np.full((1, KV, 1, D), 4 / 127, np.float32), name) for name in ("k_scale", "v_scale")]
+    nodes.append(helper.make_node("GroupQueryAttention", inputs, [o, "ok", "ov"], domain="com.microsoft", num_heads=H, kv_num_heads=KV, **quantized))
+    if cache == TensorProto.FLOAT16:
         nodes.append(helper.make_node("Cast", [o], ["o"], to=f))
     graph = helper.make_graph(
         nodes,
@@ -61,6 +64,7 @@ def session(cache: int) -> ort.InferenceSession:
             helper.make_tensor_value_info("ok", cache, [1, KV, "cap", D]),
             helper.make_tensor_value_info("ov", cache, [1, KV, "cap", D]),
         ],
+        initializers,
     )
     return two_thread_session(graph)
 
@@ -93,10 +97,10 @@ def median_us(s: ort.InferenceSession, b: ort.IOBinding) -> float:
 
 rng = np.random.default_rng(0)
 q, k, v = (rng.standard_normal((1, 1, n * D)).astype(np.float32) for n in (H, KV, KV))
-for name, elem, dtype in (("float32", TensorProto.FLOAT, np.float32), ("float16", TensorProto.FLOAT16, np.float16)):
+for name, elem, dtype in (("float32", TensorProto.FLOAT, np.float32), ("float16", TensorProto.FLOAT16, np.float16), ("int8", TensorProto.INT8, np.int8)):
     s = session(elem)
-    pk = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, KV, CAP, D)).astype(dtype))
-    pv = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, KV, CAP, D)).astype(dtype))
+    pk = ort.OrtValue.ortvalue_from_numpy((rng.standard_normal((1, KV, CAP, D)) * (30 if elem == TensorProto.INT8 else 1)).astype(dtype))
+    pv = ort.OrtValue.ortvalue_from_numpy((rng.standard_normal((1, KV, CAP, D)) * (30 if elem == TensorProto.INT8 else 1)).astype(dtype))
     for past in (63, 1999):
         b = s.io_binding()
         for input_name, arr in (("q", q), ("k", k), ("v", v)):
