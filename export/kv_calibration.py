@@ -76,7 +76,9 @@ def kv_cache_scales(model: BalconyModel, tokenizer) -> dict[str, KVScales]:
         return hook
 
     for name, attention in attentions.items():
-        key_source = getattr(attention, "k_norm", None) or attention.k_proj  # Qwen3 normalises keys before the rotary
+        key_source = getattr(attention, "k_norm", None)  # Qwen3 normalises keys before the rotary embedding
+        if key_source is None:
+            key_source = attention.k_proj
         hooks.append(key_source.register_forward_hook(keep(name, 0, per_pair=True)))
         hooks.append(attention.v_proj.register_forward_hook(keep(name, 1, per_pair=False)))
     try:
