@@ -295,9 +295,10 @@ def export(
     """Export each exit: ONNX graphs sharing one weights file (with the full model and a manifest), or one Hugging
     Face folder or GGUF file per exit."""
     if format != "onnx":
-        if quantize is not None or kv_cache != "float":
-            option = "--quantize" if quantize is not None else "--kv-cache"
-            raise BalconyError(f"{option} applies to --format onnx; for --format {format} choose a --dtype")
+        if quantize is not None:
+            raise BalconyError(f"--quantize applies to --format onnx; for --format {format} choose a --dtype")
+        if kv_cache != "float":
+            raise BalconyError(f"--kv-cache applies to --format onnx; leave it out for --format {format} (its runtime chooses its own cache type)")
         _export_exit_checkpoints(checkpoint, out, exits, format, dtype, base, force)
         return
     from balcony_edge.export.exporter import ExportConfig, export_checkpoint

@@ -76,6 +76,9 @@ class ExportConfig:
         check_quantization(self.quantize)
         if self.kv_cache not in KV_CACHES:
             raise ExportError(f"--kv-cache {self.kv_cache!r} is unknown; choose one of {', '.join(KV_CACHES)}")
+        if self.kv_cache == "int8" and self.dtype != "fp32":
+            # In fp16 the chain and the standard graph round differently and flip int8 codes: they would not agree.
+            raise ExportError(f"--kv-cache int8 needs fp32 activations, not --dtype {self.dtype}; leave out --dtype (or --kv-cache)")
 
     @property
     def precision(self) -> str:

@@ -3,7 +3,8 @@
 onnxruntime's GroupQueryAttention stores each new key and value as int8 codes, round(x / scale) saturated to
 [-128, 127], with one float32 scale per KV head and channel, and reads them back as code x scale. A key is
 stored after the rotary embedding, which turns each pair of channels (i, i + head_dim / 2) by a position's
-angle: whatever the position, neither channel of the pair exceeds the pair's norm. So a key channel's scale comes
+angle: whatever the position, neither channel of the pair exceeds the pair's norm (times the rotary tables' own
+attention factor, which rope scalings such as YaRN apply). So a key channel's scale comes
 from the largest pair norm seen, which holds at positions the calibration text never reached; a value channel's
 from its largest magnitude. The text is a few short passages of the kinds the model serves (prose, chat, code).
 """
@@ -87,7 +88,9 @@ def kv_cache_scales(model: BalconyModel, tokenizer) -> dict[str, KVScales]:
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: KVScales(key=_scale(key), value=_scale(value)) for name, (key, value) in bounds.items()}
+    # Rope scalings such as YaRN multiply cos and sin by an attention factor: rotated keys grow by as much.
+    rotary = float(getattr(model.base.model.rotary_emb, "attention_scaling", 1.0))
+    return {name: KVScales(key=_scale(key * rotary), value=_scale(value)) for name, (key, value) in bounds.items()}
 
 
 def _scale(bound: torch.Tensor) -> np.ndarray:

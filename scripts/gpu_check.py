@@ -22,6 +22,7 @@ import onnxruntime as ort
 from balcony_edge.export.inspect import usable_providers
 from balcony_edge.runtime import Engine
 from balcony_edge.runtime.sessions import PROVIDER_ALIASES
+from balcony_edge.runtime.manifest import KV_DTYPES
 
 PROMPT = "Write a short story about a lighthouse keeper and a storm."
 # Largest logit difference a switching schedule may show against static exits: float32 on the CPU is exact (to
@@ -71,7 +72,7 @@ def check(folder: str, provider: str, reference: dict[int, list[int]] | None, to
             row["same_as_cpu"] = same
         result["exits"][exit] = row
     result["switching_max_abs_diff"] = switching_error(engine, prompt)
-    result["switching_limit"] = SWITCHING_LIMIT[(engine.manifest.kv.dtype, "cpu" if provider == "cpu" else "gpu")]
+    result["switching_limit"] = SWITCHING_LIMIT[(KV_DTYPES[engine.manifest.dtype], "cpu" if provider == "cpu" else "gpu")]
     return result
 
 

@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     engines = {str(folder): Engine.load(folder, threads=args.threads) for folder in args.exports}
+    for name, engine in engines.items():
+        if engine.manifest.generation.context_length < 2016:
+            raise SystemExit(f"{name}: its model holds {engine.manifest.generation.context_length} tokens, fewer than the 2,016 this measures")
     ratios: dict[str, list[float]] = {name: [] for name in engines}
     for round in range(args.rounds):
         for name, engine in engines.items():

@@ -191,12 +191,15 @@ def engine_graph(folder):
     return Manifest.load(folder).exits[0].graph
 
 
-def test_the_gpu_check_script_runs_on_the_cpu_and_skips_absent_gpus(tiny_export):
+@pytest.mark.parametrize("fixture", ["tiny_export", "tiny_export_kv8"])
+def test_the_gpu_check_script_runs_on_the_cpu_and_skips_absent_gpus(request, fixture):
+    """With a float cache and with an int8 one (its switching limit is its activations')."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
+    tiny_export = request.getfixturevalue(fixture)
     script = Path(__file__).parent.parent / "scripts" / "gpu_check.py"
     done = subprocess.run([sys.executable, str(script), str(tiny_export), "--tokens", "6"], capture_output=True, text=True, timeout=300)
     report = json.loads(done.stdout)

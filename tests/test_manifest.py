@@ -104,6 +104,13 @@ def _refusal(raw: dict | str | bytes) -> str:
     return str(error.value)
 
 
+def test_an_int8_cache_is_accepted_beside_either_float_dtype():
+    for dtype in ("fp32", "fp16"):
+        raw = _raw()
+        raw["dtype"], raw["kv"]["dtype"] = dtype, "int8"
+        assert Manifest.from_json(json.dumps(raw)).kv.dtype == "int8"
+
+
 def _set(raw: dict, path: tuple, value) -> dict:
     """raw with the field at path (keys and list indices) set to value; deleted when value is _DELETE."""
     *parents, last = path

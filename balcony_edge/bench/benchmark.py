@@ -15,7 +15,7 @@ from balcony_edge.common.errors import BalconyError
 from balcony_edge.export.genai import GENAI_FOLDER
 from balcony_edge.runtime.engine import Engine, export_folder, session_settings
 from balcony_edge.runtime.integrity import check_export_files
-from balcony_edge.runtime.manifest import Manifest
+from balcony_edge.runtime.manifest import QUANTIZED_KV_DTYPE, Manifest
 from balcony_edge.runtime.text import TextCodec
 from balcony_edge.bench.decode import CONTEXTS, BareDecoder, DecodeStats, EngineDecoder, context_step_ratio, measure
 from balcony_edge.bench.switching import BACKLOGS, switch_costs
@@ -111,7 +111,7 @@ def run_bench(config: BenchConfig) -> dict:
     result = {
         "export": str(config.export),
         "precision": export_precision(manifest),
-        "kv_cache": manifest.kv.dtype,
+        "kv_cache": "int8" if manifest.kv.dtype == QUANTIZED_KV_DTYPE else "float",  # as report.json says it
         "machine": machine_info(engine.provider, config.threads),
         "provider": engine.provider,
         "threads": config.threads,
@@ -286,7 +286,10 @@ def genai_exits(config: BenchConfig, manifest: Manifest, prompt: list[int]) -> d
     runs = {}
     for entry in manifest.exits:
         config.say(f"peer: onnxruntime-genai on {entry.graph}")
-        run = onnxruntime_genai(Path(config.export) / GENAI_FOLDER / Path(entry.graph).stem, prompt, config.new_tokens, config.repeats, config.threads)
+        try:
+            run = onnxruntime_genai(Path(config.export) / GENAI_FOLDER / Path(entry.graph).stem, prompt, config.new_tokens, config.repeats, config.threads)
+        except Exception as err:  # genai's own errors (a version that cannot read the graph): a note, not a lost bench
+            return {"skipped": f"onnxruntime-genai failed on {entry.graph}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"}
         if "skipped" in run:
             return run
         runs[str(entry.exit)] = run
