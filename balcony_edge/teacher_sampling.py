@@ -49,8 +49,8 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.type in ("int", int) and not (type(value) is int and value >= (0 if field.name == "seed" else 1)):
-                least = 0 if field.name == "seed" else 1
+            least = 0 if field.name == "seed" else 1
+            if field.type in ("int", int) and not (type(value) is int and value >= least):
                 raise DataError(f"--{field.name.replace('_', '-')} must be an integer of at least {least}, not {value!r}")
         if not 0 < self.temperature <= 10:
             raise DataError(f"--temperature must be in (0, 10], not {self.temperature}; 1 samples the model's own distribution")

@@ -21,7 +21,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from balcony_edge.common.errors import ExportError
-from balcony_edge.export.kv_calibration import KVScales
 from balcony_edge.runtime.manifest import ATTENTION_MASK, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 OPSET = 17
@@ -70,6 +69,15 @@ class Architecture:
             sliding_window=window,
             qk_norm=config.model_type == "qwen3",
         )
+
+
+@dataclass(frozen=True)
+class KVScales:
+    """One attention's int8 cache scales (`export/kv_calibration.py`), each [1, kv_heads, 1, head_dim] float32:
+    GroupQueryAttention's PER_CHANNEL form."""
+
+    key: np.ndarray
+    value: np.ndarray
 
 
 class GraphBuilder:

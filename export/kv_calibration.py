@@ -11,11 +11,10 @@ from its largest magnitude. The text is a few short passages of the kinds the mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from balcony_edge.export.graph_builder import Architecture, KVScales
 from balcony_edge.export.quality import QUALITY_TEXT, QUALITY_TOKENS
 from balcony_edge.generate import prompt_ids
 from balcony_edge.model import BalconyModel
@@ -36,14 +35,6 @@ CODE_TEXT = (
 )
 
 
-@dataclass(frozen=True)
-class KVScales:
-    """One attention's cache scales, each [1, kv_heads, 1, head_dim] float32 (GroupQueryAttention's PER_CHANNEL)."""
-
-    key: np.ndarray
-    value: np.ndarray
-
-
 def calibration_ids(tokenizer) -> list[list[int]]:
     """The calibration passages as token ids (each at most QUALITY_TOKENS, which any model's context holds): prose, a
     chat prompt in the model's template, code."""
@@ -55,8 +46,7 @@ def calibration_ids(tokenizer) -> list[list[int]]:
 def kv_cache_scales(model: BalconyModel, tokenizer) -> dict[str, KVScales]:
     """Scales for every attention of the model (backbone layers and balconies), by module name (the prefix of its
     parameters' names, e.g. `base.model.layers.3.self_attn`)."""
-    config = model.base.config
-    kv_heads, head_dim = config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    arch = Architecture.of(model.base.config)
     attentions = {name: module for name, module in model.named_modules() if hasattr(module, "k_proj") and hasattr(module, "v_proj")}
     bounds: dict[str, list[torch.Tensor]] = {name: [torch.zeros(0), torch.zeros(0)] for name in attentions}
     hooks = []
@@ -65,7 +55,7 @@ def kv_cache_scales(model: BalconyModel, tokenizer) -> dict[str, KVScales]:
         """A hook that widens bounds[name][which] (0: keys, 1: values) to what the module just produced."""
 
         def hook(module, args, output):
-            heads = output.float().reshape(-1, kv_heads, head_dim)
+            heads = output.float().reshape(-1, arch.num_kv_heads, arch.head_dim)
             if per_pair:
                 first, second = heads.chunk(2, dim=-1)
                 norm = torch.sqrt(first.square() + second.square())

@@ -14,7 +14,6 @@ import torch
 from onnx import TensorProto
 from transformers import PreTrainedModel
 
-from balcony_edge.export.kv_calibration import KVScales
 from balcony_edge.model import BalconyModel
 from balcony_edge.runtime.manifest import Piece
 from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
@@ -23,6 +22,7 @@ from balcony_edge.export.graph_builder import (
     Architecture,
     DecoderEmitter,
     GraphBuilder,
+    KVScales,
     hidden_name,
 )
 

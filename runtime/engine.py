@@ -18,7 +18,7 @@ from typing import cast
 import onnxruntime as ort
 
 from balcony_edge.common.atomic import readable_folder, write_text_atomically
-from balcony_edge.common.errors import BalconyError
+from balcony_edge.common.errors import BalconyError, first_line
 from balcony_edge.common.paths import cache_dir, default_export_dir
 from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.controller import Budget, Chooser, Controller, ControllerConfig, ExitProfile
@@ -118,7 +118,7 @@ class Engine:
                     runners[piece.name] = PieceRunner(session, piece)
                 return provider, fallbacks, weights, runners
             except Exception as err:  # a provider that cannot start is skipped, with the reason reported
-                fallbacks[provider] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                fallbacks[provider] = first_line(err)
         tried = "; ".join(f"{p}: {why}" for p, why in fallbacks.items())
         if "CPUExecutionProvider" in fallbacks:  # the CPU provider always starts: the graphs themselves are at fault
             raise BalconyError(f"onnxruntime cannot open the graphs of {self.folder} ({tried}); export again (`balcony-edge export --force`)")

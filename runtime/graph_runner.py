@@ -19,9 +19,9 @@ class PieceRunner:
         self.first_input = inputs[0]  # input_ids, hidden_{depth} or exit_hidden
         output = session.get_outputs()[0]
         self.output = output.name  # hidden_{depth}, exit_hidden or logits
-        self.output_width, self.output_dtype = output.shape[-1], np.dtype(_numpy_type(output.type))
+        self.output_width, self.output_dtype = output.shape[-1], np.dtype(NUMPY_TYPES[output.type])
         self.takes_mask = ATTENTION_MASK in inputs
-        self.dtype = np.dtype(np.int64 if self.first_input == INPUT_IDS else _numpy_type(session.get_inputs()[0].type))
+        self.dtype = np.dtype(np.int64 if self.first_input == INPUT_IDS else NUMPY_TYPES[session.get_inputs()[0].type])
 
     def binding(self, cache: KVCache) -> ort.IOBinding:
         """A binding with this piece's cache slots bound, past and present to the same buffers (remade when they grow)."""
@@ -48,5 +48,5 @@ class PieceRunner:
         return output
 
 
-def _numpy_type(onnx_type: str) -> str:
-    return {"tensor(float)": "float32", "tensor(float16)": "float16"}[onnx_type]
+# onnxruntime's names of the tensor types a piece or an exit graph passes: activations, and an int8 KV cache.
+NUMPY_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}

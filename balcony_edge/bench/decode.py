@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS
+from balcony_edge.runtime.graph_runner import NUMPY_TYPES
 
 
 @dataclass
@@ -75,9 +76,6 @@ class EngineDecoder:
         return self.sequence.logits(self.exit)
 
 
-CACHE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # onnxruntime's names
-
-
 class BareDecoder:
     """A plain onnxruntime loop over one causal-LM graph: past = the previous run's present, nothing else around it.
 
@@ -96,7 +94,7 @@ class BareDecoder:
         self.output_names = [o.name for o in self.session.get_outputs()]  # logits, then the presents in past order
         self.layers = len(self.past_names) // 2
         # The cache type is the graph's own: a floor keeps a float cache where the export's may be int8.
-        self.empty = np.zeros((1, kv_heads, 0, head_dim), dtype=CACHE_TYPES[inputs[self.past_names[0]]])
+        self.empty = np.zeros((1, kv_heads, 0, head_dim), dtype=NUMPY_TYPES[inputs[self.past_names[0]]])
         self.past: list[np.ndarray] = []
         self.length = 0
 

@@ -51,3 +51,9 @@ class TrainingStopped(BalconyError):
 
 class IntegrityError(ManifestError):
     """An export folder names a file outside itself, lacks a file, points graph data elsewhere, or differs from its checksums."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message in one line (its first), or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
