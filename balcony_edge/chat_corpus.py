@@ -7,12 +7,12 @@ and the generation settings, so that the file says how it was made.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from balcony_edge.common.errors import DataError
+from balcony_edge.common.jsonl import read_jsonl
 from balcony_edge.prompts import chat_prompts
 from balcony_edge.teacher_sampling import Teacher, TeacherConfig, check_out, write_samples
 
@@ -27,18 +27,12 @@ class ChatCorpusConfig(TeacherConfig):
 
 def answered_prompts(path: Path) -> frozenset[str]:
     """The prompts a chat corpus already answers (its records' `prompt` fields)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise DataError(f"cannot read --exclude {path} ({err.strerror}); give a chat corpus written by `chat-data`") from None
-    except UnicodeDecodeError:
-        raise DataError(f"--exclude {path} is not UTF-8 text; give a chat corpus written by `chat-data`") from None
+    fix = "give a chat corpus written by `chat-data`"
     prompts = set()
-    for number, line in enumerate(lines, 1):
-        try:
-            prompts.add(json.loads(line)["prompt"])
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"--exclude {path} line {number} is not a chat-data record with a prompt; give a file written by `chat-data`") from None
+    for number, record in read_jsonl(path, "--exclude", "a chat-data record", fix, DataError):
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise DataError(f"--exclude {path}:{number} is not a chat-data record with a prompt; {fix}")
+        prompts.add(record["prompt"])
     return frozenset(prompts)
 
 

@@ -41,6 +41,7 @@ from balcony_edge.runtime.manifest import (
 )
 from balcony_edge.export.compose import compose_exit
 from balcony_edge.export.genai import write_genai_folders
+from balcony_edge.export.graph_builder import Architecture
 from balcony_edge.export.kv_calibration import kv_cache_scales
 from balcony_edge.export.provenance import checkpoint_identity
 from balcony_edge.export.pieces import PieceGraphs, balcony_slot, exit_chain, layer_slot, piece_layout
@@ -308,13 +309,14 @@ def save_graph(staging: Path, name: str, proto: onnx.ModelProto, weights: Weight
 
 
 def kv_shape(config, dtype: str, kv_cache: str = "float") -> KVShape:
-    """Per-slot cache shape from a Hugging Face config; its dtype the activations' or int8."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    """Per-slot cache shape from a Hugging Face config (head sizes as the graph builder reads them); its dtype the
+    activations' or int8."""
+    arch = Architecture.of(config)
     return KVShape(
-        num_kv_heads=config.num_key_value_heads,
-        head_dim=head_dim,
-        num_attention_heads=config.num_attention_heads,
-        hidden_size=config.hidden_size,
+        num_kv_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+        num_attention_heads=arch.num_heads,
+        hidden_size=arch.hidden_size,
         dtype=QUANTIZED_KV_DTYPE if kv_cache == "int8" else KV_DTYPES[dtype],
     )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from balcony_edge.common.atomic import atomic_path
 from balcony_edge.common.console import log_warning
 from balcony_edge.common.errors import TelemetryError
+from balcony_edge.common.jsonl import read_jsonl
 from balcony_edge.runtime.engine import GeneratedToken
 from balcony_edge.runtime.signals import Signals
 
@@ -169,22 +170,8 @@ IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg")  # what matplotlib writes, kno
 
 def read_telemetry(path: str | Path) -> list[dict]:
     """All records of a telemetry file, in order."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise TelemetryError(f"cannot read telemetry {path}: {error.strerror}; give the file written with --telemetry") from None
-    except UnicodeDecodeError:
-        raise TelemetryError(f"{path} is not text (not UTF-8); give the JSONL file written with --telemetry") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise TelemetryError(f"{path}:{number} is not a JSON telemetry record ({error.msg})") from None
-    return records
+    fix = "give the JSONL file written with --telemetry"
+    return [record for _, record in read_jsonl(path, "telemetry", "a JSON telemetry record", fix, TelemetryError)]
 
 
 def plot_telemetry(records: Sequence[dict], out_png: str | Path) -> Path:

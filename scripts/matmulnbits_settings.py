@@ -1,12 +1,15 @@
 """MatMulNBits settings on this CPU, measured on SmolLM2's largest per-layer matmul shape (gate/up: 576 -> 1536, batch 1):
 accuracy level and block size (16, 32, 64) for the symmetric int4 the export writes, and whether a GGUF Q4_1 block
-(w = d * q + m) can be kept exactly as MatMulNBits with float zero points (zp = -m / d) at a usable speed.
+(w = d * q + m) can be kept exactly as MatMulNBits with float zero points (zp = -m / d) at a usable speed. With
+--rows, the same shape with several rows at once (a prefill, or a deepening's catch-up) beside fp32 MatMul.
 
 python scripts/matmulnbits_settings.py            # one JSON line per setting, then a summary
+python scripts/matmulnbits_settings.py --rows 1 4 17 64 --threads 2
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -23,7 +26,7 @@ def pack(q: np.ndarray) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
-def session(blob, scales, zero_points, block: int, level: int) -> ort.InferenceSession:
+def session(blob, scales, zero_points, block: int, level: int, rows: int = 1, threads: int = 1) -> ort.InferenceSession:
     initializers = [numpy_helper.from_array(blob, "B"), numpy_helper.from_array(scales.reshape(-1), "S")]
     inputs = ["A", "B", "S"]
     if zero_points is not None:
@@ -33,14 +36,30 @@ def session(blob, scales, zero_points, block: int, level: int) -> ort.InferenceS
     graph = helper.make_graph(
         [node],
         "matmul",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, N])],
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [rows, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, N])],
         initializers,
     )
+    return _session(graph, threads)
+
+
+def fp32_session(weight: np.ndarray, rows: int, threads: int) -> ort.InferenceSession:
+    """Y = A @ weight.T as an fp32 MatMul (what an fp32 export runs for the same shape)."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y"])],
+        "matmul",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [rows, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, N])],
+        [numpy_helper.from_array(np.ascontiguousarray(weight.T), "W")],
+    )
+    return _session(graph, threads)
+
+
+def _session(graph, threads: int) -> ort.InferenceSession:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -56,7 +75,29 @@ def timed(sess: ort.InferenceSession, feeds: dict) -> float:
     return sorted(groups)[2]
 
 
+def rows_sweep(rows: list[int], threads: int) -> None:
+    """Microseconds per call for `rows` rows at once: fp32 MatMul and symmetric int4 at blocks 32 and 64, levels 0 and 4."""
+    rng = np.random.default_rng(0)
+    for count in rows:
+        x = rng.standard_normal((count, K)).astype(np.float32)
+        weight = rng.standard_normal((N, K)).astype(np.float32)
+        row = {"rows": count, "threads": threads, "fp32_matmul_us": round(timed(fp32_session(weight, count, threads), {"A": x}), 1)}
+        for block in (32, 64):
+            q = rng.integers(0, 16, size=(N, K // block, block)).astype(np.uint8)
+            d = (rng.random((N, K // block)) * 0.02 + 0.001).astype(np.float32)
+            for level in (0, 4):
+                row[f"int4_block{block}_level{level}_us"] = round(timed(session(pack(q), d, None, block, level, count, threads), {"A": x}), 1)
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", help="measure these row counts (int4 against fp32) instead of the settings")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.rows:
+        rows_sweep(args.rows, args.threads)
+        return
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, K)).astype(np.float32)
     results = []
@@ -72,7 +113,7 @@ def main() -> None:
             cases.append(("Q4_1 kept: float zero points -m/d", (-m / d).astype(np.float32).reshape(-1), q4_1))
         for name, zero_points, reference in cases:
             for level in (0, 1, 4):
-                sess = session(pack(q), d, zero_points, block, level)
+                sess = session(pack(q), d, zero_points, block, level, threads=args.threads)
                 y = sess.run(None, {"A": x})[0]
                 error = float(np.abs(y - x @ reference.T).max() / np.abs(x @ reference.T).max())
                 row = {

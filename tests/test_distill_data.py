@@ -197,7 +197,7 @@ def test_chat_prompts_exclude_and_a_malformed_exclude_file(tmp_path):
     assert {p for _, p in chat_prompts(10_000, exclude=some)} == every - some
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"text": "no prompt"}\n')
-    with pytest.raises(DataError, match="line 2 is not a chat-data record"):
+    with pytest.raises(DataError, match="bad.jsonl:2 is not a chat-data record with a prompt"):
         answered_prompts(bad)
     with pytest.raises(DataError, match="cannot read --exclude"):
         answered_prompts(tmp_path / "absent.jsonl")

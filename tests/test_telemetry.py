@@ -99,7 +99,7 @@ def test_plot_to_a_name_that_is_no_image_is_one_line(tmp_path, out):
 def test_a_binary_file_is_no_telemetry(tmp_path):
     path = tmp_path / "random.jsonl"
     path.write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(TelemetryError, match="is not text"):
+    with pytest.raises(TelemetryError, match="is not UTF-8 text"):
         read_telemetry(path)
 
 

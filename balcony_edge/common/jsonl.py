@@ -1,0 +1,30 @@
+"""Reading a whole JSON Lines file, with one-line errors that name the file, the line and the fix (torch-free)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_jsonl(path: str | Path, what: str, record: str, fix: str, error: type[Exception]) -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of `path`.
+
+    what: how the user named the file ("telemetry", "--exclude"); record: what each line should be ("a JSON
+    telemetry record"); fix: what to give instead; error: the exception raised, once, with all of that in a line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise error(f"cannot read {what} {path} ({err.strerror}); {fix}") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not UTF-8 text; {fix}") from None
+    values = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            values.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise error(f"{what} {path}:{number} is not {record} ({err.msg}); {fix}") from None
+    return values

@@ -1,0 +1,160 @@
+"""What running an exit as a chain of pieces costs against one session on that exit's standard graph, on the CPU.
+
+In one process on onnxruntime's process-wide pool (as `chat` and `bench` run), rounds alternate two decoders of the
+same export at each exit asked for: the engine's `Sequence` (the chain: segments, balcony, head) and one onnxruntime
+session on the exit's standard graph (`exit_k.onnx` / `full.onnx`, IO binding, past and present sharing one buffer
+per layer, the weights lent from the same mapped file). Each decodes `--tokens` greedy tokens after a 64-token
+prompt on its own, so both see a warm cache; the order turns every round and the median of the rounds' ratios is
+printed, since this machine's speed drifts between rounds. Both must give the same tokens. Then, per piece of the
+chain, where a run's time goes: `PieceRunner.run` in all, the onnxruntime call inside it, and the rest (Python,
+binding).
+
+python scripts/chain_overhead.py <cache>/exports/smollm2-balcony-int4 --exits 8 30 --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from balcony_edge.runtime import Engine
+from balcony_edge.runtime.graph_runner import NUMPY_TYPES
+from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS
+
+PROMPT = list(range(100, 164))
+WARMUP = 8  # untimed steps before the timed ones
+
+
+class ChainDecoder:
+    """The engine's own path: Sequence.append + Sequence.logits(exit)."""
+
+    def __init__(self, engine: Engine, exit: int):
+        self.sequence, self.exit = engine.sequence(PROMPT), exit
+        self.token = int(np.argmax(self.sequence.logits(exit)))
+
+    def step(self) -> int:
+        self.sequence.append(self.token)
+        self.token = int(np.argmax(self.sequence.logits(self.exit)))
+        return self.token
+
+
+class GraphDecoder:
+    """One session on the exit's standard graph; its cache buffers are bound as both past and present."""
+
+    def __init__(self, session: ort.InferenceSession, engine: Engine, tokens: int):
+        self.session, self.total = session, 0
+        kv = engine.manifest.kv
+        pasts = [i for i in session.get_inputs() if i.name not in (INPUT_IDS, ATTENTION_MASK)]
+        shape = (1, kv.num_kv_heads, len(PROMPT) + WARMUP + tokens, kv.head_dim)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=NUMPY_TYPES[i.type])) for i in pasts]
+        self.binding = session.io_binding()
+        for past, buffer in zip(pasts, self.buffers):
+            self.binding.bind_ortvalue_input(past.name, buffer)
+            self.binding.bind_ortvalue_output(past.name.replace("past_key_values", "present"), buffer)
+        self.vocab = engine.manifest.vocab_size
+        self.token = self._next(PROMPT)
+
+    def _next(self, ids: list[int]) -> int:
+        self.total += len(ids)
+        self.binding.bind_cpu_input(INPUT_IDS, np.asarray([ids], dtype=np.int64))
+        self.binding.bind_cpu_input(ATTENTION_MASK, np.ones((1, self.total), dtype=np.int64))
+        logits = np.empty((1, len(ids), self.vocab), dtype=np.float32)
+        self.binding.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(self.binding)
+        return int(np.argmax(logits[0, -1]))
+
+    def step(self) -> int:
+        self.token = self._next([self.token])
+        return self.token
+
+
+def decode(decoder, tokens: int) -> tuple[float, list[int]]:
+    """Median step (ms) over `tokens` steps after WARMUP untimed ones, and the tokens."""
+    for _ in range(WARMUP):
+        decoder.step()
+    times, produced = [], []
+    for _ in range(tokens):
+        started = time.perf_counter()
+        produced.append(decoder.step())
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000, produced
+
+
+def piece_overheads(engine: Engine, exit: int, tokens: int) -> dict[str, dict[str, float]]:
+    """Per piece of the exit's chain: median microseconds of PieceRunner.run, of the onnxruntime call in it, and the rest."""
+    chain = next(entry.chain for entry in engine.manifest.exits if entry.exit == exit)
+    spans: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in chain}
+    originals = {}
+    for name in chain:
+        runner, (whole, inner) = engine.runners[name], spans[name]
+        originals[name] = (runner.run, runner.session.run_with_iobinding)
+
+        def timed_call(binding, _call=runner.session.run_with_iobinding, _inner=inner):
+            started = time.perf_counter()
+            _call(binding)
+            _inner.append(time.perf_counter() - started)
+
+        def timed_run(binding, first, total, _run=runner.run, _whole=whole):
+            started = time.perf_counter()
+            output = _run(binding, first, total)
+            _whole.append(time.perf_counter() - started)
+            return output
+
+        runner.session.run_with_iobinding, runner.run = timed_call, timed_run
+    try:
+        decode(ChainDecoder(engine, exit), tokens)
+    finally:
+        for name, (run, call) in originals.items():
+            engine.runners[name].run, engine.runners[name].session.run_with_iobinding = run, call
+    result = {}
+    for name, (whole, inner) in spans.items():
+        run_us, call_us = statistics.median(whole[-tokens:]) * 1e6, statistics.median(inner[-tokens:]) * 1e6
+        result[name] = {"run_us": round(run_us, 1), "onnxruntime_us": round(call_us, 1), "outside_us": round(run_us - call_us, 1)}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("export", type=Path)
+    parser.add_argument("--exits", type=int, nargs="+", default=None, help="default: every exit of the export")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--tokens", type=int, default=192)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    engine = Engine.load(args.export, threads=args.threads, thread_pool="process")
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    options.log_severity_level = 3
+    for exit in args.exits or engine.exits:
+        entry = next((e for e in engine.manifest.exits if e.exit == exit), None)
+        if entry is None:
+            raise SystemExit(f"exit {exit} is not in {args.export}; exits: {', '.join(map(str, engine.exits))}")
+        session = ort.InferenceSession(str(args.export / entry.graph), options, providers=["CPUExecutionProvider"])
+        ratios = []
+        for turn in range(args.rounds):
+            order = ["chain", "graph"] if turn % 2 == 0 else ["graph", "chain"]
+            measured = {}
+            for name in order:
+                decoder = ChainDecoder(engine, exit) if name == "chain" else GraphDecoder(session, engine, args.tokens)
+                measured[name] = decode(decoder, args.tokens)
+            (chain_ms, chain_tokens), (graph_ms, graph_tokens) = measured["chain"], measured["graph"]
+            ratios.append(chain_ms / graph_ms)
+            row = {"exit": exit, "round": turn, "chain_ms": round_to(chain_ms), "graph_ms": round_to(graph_ms), "same_tokens": chain_tokens == graph_tokens}
+            print(json.dumps(row), flush=True)
+        overheads = piece_overheads(engine, exit, args.tokens)
+        summary = {"exit": exit, "chain_over_graph_median": round_to(statistics.median(ratios)), "pieces": overheads}
+        print(json.dumps(summary), flush=True)
+
+
+def round_to(value: float) -> float:
+    return round(value, 3)
+
+
+if __name__ == "__main__":
+    main()
