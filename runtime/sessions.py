@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from balcony_edge.common.errors import BalconyError
+from balcony_edge.common.errors import BalconyError, first_line
 from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.manifest import Manifest, Piece
 
@@ -140,7 +140,7 @@ class ProcessPool:
                 ort.set_global_thread_pool_sizes(threads or 0, 1)
             except Exception as err:  # onnxruntime's Fail: the host application made the process's pools already
                 raise BalconyError(
-                    f"onnxruntime's process-wide thread pool cannot be made here ({str(err).strip().splitlines()[0]}); "
+                    f"onnxruntime's process-wide thread pool cannot be made here ({first_line(err)}); "
                     "if this application made it, load with thread_pool='process' after it, or use thread_pool='session' in a process without one"
                 ) from None
             cls.threads, cls.made = threads, True

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import importlib.util
-import json
 import math
 import numbers
 import re
@@ -21,6 +20,7 @@ from typing import Protocol
 import psutil
 
 from balcony_edge.common.errors import SignalError
+from balcony_edge.common.jsonl import read_jsonl
 from balcony_edge.runtime.manifest import short_repr
 
 # Readings outside these ranges are offline sensors (Orin reports -256 degC) or garbage, never a real device.
@@ -432,20 +432,11 @@ class TraceSource:
 
 
 def _load_trace(path: Path, key: str) -> tuple[list[float], list[Signals]]:
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise SignalError(f"cannot read signal trace {path}: {error.strerror}; give an existing JSONL file") from None
+    example = f'{{"{key}": 0, "temperature_degc": 55}}'
     rows: list[tuple[float, Signals]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            values = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SignalError(f'{path}:{number} is not JSON ({error.msg}); each line is one object such as {{"t_s": 0.0, "temperature_degc": 55}}') from None
+    for number, values in read_jsonl(path, "signal trace", "JSON", f"write one JSON object per line, e.g. {example}", SignalError):
         if not isinstance(values, dict) or key not in values:
-            raise SignalError(f'{path}:{number} has no {key!r}; with this clock every line needs one, e.g. {{"{key}": 0, "temperature_degc": 55}}')
+            raise SignalError(f"{path}:{number} has no {key!r}; with this clock every line needs one, e.g. {example}")
         at = values.pop(key)
         values.pop("t_s" if key == "token" else "token", None)
         try:

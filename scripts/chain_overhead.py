@@ -3,9 +3,9 @@
 In one process on onnxruntime's process-wide pool (as `chat` and `bench` run), rounds alternate two decoders of the
 same export at each exit asked for: the engine's `Sequence` (the chain: segments, balcony, head) and one onnxruntime
 session on the exit's standard graph (`exit_k.onnx` / `full.onnx`, IO binding, past and present sharing one buffer
-per layer, the weights lent from the same mapped file). Each decodes `--tokens` greedy tokens after a 64-token
-prompt on its own, so both see a warm cache; the order turns every round and the median of the rounds' ratios is
-printed, since this machine's speed drifts between rounds. Both must give the same tokens. Then, per piece of the
+per layer, on the same pool). Each decodes `--tokens` greedy tokens after a 64-token prompt on its own (the bench's
+timed greedy loop; their median steps are compared), so both see a warm cache; the order turns every round and the
+median of the rounds' ratios is printed, since this machine's speed drifts between rounds. Both must give the same tokens. Then, per piece of the
 chain, where a run's time goes: `PieceRunner.run` in all, the onnxruntime call inside it, and the rest (Python,
 binding).
 
@@ -23,67 +23,42 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from balcony_edge.bench.decode import EngineDecoder, greedy_run
 from balcony_edge.runtime import Engine
 from balcony_edge.runtime.graph_runner import NUMPY_TYPES
 from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS
 
 PROMPT = list(range(100, 164))
-WARMUP = 8  # untimed steps before the timed ones
-
-
-class ChainDecoder:
-    """The engine's own path: Sequence.append + Sequence.logits(exit)."""
-
-    def __init__(self, engine: Engine, exit: int):
-        self.sequence, self.exit = engine.sequence(PROMPT), exit
-        self.token = int(np.argmax(self.sequence.logits(exit)))
-
-    def step(self) -> int:
-        self.sequence.append(self.token)
-        self.token = int(np.argmax(self.sequence.logits(self.exit)))
-        return self.token
 
 
 class GraphDecoder:
-    """One session on the exit's standard graph; its cache buffers are bound as both past and present."""
+    """One session on the exit's standard graph (the bench's decoder interface: prefill, then step by step); its cache
+    buffers, sized for the prompt and `tokens` more, are bound as both past and present."""
 
     def __init__(self, session: ort.InferenceSession, engine: Engine, tokens: int):
-        self.session, self.total = session, 0
-        kv = engine.manifest.kv
-        pasts = [i for i in session.get_inputs() if i.name not in (INPUT_IDS, ATTENTION_MASK)]
-        shape = (1, kv.num_kv_heads, len(PROMPT) + WARMUP + tokens, kv.head_dim)
-        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=NUMPY_TYPES[i.type])) for i in pasts]
-        self.binding = session.io_binding()
-        for past, buffer in zip(pasts, self.buffers):
+        self.session, self.tokens, self.vocab, self.kv = session, tokens, engine.manifest.vocab_size, engine.manifest.kv
+        self.pasts = [i for i in session.get_inputs() if i.name not in (INPUT_IDS, ATTENTION_MASK)]
+
+    def prefill(self, prompt: list[int]) -> np.ndarray:
+        shape = (1, self.kv.num_kv_heads, len(prompt) + self.tokens, self.kv.head_dim)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=NUMPY_TYPES[i.type])) for i in self.pasts]
+        self.binding, self.total = self.session.io_binding(), 0
+        for past, buffer in zip(self.pasts, self.buffers):
             self.binding.bind_ortvalue_input(past.name, buffer)
             self.binding.bind_ortvalue_output(past.name.replace("past_key_values", "present"), buffer)
-        self.vocab = engine.manifest.vocab_size
-        self.token = self._next(PROMPT)
+        return self._run(prompt)
 
-    def _next(self, ids: list[int]) -> int:
+    def step(self, token: int) -> np.ndarray:
+        return self._run([token])
+
+    def _run(self, ids: list[int]) -> np.ndarray:
         self.total += len(ids)
         self.binding.bind_cpu_input(INPUT_IDS, np.asarray([ids], dtype=np.int64))
         self.binding.bind_cpu_input(ATTENTION_MASK, np.ones((1, self.total), dtype=np.int64))
         logits = np.empty((1, len(ids), self.vocab), dtype=np.float32)
         self.binding.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(self.binding)
-        return int(np.argmax(logits[0, -1]))
-
-    def step(self) -> int:
-        self.token = self._next([self.token])
-        return self.token
-
-
-def decode(decoder, tokens: int) -> tuple[float, list[int]]:
-    """Median step (ms) over `tokens` steps after WARMUP untimed ones, and the tokens."""
-    for _ in range(WARMUP):
-        decoder.step()
-    times, produced = [], []
-    for _ in range(tokens):
-        started = time.perf_counter()
-        produced.append(decoder.step())
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000, produced
+        return logits[0, -1]
 
 
 def piece_overheads(engine: Engine, exit: int, tokens: int) -> dict[str, dict[str, float]]:
@@ -108,7 +83,7 @@ def piece_overheads(engine: Engine, exit: int, tokens: int) -> dict[str, dict[st
 
         runner.session.run_with_iobinding, runner.run = timed_call, timed_run
     try:
-        decode(ChainDecoder(engine, exit), tokens)
+        greedy_run(EngineDecoder(engine, exit), PROMPT, tokens)
     finally:
         for name, (run, call) in originals.items():
             engine.runners[name].run, engine.runners[name].session.run_with_iobinding = run, call
@@ -139,21 +114,16 @@ def main() -> None:
         ratios = []
         for turn in range(args.rounds):
             order = ["chain", "graph"] if turn % 2 == 0 else ["graph", "chain"]
-            measured = {}
-            for name in order:
-                decoder = ChainDecoder(engine, exit) if name == "chain" else GraphDecoder(session, engine, args.tokens)
-                measured[name] = decode(decoder, args.tokens)
-            (chain_ms, chain_tokens), (graph_ms, graph_tokens) = measured["chain"], measured["graph"]
+            decoders = {"chain": EngineDecoder(engine, exit), "graph": GraphDecoder(session, engine, args.tokens)}
+            runs = {name: greedy_run(decoders[name], PROMPT, args.tokens) for name in order}
+            chain_ms, graph_ms = (statistics.median(runs[name].step_s) * 1000 for name in ("chain", "graph"))
             ratios.append(chain_ms / graph_ms)
-            row = {"exit": exit, "round": turn, "chain_ms": round_to(chain_ms), "graph_ms": round_to(graph_ms), "same_tokens": chain_tokens == graph_tokens}
+            same = runs["chain"].tokens == runs["graph"].tokens
+            row = {"exit": exit, "round": turn, "chain_ms": round(chain_ms, 3), "graph_ms": round(graph_ms, 3), "same_tokens": same}
             print(json.dumps(row), flush=True)
         overheads = piece_overheads(engine, exit, args.tokens)
-        summary = {"exit": exit, "chain_over_graph_median": round_to(statistics.median(ratios)), "pieces": overheads}
+        summary = {"exit": exit, "chain_over_graph_median": round(statistics.median(ratios), 3), "pieces": overheads}
         print(json.dumps(summary), flush=True)
-
-
-def round_to(value: float) -> float:
-    return round(value, 3)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,13 @@ def test_an_unreadable_trace_is_a_clear_error(tmp_path):
         TraceSource(tmp_path / "missing.jsonl")
 
 
+def test_a_binary_trace_is_named_in_one_line(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    path.write_bytes(b"\xff\xfe\x00 binary")
+    with pytest.raises(SignalError, match=r"signal trace .*trace.jsonl is not UTF-8 text; write one JSON object per line"):
+        TraceSource(path)
+
+
 class _Counting:
     name = "counting"
     live = True
