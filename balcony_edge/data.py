@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from balcony_edge.common.errors import DataError
+from balcony_edge.common.jsonl import parse_jsonl
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -88,17 +89,12 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _read_jsonl(path: Path) -> list[str]:
+    fix = 'each line must be an object with a "text" field'
     documents = []
-    for number, line in enumerate(_read_bytes(path).decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise DataError(f'{path}:{number} is not valid JSON; each line must be an object with a "text" field') from None
+    for number, record in parse_jsonl(_read_bytes(path).decode("utf-8"), str(path), "valid JSON", fix, DataError):
         text = record if isinstance(record, str) else record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
-            raise DataError(f'{path}:{number} has no "text" string; each line must be an object with a "text" field')
+            raise DataError(f'{path}:{number} has no "text" string; {fix}')
         documents.append(text)
     return documents
 

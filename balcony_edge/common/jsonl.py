@@ -14,17 +14,22 @@ def read_jsonl(path: str | Path, what: str, record: str, fix: str, error: type[E
     telemetry record"); fix: what to give instead; error: the exception raised, once, with all of that in a line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise error(f"cannot read {what} {path} ({err.strerror}); {fix}") from None
     except UnicodeDecodeError:
         raise error(f"{what} {path} is not UTF-8 text; {fix}") from None
+    return parse_jsonl(text, f"{what} {path}", record, fix, error)
+
+
+def parse_jsonl(text: str, where: str, record: str, fix: str, error: type[Exception]) -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of decoded JSON Lines text; `where` names it in errors."""
     values = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             values.append((number, json.loads(line)))
         except json.JSONDecodeError as err:
-            raise error(f"{what} {path}:{number} is not {record} ({err.msg}); {fix}") from None
+            raise error(f"{where}:{number} is not {record} ({err.msg}); {fix}") from None
     return values
