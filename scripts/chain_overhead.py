@@ -5,7 +5,9 @@ same export at each exit asked for: the engine's `Sequence` (the chain: segments
 session on the exit's standard graph (`exit_k.onnx` / `full.onnx`, IO binding, past and present sharing one buffer
 per layer, on the same pool). Each decodes `--tokens` greedy tokens after a 64-token prompt on its own (the bench's
 timed greedy loop; their median steps are compared), so both see a warm cache; the order turns every round and the
-median of the rounds' ratios is printed, since this machine's speed drifts between rounds. Both must give the same tokens. Then, per piece of the
+median of the rounds' ratios is printed, since this machine's speed drifts between rounds. Both must give the same tokens. When
+onnxruntime_genai is importable, each round also runs onnxruntime-genai's own loop on the exit's genai folder (the same
+graph, its own session and threads), to tell the chain's cost from the cost of driving one graph from Python. Then, per piece of the
 chain, where a run's time goes: `PieceRunner.run` in all, the onnxruntime call inside it, and the rest (Python,
 binding).
 
@@ -15,6 +17,7 @@ python scripts/chain_overhead.py <cache>/exports/smollm2-balcony-int4 --exits 8 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -23,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from balcony_edge.bench.decode import EngineDecoder, greedy_run
+from balcony_edge.bench.decode import EngineDecoder, RunTiming, greedy_run
+from balcony_edge.bench.peers import genai_generator, genai_model
+from balcony_edge.export.genai import GENAI_FOLDER
 from balcony_edge.runtime import Engine
 from balcony_edge.runtime.graph_runner import NUMPY_TYPES
 from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS
@@ -59,6 +64,22 @@ class GraphDecoder:
         self.binding.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(self.binding)
         return logits[0, -1]
+
+
+def genai_run(model, prompt: list[int], tokens: int) -> RunTiming:
+    """onnxruntime-genai's greedy loop: the prompt appended, then `tokens` + 1 tokens, each `generate_next_token` timed
+    (the first one only picks from the prompt's logits and is left out of the steps)."""
+    generator = genai_generator(model, prompt, tokens + 1)
+    started = time.perf_counter()
+    generator.append_tokens(prompt)
+    prefilled = time.perf_counter()
+    steps = []
+    for _ in range(tokens + 1):
+        begin = time.perf_counter()
+        generator.generate_next_token()
+        steps.append(time.perf_counter() - begin)
+    made = [int(token) for token in generator.get_sequence(0)[len(prompt) :]]
+    return RunTiming(len(prompt), prefilled - started, prefilled - started + steps[0], steps[1:], made)
 
 
 def piece_overheads(engine: Engine, exit: int, tokens: int) -> dict[str, dict[str, float]]:
@@ -106,24 +127,29 @@ def main() -> None:
     options = ort.SessionOptions()
     options.use_per_session_threads = False
     options.log_severity_level = 3
+    genai = importlib.util.find_spec("onnxruntime_genai") is not None
     for exit in args.exits or engine.exits:
         entry = next((e for e in engine.manifest.exits if e.exit == exit), None)
         if entry is None:
             raise SystemExit(f"exit {exit} is not in {args.export}; exits: {', '.join(map(str, engine.exits))}")
         session = ort.InferenceSession(str(args.export / entry.graph), options, providers=["CPUExecutionProvider"])
-        ratios = []
+        model = genai_model(args.export / GENAI_FOLDER / Path(entry.graph).stem, args.threads)[0] if genai else None
+        ratios: dict[str, list[float]] = {"chain_over_graph": [], "graph_over_genai": []}
         for turn in range(args.rounds):
-            order = ["chain", "graph"] if turn % 2 == 0 else ["graph", "chain"]
+            names = ["chain", "graph"] + (["genai"] if genai else [])
+            order = names if turn % 2 == 0 else names[::-1]
             decoders = {"chain": EngineDecoder(engine, exit), "graph": GraphDecoder(session, engine, args.tokens)}
-            runs = {name: greedy_run(decoders[name], PROMPT, args.tokens) for name in order}
-            chain_ms, graph_ms = (statistics.median(runs[name].step_s) * 1000 for name in ("chain", "graph"))
-            ratios.append(chain_ms / graph_ms)
-            same = runs["chain"].tokens == runs["graph"].tokens
-            row = {"exit": exit, "round": turn, "chain_ms": round(chain_ms, 3), "graph_ms": round(graph_ms, 3), "same_tokens": same}
+            runs = {name: genai_run(model, PROMPT, args.tokens) if name == "genai" else greedy_run(decoders[name], PROMPT, args.tokens) for name in order}
+            ms = {name: statistics.median(runs[name].step_s) * 1000 for name in names}
+            ratios["chain_over_graph"].append(ms["chain"] / ms["graph"])
+            if genai:
+                ratios["graph_over_genai"].append(ms["graph"] / ms["genai"])
+            same = all(runs[name].tokens == runs["chain"].tokens for name in names)
+            row = {"exit": exit, "round": turn, **{f"{name}_ms": round(value, 3) for name, value in ms.items()}, "same_tokens": same}
             print(json.dumps(row), flush=True)
         overheads = piece_overheads(engine, exit, args.tokens)
-        summary = {"exit": exit, "chain_over_graph_median": round(statistics.median(ratios), 3), "pieces": overheads}
-        print(json.dumps(summary), flush=True)
+        medians = {f"{key}_median": round(statistics.median(values), 3) for key, values in ratios.items() if values}
+        print(json.dumps({"exit": exit, **medians, "pieces": overheads}), flush=True)
 
 
 if __name__ == "__main__":

@@ -131,22 +131,13 @@ def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats:
     engine's own prompt tokens; skipped when onnxruntime_genai is not importable (it lives beside onnxruntime-gpu,
     installed without its dependencies: README)."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
-        return {"skipped": "onnxruntime-genai is not importable (pip install --no-deps --target ~/genai onnxruntime-genai; PYTHONPATH=~/genai)"}
-    import json
-
+        return {"skipped": GENAI_MISSING}
     import onnxruntime_genai as og
-    import psutil
 
-    config = og.Config(str(folder))
-    # The engine's default is onnxruntime's (one thread per physical core); genai's own default ran at half speed here.
-    threads = threads or psutil.cpu_count(logical=False) or os.cpu_count()
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
+    model, threads = genai_model(folder, threads)
 
     def timed(count: int) -> float:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + count, do_sample=False)
-        generator = og.Generator(model, params)
+        generator = genai_generator(model, prompt, count)
         started = time.perf_counter()
         generator.append_tokens(prompt)  # the prompt's forward pass; each later call makes one token
         for _ in range(count):
@@ -154,6 +145,32 @@ def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats:
         return time.perf_counter() - started
 
     return {**_decode_and_first_token(timed, new_tokens, repeats), "folder": str(folder), "threads": threads, "genai": og.__version__}
+
+
+GENAI_MISSING = "onnxruntime-genai is not importable (pip install --no-deps --target ~/genai onnxruntime-genai; PYTHONPATH=~/genai)"
+
+
+def genai_model(folder: Path, threads: int | None):
+    """onnxruntime-genai's model of a genai folder on the CPU, with `threads` intra-op threads (None: one per physical
+    core; genai's own default ran at half speed here), and the thread count used."""
+    import json
+
+    import onnxruntime_genai as og
+    import psutil
+
+    config = og.Config(str(folder))
+    threads = threads or psutil.cpu_count(logical=False) or os.cpu_count()
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config), threads
+
+
+def genai_generator(model, prompt: list[int], new_tokens: int):
+    """A greedy generator with room for the prompt and `new_tokens` more."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    return og.Generator(model, params)
 
 
 def _decode_and_first_token(timed, new_tokens: int, repeats: int) -> dict:
