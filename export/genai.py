@@ -58,11 +58,16 @@ def genai_config(manifest: Manifest, entry: ExitGraph) -> dict:
     }
 
 
+def genai_folder(entry: ExitGraph) -> Path:
+    """An exit's genai folder, relative to the export."""
+    return Path(GENAI_FOLDER) / Path(entry.graph).stem
+
+
 def write_genai_folders(staging: Path, manifest: Manifest) -> list[str]:
     """A genai folder per exit (relative links to the export's own files); returns the folders' paths."""
     folders = []
     for entry in manifest.exits:
-        folder = Path(GENAI_FOLDER) / Path(entry.graph).stem
+        folder = genai_folder(entry)
         (staging / folder).mkdir(parents=True)
         (staging / folder / "genai_config.json").write_text(json.dumps(genai_config(manifest, entry), indent=2) + "\n")
         for name in (entry.graph, manifest.weights_file, *(n for n in GENAI_TOKENIZER_FILES if n in manifest.tokenizer_files)):

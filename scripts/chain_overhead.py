@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from balcony_edge.bench.decode import EngineDecoder, RunTiming, greedy_run
 from balcony_edge.bench.peers import genai_generator, genai_model
-from balcony_edge.export.genai import GENAI_FOLDER
+from balcony_edge.export.genai import genai_folder
 from balcony_edge.runtime import Engine
 from balcony_edge.runtime.graph_runner import NUMPY_TYPES
 from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS
@@ -128,15 +128,15 @@ def main() -> None:
     options.use_per_session_threads = False
     options.log_severity_level = 3
     genai = importlib.util.find_spec("onnxruntime_genai") is not None
+    names = ["chain", "graph"] + (["genai"] if genai else [])
     for exit in args.exits or engine.exits:
         entry = next((e for e in engine.manifest.exits if e.exit == exit), None)
         if entry is None:
             raise SystemExit(f"exit {exit} is not in {args.export}; exits: {', '.join(map(str, engine.exits))}")
         session = ort.InferenceSession(str(args.export / entry.graph), options, providers=["CPUExecutionProvider"])
-        model = genai_model(args.export / GENAI_FOLDER / Path(entry.graph).stem, args.threads)[0] if genai else None
+        model = genai_model(args.export / genai_folder(entry), args.threads)[0] if genai else None
         ratios: dict[str, list[float]] = {"chain_over_graph": [], "graph_over_genai": []}
         for turn in range(args.rounds):
-            names = ["chain", "graph"] + (["genai"] if genai else [])
             order = names if turn % 2 == 0 else names[::-1]
             decoders = {"chain": EngineDecoder(engine, exit), "graph": GraphDecoder(session, engine, args.tokens)}
             runs = {name: genai_run(model, PROMPT, args.tokens) if name == "genai" else greedy_run(decoders[name], PROMPT, args.tokens) for name in order}

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from balcony_edge.common.errors import BalconyError, first_line
-from balcony_edge.export.genai import GENAI_FOLDER
+from balcony_edge.export.genai import genai_folder
 from balcony_edge.runtime.engine import Engine, export_folder, session_settings
 from balcony_edge.runtime.integrity import check_export_files
 from balcony_edge.runtime.manifest import QUANTIZED_KV_DTYPE, Manifest
@@ -287,7 +287,7 @@ def genai_exits(config: BenchConfig, manifest: Manifest, prompt: list[int]) -> d
     for entry in manifest.exits:
         config.say(f"peer: onnxruntime-genai on {entry.graph}")
         try:
-            run = onnxruntime_genai(Path(config.export) / GENAI_FOLDER / Path(entry.graph).stem, prompt, config.new_tokens, config.repeats, config.threads)
+            run = onnxruntime_genai(Path(config.export) / genai_folder(entry), prompt, config.new_tokens, config.repeats, config.threads)
         except Exception as err:  # genai's own errors (a version that cannot read the graph): a note, not a lost bench
             return {"skipped": f"onnxruntime-genai failed on {entry.graph}: {first_line(err)}"}
         if "skipped" in run:

@@ -131,7 +131,7 @@ def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats:
     engine's own prompt tokens; skipped when onnxruntime_genai is not importable (it lives beside onnxruntime-gpu,
     installed without its dependencies: README)."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
-        return {"skipped": GENAI_MISSING}
+        return {"skipped": "onnxruntime-genai is not importable (pip install --no-deps --target ~/genai onnxruntime-genai; PYTHONPATH=~/genai)"}
     import onnxruntime_genai as og
 
     model, threads = genai_model(folder, threads)
@@ -145,9 +145,6 @@ def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats:
         return time.perf_counter() - started
 
     return {**_decode_and_first_token(timed, new_tokens, repeats), "folder": str(folder), "threads": threads, "genai": og.__version__}
-
-
-GENAI_MISSING = "onnxruntime-genai is not importable (pip install --no-deps --target ~/genai onnxruntime-genai; PYTHONPATH=~/genai)"
 
 
 def genai_model(folder: Path, threads: int | None):
