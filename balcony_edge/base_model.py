@@ -28,6 +28,13 @@ DEFAULT_BASE = "smollm2"
 DEFAULT_BASE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What the model's authors recommend where its files say nothing: the embedded GGUF carries no generation config, and
+# SmolLM2's model card gives temperature 0.2 and top-p 0.9. Keyed by the weights' identity (state_dict_sha256).
+AUTHORS_SAMPLING = {
+    "d1e2331f1dc21ff7737f36940f6cc0801073e36890d2a17bcee0fe47c79ab1d5": ({"temperature": 0.2, "top_p": 0.9}, f"the model card of {DEFAULT_BASE_HUB_ID}"),
+}
+# generation_config.json keys that are sampling settings, by the runtime's names (SamplingConfig)
+_SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty"}
 _GGUF_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 # The weight files transformers looks for in a folder, in its order of preference. Pickled .bin weights can stay:
 # transformers 5 unpickles them with torch.load(weights_only=True), which refuses code and objects other than tensors.
@@ -280,6 +287,25 @@ def load_base_model(spec: str = DEFAULT_BASE) -> BaseModel:
         sha256=state_dict_sha256(model),
     )
     return BaseModel(model=model, tokenizer=tokenizer, folder=folder, identity=identity)
+
+
+def recommended_sampling(base: BaseModel) -> tuple[dict, str]:
+    """The sampling settings the model's makers recommend, by the runtime's names, and where they come from: the
+    settings its generation_config.json sets (do_sample true), else its authors' (AUTHORS_SAMPLING), else greedy ({})."""
+    known = AUTHORS_SAMPLING.get(base.identity.sha256)
+    if known is not None:
+        return dict(known[0]), known[1]
+    path = base.folder / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}, "none found: greedy"
+    if not isinstance(raw, dict) or raw.get("do_sample") is not True:
+        return {}, f"{path.name} (greedy: do_sample is not set)"
+    settings = {
+        ours: raw[theirs] for theirs, ours in _SAMPLING_KEYS.items() if isinstance(raw.get(theirs), (int, float)) and not isinstance(raw.get(theirs), bool)
+    }
+    return settings, path.name
 
 
 def _load_model(folder: Path) -> PreTrainedModel:

@@ -83,13 +83,20 @@ def train(
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on a GPU), bf16 or fp32.")] = "auto",
     balcony_init: Annotated[str, typer.Option(help="last (copy of the last backbone layer) or random.")] = "last",
     norm_init: Annotated[str, typer.Option(help="final (copy of the final norm) or exit_input (the exit layer's input norm).")] = "final",
-    save_dtype: Annotated[str, typer.Option(help="dtype of balconies.safetensors: fp32, fp16 or bf16.")] = "fp32",
+    save_dtype: Annotated[str, typer.Option(help="dtype of the saved balconies: fp32, fp16 or bf16.")] = "fp32",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
     distill_top_k: Annotated[int, typer.Option(help="KL over the union of the teacher's top-k tokens (0: whole vocabulary).")] = 32,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint's balconies (same base and exits), with a new schedule.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its last checkpoint stopped.")] = False,
+    on_policy: Annotated[
+        int, typer.Option(help="Answers each exit writes to chat prompts per step, trained on where the full model scores them (0: off).")
+    ] = 0,
+    answer_tokens: Annotated[int, typer.Option(help="The longest on-policy answer (tokens).")] = 128,
+    answer_temperature: Annotated[float, typer.Option(help="Sampling temperature of the on-policy answers.")] = 1.0,
+    divergence: Annotated[str, typer.Option(help="forward (KL(full || exit)), reverse (KL(exit || full)) or jsd.")] = "forward",
+    on_policy_weight: Annotated[float, typer.Option(help="Weight of the on-policy loss beside the teacher-forced one.")] = 1.0,
 ) -> None:
-    """Train balconies by self-distillation from the frozen full model."""
+    """Train balconies by self-distillation from the frozen full model (on text, and with --on-policy on their own answers)."""
     from balcony_edge.train import TrainConfig
     from balcony_edge.train import train as run_training
 
@@ -114,6 +121,11 @@ def train(
         threads=threads,
         distill_top_k=distill_top_k,
         init_from=str(init_from) if init_from is not None else None,
+        on_policy=on_policy,
+        answer_tokens=answer_tokens,
+        answer_temperature=answer_temperature,
+        divergence=divergence,
+        on_policy_weight=on_policy_weight,
     )
     summary = run_training(config, resume=resume)
     console.print(f"saved {out}: {summary['steps']}/{summary['total_steps']} steps, {summary['tokens_seen']:,} tokens, {summary['wall_seconds']:.0f} s")
@@ -193,28 +205,40 @@ def evaluate_command(
     max_tokens: Annotated[int, typer.Option(min=0, help="Evaluate at most so many tokens (0: all).")] = 32768,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per evaluated sequence.")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a quality-against-compute plot (PNG) here.")] = None,
-    chat: Annotated[bool, typer.Option(help="Also answer 20 fixed chat prompts at every exit and compare with the full model.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a plot of quality against compute (PNG) here.")] = None,
+    chat: Annotated[bool, typer.Option(help="Also answer the held-out chat prompts at every depth and judge the answers by the full model (minutes).")] = False,
+    export: Annotated[
+        Optional[Path], typer.Option(help="With --chat: the answers are written by this export's ONNX runtime (e.g. an int4 one), judged in torch.")
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=0, help="With --chat: sampled answers per prompt at the model's own settings, beside the greedy ones.")] = 3,
+    answer_tokens: Annotated[int, typer.Option(min=1, help="With --chat: the longest answer (tokens).")] = 96,
 ) -> None:
-    """Perplexity, top-1 agreement and KL per exit, beside the naive early exit and the full model."""
+    """Perplexity, top-1 agreement and KL per exit, beside the naive early exit and the full model; with --chat, what
+    users read: each exit's answers judged by the full model."""
     from balcony_edge.checkpoint import load_checkpoint
     from balcony_edge.data import load_corpus, pack, read_documents
     from balcony_edge.evaluate import evaluate, plot_quality
 
     check_output_folder(plot, "--plot")
+    if export is not None and not chat:
+        raise BalconyError("--export names the export whose answers --chat judges; add --chat (or leave --export out)")
     model, info, loaded = load_checkpoint(checkpoint, base)
+    engine = _eval_engine(export, info) if export is not None else None
     documents = load_corpus(data).held_out if held_out or not data else read_documents(data)
     blocks = pack(documents, loaded.tokenizer, seq_len, what="evaluation")
     if max_tokens:
         blocks = blocks[: max(1, max_tokens // seq_len)]
     result = evaluate(model, blocks, show_progress=not as_json)
-    if plot:
-        plot_quality(result, str(plot))
     answers = None
     if chat:
-        from balcony_edge.chat_quality import chat_quality
+        from balcony_edge.answer_quality import AnswerSettings, ExportWriter, answer_quality
+        from balcony_edge.base_model import recommended_sampling
 
-        answers = chat_quality(model, loaded.tokenizer, show_progress=not as_json)
+        settings = AnswerSettings(answer_tokens, recommended_sampling(loaded)[0], seeds)
+        writer = ExportWriter(engine) if engine is not None else None
+        answers = answer_quality(model, loaded.tokenizer, settings, show_progress=not as_json, writer=writer)
+    if plot:
+        plot_quality(result, str(plot), answers)
     if as_json:
         print(json.dumps(result.to_json() | ({"chat": answers.to_json()} if answers else {}), indent=2))
         return
@@ -237,12 +261,49 @@ def evaluate_command(
     table.add_row("full", "1.00", f"{result.full_ppl:.2f}", "1.00", "1.000", "0", "", "")
     console.print(table)
     if answers:
-        chat_table = Table(title=f"chat answers: the first {answers.tokens} greedy tokens against the full model's (20 prompts)")
-        for column in ("exit", "same answer", "mean common prefix"):
-            chat_table.add_column(column, justify="right")
-        for e in answers.exits:
-            chat_table.add_row(str(e.exit), f"{e.same_answer:.2f}", f"{e.mean_common_prefix:.1f}")
-        console.print(chat_table)
+        console.print(_answers_table(answers, model.num_layers, export))
+
+
+def _eval_engine(export: Path, info):
+    """The engine whose answers `eval --chat --export` judges: an export of this checkpoint's base model."""
+    from balcony_edge.runtime.engine import Engine
+
+    engine = Engine.load(export)
+    if engine.manifest.base.get("sha256") != info.base["sha256"]:
+        raise BalconyError(f"--export {export} was made from another base model than the checkpoint's; give an export of this checkpoint")
+    return engine
+
+
+def _answers_table(answers, num_layers: int, export: Optional[Path]):
+    from rich.table import Table
+
+    s = answers.settings
+    source = f"written by {export}" if export else "written in torch"
+    knobs = ", ".join(f"{name} {value:g}" for name, value in s.sampling.items())
+    sampled = f"; sampled at the model's settings ({knobs}), {s.seeds} seeds" if s.sampled_seeds else ""
+    table = Table(
+        title=f"held-out chat answers, {answers.prompts} prompts, up to {s.max_new_tokens} tokens, {source}, judged by the full model (greedy{sampled})"
+    )
+    columns = ["depth", "judge NLL", "loops", "length", "facts right", "reverse NLL"]
+    if s.sampled_seeds:
+        columns[2:2] = ["sampled judge NLL"]
+        columns += ["sampled loops", "sampled facts"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    for d in answers.depths:
+        row = [
+            "full" if d.depth == num_layers else str(d.depth),
+            f"{d.judge_nll:.2f}",
+            f"{d.loop_share:.0%}",
+            f"{d.mean_length:.0f}",
+            f"{d.facts_right:.0%}",
+            f"{d.reverse_nll:.2f}",
+        ]
+        if s.sampled_seeds:
+            row[2:2] = [f"{d.sampled_judge_nll:.2f}"]
+            row += [f"{d.sampled_loop_share:.0%}", f"{d.sampled_facts_right:.0%}"]
+        table.add_row(*row)
+    return table
 
 
 @app.command()

@@ -1,6 +1,11 @@
-"""The self-distillation loss KL(full || exit), computed a chunk of tokens at a time.
+"""The self-distillation losses, computed a chunk of tokens at a time: KL(full || exit) on text (teacher-forced), and
+on an exit's own answers one of three divergences between the full model p and the exit q:
 
-The [tokens x vocab] logits are never held for all tokens at once: each chunk's KL is backpropagated
+- forward, KL(p || q): covers every token the full model would write (mass-covering);
+- reverse, KL(q || p): penalises what the exit writes and the full model would not (mode-seeking);
+- jsd, the Jensen-Shannon divergence with the mixture m = (p + q) / 2: bounded, between the two.
+
+The [tokens x vocab] logits are never held for all tokens at once: each chunk's loss is backpropagated
 into detached copies of the exit hidden states, whose gradients then flow through the balconies in
 one backward pass. The gradients equal those of the unchunked loss.
 """
@@ -14,6 +19,7 @@ import torch.nn.functional as F
 
 
 TAIL_SAMPLES = 1024  # tokens outside the top-k union whose student logits estimate the student's tail mass
+DIVERGENCES = ("forward", "reverse", "jsd")
 
 
 def distill_backward(
@@ -23,11 +29,13 @@ def distill_backward(
     loss_scale: float = 1.0,
     chunk_tokens: int = 256,
     top_k: int = 0,
+    divergence: str = "forward",
 ) -> dict[int, float]:
-    """Backpropagate loss_scale x mean over exits of KL(full || exit); returns each exit's mean KL (nats/token).
+    """Backpropagate loss_scale x mean over exits of the divergence between full and exit (nats/token; see the
+    module's docstring); returns each exit's mean.
 
-    top_k = 0: over the whole vocabulary. top_k > 0: over the union S of the teacher's top-k tokens at the chunk's
-    positions plus one bucket for every other token. The teacher's bucket mass is exact; the student's is
+    top_k = 0: over the whole vocabulary (what the on-policy losses use). top_k > 0: over the union S of the
+    teacher's top-k tokens at the chunk's positions plus one bucket for every other token. The teacher's bucket mass is exact; the student's is
     estimated from TAIL_SAMPLES tokens drawn at random outside S (scaled up to the whole tail), so a student that
     puts mass outside S is still penalised, while the head's cost falls by about vocab / (|S| + TAIL_SAMPLES)."""
     teacher = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
@@ -45,11 +53,22 @@ def distill_backward(
             teacher_prob = teacher_log.exp()
         for k, student in students.items():
             student_log = F.log_softmax(head(student[piece]).float(), dim=-1) if support is None else support.student_log(head, student[piece])
-            kl_sum = (teacher_prob * (teacher_log - student_log)).sum()
-            (kl_sum * weight).backward()
-            per_exit[k] += kl_sum.item() / tokens
+            loss_sum = _divergence_sum(divergence, teacher_log, teacher_prob, student_log)
+            (loss_sum * weight).backward()
+            per_exit[k] += loss_sum.item() / tokens
     torch.autograd.backward([exit_hidden[k] for k in students], [students[k].grad.view_as(exit_hidden[k]) for k in students])
     return per_exit
+
+
+def _divergence_sum(divergence: str, teacher_log: torch.Tensor, teacher_prob: torch.Tensor, student_log: torch.Tensor) -> torch.Tensor:
+    """The divergence summed over a chunk's positions (nats); the gradient reaches the student only."""
+    if divergence == "forward":
+        return (teacher_prob * (teacher_log - student_log)).sum()
+    student_prob = student_log.exp()
+    if divergence == "reverse":
+        return (student_prob * (student_log - teacher_log)).sum()
+    mixture_log = torch.logaddexp(teacher_log, student_log) - math.log(2)
+    return 0.5 * ((teacher_prob * (teacher_log - mixture_log)).sum() + (student_prob * (student_log - mixture_log)).sum())
 
 
 class _Support:

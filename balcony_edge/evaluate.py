@@ -99,14 +99,17 @@ def evaluate(model: BalconyModel, blocks: torch.Tensor, batch_size: int = 2, sho
     return EvalResult(full_ppl=math.exp(full.nll / tokens), exits=exits, tokens=tokens, num_layers=layers)
 
 
-def plot_quality(result: EvalResult, path: str) -> None:
-    """Perplexity and top-1 agreement against relative compute (layers run / total), balcony vs naive exit."""
+def plot_quality(result: EvalResult, path: str, answers=None) -> None:
+    """Perplexity and top-1 agreement against relative compute (layers run / total), balcony vs naive exit; with the
+    held-out answers (answer_quality.AnswerQuality), their judge NLL and loop share beside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_ppl, ax_top1) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = 4 if answers is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    ax_ppl, ax_top1 = axes[:2]
     xs = [e.relative_compute for e in result.exits] + [1.0]
     naive_xs = [e.naive_relative_compute for e in result.exits] + [1.0]
     ax_ppl.plot(xs, [e.ppl for e in result.exits] + [result.full_ppl], "o-", label="balcony exit")
@@ -116,11 +119,23 @@ def plot_quality(result: EvalResult, path: str) -> None:
     ax_top1.plot(xs, [e.top1_agreement for e in result.exits] + [1.0], "o-", label="balcony exit")
     ax_top1.plot(naive_xs, [e.naive_top1_agreement for e in result.exits] + [1.0], "s--", label="naive early exit")
     ax_top1.set_ylabel("top-1 agreement with the full model")
-    for ax in (ax_ppl, ax_top1):
+    if answers is not None:
+        ax_nll, ax_loop = axes[2:]
+        depths = answers.depths
+        compute = [d.relative_compute for d in depths]
+        ax_nll.plot(compute, [d.judge_nll for d in depths], "o-", label="greedy")
+        ax_loop.plot(compute, [d.loop_share for d in depths], "o-", label="greedy")
+        if answers.settings.sampled_seeds:
+            ax_nll.plot(compute, [d.sampled_judge_nll for d in depths], "s--", label="sampled")
+            ax_loop.plot(compute, [d.sampled_loop_share for d in depths], "s--", label="sampled")
+        ax_nll.set_ylabel("judge NLL of held-out answers (nats/token)")
+        ax_loop.set_ylabel("answers caught in a loop")
+    for ax in axes:
         ax.set_xlabel("relative compute (layers run / total)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Quality against compute ({result.tokens} held-out tokens)")
+    title = f"Quality against compute ({result.tokens} held-out tokens"
+    fig.suptitle(title + (f"; {answers.prompts} held-out chat prompts)" if answers is not None else ")"))
     fig.tight_layout()
     with atomic_path(path) as partial:
         fig.savefig(partial, dpi=120)

@@ -1,7 +1,8 @@
-"""Prompts for the teacher's chat corpus (topics x kinds of request) and the fixed chat-quality prompts.
+"""Training prompts: topics x kinds of request for the teacher's chat corpus, and short questions beside them for
+on-policy distillation (`on_policy.py`).
 
-The two sets share no prompt: the quality prompts are phrased by hand and never generated from these templates,
-so the chat-quality check measures answers to requests the balconies were not trained on.
+None of them is a held-out prompt (`held_out_prompts.py`, phrased by hand and never generated from these templates;
+a test checks it), so `eval --chat` measures answers to requests the balconies were not trained on.
 """
 
 from __future__ import annotations
@@ -296,35 +297,33 @@ SYSTEM_PROMPTS = (
     "You are a creative writer.",
 )
 
-# The chat-quality check: 20 prompts phrased by hand, of kinds a user of a small chat model sends.
-QUALITY_PROMPTS = (
-    "What is the capital of France?",
-    "Give me three ideas for a quick vegetarian dinner.",
-    "How do I make a cup of tea?",
-    "Write a two-line poem about the sea.",
-    "What does a CPU do in a computer?",
-    "Translate 'good morning' into Spanish.",
-    "Why is the sky blue?",
-    "Suggest a name for a pet goldfish.",
-    "How many days are there in a leap year?",
-    "What should I pack for a weekend at the beach?",
-    "Write a short thank-you message to my teacher.",
-    "What is 12 times 12?",
-    "Explain what gravity is in one sentence.",
-    "Tell me a fun fact about elephants.",
-    "How can I fall asleep faster?",
-    "What is the difference between weather and climate?",
-    "Write the opening sentence of a mystery novel.",
-    "Give me a tip for learning to play the guitar.",
-    "What are the primary colours?",
-    "How do airplanes stay in the air?",
-)
+# Short questions of the kinds users ask a small chat model, for on-policy training only: countries, numbers and
+# units that the held-out facts leave out.
+COUNTRIES = (
+    "Portugal", "Greece", "Norway", "Sweden", "Poland", "Ireland", "Canada", "Mexico", "Brazil", "Argentina", "Peru",
+    "Kenya", "Nigeria", "Morocco", "India", "China", "Thailand", "Vietnam", "Australia", "Austria", "Belgium",
+    "Denmark", "Finland", "Hungary", "Turkey", "Chile", "Cuba", "Russia", "Ukraine", "Indonesia",
+)  # fmt: skip
+UNITS = (
+    ("seconds", "a minute"), ("hours", "a day"), ("days", "a week"), ("months", "a year"), ("centimetres", "a metre"),
+    ("grams", "a kilogram"), ("metres", "a kilometre"), ("weeks", "a year"), ("days", "a normal year"),
+)  # fmt: skip
 
 
-def chat_prompts(count: int, seed: int = 0, exclude: frozenset[str] = frozenset()) -> list[tuple[str | None, str]]:
+def short_questions() -> list[str]:
+    """Capitals, sums, products and units: a few hundred short factual questions."""
+    questions = [f"What is the capital of {country}?" for country in COUNTRIES]
+    questions += [f"What is {a} times {b}?" for a in range(2, 12) for b in range(2, 12) if a <= b]
+    questions += [f"What is {a} plus {b}?" for a in range(3, 20, 4) for b in range(2, 30, 5)]
+    questions += [f"How many {small} are there in {big}?" for small, big in UNITS]
+    return questions
+
+
+def chat_prompts(count: int, seed: int = 0, exclude: frozenset[str] = frozenset(), questions: bool = False) -> list[tuple[str | None, str]]:
     """`count` distinct (system message or None, user prompt) pairs, drawn without replacement from topics x tasks
-    less the prompts in `exclude`."""
-    pairs = [prompt for prompt in (task.format(topic=topic) for topic in TOPICS for task in TASKS) if prompt not in exclude]
+    (and the short questions, when `questions`) less the prompts in `exclude`."""
+    every = [task.format(topic=topic) for topic in TOPICS for task in TASKS] + (short_questions() if questions else [])
+    pairs = [prompt for prompt in every if prompt not in exclude]
     rng = random.Random(seed)
     rng.shuffle(pairs)
     chosen = pairs[: min(count, len(pairs))]

@@ -34,7 +34,7 @@ from balcony_edge.checkpoint import (
 )
 from balcony_edge.common.console import console, log_warning, say
 from balcony_edge.data import DEFAULT_CORPUS, load_corpus, pack, weighted_sources
-from balcony_edge.distill import distill_backward
+from balcony_edge.distill import DIVERGENCES, distill_backward
 from balcony_edge.common.errors import BalconyError, CheckpointError, TrainingStopped
 from balcony_edge.exits import parse_exits
 from balcony_edge.precision import fast_bf16
@@ -46,6 +46,7 @@ from balcony_edge.model import (
     BalconyConfig,
     BalconyModel,
 )
+from balcony_edge.on_policy import OnPolicy, OnPolicySettings
 
 PRECISIONS = ("auto", "bf16", "fp32")
 # Fields that may differ on --resume without changing the computation of the steps still to run.
@@ -89,9 +90,19 @@ FIELD_RULES = {
     "threads": COUNT,
     "kl_chunk": COUNT,
     "distill_top_k": ("an integer of at least 0", lambda v: is_whole_number(v) and v >= 0),
+    "on_policy": ("an integer of at least 0", lambda v: is_whole_number(v) and v >= 0),
+    "answer_tokens": COUNT,
+    "answer_temperature": POSITIVE,
+    "on_policy_weight": POSITIVE,
 }
 OPTIONAL_FIELDS = ("epochs", "max_tokens", "max_minutes", "threads", "init_from")  # None: not given
-CHOICES = {"precision": PRECISIONS, "save_dtype": tuple(SAVE_DTYPES), "balcony_init": BALCONY_INITS, "norm_init": NORM_INITS}
+CHOICES = {
+    "precision": PRECISIONS,
+    "save_dtype": tuple(SAVE_DTYPES),
+    "balcony_init": BALCONY_INITS,
+    "norm_init": NORM_INITS,
+    "divergence": DIVERGENCES,
+}
 
 
 def _flag(name: str) -> str:
@@ -128,6 +139,11 @@ class TrainConfig:
     save_dtype: str = "fp32"
     threads: int | None = None
     init_from: str | None = None  # a checkpoint folder whose balconies (same base, same exits) start this run
+    on_policy: int = 0  # answers each exit writes per step (and rank) to train on (on_policy.py); 0: off
+    answer_tokens: int = 128  # the longest answer, tokens
+    answer_temperature: float = 1.0
+    divergence: str = "forward"
+    on_policy_weight: float = 1.0  # of the on-policy loss beside the teacher-forced one
 
     def __post_init__(self) -> None:
         self.exits = parse_exits(self.exits, None)  # the syntax now; the range once the base model's depth is known
@@ -314,7 +330,11 @@ class Trainer:
         params = self.model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.min_lr_ratio))
-        self.step, self.tokens_seen, self.wall_before = 0, 0, 0.0
+        self.on_policy = None
+        if config.on_policy:
+            settings = OnPolicySettings(config.on_policy, config.answer_tokens, config.answer_temperature, config.divergence, config.on_policy_weight)
+            self.on_policy = OnPolicy(self.model, self.base.tokenizer, settings, config.seed, self.dist.rank, self.dist.world)
+        self.step, self.tokens_seen, self.on_policy_tokens, self.wall_before = 0, 0, 0, 0.0
         self.kl_history: list[dict] = []
         if resume_state is not None:
             self._restore(resume_state)
@@ -374,6 +394,7 @@ class Trainer:
                 f"--resume: {path} does not fit this run ({type(err).__name__}: {reprlib.repr(str(err))}); restore the file, or train again without --resume"
             ) from None
         self.step, self.tokens_seen, self.wall_before = state["step"], state["tokens_seen"], state["wall_seconds"]
+        self.on_policy_tokens = state.get("on_policy_tokens", 0)  # absent from states written before on-policy training
         self.kl_history = state["kl_history"]
 
     def _micro_batches(self, step: int):
@@ -385,11 +406,18 @@ class Trainer:
         for start in range(0, per_rank, c.micro_batch_size):
             yield self.blocks[indices[start : start + c.micro_batch_size]].to(self.dist.device)
 
-    def train_step(self, step: int) -> dict[int, float]:
-        """One optimizer step; returns this rank's mean KL per exit (nats/token)."""
+    def train_step(self, step: int) -> tuple[dict[int, float], dict[int, float], int]:
+        """One optimizer step; returns this rank's mean teacher-forced KL per exit (nats/token), its mean on-policy
+        divergence per exit (empty without on-policy training) and the answer tokens that divergence saw."""
         module = self.ddp or self.model
         kl = {k: 0.0 for k in self.model.exits}
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        on_policy, answer_tokens = {}, 0
+        if self.on_policy is not None:  # first, so that the last teacher-forced micro-batch's backward syncs ranks
+            written = self.on_policy.write(step, autocast)
+            answer_tokens = sum(t.answer_tokens for t in written.values())
+            with nullcontext() if self.ddp is None else self.ddp.no_sync():
+                on_policy = self.on_policy.backward(module, written, self.config.kl_chunk, autocast)
         for i, batch in enumerate(self._micro_batches(step)):
             last = i == self.accum - 1
             sync = nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
@@ -410,7 +438,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return kl
+        return kl, on_policy, answer_tokens
 
     def _state(self) -> dict:
         rng = rng_state()
@@ -425,6 +453,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "on_policy_tokens": self.on_policy_tokens,
             "wall_seconds": self.wall_before + (time.monotonic() - self.started),
             "kl_history": self.kl_history,
             "rng": rng,
@@ -443,6 +472,20 @@ class Trainer:
             "batch_size": c.batch_size,
             "lr": c.lr,
             "distill_top_k": c.distill_top_k,
+            **(
+                {
+                    "on_policy": {
+                        "answers_per_exit": c.on_policy,
+                        "max_new_tokens": c.answer_tokens,
+                        "temperature": c.answer_temperature,
+                        "divergence": c.divergence,
+                        "weight": c.on_policy_weight,
+                        "answer_tokens": self.on_policy_tokens,
+                    }
+                }
+                if c.on_policy
+                else {}
+            ),
             "seed": c.seed,  # with the data, it fixes which text each step saw
             "precision": "bf16" if self.bf16 else "fp32",
             "ranks": self.dist.world,
@@ -484,12 +527,18 @@ class Trainer:
                         say(f"--max-minutes {c.max_minutes} reached at step {self.step}; resume with --resume")
                     break
                 tick = time.monotonic()
-                kl = self.train_step(self.step)
+                kl, on_policy, answer_tokens = self.train_step(self.step)
                 self.step += 1
                 self.tokens_seen += tokens_per_step
-                rate = tokens_per_step / (time.monotonic() - tick)
-                self.kl_history.append({"step": self.step, "kl": {str(k): round(v, 5) for k, v in kl.items()}})
+                self.on_policy_tokens += answer_tokens
+                rate = (tokens_per_step + answer_tokens) / (time.monotonic() - tick)
+                record = {"step": self.step, "kl": {str(k): round(v, 5) for k, v in kl.items()}}
+                if on_policy:
+                    record |= {"on_policy": {str(k): round(v, 5) for k, v in on_policy.items()}, "answer_tokens": answer_tokens}
+                self.kl_history.append(record)
                 shown = " ".join(f"KL@{k} {v:.3f}" for k, v in kl.items())
+                if on_policy:
+                    shown += " | " + " ".join(f"{c.divergence}@{k} {v:.3f}" for k, v in on_policy.items())
                 progress.update(task, completed=self.step, rate=f"{rate:,.0f}", kl=shown)
                 if self.step % c.save_every == 0 and self.step < self.total_steps:
                     self.save()

@@ -101,6 +101,27 @@ def spread(parameters, seed: int = 1) -> None:
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
+def tiny_train_config(base_dir, text_dir, out, **overrides):
+    """A TrainConfig for a few quick steps on a tiny model (exits 1 and 3, blocks of 32 tokens, one thread)."""
+    from balcony_edge.train import TrainConfig
+
+    settings = dict(
+        exits=(1, 3),
+        out=str(out),
+        base=str(base_dir),
+        data=[str(text_dir)],
+        seq_len=32,
+        batch_size=4,
+        micro_batch_size=2,
+        lr=3e-3,
+        max_tokens=4 * 32 * 8,
+        save_every=4,
+        precision="fp32",
+        threads=1,
+    )
+    return TrainConfig(**(settings | overrides))
+
+
 TINY_EXITS = (1, 2)
 TINY_LAYERS = 4
 

@@ -9,13 +9,13 @@ import torch
 
 from balcony_edge.base_model import load_base_model
 from balcony_edge.chat_corpus import ChatCorpusConfig, answered_prompts, write_chat_corpus
-from balcony_edge.chat_quality import chat_quality
 from balcony_edge.data import DEFAULT_CORPUS, Source, load_corpus, parse_source, weighted_sources
 from balcony_edge.distill import distill_backward
 from balcony_edge.free_text import FreeTextConfig, write_free_text
 from balcony_edge.common.errors import DataError
 from balcony_edge.precision import cpu_flags, fast_bf16
-from balcony_edge.prompts import QUALITY_PROMPTS, chat_prompts
+from balcony_edge.held_out_prompts import HELD_OUT_PROMPTS
+from balcony_edge.prompts import chat_prompts
 from balcony_edge.train import MixedOrder, TrainConfig, Trainer
 
 
@@ -101,10 +101,10 @@ def test_bf16_is_fast_only_with_native_support(tmp_path, monkeypatch):
     assert fast_bf16(torch.device("cpu"))
 
 
-def test_chat_prompts_are_distinct_and_never_the_quality_prompts():
+def test_chat_prompts_are_distinct_and_never_the_held_out_prompts():
     prompts = [p for _, p in chat_prompts(10_000)]
     assert len(prompts) == len(set(prompts)) > 2000
-    assert not set(prompts) & set(QUALITY_PROMPTS) and len(QUALITY_PROMPTS) == 20
+    assert not set(prompts) & set(HELD_OUT_PROMPTS)
     assert chat_prompts(5, seed=1) == chat_prompts(5, seed=1) != chat_prompts(5, seed=2)
 
 
@@ -201,15 +201,6 @@ def test_chat_prompts_exclude_and_a_malformed_exclude_file(tmp_path):
         answered_prompts(bad)
     with pytest.raises(DataError, match="cannot read --exclude"):
         answered_prompts(tmp_path / "absent.jsonl")
-
-
-def test_chat_quality_compares_every_exit_with_the_full_model(tiny_model, tiny_base):
-    result = chat_quality(tiny_model, tiny_base.tokenizer, tokens=4, show_progress=False)
-    assert [e.exit for e in result.exits] == list(tiny_model.exits)
-    assert len(result.answers) == 20 and set(result.answers[0]) == {"prompt", "full", "1", "2"}
-    assert all(0 <= e.same_answer <= 1 and 0 <= e.mean_common_prefix <= 4 for e in result.exits)
-    same = chat_quality(tiny_model, tiny_base.tokenizer, tokens=4, show_progress=False)
-    assert same.to_json() == result.to_json()  # greedy: the same answers every time
 
 
 def test_chat_data_closes_turns_by_the_template_whatever_the_tokenizer_names_its_tokens(tiny_base_dir, tmp_path, monkeypatch):

@@ -13,25 +13,11 @@ from safetensors.torch import load_file
 from balcony_edge.checkpoint import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, load_checkpoint
 from balcony_edge.common.errors import BalconyError, CheckpointError
 from balcony_edge.train import BlockOrder, TrainConfig, Trainer, lr_factor, train
+from conftest import tiny_train_config
 
 
 def _config(peaked_base_dir, text_dir, out, **overrides):
-    settings = dict(
-        exits=(1, 3),
-        out=str(out),
-        base=str(peaked_base_dir),
-        data=[str(text_dir)],
-        seq_len=32,
-        batch_size=4,
-        micro_batch_size=2,
-        lr=3e-3,
-        max_tokens=4 * 32 * 8,
-        save_every=4,
-        precision="fp32",
-        threads=1,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return tiny_train_config(peaked_base_dir, text_dir, out, **overrides)
 
 
 def test_loss_decreases_on_a_tiny_model(peaked_base_dir, text_dir, tmp_path):
