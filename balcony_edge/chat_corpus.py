@@ -53,7 +53,10 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
     pairs = chat_prompts(config.prompts, config.seed, exclude)
     if not pairs:
         raise DataError(f"--exclude {config.exclude} answers every prompt there is; nothing is left to generate")
-    rendered = [teacher.tokenizer.apply_chat_template(_conversation(s, p), tokenize=False, add_generation_prompt=True) for s, p in pairs]
+    rendered = [
+        teacher.tokenizer.apply_chat_template(_conversation(s, p), tokenize=False, add_generation_prompt=True)
+        for s, p in pairs
+    ]
     by_length = sorted(range(len(pairs)), key=lambda i: len(rendered[i]))  # similar lengths batch with little padding
     batches = [by_length[i : i + config.batch_size] for i in range(0, len(by_length), config.batch_size)]
     random.Random(config.seed).shuffle(batches)  # a --max-minutes stop keeps a mix of every kind of request

@@ -14,13 +14,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from balcony_edge.common.atomic import readable_folder, write_folder_atomically
 from balcony_edge.base_model import SUPPORTED_MODEL_TYPES, BaseModel, load_base_model
+from balcony_edge.common.atomic import readable_folder, write_folder_atomically
 from balcony_edge.common.errors import CheckpointError, ExitsError
+from balcony_edge.common.paths import CHECKPOINT_WEIGHTS_FILE as WEIGHTS_FILE
+from balcony_edge.common.paths import SHIPPED_CHECKPOINT
+from balcony_edge.common.validation import is_whole_number
 from balcony_edge.exits import parse_exits
 from balcony_edge.model import BalconyConfig, BalconyModel
-from balcony_edge.common.paths import CHECKPOINT_WEIGHTS_FILE as WEIGHTS_FILE, SHIPPED_CHECKPOINT
-from balcony_edge.common.validation import is_whole_number
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "balcony_config.json"
@@ -80,7 +81,8 @@ def save_checkpoint(
         then = resume_hint(folder) if state is not None else "save again"
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CheckpointError(
-                f"disk full while writing checkpoint {folder}; any previous checkpoint there is untouched: free disk space, then {then}"
+                f"disk full while writing checkpoint {folder}; any previous "
+                f"checkpoint there is untouched: free disk space, then {then}"
             ) from None
         raise CheckpointError(
             f"cannot write checkpoint {folder} ({err.strerror or err}); any previous checkpoint there is untouched: "
@@ -100,10 +102,14 @@ def read_info(folder: Path) -> CheckpointInfo:
     """Read and check balcony_config.json of a checkpoint folder."""
     folder = readable_folder(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist; give a folder written by `balcony-edge train`")
+        raise CheckpointError(
+            f"checkpoint folder {folder} does not exist; give a folder written by `balcony-edge train`"
+        )
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
-            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing; train again or copy the whole folder")
+            raise CheckpointError(
+                f"checkpoint {folder} is incomplete: {name} is missing; train again or copy the whole folder"
+            )
     path = folder / CONFIG_FILE
     try:
         raw = json.loads(path.read_text())
@@ -129,7 +135,8 @@ def _parse_info(raw: object, path: Path) -> CheckpointInfo:
         and is_whole_number(base.get("num_layers"))
     ):
         raise CheckpointError(
-            f"{path}: base_model must record the base's name, model_type, num_layers and sha256, not {reprlib.repr(base)}; train again or restore the file"
+            f"{path}: base_model must record the base's name, model_type, num_layers "
+            f"and sha256, not {reprlib.repr(base)}; train again or restore the file"
         )
     if base.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
@@ -138,14 +145,21 @@ def _parse_info(raw: object, path: Path) -> CheckpointInfo:
         )
     exits = raw.get("exits")
     if not (isinstance(exits, list) and all(is_whole_number(k) for k in exits)):
-        raise CheckpointError(f"{path}: exits must be a list of integers such as [8, 16, 24], not {reprlib.repr(exits)}; train again or restore the file")
+        raise CheckpointError(
+            f"{path}: exits must be a list of integers such as [8, 16, 24], "
+            f"not {reprlib.repr(exits)}; train again or restore the file"
+        )
     training = raw.get("training", {})
     if not isinstance(training, dict):
-        raise CheckpointError(f"{path}: training must be a JSON object, not {reprlib.repr(training)}; train again or restore the file")
+        raise CheckpointError(
+            f"{path}: training must be a JSON object, not {reprlib.repr(training)}; train again or restore the file"
+        )
     try:
         config = BalconyConfig(parse_exits(exits, base["num_layers"]), raw.get("balcony_init"), raw.get("norm_init"))
     except ExitsError as err:
-        raise CheckpointError(f"{path} does not describe balconies its base can hold ({err}); train again or restore the file") from None
+        raise CheckpointError(
+            f"{path} does not describe balconies its base can hold ({err}); train again or restore the file"
+        ) from None
     return CheckpointInfo(base=base, config=config, training=training)
 
 
@@ -153,7 +167,8 @@ def check_base(info: CheckpointInfo, base: BaseModel, folder: Path) -> None:
     """Refuse a base model whose content hash differs from the one the balconies were trained on."""
     if base.identity.sha256 != info.base["sha256"]:
         raise CheckpointError(
-            f"checkpoint {folder} was trained on base model {info.base.get('name')!r} (sha256 {info.base['sha256'][:12]}…), "
+            f"checkpoint {folder} was trained on base model "
+            f"{info.base.get('name')!r} (sha256 {info.base['sha256'][:12]}…), "
             f"but {base.identity.name!r} has sha256 {base.identity.sha256[:12]}…; pass the original base with --base"
         )
 
@@ -169,10 +184,16 @@ def copy_balcony_weights(model: BalconyModel, tensors: dict, source: Path) -> No
     """Copy saved balcony tensors into the model, refusing missing, extra or misshapen ones."""
     expected = model.balcony_state_dict()
     if set(tensors) != set(expected):
-        raise CheckpointError(f"{source} does not hold the balconies of exits {list(model.exits)}; the folder is inconsistent: train again or restore it")
+        raise CheckpointError(
+            f"{source} does not hold the balconies of exits {list(model.exits)}; "
+            "the folder is inconsistent: train again or restore it"
+        )
     for name, target in expected.items():
         if not isinstance(tensors[name], torch.Tensor) or tensors[name].shape != target.shape:
-            raise CheckpointError(f"{source}: {name} is not a tensor of shape {list(target.shape)}; the folder is inconsistent: train again or restore it")
+            raise CheckpointError(
+                f"{source}: {name} is not a tensor of shape {list(target.shape)}; "
+                "the folder is inconsistent: train again or restore it"
+            )
     for name, target in expected.items():
         target.copy_(tensors[name].to(target.dtype))
 
@@ -182,10 +203,14 @@ def read_weights(folder: Path) -> dict:
     try:
         return load_file(folder / WEIGHTS_FILE)
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} cannot be read ({err}); train again or restore the file") from None
+        raise CheckpointError(
+            f"{folder / WEIGHTS_FILE} cannot be read ({err}); train again or restore the file"
+        ) from None
 
 
-def load_checkpoint(folder: Path | None = None, base: BaseModel | str | None = None) -> tuple[BalconyModel, CheckpointInfo, BaseModel]:
+def load_checkpoint(
+    folder: Path | None = None, base: BaseModel | str | None = None
+) -> tuple[BalconyModel, CheckpointInfo, BaseModel]:
     """Load a checkpoint (default: the shipped one) onto its base model (or the given one, if its hash matches)."""
     folder = readable_folder(Path(folder) if folder is not None else SHIPPED_CHECKPOINT)
     info = read_info(folder)

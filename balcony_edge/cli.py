@@ -38,9 +38,15 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines on stderr (errors still show).")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show the library's informational log lines.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or status lines on stderr (errors still show).")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also show the library's informational log lines.")
+    ] = False,
 ) -> None:
     """Train, evaluate, export and run Balcony exits of a decoder language model."""
     import logging
@@ -56,47 +62,80 @@ def _options(
         logger.addHandler(RichHandler(console=console, show_time=False, show_path=False))
 
 
-CheckpointArg = Annotated[Optional[Path], typer.Argument(help="Checkpoint folder written by `train`; default: the shipped SmolLM2 checkpoint.")]
-BaseOpt = Annotated[Optional[str], typer.Option(help="Base model: `smollm2`, a Hugging Face folder or a .gguf file (default: the checkpoint's).")]
+CheckpointArg = Annotated[
+    Optional[Path],
+    typer.Argument(help="Checkpoint folder written by `train`; default: the shipped SmolLM2 checkpoint."),
+]
+BaseOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Base model: `smollm2`, a Hugging Face folder or a .gguf file (default: the checkpoint's)."),
+]
 
 
 @app.command()
 def train(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints are written (atomically) here.")],
     exits: Annotated[str, typer.Option(help="Exit depths, comma-separated.")] = "8,16,24",
-    base: Annotated[str, typer.Option(help="Base model: `smollm2`, a Hugging Face folder or a .gguf file.")] = "smollm2",
+    base: Annotated[
+        str, typer.Option(help="Base model: `smollm2`, a Hugging Face folder or a .gguf file.")
+    ] = "smollm2",
     data: Annotated[
         Optional[list[str]],
         typer.Option(
-            help="Text, JSONL (.xz or .gz too) or parquet files or folders (repeatable); PATH:WEIGHT mixes sources by weight (`bbc-news`: default corpus).",
+            help="Text, JSONL (.xz or .gz too) or parquet files or folders (repeatable); "
+            "PATH:WEIGHT mixes sources by weight (`bbc-news`: default corpus).",
         ),
     ] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per packed sequence.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, over all ranks.")] = 16,
-    micro_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass on one rank (accumulation fills the batch).")] = 4,
+    micro_batch_size: Annotated[
+        int, typer.Option(help="Sequences per forward pass on one rank (accumulation fills the batch).")
+    ] = 4,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup + cosine).")] = 2e-3,
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data (default 1); or give --max-tokens.")] = None,
+    epochs: Annotated[
+        Optional[float], typer.Option(help="Passes over the data (default 1); or give --max-tokens.")
+    ] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Training tokens for the whole schedule.")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop this invocation after so many minutes (continue with --resume).")] = None,
+    max_minutes: Annotated[
+        Optional[float], typer.Option(help="Stop this invocation after so many minutes (continue with --resume).")
+    ] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every so many steps.")] = 100,
     seed: Annotated[int, typer.Option()] = 0,
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on a GPU), bf16 or fp32.")] = "auto",
     balcony_init: Annotated[str, typer.Option(help="last (copy of the last backbone layer) or random.")] = "last",
-    norm_init: Annotated[str, typer.Option(help="final (copy of the final norm) or exit_input (the exit layer's input norm).")] = "final",
+    norm_init: Annotated[
+        str, typer.Option(help="final (copy of the final norm) or exit_input (the exit layer's input norm).")
+    ] = "final",
     save_dtype: Annotated[str, typer.Option(help="dtype of the saved balconies: fp32, fp16 or bf16.")] = "fp32",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
-    distill_top_k: Annotated[int, typer.Option(help="KL over the union of the teacher's top-k tokens (0: whole vocabulary).")] = 32,
-    init_from: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint's balconies (same base and exits), with a new schedule.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where its last checkpoint stopped.")] = False,
+    distill_top_k: Annotated[
+        int, typer.Option(help="KL over the union of the teacher's top-k tokens (0: whole vocabulary).")
+    ] = 32,
+    init_from: Annotated[
+        Optional[Path],
+        typer.Option(help="Start from this checkpoint's balconies (same base and exits), with a new schedule."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out exactly where its last checkpoint stopped.")
+    ] = False,
     on_policy: Annotated[
-        int, typer.Option(help="Answers each exit writes to chat prompts per step, trained on where the full model scores them (0: off).")
+        int,
+        typer.Option(
+            help="Answers each exit writes to chat prompts per step, "
+            "trained on where the full model scores them (0: off)."
+        ),
     ] = 0,
     answer_tokens: Annotated[int, typer.Option(help="The longest on-policy answer (tokens).")] = 128,
     answer_temperature: Annotated[float, typer.Option(help="Sampling temperature of the on-policy answers.")] = 1.0,
-    divergence: Annotated[str, typer.Option(help="forward (KL(full || exit)), reverse (KL(exit || full)) or jsd.")] = "forward",
-    on_policy_weight: Annotated[float, typer.Option(help="Weight of the on-policy loss beside the teacher-forced one.")] = 1.0,
+    divergence: Annotated[
+        str, typer.Option(help="forward (KL(full || exit)), reverse (KL(exit || full)) or jsd.")
+    ] = "forward",
+    on_policy_weight: Annotated[
+        float, typer.Option(help="Weight of the on-policy loss beside the teacher-forced one.")
+    ] = 1.0,
 ) -> None:
-    """Train balconies by self-distillation from the frozen full model (on text, and with --on-policy on their own answers)."""
+    """Train balconies by self-distillation from the frozen full model (on text, and with --on-policy on their own
+    answers)."""
     from balcony_edge.train import TrainConfig
     from balcony_edge.train import train as run_training
 
@@ -128,21 +167,35 @@ def train(
         on_policy_weight=on_policy_weight,
     )
     summary = run_training(config, resume=resume)
-    console.print(f"saved {out}: {summary['steps']}/{summary['total_steps']} steps, {summary['tokens_seen']:,} tokens, {summary['wall_seconds']:.0f} s")
+    console.print(
+        f"saved {out}: {summary['steps']}/{summary['total_steps']} steps, "
+        f"{summary['tokens_seen']:,} tokens, {summary['wall_seconds']:.0f} s"
+    )
 
 
 @app.command("chat-data")
 def chat_data(
     out: Annotated[Path, typer.Option(help="JSONL file to write (whole, at the end).")],
-    base: Annotated[str, typer.Option(help="Teacher: `smollm2`, a Hugging Face folder or a .gguf file of a chat model.")] = "smollm2",
-    prompts: Annotated[int, typer.Option(min=1, help="Prompts to answer (topics x kinds of request, drawn without repeats).")] = 1000,
+    base: Annotated[
+        str, typer.Option(help="Teacher: `smollm2`, a Hugging Face folder or a .gguf file of a chat model.")
+    ] = "smollm2",
+    prompts: Annotated[
+        int, typer.Option(min=1, help="Prompts to answer (topics x kinds of request, drawn without repeats).")
+    ] = 1000,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.9,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts answered together.")] = 64,
     seed: Annotated[int, typer.Option(min=0)] = 0,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the batch that crosses so many minutes.")] = None,
-    exclude: Annotated[Optional[Path], typer.Option(help="A chat corpus (JSONL) whose prompts are not drawn again (its held-out answers stay unseen).")] = None,
+    max_minutes: Annotated[
+        Optional[float], typer.Option(help="Stop after the batch that crosses so many minutes.")
+    ] = None,
+    exclude: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="A chat corpus (JSONL) whose prompts are not drawn again (its held-out answers stay unseen)."
+        ),
+    ] = None,
 ) -> None:
     """Write a chat corpus of the teacher's own answers to varied prompts (a second training corpus beside news)."""
     from balcony_edge.chat_corpus import ChatCorpusConfig, write_chat_corpus
@@ -171,8 +224,12 @@ def free_text(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.95,
     batch_size: Annotated[int, typer.Option(min=1, help="Texts sampled together.")] = 64,
     seed: Annotated[int, typer.Option(min=0)] = 0,
-    start: Annotated[Optional[str], typer.Option(help="Text every sample starts from; default: <|endoftext|>, else the BOS token.")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the batch that crosses so many minutes.")] = None,
+    start: Annotated[
+        Optional[str], typer.Option(help="Text every sample starts from; default: <|endoftext|>, else the BOS token.")
+    ] = None,
+    max_minutes: Annotated[
+        Optional[float], typer.Option(help="Stop after the batch that crosses so many minutes.")
+    ] = None,
 ) -> None:
     """Write a free-text corpus: what the teacher writes from a bare document start (the kinds of text it knows)."""
     from balcony_edge.free_text import FreeTextConfig, write_free_text
@@ -198,7 +255,8 @@ def evaluate_command(
     data: Annotated[
         Optional[list[str]],
         typer.Option(
-            help="Evaluation text (all of it, or its held-out part with --held-out); default: the held-out 5% of the default corpus.",
+            help="Evaluation text (all of it, or its held-out part with "
+            "--held-out); default: the held-out 5% of the default corpus.",
         ),
     ] = None,
     held_out: Annotated[bool, typer.Option(help="Evaluate only the 5% of --data that training holds out.")] = False,
@@ -206,11 +264,26 @@ def evaluate_command(
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per evaluated sequence.")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="Write a plot of quality against compute (PNG) here.")] = None,
-    chat: Annotated[bool, typer.Option(help="Also answer the held-out chat prompts at every depth and judge the answers by the full model (minutes).")] = False,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            help="Also answer the held-out chat prompts at every depth "
+            "and judge the answers by the full model (minutes)."
+        ),
+    ] = False,
     export: Annotated[
-        Optional[Path], typer.Option(help="With --chat: the answers are written by this export's ONNX runtime (e.g. an int4 one), judged in torch.")
+        Optional[Path],
+        typer.Option(
+            help="With --chat: the answers are written by this export's "
+            "ONNX runtime (e.g. an int4 one), judged in torch."
+        ),
     ] = None,
-    seeds: Annotated[int, typer.Option(min=0, help="With --chat: sampled answers per prompt at the model's own settings, beside the greedy ones.")] = 3,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            min=0, help="With --chat: sampled answers per prompt at the model's own settings, beside the greedy ones."
+        ),
+    ] = 3,
     answer_tokens: Annotated[int, typer.Option(min=1, help="With --chat: the longest answer (tokens).")] = 96,
 ) -> None:
     """Perplexity, top-1 agreement and KL per exit, beside the naive early exit and the full model; with --chat, what
@@ -266,11 +339,14 @@ def evaluate_command(
 
 def _eval_engine(export: Path, info):
     """The engine whose answers `eval --chat --export` judges: an export of this checkpoint's base model."""
-    from balcony_edge.runtime.engine import Engine
+    from balcony_edge.runtime.core.engine import Engine
 
     engine = Engine.load(export)
     if engine.manifest.base.get("sha256") != info.base["sha256"]:
-        raise BalconyError(f"--export {export} was made from another base model than the checkpoint's; give an export of this checkpoint")
+        raise BalconyError(
+            f"--export {export} was made from another base model than "
+            "the checkpoint's; give an export of this checkpoint"
+        )
     return engine
 
 
@@ -282,7 +358,8 @@ def _answers_table(answers, num_layers: int, export: Optional[Path]):
     knobs = ", ".join(f"{name} {value:g}" for name, value in s.sampling.items())
     sampled = f"; sampled at the model's settings ({knobs}), {s.seeds} seeds" if s.sampled_seeds else ""
     table = Table(
-        title=f"held-out chat answers, {answers.prompts} prompts, up to {s.max_new_tokens} tokens, {source}, judged by the full model (greedy{sampled})"
+        title=f"held-out chat answers, {answers.prompts} prompts, up to {s.max_new_tokens} "
+        f"tokens, {source}, judged by the full model (greedy{sampled})"
     )
     columns = ["depth", "judge NLL", "loops", "length", "facts right", "reverse NLL"]
     if s.sampled_seeds:
@@ -319,7 +396,7 @@ def generate(
     from balcony_edge.checkpoint import load_checkpoint
     from balcony_edge.common.errors import ExitsError
     from balcony_edge.generate import eos_token_ids, generate_greedy, prompt_ids
-    from balcony_edge.runtime.text import check_prompt_text
+    from balcony_edge.runtime.core.text import check_prompt_text
 
     check_prompt_text(prompt)
     model, _, loaded = load_checkpoint(checkpoint, base)
@@ -329,7 +406,9 @@ def generate(
         try:
             depth = int(exit)
         except ValueError:
-            raise ExitsError(f"--exit {exit!r} is not an integer; give a trained exit ({', '.join(map(str, model.exits))}) or `full`") from None
+            raise ExitsError(
+                f"--exit {exit!r} is not an integer; give a trained exit ({', '.join(map(str, model.exits))}) or `full`"
+            ) from None
     ids = prompt_ids(loaded.tokenizer, prompt, chat=not raw)
     new = generate_greedy(model, depth, ids, max_new_tokens, eos_token_ids(model, loaded.tokenizer))
     print(loaded.tokenizer.decode(new, skip_special_tokens=True))
@@ -344,14 +423,34 @@ def export(
             help="Export folder; default: a folder under <cache>/exports named after the checkpoint and precision.",
         ),
     ] = None,
-    exits: Annotated[Optional[str], typer.Option(help="Trained exits to export, comma-separated; default: all. The full model always is (onnx).")] = None,
-    format: Annotated[str, typer.Option(help="onnx (the runtime's folder), hf (a transformers folder per exit) or gguf (a llama.cpp file per exit).")] = "onnx",
-    dtype: Annotated[Optional[str], typer.Option(help="onnx: fp32 or fp16 (GPUs); hf: fp32, fp16 or bf16; gguf: f16 (default), fp32 or q8_0.")] = None,
-    quantize: Annotated[Optional[str], typer.Option(help="onnx: weight-only int8 or int4 (onnxruntime MatMulNBits).")] = None,
+    exits: Annotated[
+        Optional[str],
+        typer.Option(help="Trained exits to export, comma-separated; default: all. The full model always is (onnx)."),
+    ] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            help="onnx (the runtime's folder), hf (a transformers folder per exit) or gguf (a llama.cpp file per exit)."
+        ),
+    ] = "onnx",
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(help="onnx: fp32 or fp16 (GPUs); hf: fp32, fp16 or bf16; gguf: f16 (default), fp32 or q8_0."),
+    ] = None,
+    quantize: Annotated[
+        Optional[str], typer.Option(help="onnx: weight-only int8 or int4 (onnxruntime MatMulNBits).")
+    ] = None,
     base: BaseOpt = None,
     force: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
-    verify: Annotated[bool, typer.Option(help="onnx: check every graph in onnxruntime against the torch model.")] = True,
-    kv_cache: Annotated[str, typer.Option(help="onnx: float (the activations' type) or int8 (a quarter of fp32's cache; calibrated scales).")] = "float",
+    verify: Annotated[
+        bool, typer.Option(help="onnx: check every graph in onnxruntime against the torch model.")
+    ] = True,
+    kv_cache: Annotated[
+        str,
+        typer.Option(
+            help="onnx: float (the activations' type) or int8 (a quarter of fp32's cache; calibrated scales)."
+        ),
+    ] = "float",
 ) -> None:
     """Export each exit: ONNX graphs sharing one weights file (with the full model and a manifest), or one Hugging
     Face folder or GGUF file per exit."""
@@ -359,15 +458,26 @@ def export(
         if quantize is not None:
             raise BalconyError(f"--quantize applies to --format onnx; for --format {format} choose a --dtype")
         if kv_cache != "float":
-            raise BalconyError(f"--kv-cache applies to --format onnx; leave it out for --format {format} (its runtime chooses its own cache type)")
+            raise BalconyError(
+                "--kv-cache applies to --format onnx; leave it out for "
+                f"--format {format} (its runtime chooses its own cache type)"
+            )
         _export_exit_checkpoints(checkpoint, out, exits, format, dtype, base, force)
         return
     from balcony_edge.export.exporter import ExportConfig, export_checkpoint
     from balcony_edge.export.inspect import exits_table
-    from balcony_edge.runtime.manifest import REPORT_FILE, Manifest
+    from balcony_edge.runtime.core.manifest import REPORT_FILE, Manifest
 
     config = ExportConfig(
-        checkpoint=checkpoint, out=out, exits=exits, dtype=dtype or "fp32", quantize=quantize, base=base, force=force, verify=verify, kv_cache=kv_cache
+        checkpoint=checkpoint,
+        out=out,
+        exits=exits,
+        dtype=dtype or "fp32",
+        quantize=quantize,
+        base=base,
+        force=force,
+        verify=verify,
+        kv_cache=kv_cache,
     )
     folder = export_checkpoint(config)
     report = json.loads((folder / REPORT_FILE).read_text())
@@ -382,7 +492,9 @@ def export(
 def _export_exit_checkpoints(checkpoint, out, exits, format, dtype, base, force) -> None:
     from balcony_edge.export.exit_checkpoints import ExitCheckpointConfig, export_exit_checkpoints
 
-    config = ExitCheckpointConfig(format=format, checkpoint=checkpoint, out=out, exits=exits, dtype=dtype, base=base, force=force)
+    config = ExitCheckpointConfig(
+        format=format, checkpoint=checkpoint, out=out, exits=exits, dtype=dtype, base=base, force=force
+    )
     folder, names = export_exit_checkpoints(config)
     console.print(f"exported {folder} ({format}, {config.file_dtype}): {', '.join(names)}")
 
@@ -390,7 +502,9 @@ def _export_exit_checkpoints(checkpoint, out, exits, format, dtype, base, force)
 @app.command()
 def inspect(
     folder: Annotated[Path, typer.Argument(help="Export folder written by `balcony-edge export`.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (stdout) instead of the tables.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (stdout) instead of the tables.")
+    ] = False,
 ) -> None:
     """Exits, files, sizes, usable onnxruntime providers and checksums of an export folder."""
     from balcony_edge.common.errors import ManifestError
@@ -405,11 +519,19 @@ def inspect(
         console.print(f"onnxruntime providers usable here: {', '.join(inspection.providers)}")
     if inspection.problems:
         name, why = next(iter(inspection.problems.items()))
-        raise ManifestError(f"{len(inspection.problems)} file(s) of {folder} fail the export checks ({name}: {why}); export again")
+        raise ManifestError(
+            f"{len(inspection.problems)} file(s) of {folder} fail the export checks ({name}: {why}); export again"
+        )
     console.print("[green]checks OK[/green]")
 
 
-TrustOpt = Annotated[bool, typer.Option("--trust-modified", help="Load an export whose files differ from their manifest checksums (a warning names them).")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-modified",
+        help="Load an export whose files differ from their manifest checksums (a warning names them).",
+    ),
+]
 
 
 def _warner(topic: str):
@@ -419,7 +541,7 @@ def _warner(topic: str):
 
 def _thread_pool_choice(value: str) -> str:
     """The --thread-pool value, checked when the command line is read (before any slow load)."""
-    from balcony_edge.runtime.sessions import THREAD_POOLS
+    from balcony_edge.runtime.core.sessions import THREAD_POOLS
 
     if value not in THREAD_POOLS:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(THREAD_POOLS)}")
@@ -432,10 +554,16 @@ ThreadPoolOpt = Annotated[
         envvar="BALCONY_EDGE_THREAD_POOL",
         show_envvar=False,  # README names it; bench's narrow help column would cut the name
         callback=_thread_pool_choice,
-        help="process: every piece on onnxruntime's one pool for the process (spins; fastest on a quiet CPU); session: a pool per piece, spinning off.",
+        help="process: every piece on onnxruntime's one pool for the process (spins; "
+        "fastest on a quiet CPU); session: a pool per piece, spinning off.",
     ),
 ]
-ExportArg = Annotated[Optional[Path], typer.Argument(help="Export folder; default: the default export, created from the shipped checkpoint on first use.")]
+ExportArg = Annotated[
+    Optional[Path],
+    typer.Argument(
+        help="Export folder; default: the default export, created from the shipped checkpoint on first use."
+    ),
+]
 
 
 def _default_export() -> Path:
@@ -452,10 +580,14 @@ def _default_export() -> Path:
         from balcony_edge.export.exporter import ExportConfig, export_checkpoint
     except ImportError:
         if exists:
-            _warner("export")(f"{folder} holds older balconies than the shipped ones; run `balcony-edge export --force` where the train extra is installed")
+            _warner("export")(
+                f"{folder} holds older balconies than the shipped ones; run "
+                "`balcony-edge export --force` where the train extra is installed"
+            )
             return folder
         raise BalconyError(
-            f"no default export at {folder}; create one with `balcony-edge export` where the train extra is installed, or give an export folder"
+            f"no default export at {folder}; create one with `balcony-edge "
+            "export` where the train extra is installed, or give an export folder"
         ) from None
     why = "the shipped checkpoint changed since the default export was made" if exists else "first use"
     console.print(f"[dim]{why}: exporting the shipped checkpoint to {folder} (under a minute, once)[/dim]")
@@ -464,12 +596,14 @@ def _default_export() -> Path:
 
 def _signal_hub(signals: Optional[str], clock: str):
     from balcony_edge.common.errors import SignalError
-    from balcony_edge.runtime.signal_hub import SignalHub, default_sources
-    from balcony_edge.runtime.signals import FixedSource, TraceSource
+    from balcony_edge.runtime.device.hub import SignalHub, default_sources
+    from balcony_edge.runtime.device.sources import FixedSource, TraceSource
 
     is_trace = signals is not None and (signals.endswith(".jsonl") or Path(signals).is_file())
     if clock != "time" and not is_trace:
-        raise SignalError(f"--signals-clock {clock} applies to a replayed trace; give --signals TRACE.jsonl or leave it out")
+        raise SignalError(
+            f"--signals-clock {clock} applies to a replayed trace; give --signals TRACE.jsonl or leave it out"
+        )
     if signals is None:
         sources = default_sources()
     elif is_trace:
@@ -482,39 +616,53 @@ def _signal_hub(signals: Optional[str], clock: str):
 @app.command()
 def chat(
     export_folder: ExportArg = None,
-    budget: Annotated[str, typer.Option(help="auto, full, eco, an exit such as 16, or a per-token latency target such as 40ms.")] = "auto",
-    prompt: Annotated[Optional[str], typer.Option(help="Answer this one prompt and exit (no interactive chat).")] = None,
+    budget: Annotated[
+        str, typer.Option(help="auto, full, eco, an exit such as 16, or a per-token latency target such as 40ms.")
+    ] = "auto",
+    prompt: Annotated[
+        Optional[str], typer.Option(help="Answer this one prompt and exit (no interactive chat).")
+    ] = None,
     signals: Annotated[
         Optional[str],
         typer.Option(
-            help="A JSONL trace to replay, or fixed name=value readings, comma-separated, such as battery_percent=30; default: this device's sensors.",
+            help="A JSONL trace to replay, or fixed name=value readings, comma-separated, "
+            "such as battery_percent=30; default: this device's sensors.",
         ),
     ] = None,
     signals_clock: Annotated[str, typer.Option(help="Replay a trace by `time` (t_s) or by `token`.")] = "time",
     telemetry: Annotated[Optional[Path], typer.Option(help="Write one JSON line per token here.")] = None,
     plain: Annotated[bool, typer.Option("--plain", help="Mark exit changes with [N] instead of colours.")] = False,
-    system: Annotated[Optional[str], typer.Option(help="A system message that starts the conversation (also /system TEXT).")] = None,
+    system: Annotated[
+        Optional[str], typer.Option(help="A system message that starts the conversation (also /system TEXT).")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer at most.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.6,
     top_k: Annotated[int, typer.Option(help="0: no limit.")] = 0,
     top_p: Annotated[float, typer.Option()] = 0.9,
     repetition_penalty: Annotated[float, typer.Option()] = 1.1,
     seed: Annotated[Optional[int], typer.Option()] = None,
-    provider: Annotated[Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")] = None,
+    provider: Annotated[
+        Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")
+    ] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for onnxruntime.")] = None,
-    sliding_window: Annotated[bool, typer.Option("--sliding-window", help="Past the context length, keep the newest half instead of stopping.")] = False,
+    sliding_window: Annotated[
+        bool,
+        typer.Option("--sliding-window", help="Past the context length, keep the newest half instead of stopping."),
+    ] = False,
     thread_pool: ThreadPoolOpt = "process",
     trust_modified: TrustOpt = False,
 ) -> None:
     """Chat with the model, switching exits between tokens from the budget and the device's signals."""
     from balcony_edge.runtime import Engine, SamplingConfig
     from balcony_edge.runtime.chat import ChatSession
-    from balcony_edge.runtime.controller import Budget
-    from balcony_edge.runtime.telemetry import TelemetryWriter
-    from balcony_edge.runtime.text import check_prompt_text
+    from balcony_edge.runtime.core.text import check_prompt_text
+    from balcony_edge.runtime.device.controller import Budget
+    from balcony_edge.runtime.device.telemetry import TelemetryWriter
 
     # Everything the user typed is checked before the (slow) engine load or first-use export.
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    sampling = SamplingConfig(
+        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed
+    )
     parsed_budget = Budget.parse(budget)
     for text in (prompt, system):
         if text is not None:
@@ -530,7 +678,17 @@ def chat(
             warn=_warner("export"),
             thread_pool=thread_pool,
         )
-        session = ChatSession(engine, parsed_budget, sampling, hub, writer, max_new_tokens, plain, sliding_window=sliding_window, system=system)
+        session = ChatSession(
+            engine,
+            parsed_budget,
+            sampling,
+            hub,
+            writer,
+            max_new_tokens,
+            plain,
+            sliding_window=sliding_window,
+            system=system,
+        )
         if prompt is not None:
             session.answer(prompt)
         else:
@@ -540,28 +698,46 @@ def chat(
 @app.command()
 def serve(
     export_folder: ExportArg = None,
-    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
-    api_key: Annotated[Optional[str], typer.Option(help="Require Authorization: Bearer KEY on every path but /health.")] = None,
-    api_key_file: Annotated[Optional[Path], typer.Option(help="Read the key from this file (first line); keeps it out of `ps`.")] = None,
+    api_key: Annotated[
+        Optional[str], typer.Option(help="Require Authorization: Bearer KEY on every path but /health.")
+    ] = None,
+    api_key_file: Annotated[
+        Optional[Path], typer.Option(help="Read the key from this file (first line); keeps it out of `ps`.")
+    ] = None,
     parallel: Annotated[int, typer.Option(min=1, help="Generations running at once (a token each in turn).")] = 1,
-    queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond --parallel; more get 503 with Retry-After.")] = 16,
+    queue: Annotated[
+        int, typer.Option(min=0, help="Requests waiting beyond --parallel; more get 503 with Retry-After.")
+    ] = 16,
     budget: Annotated[
         str,
         typer.Option(
-            help="The device-wide budget: auto, full, eco, an exit or a latency such as 40ms; a request's `budget` caps it.",
+            help="The device-wide budget: auto, full, eco, an exit or "
+            "a latency such as 40ms; a request's `budget` caps it.",
         ),
     ] = "auto",
-    model_name: Annotated[Optional[str], typer.Option(help="The model id clients send; default: the export folder's name.")] = None,
-    cors: Annotated[Optional[list[str]], typer.Option(help="Allow browser requests from this origin (repeatable; * for any). Off by default.")] = None,
-    signals: Annotated[Optional[str], typer.Option(help="A JSONL trace to replay, or fixed values; default: this device's sensors.")] = None,
-    provider: Annotated[Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")] = None,
+    model_name: Annotated[
+        Optional[str], typer.Option(help="The model id clients send; default: the export folder's name.")
+    ] = None,
+    cors: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Allow browser requests from this origin (repeatable; * for any). Off by default."),
+    ] = None,
+    signals: Annotated[
+        Optional[str], typer.Option(help="A JSONL trace to replay, or fixed values; default: this device's sensors.")
+    ] = None,
+    provider: Annotated[
+        Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")
+    ] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for onnxruntime.")] = None,
     thread_pool: ThreadPoolOpt = "process",
     trust_modified: TrustOpt = False,
 ) -> None:
     """An OpenAI-compatible HTTP server (chat/completions, completions, models, health, metrics) over the engine."""
-    from balcony_edge.runtime.serve import ServeOptions, run_server
+    from balcony_edge.runtime.serving.launch import ServeOptions, run_server
 
     key = api_key
     if api_key_file is not None:
@@ -585,7 +761,13 @@ def serve(
         trust_modified=trust_modified,
     )
     with _signal_hub(signals, "time") as hub:
-        run_server(options, hub, default_export=_default_export, say=lambda text: console.print(f"[dim]{text}[/dim]"), warn=_warner("export"))
+        run_server(
+            options,
+            hub,
+            default_export=_default_export,
+            say=lambda text: console.print(f"[dim]{text}[/dim]"),
+            warn=_warner("export"),
+        )
 
 
 @app.command()
@@ -594,7 +776,7 @@ def plot(
     out: Annotated[Path, typer.Option("-o", "--out", help="PNG to write.")] = Path("telemetry.png"),
 ) -> None:
     """Plot exit, latency and signals over the tokens of a telemetry file."""
-    from balcony_edge.runtime.telemetry import plot_telemetry, read_telemetry
+    from balcony_edge.runtime.device.telemetry import plot_telemetry, read_telemetry
 
     console.print(f"wrote {plot_telemetry(read_telemetry(telemetry), out)}")
 
@@ -602,26 +784,54 @@ def plot(
 @app.command()
 def bench(
     export_folder: ExportArg = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as one JSON object (stdout) instead of the table.")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a speed (and perplexity against speed) plot (PNG) here.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the whole result as one JSON object (stdout) instead of the table.")
+    ] = False,
+    plot: Annotated[
+        Optional[Path], typer.Option(help="Write a speed (and perplexity against speed) plot (PNG) here.")
+    ] = None,
     new_tokens: Annotated[int, typer.Option(help="Greedy decode steps per run (tokens).")] = 128,
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prefill and time to first token (tokens).")] = 256,
-    repeats: Annotated[int, typer.Option(help="Measured runs per figure, after one warm-up; medians are reported.")] = 3,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads for onnxruntime and torch; default: theirs.")] = None,
+    prompt_tokens: Annotated[
+        int, typer.Option(help="Prompt length for prefill and time to first token (tokens).")
+    ] = 256,
+    repeats: Annotated[
+        int, typer.Option(help="Measured runs per figure, after one warm-up; medians are reported.")
+    ] = 3,
+    threads: Annotated[
+        Optional[int], typer.Option(min=1, help="Intra-op threads for onnxruntime and torch; default: theirs.")
+    ] = None,
     provider: Annotated[str, typer.Option(help="tensorrt, cuda or cpu.")] = "cpu",
-    prepack: Annotated[bool, typer.Option("--prepack/--no-prepack", help="CPU weight prepacking (--no-prepack: to measure what it brings).")] = True,
+    prepack: Annotated[
+        bool,
+        typer.Option("--prepack/--no-prepack", help="CPU weight prepacking (--no-prepack: to measure what it brings)."),
+    ] = True,
     thread_pool: ThreadPoolOpt = "process",
-    floor: Annotated[bool, typer.Option("--floor/--no-floor", help="Measure each exit's floor (a truncated base model; needs torch once).")] = True,
-    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Measure torch generate and llama.cpp on the same base model.")] = True,
-    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure RSS of all exits against the full model alone.")] = True,
-    eval_file: Annotated[Optional[Path], typer.Option("--eval", help="`balcony-edge eval --json` output: perplexity per exit beside its speed.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint of the export, for a short perplexity eval in torch (without --eval).")] = None,
+    floor: Annotated[
+        bool,
+        typer.Option(
+            "--floor/--no-floor", help="Measure each exit's floor (a truncated base model; needs torch once)."
+        ),
+    ] = True,
+    peers: Annotated[
+        bool, typer.Option("--peers/--no-peers", help="Measure torch generate and llama.cpp on the same base model.")
+    ] = True,
+    memory: Annotated[
+        bool, typer.Option("--memory/--no-memory", help="Measure RSS of all exits against the full model alone.")
+    ] = True,
+    eval_file: Annotated[
+        Optional[Path],
+        typer.Option("--eval", help="`balcony-edge eval --json` output: perplexity per exit beside its speed."),
+    ] = None,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option(help="Checkpoint of the export, for a short perplexity eval in torch (without --eval)."),
+    ] = None,
     trust_modified: TrustOpt = False,
 ) -> None:
     """Speed per exit against its floor, engine overhead, switching cost, memory and peers, in one run."""
     from balcony_edge.bench import BenchConfig, run_bench
-    from balcony_edge.common.paths import default_export_dir
     from balcony_edge.bench.report import exits_table, plot_bench, target_lines
+    from balcony_edge.common.paths import default_export_dir
 
     def progress(text: str) -> None:
         console.print(f"[dim]{text}[/dim]")

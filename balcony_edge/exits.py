@@ -8,7 +8,8 @@ from balcony_edge.common.errors import ExitsError
 
 
 def parse_exits(value: str | Iterable[int], num_layers: int | None) -> tuple[int, ...]:
-    """Exits as sorted unique integers with 1 <= k < num_layers (layers); num_layers None checks all but the upper bound."""
+    """Exits as sorted unique integers with 1 <= k < num_layers (layers); num_layers None checks all but the upper
+    bound."""
     items = [part.strip() for part in value.split(",")] if isinstance(value, str) else list(value)
     if not items or items == [""]:
         allowed = f" (1 to {num_layers - 1})" if num_layers else ""
@@ -28,5 +29,8 @@ def parse_exits(value: str | Iterable[int], num_layers: int | None) -> tuple[int
         if k < 1:
             raise ExitsError(f"exit {k} is out of range: an exit runs at least one backbone layer; give depths from 1")
         if num_layers is not None and k >= num_layers:
-            raise ExitsError(f"exit {k} is out of range: this base model has {num_layers} layers, so exits go from 1 to {num_layers - 1}")
+            raise ExitsError(
+                f"exit {k} is out of range: this base model has {num_layers} "
+                f"layers, so exits go from 1 to {num_layers - 1}"
+            )
     return tuple(sorted(exits))

@@ -39,7 +39,9 @@ def document_start(tokenizer) -> str:
         return DOCUMENT_START
     if tokenizer.bos_token:
         return tokenizer.bos_token
-    raise DataError("the base model's tokenizer has neither <|endoftext|> nor a beginning-of-sequence token; give --start")
+    raise DataError(
+        "the base model's tokenizer has neither <|endoftext|> nor a beginning-of-sequence token; give --start"
+    )
 
 
 def write_free_text(config: FreeTextConfig, out: Path, max_minutes: float | None = None) -> int:
@@ -62,4 +64,6 @@ def write_free_text(config: FreeTextConfig, out: Path, max_minutes: float | None
         text = (text if special else start + text).strip()
         return {"text": text, "generation": settings} if text else None
 
-    return write_samples(out, teacher, [start] * config.samples, batches, config, record, "teacher free text", max_minutes, stops)
+    return write_samples(
+        out, teacher, [start] * config.samples, batches, config, record, "teacher free text", max_minutes, stops
+    )

@@ -20,12 +20,18 @@ def eos_token_ids(model: BalconyModel, tokenizer) -> set[int]:
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     """Token ids of a prompt, wrapped in the model's chat template when `chat` and the tokenizer has one."""
     if chat and tokenizer.chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
     return tokenizer.encode(prompt)
 
 
 @torch.no_grad()
-def generate_greedy(model: BalconyModel, exit: int, input_ids: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset()) -> list[int]:
+def generate_greedy(
+    model: BalconyModel, exit: int, input_ids: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset()
+) -> list[int]:
     """Greedy continuation of input_ids at exit `exit` (num_layers: the full model); returns new token ids."""
     decoder = model.exit_model(exit)
     device = next(decoder.parameters()).device

@@ -144,7 +144,10 @@ class BalconyModel(nn.Module):
         if k == self.num_layers:
             return self.base
         if k not in self.exits:
-            raise ExitsError(f"exit {k} has no balcony; trained exits: {', '.join(map(str, self.exits))} (or {self.num_layers}, the full model)")
+            raise ExitsError(
+                f"exit {k} has no balcony; trained exits: "
+                f"{', '.join(map(str, self.exits))} (or {self.num_layers}, the full model)"
+            )
         if k not in self._exit_models:
             config = copy.deepcopy(self.base.config)
             config.num_hidden_layers = k + 1

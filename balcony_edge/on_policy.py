@@ -49,7 +49,9 @@ class Trajectories:
 class OnPolicy:
     """The prompts (rendered in the base model's chat template) and the per-step answer writing and scoring."""
 
-    def __init__(self, model: BalconyModel, tokenizer, settings: OnPolicySettings, seed: int, rank: int = 0, world: int = 1):
+    def __init__(
+        self, model: BalconyModel, tokenizer, settings: OnPolicySettings, seed: int, rank: int = 0, world: int = 1
+    ):
         self.model, self.settings, self.seed, self.rank, self.world = model, settings, seed, rank, world
         self.stop = sorted(eos_token_ids(model, tokenizer))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]

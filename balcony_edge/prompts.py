@@ -319,7 +319,9 @@ def short_questions() -> list[str]:
     return questions
 
 
-def chat_prompts(count: int, seed: int = 0, exclude: frozenset[str] = frozenset(), questions: bool = False) -> list[tuple[str | None, str]]:
+def chat_prompts(
+    count: int, seed: int = 0, exclude: frozenset[str] = frozenset(), questions: bool = False
+) -> list[tuple[str | None, str]]:
     """`count` distinct (system message or None, user prompt) pairs, drawn without replacement from topics x tasks
     (and the short questions, when `questions`) less the prompts in `exclude`."""
     every = [task.format(topic=topic) for topic in TOPICS for task in TASKS] + (short_questions() if questions else [])

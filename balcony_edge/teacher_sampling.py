@@ -51,9 +51,13 @@ class TeacherConfig:
             value = getattr(self, field.name)
             least = 0 if field.name == "seed" else 1
             if field.type in ("int", int) and not (type(value) is int and value >= least):
-                raise DataError(f"--{field.name.replace('_', '-')} must be an integer of at least {least}, not {value!r}")
+                raise DataError(
+                    f"--{field.name.replace('_', '-')} must be an integer of at least {least}, not {value!r}"
+                )
         if not 0 < self.temperature <= 10:
-            raise DataError(f"--temperature must be in (0, 10], not {self.temperature}; 1 samples the model's own distribution")
+            raise DataError(
+                f"--temperature must be in (0, 10], not {self.temperature}; 1 samples the model's own distribution"
+            )
         if not 0 < self.top_p <= 1:
             raise DataError(f"--top-p must be in (0, 1], not {self.top_p}; 1 keeps every token")
 
@@ -87,7 +91,11 @@ class Teacher:
         tokens dropped (not stripped: a continuation keeps its leading space)."""
         encoded = self.tokenizer(inputs, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         configured = self.model.generation_config.eos_token_id  # an int, a list or None
-        ends = {self.tokenizer.eos_token_id, *stops, *(configured if isinstance(configured, list) else [configured])} - {None}
+        ends = {
+            self.tokenizer.eos_token_id,
+            *stops,
+            *(configured if isinstance(configured, list) else [configured]),
+        } - {None}
         with torch.no_grad():
             output = self.model.generate(
                 **encoded,

@@ -21,7 +21,6 @@ import torch.distributed as dist
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from balcony_edge.base_model import DEFAULT_BASE, BaseModel, load_base_model
-from balcony_edge.common.atomic import readable_folder
 from balcony_edge.checkpoint import (
     STATE_FILE,
     WEIGHTS_FILE,
@@ -32,13 +31,13 @@ from balcony_edge.checkpoint import (
     resume_hint,
     save_checkpoint,
 )
+from balcony_edge.common.atomic import readable_folder
 from balcony_edge.common.console import console, log_warning, say
+from balcony_edge.common.errors import BalconyError, CheckpointError, TrainingStopped
+from balcony_edge.common.validation import is_finite_number, is_whole_number
 from balcony_edge.data import DEFAULT_CORPUS, load_corpus, pack, weighted_sources
 from balcony_edge.distill import DIVERGENCES, distill_backward
-from balcony_edge.common.errors import BalconyError, CheckpointError, TrainingStopped
 from balcony_edge.exits import parse_exits
-from balcony_edge.precision import fast_bf16
-from balcony_edge.common.validation import is_finite_number, is_whole_number
 from balcony_edge.model import (
     BALCONY_INITS,
     DEFAULT_NORM_INIT,
@@ -47,6 +46,7 @@ from balcony_edge.model import (
     BalconyModel,
 )
 from balcony_edge.on_policy import OnPolicy, OnPolicySettings
+from balcony_edge.precision import fast_bf16
 
 PRECISIONS = ("auto", "bf16", "fp32")
 # Fields that may differ on --resume without changing the computation of the steps still to run.
@@ -149,13 +149,18 @@ class TrainConfig:
         self.exits = parse_exits(self.exits, None)  # the syntax now; the range once the base model's depth is known
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
-                raise BalconyError(f"{_flag(name)} {reprlib.repr(getattr(self, name))} is unknown; choose one of {', '.join(choices)}")
+                raise BalconyError(
+                    f"{_flag(name)} {reprlib.repr(getattr(self, name))} is unknown; choose one of {', '.join(choices)}"
+                )
         for name, (rule, valid) in FIELD_RULES.items():
             value = getattr(self, name)
             if not (value is None and name in OPTIONAL_FIELDS) and not valid(value):
                 raise BalconyError(f"{_flag(name)} must be {rule}, not {reprlib.repr(value)}")
         if self.micro_batch_size > self.batch_size:
-            raise BalconyError(f"--micro-batch-size {self.micro_batch_size} is larger than --batch-size {self.batch_size}; give at most {self.batch_size}")
+            raise BalconyError(
+                f"--micro-batch-size {self.micro_batch_size} is larger than "
+                f"--batch-size {self.batch_size}; give at most {self.batch_size}"
+            )
         if self.epochs is not None and self.max_tokens is not None:
             raise BalconyError("--epochs and --max-tokens both set; give one of them")
 
@@ -197,7 +202,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
 
 
 class BlockOrder:
-    """Which training block is the g-th of the run: a fresh seeded permutation every epoch, so a step alone fixes the data position."""
+    """Which training block is the g-th of the run: a fresh seeded permutation every epoch, so a step alone fixes the
+    data position."""
 
     def __init__(self, num_blocks: int, seed: int):
         self.num_blocks, self.seed, self._perms = num_blocks, seed, {}
@@ -240,7 +246,8 @@ class MixedOrder:
 
 
 def rng_state() -> dict:
-    """This process's random generator states, as tensors, ints, floats, strings and tuples (weights_only loads them)."""
+    """This process's random generator states, as tensors, ints, floats, strings and tuples (weights_only loads
+    them)."""
     name, key, *rest = np.random.get_state()
     state = {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": (name, key.tolist(), *rest)}
     if torch.cuda.is_available():
@@ -258,7 +265,8 @@ def restore_rng_state(state: dict) -> None:
 
 
 class StopSignals:
-    """While entered (in the main thread), the first SIGINT or SIGTERM is only noted; a second one acts as it did before."""
+    """While entered (in the main thread), the first SIGINT or SIGTERM is only noted; a second one acts as it did
+    before."""
 
     def __init__(self):
         self.received = 0  # the first signal's number; 0: none yet
@@ -299,7 +307,10 @@ class Trainer:
             torch.set_num_threads(config.threads)
         per_step = config.micro_batch_size * self.dist.world
         if config.batch_size % per_step:
-            raise BalconyError(f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size x ranks = {per_step}; change one of them")
+            raise BalconyError(
+                f"--batch-size {config.batch_size} is not a multiple of "
+                f"--micro-batch-size x ranks = {per_step}; change one of them"
+            )
         self.accum = config.batch_size // per_step
         self.base = base or load_base_model(config.base)
         exits = parse_exits(config.exits, self.base.identity.num_layers)
@@ -308,11 +319,15 @@ class Trainer:
         resume_state = self._resume_state() if resume else None
 
         torch.manual_seed(config.seed)
-        self.model: BalconyModel = build_model(self.base, BalconyConfig(exits, config.balcony_init, config.norm_init), seed=config.seed)
+        self.model: BalconyModel = build_model(
+            self.base, BalconyConfig(exits, config.balcony_init, config.norm_init), seed=config.seed
+        )
         # What the run started from (--init-from): that checkpoint's training record, kept in this run's record.
         self.init_training = None
         if config.init_from:
-            self.init_training = self._start_from(Path(config.init_from)) if resume_state is None else resume_state["init_training"]
+            self.init_training = (
+                self._start_from(Path(config.init_from)) if resume_state is None else resume_state["init_training"]
+            )
         self.model.to(self.dist.device).train()
         sources = weighted_sources(config.data)
         if sources is None:
@@ -329,18 +344,30 @@ class Trainer:
         self.warmup_steps = max(1, int(config.warmup_fraction * self.total_steps))
         params = self.model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.min_lr_ratio)
+        )
         self.on_policy = None
         if config.on_policy:
-            settings = OnPolicySettings(config.on_policy, config.answer_tokens, config.answer_temperature, config.divergence, config.on_policy_weight)
-            self.on_policy = OnPolicy(self.model, self.base.tokenizer, settings, config.seed, self.dist.rank, self.dist.world)
+            settings = OnPolicySettings(
+                config.on_policy,
+                config.answer_tokens,
+                config.answer_temperature,
+                config.divergence,
+                config.on_policy_weight,
+            )
+            self.on_policy = OnPolicy(
+                self.model, self.base.tokenizer, settings, config.seed, self.dist.rank, self.dist.world
+            )
         self.step, self.tokens_seen, self.on_policy_tokens, self.wall_before = 0, 0, 0, 0.0
         self.kl_history: list[dict] = []
         if resume_state is not None:
             self._restore(resume_state)
         self.ddp = None
         if self.dist.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None
+            )
         self.bf16 = _use_bf16(config.precision, self.dist.device)
 
     def _resume_state(self) -> dict:
@@ -356,17 +383,24 @@ class Trainer:
                 continue
             if saved.get(name) != value:
                 raise CheckpointError(
-                    f"--resume: {self.out} was trained with {name}={reprlib.repr(saved.get(name))}, not {value!r}; resume with the same settings"
+                    f"--resume: {self.out} was trained with {name}={reprlib.repr(saved.get(name))}, "
+                    f"not {value!r}; resume with the same settings"
                 )
         return state
 
     def _check_same_balconies(self, info, option: str, folder: Path, verb: str, fix: str) -> None:
         """Refuse a checkpoint (to resume or start from) of another base model or other exits."""
         if info.base["sha256"] != self.base.identity.sha256:
-            raise CheckpointError(f"{option}: {folder} was trained on base {info.base.get('name')!r}, not {self.base.identity.name!r}; {fix} the same --base")
+            raise CheckpointError(
+                f"{option}: {folder} was trained on base {info.base.get('name')!r}, "
+                f"not {self.base.identity.name!r}; {fix} the same --base"
+            )
         if tuple(info.config.exits) != tuple(self.config.exits):
             theirs = ",".join(map(str, info.config.exits))
-            raise CheckpointError(f"{option}: {folder} {verb} exits {theirs}, not {','.join(map(str, self.config.exits))}; {fix} --exits {theirs}")
+            raise CheckpointError(
+                f"{option}: {folder} {verb} exits {theirs}, not "
+                f"{','.join(map(str, self.config.exits))}; {fix} --exits {theirs}"
+            )
 
     def _start_from(self, folder: Path) -> dict:
         """Copy a trained checkpoint's balconies into the fresh model; returns that checkpoint's training record."""
@@ -375,9 +409,14 @@ class Trainer:
         self._check_same_balconies(info, "--init-from", folder, "holds", "train with")
         copy_balcony_weights(self.model, read_weights(folder), folder / WEIGHTS_FILE)
         before, c = info.training or {}, self.config
-        if before.get("seed") == c.seed and before.get("data") == (c.data or [DEFAULT_CORPUS]) and before.get("seq_len") == c.seq_len:
+        if (
+            before.get("seed") == c.seed
+            and before.get("data") == (c.data or [DEFAULT_CORPUS])
+            and before.get("seq_len") == c.seq_len
+        ):
             log_warning(
-                f"--init-from {folder} was trained on the same data with the same --seed {c.seed}: this run would see its text "
+                f"--init-from {folder} was trained on the same data with "
+                f"the same --seed {c.seed}: this run would see its text "
                 "again, in the same order; give another --seed to draw other text"
             )
         return info.training
@@ -391,7 +430,8 @@ class Trainer:
             restore_rng_state(state["rng"][self.dist.rank] if isinstance(state["rng"], list) else state["rng"])
         except Exception as err:  # noqa: BLE001 - damaged values fail in many ways (KeyError, OverflowError, ...)
             raise CheckpointError(
-                f"--resume: {path} does not fit this run ({type(err).__name__}: {reprlib.repr(str(err))}); restore the file, or train again without --resume"
+                f"--resume: {path} does not fit this run ({type(err).__name__}: "
+                f"{reprlib.repr(str(err))}); restore the file, or train again without --resume"
             ) from None
         self.step, self.tokens_seen, self.wall_before = state["step"], state["tokens_seen"], state["wall_seconds"]
         self.on_policy_tokens = state.get("on_policy_tokens", 0)  # absent from states written before on-policy training
@@ -496,7 +536,14 @@ class Trainer:
     def save(self) -> None:
         state = self._state()  # every rank takes part in gathering RNG states
         if self.dist.main:
-            save_checkpoint(self.model, self.config.base, self.out, self.summary(), state=state, dtype=SAVE_DTYPES[self.config.save_dtype])
+            save_checkpoint(
+                self.model,
+                self.config.base,
+                self.out,
+                self.summary(),
+                state=state,
+                dtype=SAVE_DTYPES[self.config.save_dtype],
+            )
 
     def run(self) -> dict:
         """Train until the schedule ends or a budget is spent; returns the training summary."""
@@ -534,7 +581,10 @@ class Trainer:
                 rate = (tokens_per_step + answer_tokens) / (time.monotonic() - tick)
                 record = {"step": self.step, "kl": {str(k): round(v, 5) for k, v in kl.items()}}
                 if on_policy:
-                    record |= {"on_policy": {str(k): round(v, 5) for k, v in on_policy.items()}, "answer_tokens": answer_tokens}
+                    record |= {
+                        "on_policy": {str(k): round(v, 5) for k, v in on_policy.items()},
+                        "answer_tokens": answer_tokens,
+                    }
                 self.kl_history.append(record)
                 shown = " ".join(f"KL@{k} {v:.3f}" for k, v in kl.items())
                 if on_policy:
@@ -554,7 +604,8 @@ class Trainer:
         return self.summary()
 
     def _stop_request(self, signals: StopSignals, deadline: float | None) -> tuple[int, bool]:
-        """(the stop signal's number or 0, whether --max-minutes is spent), the same on every rank so that all stop together."""
+        """(the stop signal's number or 0, whether --max-minutes is spent), the same on every rank so that all stop
+        together."""
         request = torch.tensor([signals.received, deadline is not None and time.monotonic() >= deadline])
         if self.dist.world > 1:
             request = request.to(self.dist.device)
@@ -569,7 +620,8 @@ def _load_training_state(path: Path) -> dict:
         with warnings.catch_warnings():  # a damaged file may also warn (pickle protocol); the error below says it all
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - fuzzing a damaged file raises a dozen types (UnpicklingError, KeyError, ...)
+    # noqa: BLE001 - fuzzing a damaged file raises a dozen types (UnpicklingError, KeyError, ...)
+    except Exception as err:
         raise CheckpointError(
             f"--resume: {path} is damaged, foreign, or from a balcony-edge before 0.2 (which pickled its RNG state) "
             f"({type(err).__name__}); restore the file, or train again without --resume (its checkpoint still loads)"
@@ -579,7 +631,9 @@ def _load_training_state(path: Path) -> dict:
         and all(isinstance(state.get(key), kind) for key, kind in STATE_TYPES.items())
         and all(isinstance(value, SETTING_TYPES) for value in state["config"].values())
     ):
-        raise CheckpointError(f"--resume: {path} is not a balcony-edge training state; restore the file, or train again without --resume")
+        raise CheckpointError(
+            f"--resume: {path} is not a balcony-edge training state; restore the file, or train again without --resume"
+        )
     return state
 
 

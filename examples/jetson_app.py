@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 
 from balcony_edge.common.errors import BalconyError
-from balcony_edge.runtime import Engine
-from balcony_edge.runtime.signal_hub import SignalHub, default_sources
-from balcony_edge.runtime.signals import Signals
+from balcony_edge.runtime import Engine, SignalHub, Signals, default_sources
 
 
 class FanSource:
@@ -37,9 +35,13 @@ class FanSource:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export", nargs="?", default=None, help="export folder (default: the default export)")
-    parser.add_argument("--budget", default="40ms", help="auto, full, eco, an exit such as 16, or a latency such as 40ms")
+    parser.add_argument(
+        "--budget", default="40ms", help="auto, full, eco, an exit such as 16, or a latency such as 40ms"
+    )
     parser.add_argument("--prompt", default="Give me three tips for keeping a robot cool.")
-    parser.add_argument("--trust-modified", action="store_true", help="load an export whose files differ from its checksums")
+    parser.add_argument(
+        "--trust-modified", action="store_true", help="load an export whose files differ from its checksums"
+    )
     args = parser.parse_args()
     try:
         run(args)

@@ -13,10 +13,18 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from balcony_edge.runtime.manifest import Piece
-from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 from balcony_edge.export.graph_builder import IR_VERSION, MS_DOMAIN, OPSET
 from balcony_edge.export.weights import is_weight
+from balcony_edge.runtime.core.manifest import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    Piece,
+)
 
 _KEPT = {INPUT_IDS, ATTENTION_MASK, LOGITS}
 
@@ -31,7 +39,9 @@ def compose_exit(name: str, chain: list[tuple[Piece, onnx.ModelProto]]) -> onnx.
     for slot, i in layer_of.items():
         for pattern in (PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE):
             renames[pattern.format(slot=slot)] = pattern.format(slot=i)
-    links = {v.name for _, proto in chain for v in proto.graph.output} & {v.name for _, proto in chain for v in proto.graph.input}
+    links = {v.name for _, proto in chain for v in proto.graph.output} & {
+        v.name for _, proto in chain for v in proto.graph.input
+    }
     nodes, initializers, inputs, outputs = [], {}, {}, {}
     for piece, proto in chain:
 

@@ -7,8 +7,8 @@ import json
 
 from balcony_edge.base_model import DEFAULT_BASE, DEFAULT_BASE_HUB_ID
 from balcony_edge.checkpoint import CheckpointInfo
-from balcony_edge.model import BalconyModel
 from balcony_edge.export.quality import AgainstFull
+from balcony_edge.model import BalconyModel
 
 # Terms that travel with balconies distilled on a corpus, by the name `train --data` knows it by.
 DATA_TERMS = {
@@ -79,7 +79,8 @@ The checkpoint's own model card has the evaluation per kind of text.
 
 ## Licence and data
 
-The weights of layers 1..{k}, the embedding and the head are the base model's ({base_license or "see the base model's licence"}).
+The weights of layers 1..{k}, the embedding and the head are the base model's
+({base_license or "see the base model's licence"}).
 The balcony layer was trained on:
 {terms}
 """

@@ -8,17 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from balcony_edge import __version__
-from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
 from balcony_edge.base_model import gguf_source
 from balcony_edge.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint, read_info
+from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
 from balcony_edge.common.console import phase_progress
 from balcony_edge.common.errors import ExportError
 from balcony_edge.common.paths import default_export_dir
 from balcony_edge.export.exit_card import exit_card
-from balcony_edge.export.quality import against_full
 from balcony_edge.export.exporter import check_target, export_name, select_exits
 from balcony_edge.export.gguf_exits import GGUF_DTYPES, gguf_file_name, read_source, write_exit_gguf
 from balcony_edge.export.hf_exits import HF_DTYPES, hf_folder_name, write_exit_folder
+from balcony_edge.export.quality import against_full
 
 FORMATS = ("onnx", "hf", "gguf")
 DEFAULT_DTYPES = {"hf": "fp32", "gguf": "f16"}
@@ -43,7 +43,10 @@ class ExitCheckpointConfig:
         if self.format not in DTYPE_CHOICES:
             raise ExportError(f"--format {self.format!r} is unknown; choose one of {', '.join(FORMATS)}")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES[self.format]:
-            raise ExportError(f"--dtype {self.dtype!r} does not apply to --format {self.format}; choose one of {', '.join(DTYPE_CHOICES[self.format])}")
+            raise ExportError(
+                f"--dtype {self.dtype!r} does not apply to --format {self.format}; "
+                f"choose one of {', '.join(DTYPE_CHOICES[self.format])}"
+            )
 
     @property
     def file_dtype(self) -> str:
@@ -54,7 +57,9 @@ def export_exit_checkpoints(config: ExitCheckpointConfig) -> tuple[Path, list[st
     """Write the exits; returns the output folder and the names written in it."""
     checkpoint = Path(config.checkpoint) if config.checkpoint is not None else SHIPPED_CHECKPOINT
     name = config.name or export_name(checkpoint)
-    out = Path(config.out) if config.out is not None else default_export_dir(name, f"{config.format}-{config.file_dtype}")
+    out = (
+        Path(config.out) if config.out is not None else default_export_dir(name, f"{config.format}-{config.file_dtype}")
+    )
     info = read_info(checkpoint)
     exits = select_exits(config.exits, info, checkpoint)
     source = None
@@ -81,19 +86,29 @@ def export_exit_checkpoints(config: ExitCheckpointConfig) -> tuple[Path, list[st
                     if config.format == "hf":
                         card = exit_card(k, model, info, quality, base_license)
                         (staging / hf_folder_name(k)).mkdir()
-                        write_exit_folder(staging / hf_folder_name(k), k, model, base.tokenizer, config.file_dtype, card)
+                        write_exit_folder(
+                            staging / hf_folder_name(k), k, model, base.tokenizer, config.file_dtype, card
+                        )
                         written.append(hf_folder_name(k))
                     else:
                         write_exit_gguf(staging / gguf_file_name(name, k), k, model, source, config.file_dtype)
                         written.append(gguf_file_name(name, k))
                     progress.advance(task)
-            listing = {"format": config.format, "dtype": config.file_dtype, "exits": list(exits), "files": written, "balcony_edge": __version__}
+            listing = {
+                "format": config.format,
+                "dtype": config.file_dtype,
+                "exits": list(exits),
+                "files": written,
+                "balcony_edge": __version__,
+            }
             (staging / LISTING_FILE).write_text(json.dumps(listing, indent=2) + "\n")
 
         try:
             write_folder_atomically(out, fill)
         except OSError as err:
-            raise ExportError(f"cannot write {out} ({err.strerror or err}); free disk space or choose another --out") from None
+            raise ExportError(
+                f"cannot write {out} ({err.strerror or err}); free disk space or choose another --out"
+            ) from None
     return out, written
 
 

@@ -20,16 +20,26 @@ import transformers
 
 from balcony_edge import __version__
 from balcony_edge.base_model import BaseModel
-from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
 from balcony_edge.checkpoint import SHIPPED_CHECKPOINT, CheckpointInfo, load_checkpoint, read_info
+from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
 from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.console import phase_progress
 from balcony_edge.common.errors import ExportError
+from balcony_edge.common.paths import SHIPPED_EXPORT_NAME, default_export_dir
 from balcony_edge.exits import parse_exits
+from balcony_edge.export.compose import compose_exit
+from balcony_edge.export.genai import write_genai_folders
+from balcony_edge.export.graph_builder import Architecture
+from balcony_edge.export.kv_calibration import kv_cache_scales
+from balcony_edge.export.pieces import PieceGraphs, balcony_slot, exit_chain, layer_slot, piece_layout
+from balcony_edge.export.provenance import checkpoint_identity
+from balcony_edge.export.quality import against_full
+from balcony_edge.export.quantize import check_quantization, quantization_info, quantize_graph
+from balcony_edge.export.verify import verification_failures, verify_export
+from balcony_edge.export.weights import WEIGHTS_FILE, WeightFile, weight_bytes_per_token
 from balcony_edge.generate import eos_token_ids
 from balcony_edge.model import BalconyModel
-from balcony_edge.common.paths import SHIPPED_EXPORT_NAME, default_export_dir
-from balcony_edge.runtime.manifest import (
+from balcony_edge.runtime.core.manifest import (
     KV_DTYPES,
     MANIFEST_FILE,
     QUANTIZED_KV_DTYPE,
@@ -39,16 +49,6 @@ from balcony_edge.runtime.manifest import (
     KVShape,
     Manifest,
 )
-from balcony_edge.export.compose import compose_exit
-from balcony_edge.export.genai import write_genai_folders
-from balcony_edge.export.graph_builder import Architecture
-from balcony_edge.export.kv_calibration import kv_cache_scales
-from balcony_edge.export.provenance import checkpoint_identity
-from balcony_edge.export.pieces import PieceGraphs, balcony_slot, exit_chain, layer_slot, piece_layout
-from balcony_edge.export.quality import against_full
-from balcony_edge.export.quantize import check_quantization, quantization_info, quantize_graph
-from balcony_edge.export.verify import verification_failures, verify_export
-from balcony_edge.export.weights import WEIGHTS_FILE, WeightFile, weight_bytes_per_token
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -79,7 +79,9 @@ class ExportConfig:
             raise ExportError(f"--kv-cache {self.kv_cache!r} is unknown; choose one of {', '.join(KV_CACHES)}")
         if self.kv_cache == "int8" and self.dtype != "fp32":
             # In fp16 the chain and the standard graph round differently and flip int8 codes: they would not agree.
-            raise ExportError(f"--kv-cache int8 needs fp32 activations, not --dtype {self.dtype}; leave out --dtype (or --kv-cache)")
+            raise ExportError(
+                f"--kv-cache int8 needs fp32 activations, not --dtype {self.dtype}; leave out --dtype (or --kv-cache)"
+            )
 
     @property
     def precision(self) -> str:
@@ -100,14 +102,19 @@ class ExportConfig:
 
 
 def export_name(checkpoint: Path) -> str:
-    """The name an export folder takes by default: `smollm2-balcony` for the shipped checkpoint, else its folder name."""
+    """The name an export folder takes by default: `smollm2-balcony` for the shipped checkpoint, else its folder
+    name."""
     return SHIPPED_EXPORT_NAME if Path(checkpoint).resolve() == SHIPPED_CHECKPOINT.resolve() else Path(checkpoint).name
 
 
 def export_checkpoint(config: ExportConfig) -> Path:
     """Export a checkpoint's exits and full model to an ONNX folder (verified unless config.verify is False)."""
     checkpoint = Path(config.checkpoint) if config.checkpoint is not None else SHIPPED_CHECKPOINT
-    out = Path(config.out) if config.out is not None else default_export_dir(export_name(checkpoint), config.folder_suffix)
+    out = (
+        Path(config.out)
+        if config.out is not None
+        else default_export_dir(export_name(checkpoint), config.folder_suffix)
+    )
     exits = select_exits(config.exits, read_info(checkpoint), checkpoint)
     check_target(out, config.force)
     with exclusive_target(out, "the export"):
@@ -126,7 +133,9 @@ def _export_locked(config: ExportConfig, checkpoint: Path, out: Path, exits: tup
     try:
         write_folder_atomically(out, fill)
     except OSError as err:
-        raise ExportError(f"cannot write the export {out} ({err.strerror or err}); free disk space or choose another --out") from None
+        raise ExportError(
+            f"cannot write the export {out} ({err.strerror or err}); free disk space or choose another --out"
+        ) from None
     return out
 
 
@@ -137,7 +146,9 @@ def check_target(out: Path, force: bool, ours=None, marker: str = MANIFEST_FILE)
         if not force:
             raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
         if out.is_file() or (any(out.iterdir()) and not (ours or is_export_folder)(out)):
-            raise ExportError(f"{out} exists and is not a balcony-edge export (no export {marker}); choose another --out")
+            raise ExportError(
+                f"{out} exists and is not a balcony-edge export (no export {marker}); choose another --out"
+            )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()
@@ -151,7 +162,12 @@ def is_export_folder(folder: Path) -> bool:
         raw = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(raw, dict) and type(raw.get("schema_version")) is int and isinstance(raw.get("exits"), list) and "weights_file" in raw
+    return (
+        isinstance(raw, dict)
+        and type(raw.get("schema_version")) is int
+        and isinstance(raw.get("exits"), list)
+        and "weights_file" in raw
+    )
 
 
 def select_exits(requested: str | tuple[int, ...] | None, info: CheckpointInfo, checkpoint: Path) -> tuple[int, ...]:
@@ -162,7 +178,10 @@ def select_exits(requested: str | tuple[int, ...] | None, info: CheckpointInfo, 
     exits = parse_exits(requested, info.base["num_layers"])
     untrained = [k for k in exits if k not in trained]
     if untrained:
-        raise ExportError(f"exit {untrained[0]} has no trained balcony in {checkpoint}; trained exits: {', '.join(map(str, trained))}; pick --exits among them")
+        raise ExportError(
+            f"exit {untrained[0]} has no trained balcony in {checkpoint}; trained "
+            f"exits: {', '.join(map(str, trained))}; pick --exits among them"
+        )
     return exits
 
 
@@ -186,7 +205,8 @@ def check_disk_space(out: Path, needed: int) -> None:
     free = shutil.disk_usage(out.parent).free
     if free < needed * 1.1:
         raise ExportError(
-            f"not enough disk space for {out}: the export needs up to {needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free; "
+            f"not enough disk space for {out}: the export needs up to "
+            f"{needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free; "
             "free some space or choose another --out"
         )
 
@@ -206,7 +226,9 @@ def write_export(
     started = time.perf_counter()
     quality = against_full(model, base.tokenizer)
     kv_scales = kv_cache_scales(model, base.tokenizer) if config.kv_cache == "int8" else None
-    builder = PieceGraphs(export_model, NUMPY_DTYPES[config.dtype], tie_head_as_gemm=config.quantize is None, kv_scales=kv_scales)
+    builder = PieceGraphs(
+        export_model, NUMPY_DTYPES[config.dtype], tie_head_as_gemm=config.quantize is None, kv_scales=kv_scales
+    )
     layout = piece_layout(exits, model.num_layers)
     depths = (*exits, model.num_layers)
     with phase_progress() as progress, open(staging / WEIGHTS_FILE, "wb") as handle:
@@ -263,7 +285,9 @@ def write_export(
         "export_seconds": round(time.perf_counter() - started, 2),
         "weights_file_bytes": weights.size,
         "parameter_bytes": parameter_bytes(export_model),
-        "graph_bytes": {name: (staging / name).stat().st_size for name in [p.graph for p in pieces] + [g.graph for g in graphs]},
+        "graph_bytes": {
+            name: (staging / name).stat().st_size for name in [p.graph for p in pieces] + [g.graph for g in graphs]
+        },
         "quality_tokens": quality.tokens,
         "genai_folders": genai_folders,
         "verification": None,

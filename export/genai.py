@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, ExitGraph, Manifest
+from balcony_edge.runtime.core.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, ExitGraph, Manifest
 
 GENAI_FOLDER = "genai"
 GENAI_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -25,7 +25,9 @@ def genai_config(manifest: Manifest, entry: ExitGraph) -> dict:
             "type": manifest.base.get("model_type", "llama"),
             "bos_token_id": generation.bos_token_id,
             "eos_token_id": generation.eos_token_ids,
-            "pad_token_id": generation.pad_token_id if generation.pad_token_id is not None else generation.eos_token_ids[0],
+            "pad_token_id": generation.pad_token_id
+            if generation.pad_token_id is not None
+            else generation.eos_token_ids[0],
             "context_length": generation.context_length,
             "vocab_size": manifest.vocab_size,
             "decoder": {
@@ -42,7 +44,11 @@ def genai_config(manifest: Manifest, entry: ExitGraph) -> dict:
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
-                "outputs": {"logits": LOGITS, "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "outputs": {
+                    "logits": LOGITS,
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
             },
         },
         "search": {
@@ -70,7 +76,11 @@ def write_genai_folders(staging: Path, manifest: Manifest) -> list[str]:
         folder = genai_folder(entry)
         (staging / folder).mkdir(parents=True)
         (staging / folder / "genai_config.json").write_text(json.dumps(genai_config(manifest, entry), indent=2) + "\n")
-        for name in (entry.graph, manifest.weights_file, *(n for n in GENAI_TOKENIZER_FILES if n in manifest.tokenizer_files)):
+        for name in (
+            entry.graph,
+            manifest.weights_file,
+            *(n for n in GENAI_TOKENIZER_FILES if n in manifest.tokenizer_files),
+        ):
             (staging / folder / name).symlink_to(Path("..") / ".." / name)
         folders.append(str(folder))
     return folders

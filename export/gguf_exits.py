@@ -13,7 +13,11 @@ from balcony_edge.common.errors import ExportError
 from balcony_edge.model import BalconyModel
 
 GGUF_DTYPES = ("f16", "fp32", "q8_0")
-FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "fp32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+FILE_TYPES = {
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "fp32": gguf.LlamaFileType.ALL_F32,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
 # Architectures whose GGUF query/key rows llama.cpp expects interleaved per rotary pair (its converter permutes
 # them; transformers' GGUF loader undoes that on load, so the balcony's own weights are permuted here).
 INTERLEAVED_ROTARY = ("llama",)
@@ -50,7 +54,12 @@ def write_exit_gguf(path: Path, k: int, model: BalconyModel, source: gguf.GGUFRe
         elif field.name == "general.name":
             value = f"{value} (Balcony exit {k})"
         kind = gguf.GGUFValueType(field.types[0])
-        writer.add_key_value(field.name, value, kind, sub_type=gguf.GGUFValueType(field.types[-1]) if kind == gguf.GGUFValueType.ARRAY else None)
+        writer.add_key_value(
+            field.name,
+            value,
+            kind,
+            sub_type=gguf.GGUFValueType(field.types[-1]) if kind == gguf.GGUFValueType.ARRAY else None,
+        )
     for name, tensor in exit_tensors(k, model, arch).items():
         data, raw = encode(tensor, dtype)
         writer.add_tensor(name, data, raw_dtype=raw)
@@ -72,7 +81,9 @@ def exit_tensors(k: int, model: BalconyModel, arch: str) -> dict[str, np.ndarray
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ExportError(f"no llama.cpp name for {hf_name} of a {arch} model; export --format hf and convert with llama.cpp")
+            raise ExportError(
+                f"no llama.cpp name for {hf_name} of a {arch} model; export --format hf and convert with llama.cpp"
+            )
         array = tensor.detach().to(torch.float32).numpy()
         if arch in INTERLEAVED_ROTARY and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads

@@ -21,7 +21,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from balcony_edge.common.errors import ExportError
-from balcony_edge.runtime.manifest import ATTENTION_MASK, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from balcony_edge.runtime.core.manifest import ATTENTION_MASK, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -55,7 +55,9 @@ class Architecture:
     def of(cls, config) -> Architecture:
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
-            raise ExportError(f"hidden_act {act!r} is not supported by the graph builder (SiLU only); use a Llama-family base")
+            raise ExportError(
+                f"hidden_act {act!r} is not supported by the graph builder (SiLU only); use a Llama-family base"
+            )
         window = getattr(config, "sliding_window", None)
         if not getattr(config, "use_sliding_window", window is not None):
             window = None
@@ -98,7 +100,9 @@ class GraphBuilder:
 
     def node(self, op: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
         names = outputs if isinstance(outputs, list) else [self.fresh(op) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, names, name=self.fresh(op + "_node"), domain=domain or None, **attrs))
+        self.nodes.append(
+            helper.make_node(op, inputs, names, name=self.fresh(op + "_node"), domain=domain or None, **attrs)
+        )
         return names
 
     def one(self, op: str, inputs: list[str], output: str | None = None, domain: str = "", **attrs) -> str:
@@ -177,9 +181,17 @@ class DecoderEmitter:
         """RMSNorm of residual (+ pending, added first when given): (normed, new residual)."""
         eps = self.arch.eps
         if pending is None:
-            return self.b.one("SimplifiedLayerNormalization", [residual, weight], output, axis=-1, epsilon=eps, stash_type=1), residual
+            return self.b.one(
+                "SimplifiedLayerNormalization", [residual, weight], output, axis=-1, epsilon=eps, stash_type=1
+            ), residual
         normed, total = self.b.fresh("normed") if output is None else output, self.b.fresh("residual")
-        self.b.node("SkipSimplifiedLayerNormalization", [pending, residual, weight], [normed, "", "", total], MS_DOMAIN, epsilon=eps)
+        self.b.node(
+            "SkipSimplifiedLayerNormalization",
+            [pending, residual, weight],
+            [normed, "", "", total],
+            MS_DOMAIN,
+            epsilon=eps,
+        )
         return normed, total
 
     def layer(self, layer: torch.nn.Module, residual: str, pending: str | None, slot: str) -> tuple[str, str]:
@@ -216,7 +228,13 @@ class DecoderEmitter:
         quantized_cache = {}
         if self.kv_scales is not None:  # int8 codes in the cache, one scale per KV head and channel
             scales = self.kv_scales[base]
-            inputs += ["", "", "", b.weight(f"{base}.k_cache_scale", scales.key), b.weight(f"{base}.v_cache_scale", scales.value)]
+            inputs += [
+                "",
+                "",
+                "",
+                b.weight(f"{base}.k_cache_scale", scales.key),
+                b.weight(f"{base}.v_cache_scale", scales.value),
+            ]
             quantized_cache = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
         out = b.node(
             "GroupQueryAttention",
@@ -240,7 +258,9 @@ class DecoderEmitter:
         """RMSNorm over each head of [batch, seq, heads x head_dim]."""
         b = self.b
         heads = b.one("Reshape", [x, b.const([0, 0, -1, self.arch.head_dim])])
-        normed = b.one("SimplifiedLayerNormalization", [heads, self.param(weight)], axis=-1, epsilon=self.arch.eps, stash_type=1)
+        normed = b.one(
+            "SimplifiedLayerNormalization", [heads, self.param(weight)], axis=-1, epsilon=self.arch.eps, stash_type=1
+        )
         return b.one("Reshape", [normed, b.const([0, 0, -1])])
 
     def rotary_caches(self) -> tuple[str, str]:
@@ -250,7 +270,10 @@ class DecoderEmitter:
     def mlp(self, mlp: torch.nn.Module, x: str) -> str:
         b = self.b
         base = self.names[id(mlp.gate_proj.weight)].rsplit(".gate_proj.weight", 1)[0]
-        gate_up = b.one("MatMul", [x, self.fused(f"{base}.gate_up_proj.weight{TRANSPOSED}", [mlp.gate_proj.weight, mlp.up_proj.weight])])
+        gate_up = b.one(
+            "MatMul",
+            [x, self.fused(f"{base}.gate_up_proj.weight{TRANSPOSED}", [mlp.gate_proj.weight, mlp.up_proj.weight])],
+        )
         gate_up = self.linear_bias(gate_up, [mlp.gate_proj, mlp.up_proj], f"{base}.gate_up_proj.bias")
         gate, up = b.node("Split", [gate_up], 2, axis=-1)
         activated = b.one("Mul", [b.one("Mul", [gate, b.one("Sigmoid", [gate])]), up])

@@ -15,9 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from balcony_edge.common.atomic import readable_folder
-from balcony_edge.runtime.integrity import export_problems, path_problem
-from balcony_edge.runtime.manifest import MANIFEST_FILE, QUANTIZED_KV_DTYPE, REPORT_FILE, Manifest
-from balcony_edge.runtime.sessions import load_cuda_libraries
+from balcony_edge.runtime.core.integrity import export_problems, path_problem
+from balcony_edge.runtime.core.manifest import MANIFEST_FILE, QUANTIZED_KV_DTYPE, REPORT_FILE, Manifest
+from balcony_edge.runtime.core.sessions import load_cuda_libraries
 
 _PROBE_OPSET = 18
 _PROBE_IR_VERSION = 10  # onnxruntime reads IR versions up to its own; 10 is old enough for all recent ones
@@ -55,7 +55,9 @@ def usable_providers() -> list[str]:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _PROBE_OPSET)], ir_version=_PROBE_IR_VERSION)
+    probe = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", _PROBE_OPSET)], ir_version=_PROBE_IR_VERSION
+    )
     load_cuda_libraries()
     ort.set_default_logger_severity(4)  # a provider that cannot start logs an error; here that is the answer
     options = ort.SessionOptions()
@@ -106,7 +108,11 @@ def verification_figures(report: dict | None) -> dict[int, tuple[str, str, str]]
         return figures
     for check in checks if isinstance(checks, list) else ():
         with contextlib.suppress(KeyError, TypeError, ValueError):  # a report.json the exporter did not write
-            figures[check["exit"]] = (f"{check['max_abs_diff']:.1e}", f"{check['top1_agreement']:.3f}", f"{check['greedy_matched']}/{check['greedy_tokens']}")
+            figures[check["exit"]] = (
+                f"{check['max_abs_diff']:.1e}",
+                f"{check['top1_agreement']:.3f}",
+                f"{check['greedy_matched']}/{check['greedy_tokens']}",
+            )
     return figures
 
 
@@ -136,10 +142,18 @@ def files_table(inspection: Inspection) -> Table:
     table = Table(title="files")
     for column, justify in (("file", "left"), ("MB", "right"), ("check", "left")):
         table.add_column(column, justify=justify)
-    names = sorted(set(inspection.file_bytes) | set(inspection.manifest.files) | set(inspection.problems) | {MANIFEST_FILE})
+    names = sorted(
+        set(inspection.file_bytes) | set(inspection.manifest.files) | set(inspection.problems) | {MANIFEST_FILE}
+    )
     for name in names:
         size = inspection.file_bytes.get(name)
-        state = "manifest" if name == MANIFEST_FILE else inspection.problems.get(name, "ok" if name in inspection.manifest.files else "not listed")
+        state = (
+            "manifest"
+            if name == MANIFEST_FILE
+            else inspection.problems.get(name, "ok" if name in inspection.manifest.files else "not listed")
+        )
         colour = "green" if state in ("ok", "manifest") else "red"
-        table.add_row(escape(name), f"{size / 1e6:.2f}" if size is not None else "-", f"[{colour}]{escape(state)}[/{colour}]")
+        table.add_row(
+            escape(name), f"{size / 1e6:.2f}" if size is not None else "-", f"[{colour}]{escape(state)}[/{colour}]"
+        )
     return table

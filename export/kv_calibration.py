@@ -38,7 +38,11 @@ CODE_TEXT = (
 def calibration_ids(tokenizer) -> list[list[int]]:
     """The calibration passages as token ids (each at most QUALITY_TOKENS, which any model's context holds): prose, a
     chat prompt in the model's template, code."""
-    passages = [tokenizer.encode(QUALITY_TEXT), prompt_ids(tokenizer, CHAT_TEXT, chat=True), tokenizer.encode(CODE_TEXT)]
+    passages = [
+        tokenizer.encode(QUALITY_TEXT),
+        prompt_ids(tokenizer, CHAT_TEXT, chat=True),
+        tokenizer.encode(CODE_TEXT),
+    ]
     return [ids[:QUALITY_TOKENS] for ids in passages]
 
 
@@ -47,7 +51,11 @@ def kv_cache_scales(model: BalconyModel, tokenizer) -> dict[str, KVScales]:
     """Scales for every attention of the model (backbone layers and balconies), by module name (the prefix of its
     parameters' names, e.g. `base.model.layers.3.self_attn`)."""
     arch = Architecture.of(model.base.config)
-    attentions = {name: module for name, module in model.named_modules() if hasattr(module, "k_proj") and hasattr(module, "v_proj")}
+    attentions = {
+        name: module
+        for name, module in model.named_modules()
+        if hasattr(module, "k_proj") and hasattr(module, "v_proj")
+    }
     bounds: dict[str, list[torch.Tensor]] = {name: [torch.zeros(0), torch.zeros(0)] for name in attentions}
     hooks = []
 
@@ -84,6 +92,7 @@ def kv_cache_scales(model: BalconyModel, tokenizer) -> dict[str, KVScales]:
 
 
 def _scale(bound: torch.Tensor) -> np.ndarray:
-    """[kv_heads, head_dim] bounds -> [1, kv_heads, 1, head_dim] scales (a channel never seen non-zero gets a tiny one)."""
+    """[kv_heads, head_dim] bounds -> [1, kv_heads, 1, head_dim] scales (a channel never seen non-zero gets a tiny
+    one)."""
     scale = (bound.clamp(min=1e-6) / INT8_LIMIT).numpy().astype(np.float32)
     return scale[None, :, None, :]

@@ -14,9 +14,6 @@ import torch
 from onnx import TensorProto
 from transformers import PreTrainedModel
 
-from balcony_edge.model import BalconyModel
-from balcony_edge.runtime.manifest import Piece
-from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 from balcony_edge.export.graph_builder import (
     EXIT_HIDDEN,
     Architecture,
@@ -24,6 +21,17 @@ from balcony_edge.export.graph_builder import (
     GraphBuilder,
     KVScales,
     hidden_name,
+)
+from balcony_edge.model import BalconyModel
+from balcony_edge.runtime.core.manifest import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    Piece,
 )
 
 SEGMENT, BALCONY, HEAD = "segment", "balcony", "head"
@@ -56,9 +64,27 @@ def piece_layout(exits: tuple[int, ...], num_layers: int) -> list[Piece]:
         )
     for k in exits:
         pieces.append(
-            Piece(name=f"balcony_{k}", kind=BALCONY, graph=f"balcony_{k}.onnx", first_layer=k, end_layer=k, cache_slots=[balcony_slot(k)], weights=[])
+            Piece(
+                name=f"balcony_{k}",
+                kind=BALCONY,
+                graph=f"balcony_{k}.onnx",
+                first_layer=k,
+                end_layer=k,
+                cache_slots=[balcony_slot(k)],
+                weights=[],
+            )
         )
-    pieces.append(Piece(name=HEAD, kind=HEAD, graph="head.onnx", first_layer=num_layers, end_layer=num_layers, cache_slots=[], weights=[]))
+    pieces.append(
+        Piece(
+            name=HEAD,
+            kind=HEAD,
+            graph="head.onnx",
+            first_layer=num_layers,
+            end_layer=num_layers,
+            cache_slots=[],
+            weights=[],
+        )
+    )
     return pieces
 
 
@@ -83,7 +109,13 @@ def rotary_tables(base: PreTrainedModel, dtype: np.dtype) -> tuple[np.ndarray, n
 class PieceGraphs:
     """Builds the graphs of one export from a BalconyModel (float32 or float16 parameters), or of a plain base model."""
 
-    def __init__(self, model: BalconyModel | PreTrainedModel, dtype: np.dtype, tie_head_as_gemm: bool = True, kv_scales: dict[str, KVScales] | None = None):
+    def __init__(
+        self,
+        model: BalconyModel | PreTrainedModel,
+        dtype: np.dtype,
+        tie_head_as_gemm: bool = True,
+        kv_scales: dict[str, KVScales] | None = None,
+    ):
         """kv_scales: an int8 KV cache with these scales (by attention name; see kv_calibration), else a float one."""
         if isinstance(model, BalconyModel):
             self.base, self.balconies, self.norms = model.base, model.balconies, model.norms
@@ -119,7 +151,9 @@ class PieceGraphs:
         shape = ["batch_size", "sequence_length", self.arch.hidden_size]
         (builder.add_output if output else builder.add_input)(name, self.elem, shape)
 
-    def _segment_nodes(self, emitter: DecoderEmitter, start: int, end: int, residual: str | None, slots: dict[int, str]) -> tuple[str, str | None]:
+    def _segment_nodes(
+        self, emitter: DecoderEmitter, start: int, end: int, residual: str | None, slots: dict[int, str]
+    ) -> tuple[str, str | None]:
         """Layers start..end-1 (the embedding first when start is 0); returns (residual, pending MLP output)."""
         b, pending = emitter.b, None
         if start == 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.paths import CHECKPOINT_WEIGHTS_FILE, SHIPPED_CHECKPOINT
-from balcony_edge.runtime.manifest import REPORT_FILE
+from balcony_edge.runtime.core.manifest import REPORT_FILE
 
 
 def checkpoint_identity(checkpoint: Path) -> dict:

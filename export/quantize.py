@@ -19,7 +19,9 @@ ACCURACY_LEVEL = 4
 def check_quantization(method: str | None) -> None:
     """Refuse an unknown quantisation name."""
     if method is not None and method not in QUANTIZATION_BITS:
-        raise ExportError(f"--quantize {method!r} is unknown; choose one of {', '.join(QUANTIZATION_BITS)} or leave it out")
+        raise ExportError(
+            f"--quantize {method!r} is unknown; choose one of {', '.join(QUANTIZATION_BITS)} or leave it out"
+        )
 
 
 def quantization_info(method: str | None) -> dict | None:
@@ -44,7 +46,9 @@ def _matmul_nbits_quantizer():
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ModuleNotFoundError as err:  # onnxruntime 1.31's quantizer imports onnx_ir, which it does not install
         package = (err.name or "").replace("_", "-")
-        raise ExportError(f"onnxruntime's quantizer needs the package {package}: run `pip install {package}` (the train extra has it)") from None
+        raise ExportError(
+            f"onnxruntime's quantizer needs the package {package}: run `pip install {package}` (the train extra has it)"
+        ) from None
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
@@ -56,6 +60,8 @@ def quantize_graph(model: onnx.ModelProto, method: str) -> onnx.ModelProto:
 
     Deterministic, so a weight shared by several graphs quantises to the same bytes in each.
     """
-    quantizer = _matmul_nbits_quantizer()(model, bits=QUANTIZATION_BITS[method], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL)
+    quantizer = _matmul_nbits_quantizer()(
+        model, bits=QUANTIZATION_BITS[method], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL
+    )
     quantizer.process()
     return quantizer.model.model

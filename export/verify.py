@@ -14,9 +14,19 @@ import torch
 from balcony_edge.common.console import phase_progress
 from balcony_edge.generate import generate_greedy, prompt_ids
 from balcony_edge.model import BalconyModel
-from balcony_edge.runtime.engine import Engine
-from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, KV_DTYPES, LOGITS, PAST_KEY, PAST_VALUE, ExitGraph, KVShape, Manifest
-from balcony_edge.runtime.sessions import SessionSettings
+from balcony_edge.runtime.core.engine import Engine
+from balcony_edge.runtime.core.manifest import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    KV_DTYPES,
+    LOGITS,
+    PAST_KEY,
+    PAST_VALUE,
+    ExitGraph,
+    KVShape,
+    Manifest,
+)
+from balcony_edge.runtime.core.sessions import SessionSettings
 
 PROMPT = (
     "The harbour was quiet in the early morning. Fishing boats rocked against the pier while gulls circled "
@@ -55,10 +65,14 @@ class ExitCheck:
         if not self.finite:
             return f"exit {self.exit} gives NaN or infinite logits"
         if exact and self.max_abs_diff > FP32_TOLERANCE:
-            return f"exit {self.exit} differs from torch by {self.max_abs_diff:.2e} in logits (tolerance {FP32_TOLERANCE:g})"
+            return (
+                f"exit {self.exit} differs from torch by {self.max_abs_diff:.2e} "
+                f"in logits (tolerance {FP32_TOLERANCE:g})"
+            )
         if not self.graph_max_abs_diff <= self.graph_tolerance:
             return (
-                f"the standard graph of exit {self.exit} differs from its chain by {self.graph_max_abs_diff:.2e} in logits "
+                f"the standard graph of exit {self.exit} differs from "
+                f"its chain by {self.graph_max_abs_diff:.2e} in logits "
                 f"(tolerance {self.graph_tolerance:.2e})"
             )
         if exact and self.greedy_matched < self.greedy_tokens:
@@ -90,7 +104,9 @@ def verification_prompt(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def check_exit(folder: Path, manifest: Manifest, entry: ExitGraph, engine: Engine, model: BalconyModel, prompt: list[int]) -> ExitCheck:
+def check_exit(
+    folder: Path, manifest: Manifest, entry: ExitGraph, engine: Engine, model: BalconyModel, prompt: list[int]
+) -> ExitCheck:
     """Compare one exit's chain with the torch model (float32) on the prompt and on greedy decoding, and its standard
     graph with the chain on the prompt."""
     expected = model.exit_model(entry.exit)(input_ids=torch.tensor([prompt])).logits[0].float().numpy()

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
 from balcony_edge.common.errors import ExportError
-from balcony_edge.runtime.manifest import WeightEntry
+from balcony_edge.runtime.core.manifest import WeightEntry
 
 WEIGHTS_FILE = "weights.bin"
 # Weights are named after BalconyModel parameters (quantizers add suffixes such as `_Q4`, `_scales`);
@@ -62,7 +62,9 @@ class WeightFile:
             self.tensors[tensor.name] = WeightEntry(offset, len(data), dtype, list(tensor.dims))
             self._sha256[tensor.name] = digest
         elif self._sha256[tensor.name] != digest:
-            raise ExportError(f"weight {tensor.name} differs between two exit graphs; the model changed during export, export again")
+            raise ExportError(
+                f"weight {tensor.name} differs between two exit graphs; the model changed during export, export again"
+            )
         return self.tensors[tensor.name]
 
     def _append(self, data: bytes) -> int:

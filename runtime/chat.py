@@ -12,18 +12,20 @@ from rich.console import Console
 
 from balcony_edge.common.console import labelled
 from balcony_edge.common.errors import BalconyError
-from balcony_edge.runtime.controller import Budget
-from balcony_edge.runtime.engine import Engine, GeneratedToken
-from balcony_edge.runtime.sequence import ContextFullError
-from balcony_edge.runtime.sampling import SamplingConfig
-from balcony_edge.runtime.signal_hub import SignalHub
-from balcony_edge.runtime.telemetry import TelemetryWriter
-from balcony_edge.runtime.text import check_prompt_text
+from balcony_edge.runtime.core.engine import Engine, GeneratedToken
+from balcony_edge.runtime.core.sampling import SamplingConfig
+from balcony_edge.runtime.core.sequence import ContextFullError
+from balcony_edge.runtime.core.text import check_prompt_text
+from balcony_edge.runtime.device.controller import Budget
+from balcony_edge.runtime.device.hub import SignalHub
+from balcony_edge.runtime.device.telemetry import TelemetryWriter
 
 EXIT_COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
 HELP = (
-    "commands: /exit N (pin an exit), /budget X (auto, full, eco, 16, 40ms), /system TEXT, /stats, /reset, /quit, /help; "
-    'end a line with \\ to go on, or put """ alone on a line to start and end a multi-line message; Ctrl-C stops an answer'
+    "commands: /exit N (pin an exit), /budget X (auto, full, eco, "
+    "16, 40ms), /system TEXT, /stats, /reset, /quit, /help; "
+    'end a line with \\ to go on, or put """ alone on a line to '
+    "start and end a multi-line message; Ctrl-C stops an answer"
 )
 BANNER = "type a message, /help for commands; Ctrl-C stops an answer, /quit or Ctrl-D ends"
 CONTINUE, BLOCK = "\\", '"""'
@@ -44,7 +46,10 @@ class ChatStats:
         self.catch_up_tokens += token.catch_up_tokens
 
     def lines(self) -> list[str]:
-        rows = [f"exit {exit:>3}: {count:>5} tokens, mean {self.latency_ms[exit] / count:6.1f} ms/token" for exit, count in sorted(self.tokens.items())]
+        rows = [
+            f"exit {exit:>3}: {count:>5} tokens, mean {self.latency_ms[exit] / count:6.1f} ms/token"
+            for exit, count in sorted(self.tokens.items())
+        ]
         return rows + [f"catch-up positions recomputed: {self.catch_up_tokens}"]
 
 
@@ -66,7 +71,12 @@ class ChatSession:
     ):
         self.engine, self.sampling, self.signals, self.telemetry = engine, sampling, signals, telemetry
         self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
-        self.max_new_tokens, self.plain, self.sliding_window, self.system = max_new_tokens, plain, sliding_window, system
+        self.max_new_tokens, self.plain, self.sliding_window, self.system = (
+            max_new_tokens,
+            plain,
+            sliding_window,
+            system,
+        )
         self.console = console or Console(highlight=False)
         self.colours = {exit: EXIT_COLOURS[i % len(EXIT_COLOURS)] for i, exit in enumerate(engine.exits[:-1])}
         self.colours[engine.exits[-1]] = "default"
@@ -131,7 +141,9 @@ class ChatSession:
         tokens: list[GeneratedToken] = []
         started, shown_exit = time.perf_counter(), None
         try:
-            generation = self.engine.generate(new_ids, self.max_new_tokens, self.budget, self.sampling, self.signals, sequence=sequence)
+            generation = self.engine.generate(
+                new_ids, self.max_new_tokens, self.budget, self.sampling, self.signals, sequence=sequence
+            )
             for token in self.telemetry.follow(generation) if self.telemetry is not None else generation:
                 tokens.append(token)
                 self.stats.add(token)
@@ -139,7 +151,9 @@ class ChatSession:
                     marker = f"[{token.exit}]" if token.exit != shown_exit else ""
                     self.console.print(marker + token.text, end="", markup=False, soft_wrap=True)
                 else:
-                    self.console.print(token.text, end="", style=self.colours.get(token.exit), markup=False, soft_wrap=True)
+                    self.console.print(
+                        token.text, end="", style=self.colours.get(token.exit), markup=False, soft_wrap=True
+                    )
                 shown_exit = token.exit
         except KeyboardInterrupt:
             self.console.print(" [dim](stopped)[/dim]", end="")
@@ -156,11 +170,16 @@ class ChatSession:
     def status_line(self, tokens: list[GeneratedToken], seconds: float) -> str:
         """tok/s, the last exit, temperature, battery and power of the last answer."""
         signals = tokens[-1].signals if tokens else {}
-        parts = [f"{len(tokens) / seconds:.1f} tok/s" if seconds > 0 else "", f"exit {tokens[-1].exit}" if tokens else ""]
+        parts = [
+            f"{len(tokens) / seconds:.1f} tok/s" if seconds > 0 else "",
+            f"exit {tokens[-1].exit}" if tokens else "",
+        ]
         if "temperature_degc" in signals:
             parts.append(f"{signals['temperature_degc']:.0f} degC")
         if "battery_percent" in signals:
-            parts.append(f"battery {signals['battery_percent']:.0f}%" + (" (on battery)" if signals.get("on_battery") else ""))
+            parts.append(
+                f"battery {signals['battery_percent']:.0f}%" + (" (on battery)" if signals.get("on_battery") else "")
+            )
         if "power_mw" in signals:
             parts.append(f"{signals['power_mw'] / 1000:.1f} W")
         parts.append(f"budget {self.budget}")
@@ -172,7 +191,9 @@ class ChatSession:
         history = None
         if read_line is input:
             if hasattr(sys.stdin, "reconfigure"):
-                sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the prompt check, which names them
+                sys.stdin.reconfigure(
+                    errors="surrogateescape"
+                )  # bytes that are not UTF-8 reach the prompt check, which names them
             history = line_editing()
         try:
             self._loop(read_line)

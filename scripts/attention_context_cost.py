@@ -24,7 +24,9 @@ H, KV, D, CAP = 9, 3, 64, 2048
 
 def two_thread_session(graph) -> ort.InferenceSession:
     """A CPU session with two intra-op threads for one small graph (opset 17 + com.microsoft)."""
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 10
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
@@ -43,8 +45,21 @@ def session(cache: int) -> ort.InferenceSession:
     if cache == TensorProto.INT8:
         inputs += ["", "", "", "", "", "k_scale", "v_scale"]
         quantized = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
-        initializers = [numpy_helper.from_array(np.full((1, KV, 1, D), 4 / 127, np.float32), name) for name in ("k_scale", "v_scale")]
-    nodes.append(helper.make_node("GroupQueryAttention", inputs, [o, "ok", "ov"], domain="com.microsoft", num_heads=H, kv_num_heads=KV, **quantized))
+        initializers = [
+            numpy_helper.from_array(np.full((1, KV, 1, D), 4 / 127, np.float32), name)
+            for name in ("k_scale", "v_scale")
+        ]
+    nodes.append(
+        helper.make_node(
+            "GroupQueryAttention",
+            inputs,
+            [o, "ok", "ov"],
+            domain="com.microsoft",
+            num_heads=H,
+            kv_num_heads=KV,
+            **quantized,
+        )
+    )
     if cache == TensorProto.FLOAT16:
         nodes.append(helper.make_node("Cast", [o], ["o"], to=f))
     graph = helper.make_graph(
@@ -70,7 +85,8 @@ def session(cache: int) -> ort.InferenceSession:
 
 
 def grouped_session() -> ort.InferenceSession:
-    """Scores of the query heads of each KV head as one product, softmax, weighted values (no cache write, no rotary)."""
+    """Scores of the query heads of each KV head as one product, softmax, weighted values (no cache write, no
+    rotary)."""
     f, group = TensorProto.FLOAT, H // KV
     nodes = [
         helper.make_node("FusedMatMul", ["q", "k"], ["s"], domain="com.microsoft", transB=1, alpha=D**-0.5),
@@ -79,7 +95,10 @@ def grouped_session() -> ort.InferenceSession:
     ]
     shapes = {"q": [KV, group, D], "k": [KV, "n", D], "v": [KV, "n", D]}
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info(n, f, shape) for n, shape in shapes.items()], [helper.make_tensor_value_info("o", f, [KV, group, D])]
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, f, shape) for n, shape in shapes.items()],
+        [helper.make_tensor_value_info("o", f, [KV, group, D])],
     )
     return two_thread_session(graph)
 
@@ -97,10 +116,18 @@ def median_us(s: ort.InferenceSession, b: ort.IOBinding) -> float:
 
 rng = np.random.default_rng(0)
 q, k, v = (rng.standard_normal((1, 1, n * D)).astype(np.float32) for n in (H, KV, KV))
-for name, elem, dtype in (("float32", TensorProto.FLOAT, np.float32), ("float16", TensorProto.FLOAT16, np.float16), ("int8", TensorProto.INT8, np.int8)):
+for name, elem, dtype in (
+    ("float32", TensorProto.FLOAT, np.float32),
+    ("float16", TensorProto.FLOAT16, np.float16),
+    ("int8", TensorProto.INT8, np.int8),
+):
     s = session(elem)
-    pk = ort.OrtValue.ortvalue_from_numpy((rng.standard_normal((1, KV, CAP, D)) * (30 if elem == TensorProto.INT8 else 1)).astype(dtype))
-    pv = ort.OrtValue.ortvalue_from_numpy((rng.standard_normal((1, KV, CAP, D)) * (30 if elem == TensorProto.INT8 else 1)).astype(dtype))
+    pk = ort.OrtValue.ortvalue_from_numpy(
+        (rng.standard_normal((1, KV, CAP, D)) * (30 if elem == TensorProto.INT8 else 1)).astype(dtype)
+    )
+    pv = ort.OrtValue.ortvalue_from_numpy(
+        (rng.standard_normal((1, KV, CAP, D)) * (30 if elem == TensorProto.INT8 else 1)).astype(dtype)
+    )
     for past in (63, 1999):
         b = s.io_binding()
         for input_name, arr in (("q", q), ("k", k), ("v", v)):

@@ -5,9 +5,11 @@ same export at each exit asked for: the engine's `Sequence` (the chain: segments
 session on the exit's standard graph (`exit_k.onnx` / `full.onnx`, IO binding, past and present sharing one buffer
 per layer, on the same pool). Each decodes `--tokens` greedy tokens after a 64-token prompt on its own (the bench's
 timed greedy loop; their median steps are compared), so both see a warm cache; the order turns every round and the
-median of the rounds' ratios is printed, since this machine's speed drifts between rounds. Both must give the same tokens. When
+median of the rounds' ratios is printed, since this machine's speed drifts between rounds. Both must give the same
+tokens. When
 onnxruntime_genai is importable, each round also runs onnxruntime-genai's own loop on the exit's genai folder (the same
-graph, its own session and threads), to tell the chain's cost from the cost of driving one graph from Python. Then, per piece of the
+graph, its own session and threads), to tell the chain's cost from the cost of driving one graph from Python. Then, per
+piece of the
 chain, where a run's time goes: `PieceRunner.run` in all, the onnxruntime call inside it, and the rest (Python,
 binding).
 
@@ -30,8 +32,8 @@ from balcony_edge.bench.decode import EngineDecoder, RunTiming, greedy_run
 from balcony_edge.bench.peers import genai_generator, genai_model
 from balcony_edge.export.genai import genai_folder
 from balcony_edge.runtime import Engine
-from balcony_edge.runtime.graph_runner import NUMPY_TYPES
-from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS
+from balcony_edge.runtime.core.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS
+from balcony_edge.runtime.core.piece_runner import NUMPY_TYPES
 
 PROMPT = list(range(100, 164))
 
@@ -46,7 +48,9 @@ class GraphDecoder:
 
     def prefill(self, prompt: list[int]) -> np.ndarray:
         shape = (1, self.kv.num_kv_heads, len(prompt) + self.tokens, self.kv.head_dim)
-        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=NUMPY_TYPES[i.type])) for i in self.pasts]
+        self.buffers = [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=NUMPY_TYPES[i.type])) for i in self.pasts
+        ]
         self.binding, self.total = self.session.io_binding(), 0
         for past, buffer in zip(self.pasts, self.buffers):
             self.binding.bind_ortvalue_input(past.name, buffer)
@@ -83,7 +87,8 @@ def genai_run(model, prompt: list[int], tokens: int) -> RunTiming:
 
 
 def piece_overheads(engine: Engine, exit: int, tokens: int) -> dict[str, dict[str, float]]:
-    """Per piece of the exit's chain: median microseconds of PieceRunner.run, of the onnxruntime call in it, and the rest."""
+    """Per piece of the exit's chain: median microseconds of PieceRunner.run, of the onnxruntime call in it, and the
+    rest."""
     chain = next(entry.chain for entry in engine.manifest.exits if entry.exit == exit)
     spans: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in chain}
     originals = {}
@@ -111,7 +116,11 @@ def piece_overheads(engine: Engine, exit: int, tokens: int) -> dict[str, dict[st
     result = {}
     for name, (whole, inner) in spans.items():
         run_us, call_us = statistics.median(whole[-tokens:]) * 1e6, statistics.median(inner[-tokens:]) * 1e6
-        result[name] = {"run_us": round(run_us, 1), "onnxruntime_us": round(call_us, 1), "outside_us": round(run_us - call_us, 1)}
+        result[name] = {
+            "run_us": round(run_us, 1),
+            "onnxruntime_us": round(call_us, 1),
+            "outside_us": round(run_us - call_us, 1),
+        }
     return result
 
 
@@ -139,13 +148,23 @@ def main() -> None:
         for turn in range(args.rounds):
             order = names if turn % 2 == 0 else names[::-1]
             decoders = {"chain": EngineDecoder(engine, exit), "graph": GraphDecoder(session, engine, args.tokens)}
-            runs = {name: genai_run(model, PROMPT, args.tokens) if name == "genai" else greedy_run(decoders[name], PROMPT, args.tokens) for name in order}
+            runs = {
+                name: genai_run(model, PROMPT, args.tokens)
+                if name == "genai"
+                else greedy_run(decoders[name], PROMPT, args.tokens)
+                for name in order
+            }
             ms = {name: statistics.median(runs[name].step_s) * 1000 for name in names}
             ratios["chain_over_graph"].append(ms["chain"] / ms["graph"])
             if genai:
                 ratios["graph_over_genai"].append(ms["graph"] / ms["genai"])
             same = all(runs[name].tokens == runs["chain"].tokens for name in names)
-            row = {"exit": exit, "round": turn, **{f"{name}_ms": round(value, 3) for name, value in ms.items()}, "same_tokens": same}
+            row = {
+                "exit": exit,
+                "round": turn,
+                **{f"{name}_ms": round(value, 3) for name, value in ms.items()},
+                "same_tokens": same,
+            }
             print(json.dumps(row), flush=True)
         overheads = piece_overheads(engine, exit, args.tokens)
         medians = {f"{key}_median": round(statistics.median(values), 3) for key, values in ratios.items() if values}

@@ -4,7 +4,8 @@ engine on thread pools of its own, spinning off), and each round measures the be
 decode step after 2,000 tokens of context over one after 64 (`balcony_edge.bench.decode.context_step_ratio`).
 Alternating rounds spread this machine's drift over every export alike; the medians over rounds are printed last.
 
-python scripts/kv_cache_context.py <cache>/exports/smollm2-balcony-int4 <cache>/exports/smollm2-balcony-int4-kv8 --rounds 4
+python scripts/kv_cache_context.py <cache>/exports/smollm2-balcony-int4 <cache>/exports/smollm2-balcony-int4-kv8
+--rounds 4
 """
 
 from __future__ import annotations
@@ -27,16 +28,32 @@ def main() -> None:
     engines = {str(folder): Engine.load(folder, threads=args.threads) for folder in args.exports}
     for name, engine in engines.items():
         if engine.manifest.generation.context_length < 2016:
-            raise SystemExit(f"{name}: its model holds {engine.manifest.generation.context_length} tokens, fewer than the 2,016 this measures")
+            raise SystemExit(
+                f"{name}: its model holds {engine.manifest.generation.context_length} "
+                "tokens, fewer than the 2,016 this measures"
+            )
     ratios: dict[str, list[float]] = {name: [] for name in engines}
     for round in range(args.rounds):
         for name, engine in engines.items():
             ratio = context_step_ratio(engine, engine.exits[-1])["2000"]
             ratios[name].append(ratio)
-            print(json.dumps({"round": round, "export": name, "kv_cache": engine.manifest.kv.dtype, "context_2000_over_64": ratio}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "round": round,
+                        "export": name,
+                        "kv_cache": engine.manifest.kv.dtype,
+                        "context_2000_over_64": ratio,
+                    }
+                ),
+                flush=True,
+            )
     for name, values in ratios.items():
         rounds = ", ".join(f"{v:.2f}" for v in values)
-        print(f"{name} ({engines[name].manifest.kv.dtype} cache): median {statistics.median(values):.2f} over {len(values)} rounds ({rounds})")
+        print(
+            f"{name} ({engines[name].manifest.kv.dtype} cache): median "
+            f"{statistics.median(values):.2f} over {len(values)} rounds ({rounds})"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""MatMulNBits settings on this CPU, measured on SmolLM2's largest per-layer matmul shape (gate/up: 576 -> 1536, batch 1):
+"""MatMulNBits settings on this CPU, measured on SmolLM2's largest per-layer matmul shape (gate/up: 576 -> 1536, batch
+1):
 accuracy level and block size (16, 32, 64) for the symmetric int4 the export writes, and whether a GGUF Q4_1 block
 (w = d * q + m) can be kept exactly as MatMulNBits with float zero points (zp = -m / d) at a usable speed. With
 --rows, the same shape with several rows at once (a prefill, or a deepening's catch-up) beside fp32 MatMul.
@@ -32,7 +33,9 @@ def session(blob, scales, zero_points, block: int, level: int, rows: int = 1, th
     if zero_points is not None:
         initializers.append(numpy_helper.from_array(zero_points, "Z"))
         inputs.append("Z")
-    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=K, N=N, bits=4, block_size=block, accuracy_level=level)
+    node = helper.make_node(
+        "MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=K, N=N, bits=4, block_size=block, accuracy_level=level
+    )
     graph = helper.make_graph(
         [node],
         "matmul",
@@ -56,7 +59,9 @@ def fp32_session(weight: np.ndarray, rows: int, threads: int) -> ort.InferenceSe
 
 
 def _session(graph, threads: int) -> ort.InferenceSession:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 10
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -76,23 +81,32 @@ def timed(sess: ort.InferenceSession, feeds: dict) -> float:
 
 
 def rows_sweep(rows: list[int], threads: int) -> None:
-    """Microseconds per call for `rows` rows at once: fp32 MatMul and symmetric int4 at blocks 32 and 64, levels 0 and 4."""
+    """Microseconds per call for `rows` rows at once: fp32 MatMul and symmetric int4 at blocks 32 and 64, levels 0 and
+    4."""
     rng = np.random.default_rng(0)
     for count in rows:
         x = rng.standard_normal((count, K)).astype(np.float32)
         weight = rng.standard_normal((N, K)).astype(np.float32)
-        row = {"rows": count, "threads": threads, "fp32_matmul_us": round(timed(fp32_session(weight, count, threads), {"A": x}), 1)}
+        row = {
+            "rows": count,
+            "threads": threads,
+            "fp32_matmul_us": round(timed(fp32_session(weight, count, threads), {"A": x}), 1),
+        }
         for block in (32, 64):
             q = rng.integers(0, 16, size=(N, K // block, block)).astype(np.uint8)
             d = (rng.random((N, K // block)) * 0.02 + 0.001).astype(np.float32)
             for level in (0, 4):
-                row[f"int4_block{block}_level{level}_us"] = round(timed(session(pack(q), d, None, block, level, count, threads), {"A": x}), 1)
+                row[f"int4_block{block}_level{level}_us"] = round(
+                    timed(session(pack(q), d, None, block, level, count, threads), {"A": x}), 1
+                )
         print(json.dumps(row), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", help="measure these row counts (int4 against fp32) instead of the settings")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", help="measure these row counts (int4 against fp32) instead of the settings"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.rows:
@@ -127,7 +141,15 @@ def main() -> None:
                 print(json.dumps(row))
     fastest = min((r for r in results if r["weights"].startswith("symmetric")), key=lambda r: r["us_per_call"])
     kept = min((r for r in results if r["weights"].startswith("Q4_1")), key=lambda r: r["us_per_call"])
-    print(json.dumps({"fastest_symmetric": fastest, "fastest_q4_1_kept": kept, "q4_1_kept_slowdown": round(kept["us_per_call"] / fastest["us_per_call"], 1)}))
+    print(
+        json.dumps(
+            {
+                "fastest_symmetric": fastest,
+                "fastest_q4_1_kept": kept,
+                "q4_1_kept_slowdown": round(kept["us_per_call"] / fastest["us_per_call"], 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

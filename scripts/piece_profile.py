@@ -21,8 +21,17 @@ import numpy as np
 import onnxruntime as ort
 
 from balcony_edge.common.paths import default_export_dir
-from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, Manifest, Piece
-from balcony_edge.runtime.sessions import session_options
+from balcony_edge.runtime.core.manifest import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    Manifest,
+    Piece,
+)
+from balcony_edge.runtime.core.sessions import session_options
 
 RUNS = 200
 
@@ -39,7 +48,9 @@ def profile_piece(folder: Path, manifest: Manifest, piece: Piece, context: int, 
     buffers = []
     for slot in piece.cache_slots:
         for past, present in ((PAST_KEY, PRESENT_KEY), (PAST_VALUE, PRESENT_VALUE)):
-            buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv.num_kv_heads, capacity, kv.head_dim), dtype=kv.dtype))
+            buffer = ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((1, kv.num_kv_heads, capacity, kv.head_dim), dtype=kv.dtype)
+            )
             buffers.append(buffer)  # kept alive while the session writes into it
             binding.bind_ortvalue_input(past.format(slot=slot), buffer)
             binding.bind_ortvalue_output(present.format(slot=slot), buffer)
@@ -84,10 +95,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     manifest = Manifest.load(args.export)
-    rows = [profile_piece(args.export, manifest, piece, context, args.threads) for context in args.contexts for piece in manifest.pieces]
+    rows = [
+        profile_piece(args.export, manifest, piece, context, args.threads)
+        for context in args.contexts
+        for piece in manifest.pieces
+    ]
     for row in rows:
         ops = ", ".join(f"{op} {us:.0f}" for op, us in list(row["ops_us"].items())[:6])
-        print(f"{row['piece']:>14} ctx {row['context']:>5}: run {row['wall_us']:7.0f} us, kernels {row['kernels_us']:7.0f} us ({ops})")
+        print(
+            f"{row['piece']:>14} ctx {row['context']:>5}: run "
+            f"{row['wall_us']:7.0f} us, kernels {row['kernels_us']:7.0f} us ({ops})"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

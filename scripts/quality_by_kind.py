@@ -1,7 +1,8 @@
 """Per-exit quality of a checkpoint on several kinds of text, one JSON line per kind, and a markdown table.
 
     python scripts/unseen_texts.py --out eval-texts
-    python scripts/quality_by_kind.py [CHECKPOINT] --texts eval-texts [--held-out data/teacher_chat.jsonl data-extra/code.jsonl] [--device cuda]
+    python scripts/quality_by_kind.py [CHECKPOINT] --texts eval-texts [--held-out data/teacher_chat.jsonl
+    data-extra/code.jsonl] [--device cuda]
 
 Kinds: the held-out 5% of the default corpus (news), the held-out 5% of every --held-out training corpus, and
 every eval-texts/*.jsonl (files the balconies never trained on; --trained-kinds names those whose kind training
@@ -19,7 +20,9 @@ from balcony_edge.evaluate import evaluate
 parser = argparse.ArgumentParser()
 parser.add_argument("checkpoint", nargs="?", type=Path, default=None)
 parser.add_argument("--texts", type=Path, required=True)
-parser.add_argument("--held-out", type=Path, nargs="*", default=[], help="training corpora whose held-out 5%% to measure")
+parser.add_argument(
+    "--held-out", type=Path, nargs="*", default=[], help="training corpora whose held-out 5%% to measure"
+)
 parser.add_argument("--trained-kinds", nargs="*", default=[], help="eval-texts kinds that training saw in other files")
 parser.add_argument("--max-tokens", type=int, default=16384)
 parser.add_argument("--device", default="cpu", help="torch device to evaluate on (cuda on a GPU machine)")

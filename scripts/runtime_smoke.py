@@ -18,8 +18,8 @@ import time
 
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.runtime import Engine, SamplingConfig
-from balcony_edge.runtime.signal_hub import SignalHub
-from balcony_edge.runtime.signals import Signals
+from balcony_edge.runtime.device.hub import SignalHub
+from balcony_edge.runtime.device.sources import Signals
 
 GREEDY = SamplingConfig(temperature=0.0)
 BAD_PROMPTS = ("", "undecodable \udcff byte", "escape \x1b character")
@@ -78,7 +78,9 @@ def threads_agree(engine: Engine, budget: str, rounds: int = 3) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export")
-    parser.add_argument("--provider", action="append", help="tensorrt, cuda or cpu (repeatable); default: the engine's order")
+    parser.add_argument(
+        "--provider", action="append", help="tensorrt, cuda or cpu (repeatable); default: the engine's order"
+    )
     args = parser.parse_args()
     engine = Engine.load(args.export, providers=args.provider)
     checks = {

@@ -28,7 +28,10 @@ import httpx
 from balcony_edge.common.paths import default_export_dir
 from balcony_edge.runtime import Engine
 
-PROMPT = "The harbour was quiet in the early morning. Fishing boats rocked against the pier while gulls circled overhead, and"
+PROMPT = (
+    "The harbour was quiet in the early morning. Fishing boats "
+    "rocked against the pier while gulls circled overhead, and"
+)
 
 
 def rate(stamps: list[float]) -> float:
@@ -38,7 +41,9 @@ def rate(stamps: list[float]) -> float:
 
 def engine_direct(engine: Engine, tokens: int) -> float:
     """Decode tok/s of one Engine.generate at full depth, greedy."""
-    return rate([time.perf_counter() for _ in engine.generate(PROMPT, max_new_tokens=tokens, budget="full", chat=False)])
+    return rate(
+        [time.perf_counter() for _ in engine.generate(PROMPT, max_new_tokens=tokens, budget="full", chat=False)]
+    )
 
 
 def single_stream_pairs(engine: Engine, url: str, model: str, tokens: int, repeats: int) -> dict:

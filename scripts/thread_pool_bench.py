@@ -22,7 +22,7 @@ from balcony_edge.bench.benchmark import bench_prompt
 from balcony_edge.bench.decode import EngineDecoder, measure
 from balcony_edge.common.paths import default_export_dir
 from balcony_edge.runtime import Engine
-from balcony_edge.runtime.sessions import THREAD_POOLS
+from balcony_edge.runtime.core.sessions import THREAD_POOLS
 
 BUSY_LOOP = "while True: pass"
 
@@ -31,11 +31,23 @@ def child(folder: Path, thread_pool: str, tokens: int, repeats: int) -> dict[str
     """Decode tok/s per exit of one engine on one kind of pool (medians of `repeats` greedy runs after a warm-up)."""
     engine = Engine.load(folder, thread_pool=thread_pool)
     prompt = bench_prompt(engine.codec, engine.manifest, 64)
-    return {str(exit): measure(EngineDecoder(engine, exit), prompt, tokens, repeats).decode_tok_s for exit in engine.exits}
+    return {
+        str(exit): measure(EngineDecoder(engine, exit), prompt, tokens, repeats).decode_tok_s for exit in engine.exits
+    }
 
 
 def run_child(folder: Path, thread_pool: str, tokens: int, repeats: int) -> dict[str, float]:
-    command = [sys.executable, __file__, str(folder), "--child", thread_pool, "--tokens", str(tokens), "--repeats", str(repeats)]
+    command = [
+        sys.executable,
+        __file__,
+        str(folder),
+        "--child",
+        thread_pool,
+        "--tokens",
+        str(tokens),
+        "--repeats",
+        str(repeats),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -60,8 +72,12 @@ def compare(folder: Path, rounds: int, tokens: int, repeats: int, busy: int) -> 
         "rounds": rounds,
         "tokens": tokens,
         "busy_processes": busy,
-        "decode_tok_s": {pool: {e: round(statistics.median(r[e] for r in runs[pool]), 2) for e in exits} for pool in THREAD_POOLS},
-        "process_vs_session": {e: round(statistics.median(p[e] / s[e] for p, s in zip(runs["process"], runs["session"])), 3) for e in exits},
+        "decode_tok_s": {
+            pool: {e: round(statistics.median(r[e] for r in runs[pool]), 2) for e in exits} for pool in THREAD_POOLS
+        },
+        "process_vs_session": {
+            e: round(statistics.median(p[e] / s[e] for p, s in zip(runs["process"], runs["session"])), 3) for e in exits
+        },
         "runs": runs,
     }
 

@@ -20,7 +20,12 @@ from balcony_edge.data import write_jsonl_kinds
 
 PERMISSIVE = ("MIT", "BSD", "APACHE", "ISC", "PSF", "PYTHON SOFTWARE FOUNDATION")
 MIN_README_CHARS = 2000
-LICENCE_MARKERS = ("Permission is hereby granted", "Redistribution and use", "Licensed under the Apache", "WITHOUT WARRANTY")
+LICENCE_MARKERS = (
+    "Permission is hereby granted",
+    "Redistribution and use",
+    "Licensed under the Apache",
+    "WITHOUT WARRANTY",
+)
 
 
 def code() -> list[str]:
@@ -40,7 +45,11 @@ def readmes() -> list[str]:
         metadata = dist.metadata
         body = metadata.get_payload() or metadata.get("Description") or ""
         quotes_licence = any(marker.upper() in body.upper() for marker in LICENCE_MARKERS)
-        if len(body) >= MIN_README_CHARS and not quotes_licence and any(name in licence_of(metadata) for name in PERMISSIVE):
+        if (
+            len(body) >= MIN_README_CHARS
+            and not quotes_licence
+            and any(name in licence_of(metadata) for name in PERMISSIVE)
+        ):
             texts[body.strip()] = None  # a package installed twice once
     return sorted(texts)
 

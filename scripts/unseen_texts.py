@@ -12,10 +12,9 @@ import argparse
 import importlib.metadata
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 from balcony_edge.data import write_jsonl_kinds
-
-from pydoc_data.topics import topics
 
 CODE_PACKAGES = ("json", "email", "http", "logging")
 

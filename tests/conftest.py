@@ -56,16 +56,27 @@ def make_tokenizer():
     tokenizer = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(SENTENCES * 20 + synthetic_text(50, 100), trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>", pad_token="<|im_end|>"
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def make_base_folder(folder, model_type: str = "llama", layers: int = 4, seed: int = 0, initializer_range: float = 0.02):
+def make_base_folder(
+    folder, model_type: str = "llama", layers: int = 4, seed: int = 0, initializer_range: float = 0.02
+):
     """Save a tiny random causal LM of the given family and the tiny tokenizer into `folder`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -134,7 +145,8 @@ def tiny_base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def peaked_base_dir(tmp_path_factory):
-    """Like tiny_base_dir but with larger weights: peaked next-token distributions give distillation something to learn."""
+    """Like tiny_base_dir but with larger weights: peaked next-token distributions give distillation something to
+    learn."""
     return make_base_folder(tmp_path_factory.mktemp("peaked-llama"), layers=TINY_LAYERS, initializer_range=0.2)
 
 
@@ -167,7 +179,9 @@ def default_export(tmp_path_factory):
     """The shipped checkpoint exported in fp32 and verified against torch (minutes: shared by the slow tests)."""
     from balcony_edge.export.exporter import ExportConfig, export_checkpoint
 
-    return export_checkpoint(ExportConfig(checkpoint=None, out=tmp_path_factory.mktemp("default") / "smollm2-balcony-fp32"))
+    return export_checkpoint(
+        ExportConfig(checkpoint=None, out=tmp_path_factory.mktemp("default") / "smollm2-balcony-fp32")
+    )
 
 
 @pytest.fixture(scope="session")

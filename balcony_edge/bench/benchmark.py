@@ -1,9 +1,9 @@
-"""`balcony-edge bench`: every speed figure of an export measured in one run, side by side (see README.md, "Benchmarks and performance")."""
+"""`balcony-edge bench`: every speed figure of an export measured in one run, side by side (see README.md, "Benchmarks
+and performance")."""
 
 from __future__ import annotations
 
 import contextlib
-
 import os
 import platform
 from dataclasses import dataclass, field
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from balcony_edge.common.errors import BalconyError, first_line
-from balcony_edge.export.genai import genai_folder
-from balcony_edge.runtime.engine import Engine, export_folder, session_settings
-from balcony_edge.runtime.integrity import check_export_files
-from balcony_edge.runtime.manifest import QUANTIZED_KV_DTYPE, Manifest
-from balcony_edge.runtime.text import TextCodec
 from balcony_edge.bench.decode import CONTEXTS, BareDecoder, DecodeStats, EngineDecoder, context_step_ratio, measure
 from balcony_edge.bench.switching import BACKLOGS, switch_costs
+from balcony_edge.common.errors import BalconyError, first_line
+from balcony_edge.export.genai import genai_folder
+from balcony_edge.runtime.core.engine import Engine, export_folder, session_settings
+from balcony_edge.runtime.core.integrity import check_export_files
+from balcony_edge.runtime.core.manifest import QUANTIZED_KV_DTYPE, Manifest
+from balcony_edge.runtime.core.text import TextCodec
 
 PROMPT_TEXT = (
     "The harbour was quiet in the early morning. Fishing boats rocked against the pier while gulls circled "
@@ -38,7 +38,8 @@ class BenchConfig:
     threads: int | None = None  # intra-op threads (onnxruntime and torch); None: their defaults (all cores)
     provider: str = "cpu"
     prepack: bool = True  # CPU weight prepacking (False: to measure what it brings)
-    thread_pool: str = "session"  # the engine's onnxruntime threads (runtime.sessions); the command measures "process", as chat runs
+    # the engine's onnxruntime threads (runtime.sessions); the command measures "process", as chat runs
+    thread_pool: str = "session"
     floors: bool = True
     peers: bool = True
     memory: bool = True
@@ -55,7 +56,9 @@ class BenchConfig:
         if self.eval_file is not None and self.checkpoint is not None:
             raise BalconyError("--eval and --checkpoint both set: perplexity comes from one of them; give one")
         if self.eval_file is not None and not Path(self.eval_file).is_file():
-            raise BalconyError(f"--eval {self.eval_file} does not exist; give a file written by `balcony-edge eval --json`")
+            raise BalconyError(
+                f"--eval {self.eval_file} does not exist; give a file written by `balcony-edge eval --json`"
+            )
 
 
 def export_precision(manifest: Manifest) -> str:
@@ -133,14 +136,19 @@ def run_bench(config: BenchConfig) -> dict:
     deep_step_s = engine_stats[full.exit].step_ms / 1000
     say(f"switching: exit {manifest.exits[0].exit} -> {full.exit} after {', '.join(map(str, config.backlogs))} tokens")
     result["switch"] = {"shallow": manifest.exits[0].exit, "deep": full.exit}
-    result["switch_cost_steps"] = switch_costs(engine, prompt, manifest.exits[0].exit, full.exit, deep_step_s, config.repeats, config.backlogs)
+    result["switch_cost_steps"] = switch_costs(
+        engine, prompt, manifest.exits[0].exit, full.exit, deep_step_s, config.repeats, config.backlogs
+    )
     say(f"context: a full-depth decode step after {', '.join(map(str, CONTEXTS))} tokens")
     result["context_step_ratio"] = context_step_ratio(engine, full.exit, CONTEXTS, config.repeats)
     engine_tokens = engine_stats[full.exit].tokens
     del engine  # its sessions are not needed any more; the peers get the memory and caches
 
     perplexity = load_perplexities(config, manifest, notes)
-    result["exits"] = [exit_row(entry, engine_stats[entry.exit], floor_stats.get(entry.exit), perplexity.get(entry.exit)) for entry in manifest.exits]
+    result["exits"] = [
+        exit_row(entry, engine_stats[entry.exit], floor_stats.get(entry.exit), perplexity.get(entry.exit))
+        for entry in manifest.exits
+    ]
     result["engine_vs_bare"] = ratio(engine_stats[full.exit].decode_tok_s, bare.decode_tok_s if bare else None)
     result["bare_full"] = bare.to_json() if bare else None
     result["bare_tokens_match"] = bare.tokens == engine_tokens if bare else None
@@ -154,7 +162,9 @@ def run_bench(config: BenchConfig) -> dict:
     llama_exits = result["peers"].get("llama_cpp_exits", {}).get("exits", {})
     for row in result["exits"]:
         row["vs_llama_cpp_full"] = ratio(row["decode_tok_s"], llama.get("decode_tok_s"))
-        same_exit = llama.get("decode_tok_s") if row["full"] else llama_exits.get(str(row["exit"]), {}).get("decode_tok_s")
+        same_exit = (
+            llama.get("decode_tok_s") if row["full"] else llama_exits.get(str(row["exit"]), {}).get("decode_tok_s")
+        )
         row["llama_cpp_same_exit_tok_s"] = same_exit
         row["vs_llama_cpp_same_exit"] = ratio(row["decode_tok_s"], same_exit)
     genai = result["peers"].get("onnxruntime_genai", {}).get("exits", {})
@@ -194,7 +204,9 @@ def exit_row(entry, stats: DecodeStats, floor: DecodeStats | None, ppl: float | 
     }
 
 
-def measure_floors(config: BenchConfig, manifest: Manifest, prompt: list[int], notes: list[str]) -> dict[int, DecodeStats]:
+def measure_floors(
+    config: BenchConfig, manifest: Manifest, prompt: list[int], notes: list[str]
+) -> dict[int, DecodeStats]:
     """The bare loop on the export's full graph (always) and on truncated base graphs per exit (torch needed)."""
     kv = manifest.kv
     providers = ["CPUExecutionProvider"]
@@ -205,7 +217,9 @@ def measure_floors(config: BenchConfig, manifest: Manifest, prompt: list[int], n
 
     full = manifest.exits[-1]
     if config.provider != "cpu":
-        notes.append("the bare loop and the floors run on the CPU provider only; their ratios are left out on other providers")
+        notes.append(
+            "the bare loop and the floors run on the CPU provider only; their ratios are left out on other providers"
+        )
         return {}
     config.say(f"bare loop: {full.graph}")
     stats = {full.exit: bare(Path(config.export) / full.graph)}
@@ -227,12 +241,14 @@ def measure_floors(config: BenchConfig, manifest: Manifest, prompt: list[int], n
 
 def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], notes: list[str]) -> dict:
     """torch generate of the base model; llama.cpp on the default GGUF when the base is the default model."""
-    from balcony_edge.common.paths import cache_dir
     from balcony_edge.bench.peers import LLAMA_CPP_TYPES, gguf_at_precision, llama_cpp, torch_generate
+    from balcony_edge.common.paths import cache_dir
 
     config.say("peer: torch generate")
     gpu = config.provider != "cpu"
-    peers = {"torch": torch_generate(manifest.base["source"], prompt, config.new_tokens, config.repeats, config.threads, gpu)}
+    peers = {
+        "torch": torch_generate(manifest.base["source"], prompt, config.new_tokens, config.repeats, config.threads, gpu)
+    }
     gguf = None
     try:
         from balcony_edge.base_model import default_gguf_path
@@ -260,9 +276,9 @@ def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], no
 
 def llama_cpp_exits(config: BenchConfig, manifest: Manifest, file_type: str, prompt: list[int]) -> dict:
     """llama.cpp on each exit written as a GGUF file of the same type (`export --format gguf`): exit against exit."""
+    from balcony_edge.bench.peers import exit_gguf_files, llama_cpp
     from balcony_edge.checkpoint import SHIPPED_CHECKPOINT
     from balcony_edge.common.paths import cache_dir
-    from balcony_edge.bench.peers import exit_gguf_files, llama_cpp
 
     checkpoint = config.checkpoint or SHIPPED_CHECKPOINT  # the speed of an exit's file depends on its shapes only
     exits = [entry.exit for entry in manifest.exits if not entry.is_full]
@@ -273,7 +289,9 @@ def llama_cpp_exits(config: BenchConfig, manifest: Manifest, file_type: str, pro
         return {"skipped": f"the exits' GGUF files could not be written ({err})"}
     if files is None:
         return {"skipped": "llama-cpp-python is not installed"}
-    runs = {str(k): llama_cpp(path, prompt, config.new_tokens, config.repeats, config.threads) for k, path in files.items()}
+    runs = {
+        str(k): llama_cpp(path, prompt, config.new_tokens, config.repeats, config.threads) for k, path in files.items()
+    }
     return {"checkpoint": str(checkpoint), "file_type": file_type, "exits": runs}
 
 
@@ -287,7 +305,9 @@ def genai_exits(config: BenchConfig, manifest: Manifest, prompt: list[int]) -> d
     for entry in manifest.exits:
         config.say(f"peer: onnxruntime-genai on {entry.graph}")
         try:
-            run = onnxruntime_genai(Path(config.export) / genai_folder(entry), prompt, config.new_tokens, config.repeats, config.threads)
+            run = onnxruntime_genai(
+                Path(config.export) / genai_folder(entry), prompt, config.new_tokens, config.repeats, config.threads
+            )
         except Exception as err:  # genai's own errors (a version that cannot read the graph): a note, not a lost bench
             return {"skipped": f"onnxruntime-genai failed on {entry.graph}: {first_line(err)}"}
         if "skipped" in run:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from balcony_edge.runtime.manifest import ATTENTION_MASK, INPUT_IDS
-from balcony_edge.runtime.graph_runner import NUMPY_TYPES
+from balcony_edge.runtime.core.manifest import ATTENTION_MASK, INPUT_IDS
+from balcony_edge.runtime.core.piece_runner import NUMPY_TYPES
 
 
 @dataclass
@@ -88,7 +88,9 @@ class BareDecoder:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(graph), sess_options=options, providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(graph), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+        )
         inputs = {i.name: i.type for i in self.session.get_inputs()}
         self.past_names = [name for name in inputs if name not in (INPUT_IDS, ATTENTION_MASK)]
         self.output_names = [o.name for o in self.session.get_outputs()]  # logits, then the presents in past order

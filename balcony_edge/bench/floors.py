@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from balcony_edge.common.paths import cache_dir
-from balcony_edge.runtime.manifest import Manifest
+from balcony_edge.runtime.core.manifest import Manifest
 
 FLOOR_DATA_SUFFIX = ".data"
 FLOOR_VERSION = 2  # 2: built by the graph builder (fused contrib ops), no longer traced
@@ -15,7 +15,9 @@ FLOOR_VERSION = 2  # 2: built by the graph builder (fused contrib ops), no longe
 
 def floor_dir(manifest: Manifest) -> Path:
     """<cache>/bench/floors/<base sha256 prefix>-<precision>: floor graphs of one base model and precision."""
-    precision = manifest.dtype if manifest.quantization is None else f"{manifest.dtype}-{manifest.quantization['method']}"
+    precision = (
+        manifest.dtype if manifest.quantization is None else f"{manifest.dtype}-{manifest.quantization['method']}"
+    )
     return cache_dir() / "bench" / "floors" / f"v{FLOOR_VERSION}-{manifest.base['sha256'][:16]}-{precision}"
 
 
@@ -44,7 +46,10 @@ def floor_graphs(manifest: Manifest, depths: list[int], base=None, say=print) ->
             base = load_base_model(manifest.base["source"])
         check_same_base(manifest, base)
         for layers in missing:
-            say(f"exporting the floor graph: the base model cut to {layers} layers (once; cached in {floor_dir(manifest)})")
+            say(
+                "exporting the floor graph: the base model cut to "
+                f"{layers} layers (once; cached in {floor_dir(manifest)})"
+            )
             export_floor(base.model, layers, manifest, floor_graph_path(manifest, layers))
     return {d: floor_graph_path(manifest, d) for d in depths}
 
@@ -78,6 +83,8 @@ def export_floor(model, layers: int, manifest: Manifest, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     data = path.name + FLOOR_DATA_SUFFIX
-    onnx.save(proto, partial, save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    onnx.save(
+        proto, partial, save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024
+    )
     (path.parent / f"{path.stem}.json").write_text(json.dumps({"layers": layers, "base": manifest.base}) + "\n")
     partial.replace(path)

@@ -15,7 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from balcony_edge.runtime.sessions import THREAD_POOLS, SessionSettings, resolve_providers
+from balcony_edge.runtime.core.sessions import THREAD_POOLS, SessionSettings, resolve_providers
 
 MODES = ("all", "full")
 WARM_TOKENS = 8
@@ -23,7 +23,16 @@ WARM_TOKENS = 8
 
 def measure_in_subprocess(folder: Path, mode: str, settings: SessionSettings) -> dict:
     """RSS (and GPU) bytes of a fresh process holding `mode` sessions of the export, after a short decode."""
-    command = [sys.executable, "-m", "balcony_edge.bench.memory", str(folder), "--mode", mode, "--thread-pool", settings.thread_pool]
+    command = [
+        sys.executable,
+        "-m",
+        "balcony_edge.bench.memory",
+        str(folder),
+        "--mode",
+        mode,
+        "--thread-pool",
+        settings.thread_pool,
+    ]
     for provider in settings.providers:
         command += ["--provider", provider]
     if settings.threads:
@@ -38,7 +47,8 @@ def measure_in_subprocess(folder: Path, mode: str, settings: SessionSettings) ->
 
 
 def memory_ratio(folder: Path, settings: SessionSettings) -> dict:
-    """All exits loaded against the full model alone, on the engine's session settings: both measurements and their ratio."""
+    """All exits loaded against the full model alone, on the engine's session settings: both measurements and their
+    ratio."""
     measured = {mode: measure_in_subprocess(folder, mode, settings) for mode in MODES}
     key = "gpu_bytes" if measured["full"].get("gpu_bytes") else "rss_bytes"
     return {
@@ -68,8 +78,8 @@ def probe(folder: Path, mode: str, settings: SessionSettings) -> dict:
     """Load, touch every weight by decoding, and read this process's memory."""
     import psutil
 
-    from balcony_edge.runtime.engine import Engine
-    from balcony_edge.runtime.manifest import Manifest
+    from balcony_edge.runtime.core.engine import Engine
+    from balcony_edge.runtime.core.manifest import Manifest
 
     manifest = Manifest.load(folder)
     if mode == "full":  # the full model's chain alone: no balcony pieces
@@ -81,7 +91,12 @@ def probe(folder: Path, mode: str, settings: SessionSettings) -> dict:
         for token in range(WARM_TOKENS):
             sequence.logits(exit)
             sequence.append(token + 1)
-    result = {"mode": mode, "exits": engine.exits, "rss_bytes": psutil.Process().memory_info().rss, "prepack": engine.prepack}
+    result = {
+        "mode": mode,
+        "exits": engine.exits,
+        "rss_bytes": psutil.Process().memory_info().rss,
+        "prepack": engine.prepack,
+    }
     gpu = _gpu_bytes() if engine.provider != "CPUExecutionProvider" else None
     if gpu is not None:
         result["gpu_bytes"] = gpu
@@ -97,7 +112,9 @@ def main() -> None:
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--thread-pool", choices=THREAD_POOLS, default="session")
     args = parser.parse_args()
-    settings = SessionSettings(resolve_providers(args.provider or ["cpu"]), args.threads, prepack=args.prepack, thread_pool=args.thread_pool)
+    settings = SessionSettings(
+        resolve_providers(args.provider or ["cpu"]), args.threads, prepack=args.prepack, thread_pool=args.thread_pool
+    )
     print(json.dumps(probe(args.folder, args.mode, settings)))
 
 

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 
-def torch_generate(base_spec: str, prompt: list[int], new_tokens: int, repeats: int, threads: int | None, gpu: bool = False) -> dict:
+def torch_generate(
+    base_spec: str, prompt: list[int], new_tokens: int, repeats: int, threads: int | None, gpu: bool = False
+) -> dict:
     """transformers `generate` of the base model: greedy, batch 1, KV cache; decode speed excludes the first token.
 
     gpu: run on CUDA when torch has it (to compare with an engine on the CUDA or TensorRT provider).
@@ -34,7 +36,14 @@ def torch_generate(base_spec: str, prompt: list[int], new_tokens: int, repeats: 
     def timed(count: int) -> float:
         started = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=0)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=count,
+                min_new_tokens=count,
+                do_sample=False,
+                pad_token_id=0,
+            )
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started
@@ -49,7 +58,12 @@ def torch_generate(base_spec: str, prompt: list[int], new_tokens: int, repeats: 
 
 # The llama.cpp file type that matches an export's precision (like for like), by the export's precision name.
 LLAMA_CPP_TYPES = {"fp32": "f32", "fp16": "f16", "int8": "q8_0", "int4": "q4_0", "fp16-int4": "q4_0"}
-_LLAMA_FTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+_LLAMA_FTYPES = {
+    "f32": "LLAMA_FTYPE_ALL_F32",
+    "f16": "LLAMA_FTYPE_MOSTLY_F16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
 
 
 def gguf_at_precision(source, file_type: str, folder) -> Path | None:
@@ -81,8 +95,8 @@ _EXIT_WRITER_TYPES = {"f32": "fp32", "f16": "f16", "q8_0": "q8_0"}
 
 def exit_gguf_files(checkpoint, exits, file_type: str, folder) -> dict[int, Path] | None:
     """Each exit of `checkpoint` as a GGUF file of `file_type`, written once under folder; None without llama_cpp."""
-    from balcony_edge.common.checksums import file_sha256
     from balcony_edge.checkpoint import WEIGHTS_FILE
+    from balcony_edge.common.checksums import file_sha256
     from balcony_edge.export.exit_checkpoints import ExitCheckpointConfig, export_exit_checkpoints
     from balcony_edge.export.gguf_exits import gguf_file_name
 
@@ -92,7 +106,15 @@ def exit_gguf_files(checkpoint, exits, file_type: str, folder) -> dict[int, Path
     writer_type = _EXIT_WRITER_TYPES.get(file_type, "fp32")
     written = Path(folder) / f"{name}-{writer_type}"
     if not all((written / gguf_file_name(name, k)).is_file() for k in exits):
-        config = ExitCheckpointConfig(format="gguf", checkpoint=checkpoint, out=written, exits=tuple(exits), dtype=writer_type, force=True, name=name)
+        config = ExitCheckpointConfig(
+            format="gguf",
+            checkpoint=checkpoint,
+            out=written,
+            exits=tuple(exits),
+            dtype=writer_type,
+            force=True,
+            name=name,
+        )
         export_exit_checkpoints(config)
     files = {k: written / gguf_file_name(name, k) for k in exits}
     if file_type not in _EXIT_WRITER_TYPES:
@@ -104,11 +126,15 @@ def llama_cpp(gguf_path, prompt: list[int], new_tokens: int, repeats: int, threa
     """llama-cpp-python on a GGUF file (its own quantisation), greedy after the engine's own prompt tokens (the same
     tokenizer); skipped when llama_cpp is not installed."""
     if importlib.util.find_spec("llama_cpp") is None:
-        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python, about 10 minutes to build)"}
+        return {
+            "skipped": "llama-cpp-python is not installed (pip install llama-cpp-python, about 10 minutes to build)"
+        }
     from llama_cpp import Llama
 
     # use_extra_bufts=False: a source build with AMX crashed inside llama_decode on quantised files without it.
-    llm = Llama(model_path=str(gguf_path), n_ctx=2048, n_threads=threads or os.cpu_count(), verbose=False, use_extra_bufts=False)
+    llm = Llama(
+        model_path=str(gguf_path), n_ctx=2048, n_threads=threads or os.cpu_count(), verbose=False, use_extra_bufts=False
+    )
     tokens = list(prompt)
 
     def timed(count: int) -> float:
@@ -131,7 +157,10 @@ def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats:
     engine's own prompt tokens; skipped when onnxruntime_genai is not importable (it lives beside onnxruntime-gpu,
     installed without its dependencies: README)."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
-        return {"skipped": "onnxruntime-genai is not importable (pip install --no-deps --target ~/genai onnxruntime-genai; PYTHONPATH=~/genai)"}
+        return {
+            "skipped": "onnxruntime-genai is not importable (pip install --no-deps "
+            "--target ~/genai onnxruntime-genai; PYTHONPATH=~/genai)"
+        }
     import onnxruntime_genai as og
 
     model, threads = genai_model(folder, threads)
@@ -144,7 +173,12 @@ def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats:
             generator.generate_next_token()
         return time.perf_counter() - started
 
-    return {**_decode_and_first_token(timed, new_tokens, repeats), "folder": str(folder), "threads": threads, "genai": og.__version__}
+    return {
+        **_decode_and_first_token(timed, new_tokens, repeats),
+        "folder": str(folder),
+        "threads": threads,
+        "genai": og.__version__,
+    }
 
 
 def genai_model(folder: Path, threads: int | None):
@@ -178,4 +212,7 @@ def _decode_and_first_token(timed, new_tokens: int, repeats: int) -> dict:
         firsts.append(timed(1))
         fulls.append(timed(new_tokens + 1))
     first = statistics.median(firsts)
-    return {"decode_tok_s": round(new_tokens / (statistics.median(fulls) - first), 2), "ttft_ms": round(first * 1000, 2)}
+    return {
+        "decode_tok_s": round(new_tokens / (statistics.median(fulls) - first), 2),
+        "ttft_ms": round(first * 1000, 2),
+    }

@@ -16,7 +16,9 @@ def perplexities_from_eval(eval_json: dict, num_layers: int) -> dict[int, float]
         table = {int(e["exit"]): float(e["ppl"]) for e in eval_json["exits"]}
         table[num_layers] = float(eval_json["full"]["ppl"])
     except (KeyError, TypeError, ValueError) as err:
-        raise BalconyError(f"the eval file is not `balcony-edge eval --json` output ({err!r}); write it with that command") from None
+        raise BalconyError(
+            f"the eval file is not `balcony-edge eval --json` output ({err!r}); write it with that command"
+        ) from None
     return table
 
 
@@ -25,16 +27,21 @@ def read_eval_file(path: Path, num_layers: int) -> dict[int, float]:
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise BalconyError(f"cannot read the eval file {path} ({err}); write it with `balcony-edge eval --json > eval.json`") from None
+        raise BalconyError(
+            f"cannot read the eval file {path} ({err}); write it with `balcony-edge eval --json > eval.json`"
+        ) from None
     return perplexities_from_eval(raw, num_layers)
 
 
 def short_eval(checkpoint: Path, max_tokens: int = SHORT_EVAL_TOKENS, seq_len: int = 512) -> dict[int, float]:
-    """Held-out perplexity per exit of a checkpoint in torch, on the default corpus's first max_tokens held-out tokens."""
+    """Held-out perplexity per exit of a checkpoint in torch, on the default corpus's first max_tokens held-out
+    tokens."""
     from balcony_edge.checkpoint import load_checkpoint
     from balcony_edge.data import load_corpus, pack
     from balcony_edge.evaluate import evaluate
 
     model, _, loaded = load_checkpoint(checkpoint)
-    blocks = pack(load_corpus(None).held_out, loaded.tokenizer, seq_len, what="evaluation")[: max(1, max_tokens // seq_len)]
+    blocks = pack(load_corpus(None).held_out, loaded.tokenizer, seq_len, what="evaluation")[
+        : max(1, max_tokens // seq_len)
+    ]
     return perplexities_from_eval(evaluate(model, blocks, show_progress=False).to_json(), model.num_layers)

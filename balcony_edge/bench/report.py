@@ -28,10 +28,12 @@ def exits_table(result: dict):
     title = (
         f"{result['precision']} on {result['provider']}, {result['machine']['cpu'] or 'this machine'}, "
         f"threads {result['threads'] or 'default'}, prepack {'on' if result['prepack'] else 'off'}; "
-        f"medians of {result['repeats']}: {result['new_tokens']} new tokens after a {result['prompt_tokens']}-token prompt"
+        f"medians of {result['repeats']}: {result['new_tokens']} "
+        f"new tokens after a {result['prompt_tokens']}-token prompt"
     )
     caption = (
-        "tok/s: decode; floor: the base cut to the same depth; x fl: tok/s / floor; x lcpp: tok/s / llama.cpp's full model; "
+        "tok/s: decode; floor: the base cut to the same depth; x "
+        "fl: tok/s / floor; x lcpp: tok/s / llama.cpp's full model; "
         "prefill: tok/s; TTFT: ms; MB/t: weights read per token"
     )
     table = Table(title=title, caption=caption)
@@ -69,21 +71,43 @@ def target_lines(result: dict) -> list[str]:
     line("slowest exit / floor", min(floors) if floors else None, TARGETS["vs_floor"])
     line("engine / bare loop (full)", result.get("engine_vs_bare"), TARGETS["engine_vs_bare"])
     line("engine / torch generate (full)", result.get("engine_vs_torch"), TARGETS["engine_vs_torch"])
-    line(f"engine / llama.cpp {result.get('llama_cpp_precision') or ''} (full)", result.get("engine_vs_llama_cpp"), TARGETS["engine_vs_llama_cpp"])
-    against_llama = [row.get("vs_llama_cpp_full") for row in result["exits"] if row.get("vs_llama_cpp_full") is not None]
+    line(
+        f"engine / llama.cpp {result.get('llama_cpp_precision') or ''} (full)",
+        result.get("engine_vs_llama_cpp"),
+        TARGETS["engine_vs_llama_cpp"],
+    )
+    against_llama = [
+        row.get("vs_llama_cpp_full") for row in result["exits"] if row.get("vs_llama_cpp_full") is not None
+    ]
     line("slowest exit / llama.cpp full", min(against_llama) if against_llama else None, TARGETS["vs_llama_cpp_full"])
     same_exit = [
-        f"{'full' if row['full'] else row['exit']} {row['vs_llama_cpp_same_exit']:.2f}" for row in result["exits"] if row.get("vs_llama_cpp_same_exit")
+        f"{'full' if row['full'] else row['exit']} {row['vs_llama_cpp_same_exit']:.2f}"
+        for row in result["exits"]
+        if row.get("vs_llama_cpp_same_exit")
     ]
     if same_exit:
         lines.append(f"engine / llama.cpp on the same exit's GGUF: {', '.join(same_exit)} (no target)")
-    genai = [f"{'full' if row['full'] else row['exit']} {row['vs_genai']:.2f}" for row in result["exits"] if row.get("vs_genai")]
+    genai = [
+        f"{'full' if row['full'] else row['exit']} {row['vs_genai']:.2f}"
+        for row in result["exits"]
+        if row.get("vs_genai")
+    ]
     if genai:
         lines.append(f"engine / onnxruntime-genai on the exit's graph: {', '.join(genai)} (no target)")
     switch = result.get("switch_cost_steps", {})
     line("deepening after 16 tokens (deep steps)", switch.get("16"), TARGETS["switch_cost_16"], at_most=True)
-    line("decode step, 2000 / 64 tokens of context", result.get("context_step_ratio", {}).get("2000"), TARGETS["context_2000"], at_most=True)
-    line("memory, all exits / full alone", result.get("memory_ratio_all_vs_full"), TARGETS["memory_ratio_all_vs_full"], at_most=True)
+    line(
+        "decode step, 2000 / 64 tokens of context",
+        result.get("context_step_ratio", {}).get("2000"),
+        TARGETS["context_2000"],
+        at_most=True,
+    )
+    line(
+        "memory, all exits / full alone",
+        result.get("memory_ratio_all_vs_full"),
+        TARGETS["memory_ratio_all_vs_full"],
+        at_most=True,
+    )
     return lines
 
 
@@ -99,13 +123,20 @@ def plot_bench(result: dict, path: str) -> None:
     fig, (ax_speed, ax_quality) = plt.subplots(1, 2, figsize=(11, 4))
     xs = range(len(rows))
     ax_speed.bar([x - 0.2 for x in xs], [r["decode_tok_s"] for r in rows], width=0.4, label="exit (engine)")
-    ax_speed.bar([x + 0.2 for x in xs], [r["floor_tok_s"] or 0 for r in rows], width=0.4, label="floor (truncated base, bare loop)")
+    ax_speed.bar(
+        [x + 0.2 for x in xs],
+        [r["floor_tok_s"] or 0 for r in rows],
+        width=0.4,
+        label="floor (truncated base, bare loop)",
+    )
     torch_speed = result.get("peers", {}).get("torch", {}).get("decode_tok_s")
     if torch_speed:
         ax_speed.axhline(torch_speed, color="grey", linestyle="--", label="torch generate (full)")
     llama_speed = result.get("peers", {}).get("llama_cpp", {}).get("decode_tok_s")
     if llama_speed:
-        ax_speed.axhline(llama_speed, color="tab:red", linestyle=":", label=f"llama.cpp {result.get('llama_cpp_precision')} (full)")
+        ax_speed.axhline(
+            llama_speed, color="tab:red", linestyle=":", label=f"llama.cpp {result.get('llama_cpp_precision')} (full)"
+        )
     same_exit = [(x, r["llama_cpp_same_exit_tok_s"]) for x, r in zip(xs, rows) if r.get("llama_cpp_same_exit_tok_s")]
     if same_exit:
         ax_speed.plot(*zip(*same_exit), "rv", label="llama.cpp on the same exit's GGUF")

@@ -33,7 +33,14 @@ def deepening_time(engine, prompt: list[int], shallow: int, deep: int, backlog: 
     return elapsed
 
 
-def switch_costs(engine, prompt: list[int], shallow: int, deep: int, deep_step_s: float, repeats: int, backlogs=BACKLOGS) -> dict[str, float]:
+def switch_costs(
+    engine, prompt: list[int], shallow: int, deep: int, deep_step_s: float, repeats: int, backlogs=BACKLOGS
+) -> dict[str, float]:
     """Backlog (tokens, as a JSON key) -> cost of deepening from `shallow` to `deep` in deep decode steps."""
     deepening_time(engine, prompt, shallow, deep, backlogs[0])  # warm-up
-    return {str(n): switch_cost_steps([deepening_time(engine, prompt, shallow, deep, n) for _ in range(repeats)], deep_step_s) for n in backlogs}
+    return {
+        str(n): switch_cost_steps(
+            [deepening_time(engine, prompt, shallow, deep, n) for _ in range(repeats)], deep_step_s
+        )
+        for n in backlogs
+    }

@@ -18,7 +18,8 @@ PARTIAL, RETIRED = ".partial-", ".old-"
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` (same suffix) to write to: renamed onto `path` if the block succeeds, else removed."""
+    """A temporary path beside `path` (same suffix) to write to: renamed onto `path` if the block succeeds, else
+    removed."""
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
     os.close(descriptor)
@@ -64,11 +65,15 @@ def exclusive_target(target: Path, what: str, wait: bool = False) -> Iterator[No
                         raise
                     say(f"waiting for another process writing {what} {target}")
                     fcntl.flock(handle, fcntl.LOCK_EX)
-                held = os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino  # else the holder removed it as we opened it
+                held = (
+                    os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino
+                )  # else the holder removed it as we opened it
             except (BlockingIOError, FileNotFoundError):
                 held = False
             if not held and not wait:
-                raise BalconyError(f"another process is writing {what} {target}; wait for it to finish or choose another path")
+                raise BalconyError(
+                    f"another process is writing {what} {target}; wait for it to finish or choose another path"
+                )
             if not held:
                 continue  # the holder is done and took its lock file away: take a fresh one
             try:

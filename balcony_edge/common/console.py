@@ -29,4 +29,6 @@ def log_warning(message: str) -> None:
 
 def phase_progress() -> Progress:
     """A progress bar for one long phase (export, verification, conversion): description, bar, done/total, time."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )

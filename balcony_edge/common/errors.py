@@ -50,7 +50,8 @@ class TrainingStopped(BalconyError):
 
 
 class IntegrityError(ManifestError):
-    """An export folder names a file outside itself, lacks a file, points graph data elsewhere, or differs from its checksums."""
+    """An export folder names a file outside itself, lacks a file, points graph data elsewhere, or differs from its
+    checksums."""
 
 
 def first_line(error: BaseException) -> str:

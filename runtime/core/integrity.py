@@ -1,0 +1,218 @@
+"""Whether an export folder can be opened: every file its manifest names lies inside it and exists, every graph keeps
+its external data in the weights file only, every weight lies inside that file, and every file matches its checksum.
+
+Torch- and onnx-free: graphs are read with protobuf through a descriptor of the few onnx.proto messages that can
+hold a tensor. Checks run in that order, and a file that fails one is not touched by the next: a name that leads
+out of the folder is never opened.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
+
+from balcony_edge.common.checksums import file_sha256
+from balcony_edge.common.console import log_warning
+from balcony_edge.common.errors import IntegrityError
+from balcony_edge.runtime.core.manifest import FIX, Manifest
+
+MODIFIED = "sha256 differs"  # why a file that changed since the export is named
+
+
+# The part of onnx.proto (same field numbers) through which a ModelProto reaches a TensorProto; parsing keeps
+# these fields and skips every other one. Message -> field -> (number, message name or scalar type, repeated).
+_ONNX_SUBSET = {
+    "ModelProto": {
+        "graph": (7, "GraphProto", False),
+        "training_info": (20, "TrainingInfoProto", True),
+        "functions": (25, "FunctionProto", True),
+    },
+    "TrainingInfoProto": {"initialization": (1, "GraphProto", False), "algorithm": (2, "GraphProto", False)},
+    "FunctionProto": {"node": (7, "NodeProto", True), "attribute_proto": (11, "AttributeProto", True)},
+    "GraphProto": {
+        "node": (1, "NodeProto", True),
+        "initializer": (5, "TensorProto", True),
+        "sparse_initializer": (15, "SparseTensorProto", True),
+    },
+    "NodeProto": {"attribute": (5, "AttributeProto", True)},
+    "AttributeProto": {
+        "t": (5, "TensorProto", False),
+        "g": (6, "GraphProto", False),
+        "tensors": (10, "TensorProto", True),
+        "graphs": (11, "GraphProto", True),
+        "sparse_tensor": (22, "SparseTensorProto", False),
+        "sparse_tensors": (23, "SparseTensorProto", True),
+    },
+    "SparseTensorProto": {"values": (1, "TensorProto", False), "indices": (2, "TensorProto", False)},
+    # bytes, not string: a name that is not UTF-8 must not stop the check
+    "TensorProto": {
+        "name": (8, "bytes", False),
+        "external_data": (13, "StringStringEntryProto", True),
+        "data_location": (14, "int32", False),
+    },
+    "StringStringEntryProto": {"key": (1, "bytes", False), "value": (2, "bytes", False)},
+}
+_SCALAR_TYPES = {
+    "bytes": descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
+    "int32": descriptor_pb2.FieldDescriptorProto.TYPE_INT32,
+}
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+
+
+def check_export_files(
+    folder: Path | str, manifest: Manifest, trust_modified: bool = False, warn: Callable[[str], None] | None = None
+) -> None:
+    """Refuse an export folder that fails a check, in one line; changed files pass with trust_modified (warn names them;
+    default: a Python RuntimeWarning)."""
+    problems = _problems(Path(folder), manifest, stop_early=True)
+    modified = [repr(name) for name, why in problems.items() if why == MODIFIED]  # repr: one line, whatever the name
+    for name, why in problems.items():
+        if why != MODIFIED:
+            raise IntegrityError(f"{folder}: {name!r} is {why}; {FIX}")
+    if modified and not trust_modified:
+        raise IntegrityError(
+            f"{folder}: {', '.join(modified)}: sha256 differs from manifest.json; "
+            "export again, or pass --trust-modified to load it anyway"
+        )
+    if modified:
+        (warn or log_warning)(
+            f"{folder}: {', '.join(modified)}: sha256 differs from manifest.json; loading anyway (--trust-modified)"
+        )
+
+
+def export_problems(folder: Path | str, manifest: Manifest) -> dict[str, str]:
+    """Every file of an export folder that fails a check -> why (`check_export_files`'s checks, all run); empty when all
+    pass."""
+    return _problems(Path(folder), manifest, stop_early=False)
+
+
+def _problems(folder: Path, manifest: Manifest, stop_early: bool) -> dict[str, str]:
+    """File -> why, check by check; stop_early: stop after the first check that finds any (checksums come last)."""
+    problems: dict[str, str] = {}
+    for check in (_unsafe_paths, _missing_files, _foreign_external_data, _weights_past_end, _modified_files):
+        if problems and stop_early:
+            break
+        for name, why in check(folder, manifest, set(problems)).items():
+            problems.setdefault(name, why)
+    return problems
+
+
+def _unsafe_paths(folder: Path, manifest: Manifest, skip: set[str]) -> dict[str, str]:
+    return {name: why for name in manifest.named_files() if (why := path_problem(folder, name)) is not None}
+
+
+def path_problem(folder: Path, name: str) -> str | None:
+    """Why a file name from an untrusted source does not lead to a file inside folder, or None; opens nothing."""
+    root = folder.resolve()
+    if not name or "\0" in name:
+        return "not a file name"
+    if Path(name).is_absolute():
+        return "an absolute path, not a file of the export folder"
+    if ".." in Path(name).parts:
+        return "a path through '..', out of the export folder"
+    try:
+        inside = (root / name).resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # RuntimeError: Python 3.11 reports a symlink loop so
+        return "a symlink loop"
+    return None if inside else "a symlink out of the export folder"
+
+
+def _missing_files(folder: Path, manifest: Manifest, skip: set[str]) -> dict[str, str]:
+    problems = {}
+    for name in manifest.named_files():
+        if name in skip:
+            continue
+        path = folder / name
+        if not path.exists():
+            problems[name] = "missing"
+        elif not path.is_file():  # a folder, a FIFO or a device would block or fail the reads that follow
+            problems[name] = "not a regular file"
+        elif not os.access(path, os.R_OK):
+            problems[name] = "unreadable (check its permissions)"
+    return problems
+
+
+def _foreign_external_data(folder: Path, manifest: Manifest, skip: set[str]) -> dict[str, str]:
+    graphs = [name for name in dict.fromkeys(entry.graph for entry in manifest.exits) if name not in skip]
+    return {
+        name: why
+        for name in graphs
+        if (why := _external_data_problem(folder / name, manifest.weights_file)) is not None
+    }
+
+
+def _external_data_problem(path: Path, weights_file: str) -> str | None:
+    """Why a graph's tensors may read data from anywhere but weights_file (onnxruntime would read it), or None."""
+    try:
+        model = _model_class().FromString(path.read_bytes())
+    except message.DecodeError:
+        return "not an ONNX model (its protobuf does not parse)"
+    for tensor in _tensors(model):
+        locations = [entry.value for entry in tensor.external_data if entry.key == b"location"]
+        if (locations or tensor.data_location == _EXTERNAL) and locations != [weights_file.encode()]:
+            shown = (
+                ", ".join(repr(location.decode(errors="backslashreplace")) for location in locations) or "no location"
+            )
+            return (
+                f"a graph whose tensor {tensor.name.decode(errors='backslashreplace')!r} "
+                f"keeps its data in {shown}, not in {weights_file}"
+            )
+    return None
+
+
+def _tensors(proto: message.Message) -> Iterator[message.Message]:
+    """Every TensorProto inside a parsed message of _ONNX_SUBSET: initializers, attributes, subgraphs, functions."""
+    if proto.DESCRIPTOR.name == "TensorProto":
+        yield proto
+        return
+    declared = _ONNX_SUBSET[proto.DESCRIPTOR.name]
+    for field, value in proto.ListFields():  # every field of the subset but the tensor's own holds messages
+        repeated = declared[field.name][2]  # from the table: protobuf's own flag changed name across versions
+        for child in value if repeated else [value]:
+            yield from _tensors(child)
+
+
+@functools.cache
+def _model_class() -> type[message.Message]:
+    """The ModelProto class of _ONNX_SUBSET, in a descriptor pool of its own (onnx may have filled the default one)."""
+    package = "balcony_edge_onnx_subset"
+    file = descriptor_pb2.FileDescriptorProto(name=f"{package}.proto", package=package, syntax="proto2")
+    for message_name, message_fields in _ONNX_SUBSET.items():
+        declared = file.message_type.add(name=message_name)
+        for field_name, (number, kind, repeated) in message_fields.items():
+            label = (
+                descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
+                if repeated
+                else descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
+            )
+            field = declared.field.add(name=field_name, number=number, label=label)
+            if kind in _SCALAR_TYPES:
+                field.type = _SCALAR_TYPES[kind]
+            else:
+                field.type, field.type_name = descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE, f".{package}.{kind}"
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.ModelProto"))
+
+
+def _weights_past_end(folder: Path, manifest: Manifest, skip: set[str]) -> dict[str, str]:
+    if manifest.weights_file in skip:
+        return {}
+    size = (folder / manifest.weights_file).stat().st_size
+    for name, entry in manifest.weights.items():
+        if entry.offset + entry.length > size:
+            end = entry.offset + entry.length
+            return {manifest.weights_file: f"too short ({size} bytes) for weight {name!r}, which ends at byte {end}"}
+    return {}
+
+
+def _modified_files(folder: Path, manifest: Manifest, skip: set[str]) -> dict[str, str]:
+    return {
+        name: MODIFIED
+        for name, expected in sorted(manifest.files.items())
+        if name not in skip and file_sha256(folder / name) != expected
+    }

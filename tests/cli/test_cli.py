@@ -1,0 +1,142 @@
+"""The command line: train/eval/generate end to end on a tiny model, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SMALL_STEPS = ("--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "4")
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "balcony_edge", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_base_dir, text_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = run_cli(
+        "train",
+        "--exits",
+        "3,1",
+        "--out",
+        out,
+        "--base",
+        tiny_base_dir,
+        "--data",
+        text_dir,
+        *SMALL_STEPS,
+        "--max-tokens",
+        4 * 32 * 3,
+        "--threads",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_train_eval_and_generate_work_end_to_end(tiny_run, text_dir, tmp_path):
+    result = run_cli(
+        "eval",
+        tiny_run,
+        "--data",
+        text_dir,
+        "--seq-len",
+        "32",
+        "--max-tokens",
+        "256",
+        "--json",
+        "--plot",
+        tmp_path / "q.png",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [e["exit"] for e in report["exits"]] == [1, 3]
+    assert report["tokens"] == 8 * 31 and report["full"]["ppl"] > 1
+    for e in report["exits"]:
+        assert e["ppl"] > 1 and 0 <= e["top1_agreement"] <= 1 and e["kl"] >= 0 and e["naive_ppl"] > 1
+    assert (tmp_path / "q.png").stat().st_size > 10_000
+    table = run_cli("eval", tiny_run, "--data", text_dir, "--seq-len", "32", "--max-tokens", "128")
+    assert table.returncode == 0 and "naive ppl" in table.stderr
+    generated = run_cli("generate", tiny_run, "--exit", "1", "--prompt", "the river", "--max-new-tokens", "5")
+    assert generated.returncode == 0, generated.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--exits", "0,2"], "exit 0 is out of range"),
+        (["--exits", "2,2"], "exit 2 is given twice"),
+        (["--exits", "2,x"], "not an integer"),
+        (["--exits", "4"], "exits go from 1 to 3"),
+        (["--data", "MISSING"], "does not exist"),
+        (["--seq-len", "100000"], "shorter than one sequence"),
+    ],
+)
+def test_bad_training_input_gives_one_line_and_writes_nothing(tiny_base_dir, text_dir, tmp_path, args, words):
+    args = [tmp_path / "missing" if a == "MISSING" else a for a in args]
+    base_args = ["train", "--out", tmp_path / "run", "--base", tiny_base_dir, "--max-tokens", "128", "--seq-len", "32"]
+    base_args += [] if "--data" in args else ["--data", text_dir]
+    base_args += [] if "--exits" in args else ["--exits", "1,2"]
+    result = run_cli(*base_args, *args)
+    assert result.returncode == 1
+    assert words in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_base_models_are_named(tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "model.gguf").write_bytes(b"not a gguf at all")
+    cases = [
+        (tmp_path / "nowhere", "not found"),
+        (tmp_path, "has no config.json"),
+        (tmp_path / "bert", "'bert' model, not a Llama-family causal LM"),
+        (tmp_path / "model.gguf", "not a readable GGUF file"),
+    ]
+    for base, words in cases:
+        result = run_cli("train", "--out", tmp_path / "run", "--base", base)
+        assert result.returncode == 1 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_resume_from_another_run_is_refused(tiny_run, tiny_base_dir, text_dir):
+    result = run_cli(
+        "train",
+        "--exits",
+        "2",
+        "--out",
+        tiny_run,
+        "--base",
+        tiny_base_dir,
+        "--data",
+        text_dir,
+        *SMALL_STEPS,
+        "--max-tokens",
+        "384",
+        "--resume",
+    )
+    assert result.returncode == 1 and "resume with --exits 1,3" in result.stderr
+
+
+def test_generate_refuses_an_untrained_exit(tiny_run):
+    result = run_cli("generate", tiny_run, "--exit", "2", "--prompt", "x")
+    assert result.returncode == 1 and "trained exits: 1, 3" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export", "chat", "serve", "bench", "inspect"])
+def test_help_fits_80_columns_uncut(command):
+    result = subprocess.run(
+        [sys.executable, "-m", "balcony_edge", command, "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and max(map(len, lines)) <= 80
+    assert not [line for line in lines if "…" in line], "a help text is cut; shorten it"
