@@ -552,7 +552,7 @@ ThreadPoolOpt = Annotated[
     str,
     typer.Option(
         envvar="BALCONY_EDGE_THREAD_POOL",
-        show_envvar=False,  # README names it; bench's narrow help column would cut the name
+        show_envvar=False,  # docs/runtime.md names it; bench's narrow help column would cut the name
         callback=_thread_pool_choice,
         help="process: every piece on onnxruntime's one pool for the process (spins; "
         "fastest on a quiet CPU); session: a pool per piece, spinning off.",

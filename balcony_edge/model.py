@@ -19,7 +19,7 @@ from balcony_edge.exits import parse_exits
 
 BALCONY_INITS = ("last", "random")
 NORM_INITS = ("final", "exit_input")
-# Measured on SmolLM2-135M (README, "Initialisation"): the final norm's gains start the exit logits at the
+# Measured on SmolLM2-135M (docs/training.md, "Initialisation"): the final norm's gains start the exit logits at the
 # right temperature; the exit layer's input norm (gains near 0.3) starts them far too flat.
 DEFAULT_NORM_INIT = "final"
 

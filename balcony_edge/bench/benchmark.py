@@ -1,5 +1,5 @@
-"""`balcony-edge bench`: every speed figure of an export measured in one run, side by side (see README.md, "Benchmarks
-and performance")."""
+"""`balcony-edge bench`: every speed figure of an export measured in one run, side by side (docs/benchmarks.md says what
+each number means)."""
 
 from __future__ import annotations
 

@@ -155,7 +155,7 @@ def llama_cpp(gguf_path, prompt: list[int], new_tokens: int, repeats: int, threa
 def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int | None) -> dict:
     """onnxruntime-genai on one exit's genai folder of the export (its standard graph, greedy, on the CPU), after the
     engine's own prompt tokens; skipped when onnxruntime_genai is not importable (it lives beside onnxruntime-gpu,
-    installed without its dependencies: README)."""
+    installed without its dependencies: docs/export.md)."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
         return {
             "skipped": "onnxruntime-genai is not importable (pip install --no-deps "

@@ -15,10 +15,12 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from balcony_edge.common.errors import ManifestError
+from balcony_edge.common.errors import BalconyError, ManifestError
 from balcony_edge.common.validation import is_finite_number
+from balcony_edge.runtime.core.sampling import SamplingConfig
 
-SCHEMA_VERSION = 2  # 2: exits as chains of pieces
+SCHEMA_VERSION = 3  # 2: exits as chains of pieces; 3: measured answers per exit, recommended sampling
+READABLE_VERSIONS = (2, 3)  # what 3 added all has defaults
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"  # the export's verification report, beside the manifest
 MAX_MANIFEST_BYTES = 64 << 20  # a real one is well under 1 MiB; a larger one is not read into memory
@@ -80,6 +82,19 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class AnswerFigures:
+    """How one depth's answers to the held-out chat prompts read (`balcony-edge eval --chat`): what the controller's
+    quality floor is drawn from."""
+
+    judge_nll: float  # nats per answer token under the full model (its own answers: the floor)
+    loop_share: float  # answers caught in a repetition loop, 0..1
+    facts_right: float  # factual prompts answered with the right word, 0..1
+    mean_length: float  # answer tokens
+    prompts: int
+    measured_on: str  # what wrote the answers: "checkpoint (torch fp32)" or "this export"
+
+
+@dataclass(frozen=True)
 class ExitGraph:
     """One exit: exit k runs backbone layers 0..k-1, then balcony k (k = num_layers: the full model), then the head.
 
@@ -93,6 +108,7 @@ class ExitGraph:
     weights: list[str]  # initializers of `graph` that live in the weights file (keys of Manifest.weights)
     weight_bytes_per_token: int  # bytes of weights read to decode one token (embedding: one row)
     quality: float | None = None  # top-1 agreement with the full model's next token, 0..1 (full model: 1.0)
+    answers: AnswerFigures | None = None  # greedy held-out answers (None: not measured)
 
     @property
     def is_full(self) -> bool:
@@ -118,6 +134,8 @@ class GenerationDefaults:
     bos_token_id: int | None
     pad_token_id: int | None
     context_length: int  # tokens (max_position_embeddings)
+    sampling: dict[str, float] = field(default_factory=dict)  # the model's recommended settings (SamplingConfig names)
+    sampling_source: str = ""  # where they come from (its generation_config.json, its authors' model card)
 
 
 @dataclass
@@ -160,7 +178,7 @@ class Manifest:
         a writer that adds one must raise SCHEMA_VERSION)."""
         raw = _parse_json(text)
         version = raw.get("schema_version")
-        if type(version) is not int or version != SCHEMA_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise ManifestError(
                 f"manifest schema version {short_repr(version)} is not {SCHEMA_VERSION}, "
                 "the one this balcony-edge reads; export again with this version"
@@ -295,6 +313,7 @@ def _check_values(manifest: Manifest) -> None:
     for name, entry in manifest.weights.items():
         _check_weight(entry, f"weights[{short_repr(name)}]")
     _check_token_ids(manifest.generation, manifest.vocab_size)
+    _check_sampling(manifest.generation.sampling)
     _check_against_weights(manifest)
     _check_exits(manifest)
     _check_files(manifest)
@@ -371,6 +390,13 @@ def _check_token_ids(generation: GenerationDefaults, vocab_size: int) -> None:
     for path, token in ids.items():
         if token is not None and not 0 <= token < vocab_size:
             raise _refuse(path, f"is {token}, not a token id below vocab_size {vocab_size}")
+
+
+def _check_sampling(settings: dict[str, float]) -> None:
+    try:
+        SamplingConfig.of(settings)
+    except BalconyError as err:
+        raise _refuse("generation.sampling", f"is not usable ({err})") from None
 
 
 PIECE_KINDS = ("segment", "balcony", "head")
@@ -458,3 +484,11 @@ def _check_exit_references(manifest: Manifest, entry: ExitGraph, path: str) -> N
         raise _refuse(f"{path}.weight_bytes_per_token", f"is {entry.weight_bytes_per_token}, not a size (>= 0)")
     if entry.quality is not None and not 0 <= entry.quality <= 1:
         raise _refuse(f"{path}.quality", f"is {entry.quality}, not between 0 and 1")
+    if entry.answers is not None:
+        for name in ("loop_share", "facts_right"):
+            value = getattr(entry.answers, name)
+            if not 0 <= value <= 1:
+                raise _refuse(f"{path}.answers.{name}", f"is {value}, not between 0 and 1")
+        _check_positive(entry.answers, ("prompts",), f"{path}.answers.")
+        if not (math.isfinite(entry.answers.judge_nll) and entry.answers.judge_nll >= 0):
+            raise _refuse(f"{path}.answers.judge_nll", f"is {entry.answers.judge_nll}, not a finite NLL of 0 or more")

@@ -162,7 +162,7 @@ def test_an_int8_cache_export_is_benched_against_float_cache_floors(tiny_export_
 
 def test_onnxruntime_genai_runs_each_exit_graph_when_importable(tiny_export):
     pytest.importorskip(
-        "onnxruntime_genai", reason="onnxruntime-genai is installed in an environment of its own (README)"
+        "onnxruntime_genai", reason="onnxruntime-genai is installed in an environment of its own (docs/export.md)"
     )
     config = BenchConfig(export=tiny_export, new_tokens=4, prompt_tokens=16, repeats=1, threads=1, say=lambda t: None)
     run = genai_exits(config, Manifest.load(tiny_export), list(range(5, 21)))

@@ -570,7 +570,7 @@ def test_each_exit_has_an_onnxruntime_genai_folder_of_links(tiny_export):
 def test_onnxruntime_genai_runs_an_exit_graph_as_the_engine_does(request, fixture):
     """With a float cache and with an int8 one (`--kv-cache int8`)."""
     og = pytest.importorskip(
-        "onnxruntime_genai", reason="onnxruntime-genai is installed in an environment of its own (README)"
+        "onnxruntime_genai", reason="onnxruntime-genai is installed in an environment of its own (docs/export.md)"
     )
     tiny_export = request.getfixturevalue(fixture)
     engine = Engine.load(tiny_export, providers=["cpu"])
