@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from balcony_edge.common.atomic import atomic_path
 
-# The targets (ratios measured side by side in one run): docs/benchmarks.md ("What each number means") says how each is measured.
+# The targets (ratios measured side by side in one run): docs/benchmarks.md ("What each number means") says how each is
+# measured.
 TARGETS = {
     "vs_floor": 0.95,  # every exit at least this fraction of its plain truncated model
     "engine_vs_bare": 0.95,
