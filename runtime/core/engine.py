@@ -104,9 +104,9 @@ class Engine:
 
         thread_pool: "session" (default) gives each piece's session a pool of its own, spinning off; "process" runs
         every piece on onnxruntime's one process-wide pool, which spins between nodes and is faster on a CPU
-        (docs/benchmarks.md,
-        "Thread pools"), but once it exists onnxruntime refuses every later session in the process that asks for a pool
-        of its own: choose it when this process makes no other onnxruntime sessions (as `chat` and `serve` do).
+        (docs/benchmarks.md, "Thread pools"), but once it exists onnxruntime refuses every later session in the
+        process that asks for a pool of its own: choose it when this process makes no other onnxruntime sessions (as
+        `chat` and `serve` do).
         """
         folder = export_folder(folder)
         settings = session_settings(providers, threads, prepack, thread_pool)
