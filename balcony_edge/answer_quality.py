@@ -112,6 +112,15 @@ class AnswerQuality:
             "answers": self.answers,
         }
 
+    def record(self) -> dict:
+        """What a checkpoint or an export keeps of it (`eval --chat --record`): the greedy figures per depth."""
+        figures = ("judge_nll", "loop_share", "facts_right", "mean_length")
+        return {
+            "prompts": self.prompts,
+            "max_new_tokens": self.settings.max_new_tokens,
+            "depths": {str(d.depth): {name: round(getattr(d, name), 4) for name in figures} for d in self.depths},
+        }
+
 
 class AnswerWriter:
     """Batched generation at one depth of a BalconyModel, prompts padded on the left."""

@@ -7,7 +7,7 @@ import errno
 import io
 import json
 import reprlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,16 +15,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from balcony_edge.base_model import SUPPORTED_MODEL_TYPES, BaseModel, load_base_model
-from balcony_edge.common.atomic import readable_folder, write_folder_atomically
+from balcony_edge.common.atomic import readable_folder, write_folder_atomically, write_text_atomically
 from balcony_edge.common.errors import CheckpointError, ExitsError
+from balcony_edge.common.paths import CHECKPOINT_CONFIG_FILE, SHIPPED_CHECKPOINT
 from balcony_edge.common.paths import CHECKPOINT_WEIGHTS_FILE as WEIGHTS_FILE
-from balcony_edge.common.paths import SHIPPED_CHECKPOINT
-from balcony_edge.common.validation import is_whole_number
+from balcony_edge.common.validation import is_finite_number, is_whole_number
 from balcony_edge.exits import parse_exits
 from balcony_edge.model import BalconyConfig, BalconyModel
 
 SCHEMA_VERSION = 1
-CONFIG_FILE = "balcony_config.json"
+CONFIG_FILE = CHECKPOINT_CONFIG_FILE
 STATE_FILE = "training_state.pt"
 
 
@@ -35,6 +35,9 @@ class CheckpointInfo:
     base: dict
     config: BalconyConfig
     training: dict
+    # The held-out answers measured on these balconies (`eval --chat --record`): prompts, settings, and per depth
+    # ("8", ..., the full model's depth) judge_nll, loop_share, facts_right, mean_length. None: not measured.
+    answers: dict | None = None
 
     def to_json(self) -> dict:
         return {
@@ -44,6 +47,7 @@ class CheckpointInfo:
             "balcony_init": self.config.balcony_init,
             "norm_init": self.config.norm_init,
             "training": self.training,
+            **({"answers": self.answers} if self.answers is not None else {}),
         }
 
 
@@ -160,7 +164,46 @@ def _parse_info(raw: object, path: Path) -> CheckpointInfo:
         raise CheckpointError(
             f"{path} does not describe balconies its base can hold ({err}); train again or restore the file"
         ) from None
-    return CheckpointInfo(base=base, config=config, training=training)
+    return CheckpointInfo(base=base, config=config, training=training, answers=_parse_answers(raw.get("answers"), path))
+
+
+ANSWER_FIGURES = ("judge_nll", "loop_share", "facts_right", "mean_length")
+
+
+def _parse_answers(answers: object, path: Path) -> dict | None:
+    """The recorded answer figures, checked: a whole number of prompts and each depth's finite figures."""
+    if answers is None:
+        return None
+    depths = answers.get("depths") if isinstance(answers, dict) else None
+    good = (
+        isinstance(depths, dict)
+        and is_whole_number(answers.get("prompts"))
+        and all(
+            isinstance(d, str)
+            and d.isdigit()
+            and isinstance(f, dict)
+            and all(is_finite_number(f.get(n)) for n in ANSWER_FIGURES)
+            for d, f in depths.items()
+        )
+    )
+    if not good:
+        raise CheckpointError(
+            f"{path}: answers must hold prompts and per depth {', '.join(ANSWER_FIGURES)}, "
+            f"not {reprlib.repr(answers)}; measure again (`balcony-edge eval --chat --record`) or restore the file"
+        )
+    return answers
+
+
+def record_answers(folder: Path, answers: dict) -> None:
+    """Write measured answer figures into a checkpoint's balcony_config.json (atomically; the weights untouched)."""
+    folder = readable_folder(folder)
+    info = replace(read_info(folder), answers=answers)
+    try:
+        write_text_atomically(folder / CONFIG_FILE, json.dumps(info.to_json(), indent=2) + "\n")
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write {folder / CONFIG_FILE} ({err.strerror or err}); check the folder's permissions"
+        ) from None
 
 
 def check_base(info: CheckpointInfo, base: BaseModel, folder: Path) -> None:

@@ -285,6 +285,13 @@ def evaluate_command(
         ),
     ] = 3,
     answer_tokens: Annotated[int, typer.Option(min=1, help="With --chat: the longest answer (tokens).")] = 96,
+    record: Annotated[
+        bool,
+        typer.Option(
+            help="With --chat: keep the greedy figures in the checkpoint (or --export's manifest): "
+            "what export carries and the quality floor reads."
+        ),
+    ] = False,
 ) -> None:
     """Perplexity, top-1 agreement and KL per exit, beside the naive early exit and the full model; with --chat, what
     users read: each exit's answers judged by the full model."""
@@ -293,8 +300,8 @@ def evaluate_command(
     from balcony_edge.evaluate import evaluate, plot_quality
 
     check_output_folder(plot, "--plot")
-    if export is not None and not chat:
-        raise BalconyError("--export names the export whose answers --chat judges; add --chat (or leave --export out)")
+    if (export is not None or record) and not chat:
+        raise BalconyError("--export and --record go with --chat (the held-out answers); add --chat")
     model, info, loaded = load_checkpoint(checkpoint, base)
     engine = _eval_engine(export, info) if export is not None else None
     documents = load_corpus(data).held_out if held_out or not data else read_documents(data)
@@ -310,6 +317,8 @@ def evaluate_command(
         settings = AnswerSettings(answer_tokens, recommended_sampling(loaded)[0], seeds)
         writer = ExportWriter(engine) if engine is not None else None
         answers = answer_quality(model, loaded.tokenizer, settings, show_progress=not as_json, writer=writer)
+        if record:
+            _record_answers(answers.record(), export, checkpoint)
     if plot:
         plot_quality(result, str(plot), answers)
     if as_json:
@@ -335,6 +344,17 @@ def evaluate_command(
     console.print(table)
     if answers:
         console.print(_answers_table(answers, model.num_layers, export))
+
+
+def _record_answers(figures: dict, export: Optional[Path], checkpoint: Optional[Path]) -> None:
+    if export is not None:
+        from balcony_edge.export.exporter import record_export_answers
+
+        record_export_answers(export, figures)
+        return
+    from balcony_edge.checkpoint import SHIPPED_CHECKPOINT, record_answers
+
+    record_answers(checkpoint or SHIPPED_CHECKPOINT, figures)
 
 
 def _eval_engine(export: Path, info):
@@ -566,6 +586,26 @@ ExportArg = Annotated[
 ]
 
 
+def _quality_floor(value: str) -> str | int:
+    """--quality-floor: auto, off or an exit (checked against the export's exits when it loads)."""
+    text = value.strip().lower()
+    if text in ("auto", "off"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise typer.BadParameter(f"{value!r} is not auto, off or an exit such as 16")
+
+
+QualityFloorOpt = Annotated[
+    str,
+    typer.Option(
+        parser=_quality_floor,
+        help="The shallowest exit auto, eco and latency budgets use: auto (the shallowest whose held-out answers loop "
+        "no more than the full model's), off, or an exit.",
+    ),
+]
+
+
 def _default_export() -> Path:
     """The default export folder, exported from the shipped checkpoint the first time, and again when the shipped
     checkpoint has changed since (needs the train extra; without it an older export is used, with a warning)."""
@@ -636,11 +676,15 @@ def chat(
         Optional[str], typer.Option(help="A system message that starts the conversation (also /system TEXT).")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer at most.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.6,
-    top_k: Annotated[int, typer.Option(help="0: no limit.")] = 0,
-    top_p: Annotated[float, typer.Option()] = 0.9,
-    repetition_penalty: Annotated[float, typer.Option()] = 1.1,
+    temperature: Annotated[
+        Optional[float], typer.Option(help="0 for greedy; default: the export's (the model's own).")
+    ] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="0: no limit; default: the export's.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Default: the export's.")] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Default: the export's.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="1: none; default: the export's.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
+    quality_floor: QualityFloorOpt = "auto",
     provider: Annotated[
         Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")
     ] = None,
@@ -656,13 +700,15 @@ def chat(
     from balcony_edge.runtime import Engine, SamplingConfig
     from balcony_edge.runtime.chat import ChatSession
     from balcony_edge.runtime.core.text import check_prompt_text
-    from balcony_edge.runtime.device.controller import Budget
+    from balcony_edge.runtime.device.controller import Budget, ControllerConfig
     from balcony_edge.runtime.device.telemetry import TelemetryWriter
 
     # Everything the user typed is checked before the (slow) engine load or first-use export.
-    sampling = SamplingConfig(
-        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed
+    overrides = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty
     )
+    SamplingConfig.of({}, **overrides)
+    controller_config = ControllerConfig(quality_floor=quality_floor)
     parsed_budget = Budget.parse(budget)
     for text in (prompt, system):
         if text is not None:
@@ -678,6 +724,7 @@ def chat(
             warn=_warner("export"),
             thread_pool=thread_pool,
         )
+        sampling = SamplingConfig.of(engine.manifest.generation.sampling, **overrides, seed=seed)
         session = ChatSession(
             engine,
             parsed_budget,
@@ -688,6 +735,7 @@ def chat(
             plain,
             sliding_window=sliding_window,
             system=system,
+            controller_config=controller_config,
         )
         if prompt is not None:
             session.answer(prompt)
@@ -735,6 +783,11 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for onnxruntime.")] = None,
     thread_pool: ThreadPoolOpt = "process",
     trust_modified: TrustOpt = False,
+    alias: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Another model name to answer to (repeatable), for an app set up for one."),
+    ] = None,
+    quality_floor: QualityFloorOpt = "auto",
 ) -> None:
     """An OpenAI-compatible HTTP server (chat/completions, completions, models, health, metrics) over the engine."""
     from balcony_edge.runtime.serving.launch import ServeOptions, run_server
@@ -759,6 +812,8 @@ def serve(
         threads=threads,
         thread_pool=thread_pool,
         trust_modified=trust_modified,
+        aliases=tuple(alias or ()),
+        quality_floor=quality_floor,
     )
     with _signal_hub(signals, "time") as hub:
         run_server(

@@ -19,9 +19,9 @@ import torch
 import transformers
 
 from balcony_edge import __version__
-from balcony_edge.base_model import BaseModel
+from balcony_edge.base_model import BaseModel, recommended_sampling
 from balcony_edge.checkpoint import SHIPPED_CHECKPOINT, CheckpointInfo, load_checkpoint, read_info
-from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
+from balcony_edge.common.atomic import exclusive_target, write_folder_atomically, write_text_atomically
 from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.console import phase_progress
 from balcony_edge.common.errors import ExportError
@@ -44,6 +44,7 @@ from balcony_edge.runtime.core.manifest import (
     MANIFEST_FILE,
     QUANTIZED_KV_DTYPE,
     REPORT_FILE,
+    AnswerFigures,
     ExitGraph,
     GenerationDefaults,
     KVShape,
@@ -256,6 +257,7 @@ def write_export(
                     weights=save_graph(staging, name, proto, weights),
                     weight_bytes_per_token=weight_bytes_per_token(proto, weights),
                     quality=round(quality.top1[k], 4),
+                    answers=answer_figures(info.answers, k, "checkpoint (torch fp32)"),
                 )
             )
             progress.advance(task)
@@ -272,7 +274,7 @@ def write_export(
         cache_slots=[layer_slot(i) for i in range(model.num_layers)] + [balcony_slot(k) for k in exits],
         pieces=pieces,
         exits=graphs,
-        generation=generation_defaults(model, base.tokenizer),
+        generation=generation_defaults(model, base),
         tokenizer_files=tokenizer_files,
         chat_template=write_chat_template(base.tokenizer, staging),
     )
@@ -345,17 +347,52 @@ def kv_shape(config, dtype: str, kv_cache: str = "float") -> KVShape:
     )
 
 
-def generation_defaults(model: BalconyModel, tokenizer) -> GenerationDefaults:
-    """EOS ids (generation config and tokenizer), bos, pad and the context length (tokens)."""
-    generation = model.base.generation_config
+def generation_defaults(model: BalconyModel, base: BaseModel) -> GenerationDefaults:
+    """EOS ids (generation config and tokenizer), bos, pad, the context length (tokens) and the model's recommended
+    sampling settings."""
+    tokenizer, generation = base.tokenizer, model.base.generation_config
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else generation.bos_token_id
     pad = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
+    sampling, source = recommended_sampling(base)
     return GenerationDefaults(
         eos_token_ids=sorted(eos_token_ids(model, tokenizer)),
         bos_token_id=bos,
         pad_token_id=pad,
         context_length=model.base.config.max_position_embeddings,
+        sampling=sampling,
+        sampling_source=source,
     )
+
+
+def answer_figures(answers: dict | None, depth: int, measured_on: str) -> AnswerFigures | None:
+    """One depth's held-out answer figures from a record (`AnswerQuality.record()`), or None."""
+    if answers is None or str(depth) not in answers["depths"]:
+        return None
+    figures = answers["depths"][str(depth)]
+    return AnswerFigures(
+        judge_nll=figures["judge_nll"],
+        loop_share=figures["loop_share"],
+        facts_right=figures["facts_right"],
+        mean_length=figures["mean_length"],
+        prompts=answers["prompts"],
+        measured_on=measured_on,
+    )
+
+
+def record_export_answers(folder: Path, answers: dict) -> None:
+    """Put answers measured on an export's own output (`eval --chat --export DIR --record`) into its manifest.json
+    (written whole; the graphs and their checksums untouched)."""
+    manifest = Manifest.load(folder)
+    manifest.exits = [
+        dataclasses.replace(entry, answers=answer_figures(answers, entry.exit, "this export"))
+        for entry in manifest.exits
+    ]
+    try:
+        write_text_atomically(Path(folder) / MANIFEST_FILE, manifest.to_json())
+    except OSError as err:
+        raise ExportError(
+            f"cannot write {Path(folder) / MANIFEST_FILE} ({err.strerror or err}); check its permissions"
+        ) from None
 
 
 def write_chat_template(tokenizer, staging: Path) -> str | None:

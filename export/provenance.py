@@ -8,16 +8,18 @@ import json
 from pathlib import Path
 
 from balcony_edge.common.checksums import file_sha256
-from balcony_edge.common.paths import CHECKPOINT_WEIGHTS_FILE, SHIPPED_CHECKPOINT
+from balcony_edge.common.paths import CHECKPOINT_CONFIG_FILE, CHECKPOINT_WEIGHTS_FILE, SHIPPED_CHECKPOINT
 from balcony_edge.runtime.core.manifest import REPORT_FILE
 
 
 def checkpoint_identity(checkpoint: Path) -> dict:
-    """What report.json records of the checkpoint: its path, whether it is the shipped one, its weights' sha256."""
+    """What report.json records of the checkpoint: its path, whether it is the shipped one, the sha256 of its weights
+    and of its config (which holds the measured answers the export carries)."""
     return {
         "path": str(checkpoint),
         "shipped": Path(checkpoint).resolve() == SHIPPED_CHECKPOINT.resolve(),
         "balconies_sha256": file_sha256(Path(checkpoint) / CHECKPOINT_WEIGHTS_FILE),
+        "config_sha256": file_sha256(Path(checkpoint) / CHECKPOINT_CONFIG_FILE),
     }
 
 
@@ -33,4 +35,6 @@ def older_than_shipped(folder: Path) -> bool:
         return True
     if not made_from.get("shipped"):
         return False
-    return made_from["balconies_sha256"] != file_sha256(SHIPPED_CHECKPOINT / CHECKPOINT_WEIGHTS_FILE)
+    return made_from["balconies_sha256"] != file_sha256(SHIPPED_CHECKPOINT / CHECKPOINT_WEIGHTS_FILE) or made_from.get(
+        "config_sha256"
+    ) != file_sha256(SHIPPED_CHECKPOINT / CHECKPOINT_CONFIG_FILE)

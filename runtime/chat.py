@@ -16,7 +16,7 @@ from balcony_edge.runtime.core.engine import Engine, GeneratedToken
 from balcony_edge.runtime.core.sampling import SamplingConfig
 from balcony_edge.runtime.core.sequence import ContextFullError
 from balcony_edge.runtime.core.text import check_prompt_text
-from balcony_edge.runtime.device.controller import Budget
+from balcony_edge.runtime.device.controller import Budget, ControllerConfig
 from balcony_edge.runtime.device.hub import SignalHub
 from balcony_edge.runtime.device.telemetry import TelemetryWriter
 
@@ -60,7 +60,7 @@ class ChatSession:
         self,
         engine: Engine,
         budget: Budget | str,
-        sampling: SamplingConfig,
+        sampling: SamplingConfig | None,
         signals: SignalHub,
         telemetry: TelemetryWriter | None = None,
         max_new_tokens: int = 256,
@@ -68,8 +68,14 @@ class ChatSession:
         console: Console | None = None,
         sliding_window: bool = False,
         system: str | None = None,
+        controller_config: ControllerConfig | None = None,
+        status: Console | None = None,
     ):
-        self.engine, self.sampling, self.signals, self.telemetry = engine, sampling, signals, telemetry
+        """sampling None: the export's recommended settings. The answer goes to `console` (stdout), status lines and
+        notices to `status` (stderr), so that a script reading stdout gets the answer alone."""
+        self.engine, self.signals, self.telemetry = engine, signals, telemetry
+        self.sampling = sampling if sampling is not None else engine.default_sampling
+        self.controller_config = controller_config
         self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
         self.max_new_tokens, self.plain, self.sliding_window, self.system = (
             max_new_tokens,
@@ -78,12 +84,21 @@ class ChatSession:
             system,
         )
         self.console = console or Console(highlight=False)
+        self.status = status or Console(highlight=False, stderr=True)
+        self._told_below_floor = False
         self.colours = {exit: EXIT_COLOURS[i % len(EXIT_COLOURS)] for i, exit in enumerate(engine.exits[:-1])}
         self.colours[engine.exits[-1]] = "default"
         self.stats = ChatStats()
-        if not self.budget.is_fixed:
-            engine.profiles()  # measured once per device and export, then cached; not part of an answer's tok/s
         self.reset()
+        self.show_floor()
+
+    def show_floor(self) -> None:
+        """Where the budget may step down to, when a quality floor stops it above the shallowest exit."""
+        if not self.budget.is_fixed:
+            # profiles: measured once per device and export, then cached; not part of an answer's tok/s
+            controller = self.engine.controller(self.budget, self.controller_config)
+            if controller.floor_exit is not None:
+                self.status.print(f"[dim]{controller.floor_note}[/dim]", soft_wrap=True)
 
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
@@ -98,6 +113,8 @@ class ChatSession:
                 return False
             if name in ("exit", "budget") and argument:  # /exit N is the budget N
                 self.budget = Budget.parse(argument)
+                self.engine.controller(self.budget, self.controller_config)  # refuse an exit the export lacks now
+                self.show_floor()
             elif name == "stats":
                 for row in self.stats.lines() + [f"provider: {self.engine.describe(verbose=True)}"]:
                     self.console.print(f"[dim]{row}[/dim]")
@@ -142,11 +159,18 @@ class ChatSession:
         started, shown_exit = time.perf_counter(), None
         try:
             generation = self.engine.generate(
-                new_ids, self.max_new_tokens, self.budget, self.sampling, self.signals, sequence=sequence
+                new_ids,
+                self.max_new_tokens,
+                self.budget,
+                self.sampling,
+                self.signals,
+                self.controller_config,
+                sequence=sequence,
             )
             for token in self.telemetry.follow(generation) if self.telemetry is not None else generation:
                 tokens.append(token)
                 self.stats.add(token)
+                self.tell_below_floor(token)
                 if self.plain:
                     marker = f"[{token.exit}]" if token.exit != shown_exit else ""
                     self.console.print(marker + token.text, end="", markup=False, soft_wrap=True)
@@ -164,15 +188,23 @@ class ChatSession:
         self.console.print()
         reply = self.engine.codec.decode([t.id for t in tokens])
         self.sequence, self.messages = sequence, [*messages, {"role": "assistant", "content": reply}]
-        self.console.print(self.status_line(tokens, time.perf_counter() - started), style="dim")
+        self.status.print(self.status_line(tokens, time.perf_counter() - started), style="dim")
         return tokens
+
+    def tell_below_floor(self, token: GeneratedToken) -> None:
+        """Say once per session that a hard limit took the answer below the quality floor."""
+        if token.below_floor and not self._told_below_floor:
+            self._told_below_floor = True
+            self.status.print(
+                f"[yellow]exit {token.exit} is below the quality floor ({token.why}): answers may degrade[/yellow]"
+            )
 
     def status_line(self, tokens: list[GeneratedToken], seconds: float) -> str:
         """tok/s, the last exit, temperature, battery and power of the last answer."""
         signals = tokens[-1].signals if tokens else {}
         parts = [
             f"{len(tokens) / seconds:.1f} tok/s" if seconds > 0 else "",
-            f"exit {tokens[-1].exit}" if tokens else "",
+            (f"exit {tokens[-1].exit}" + (f": {tokens[-1].why}" if tokens[-1].why else "")) if tokens else "",
         ]
         if "temperature_degc" in signals:
             parts.append(f"{signals['temperature_degc']:.0f} degC")
@@ -187,7 +219,7 @@ class ChatSession:
 
     def run(self, read_line=input) -> None:
         """The interactive loop: read a message, answer it or run its command, until /quit or end of input."""
-        self.console.print(f"[dim]balcony-edge chat on {self.engine.describe()}\n{BANNER}[/dim]")
+        self.status.print(f"[dim]balcony-edge chat on {self.engine.describe()}\n{BANNER}[/dim]")
         history = None
         if read_line is input:
             if hasattr(sys.stdin, "reconfigure"):

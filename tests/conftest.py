@@ -35,6 +35,17 @@ def synthetic_text(documents: int, words: int, seed: int = 0) -> list[str]:
     return out
 
 
+# Prepended to a subprocess's script: importing torch, transformers or onnx there fails (the runtime must not need
+# them).
+BLOCKER = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'onnx', 'onnxscript'):
+            raise ImportError(f'{name} is blocked: the runtime must not need it')
+sys.meta_path.insert(0, Blocker())
+"""
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"

@@ -10,6 +10,7 @@ from balcony_edge.common.errors import BalconyError
 SHIPPED_EXPORT_NAME = "smollm2-balcony"
 SHIPPED_CHECKPOINT = Path(__file__).parent.parent / "checkpoints" / "smollm2"
 CHECKPOINT_WEIGHTS_FILE = "balconies.safetensors"  # a checkpoint's balcony weights
+CHECKPOINT_CONFIG_FILE = "balcony_config.json"  # its configuration, training record and measured answers
 
 
 def cache_dir() -> Path:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import onnxruntime as ort
 
 from balcony_edge.common.atomic import readable_folder, write_text_atomically
@@ -22,10 +23,10 @@ from balcony_edge.common.errors import BalconyError, first_line
 from balcony_edge.common.paths import cache_dir, default_export_dir
 from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.core.integrity import check_export_files
-from balcony_edge.runtime.core.manifest import Manifest
+from balcony_edge.runtime.core.manifest import ExitGraph, Manifest
 from balcony_edge.runtime.core.piece_runner import PieceRunner
 from balcony_edge.runtime.core.sampling import Sampler, SamplingConfig
-from balcony_edge.runtime.core.sequence import Sequence
+from balcony_edge.runtime.core.sequence import ContextFullError, Sequence
 from balcony_edge.runtime.core.sessions import (
     ProcessPool,
     SessionSettings,
@@ -53,6 +54,10 @@ class GeneratedToken:
     catch_up_tokens: int  # positions recomputed first because earlier tokens ran at shallower exits
     reason: str  # why the controller chose this exit
     signals: dict = field(default_factory=dict)
+    why: str = ""  # the reason in a few words ("plugged in and cool", "battery 15%")
+    below_floor: bool = False  # a hard limit (battery critical, thermal trip) took it below the quality floor
+    logprob: float | None = None  # with generate(logprobs=...): log p of this token at its exit (nats, before sampling)
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # the most likely ids and their log p
     # on the last token: "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
     finish: str | None = None
 
@@ -186,10 +191,22 @@ class Engine:
             with contextlib.suppress(OSError):  # a read-only cache only costs a calibration next time
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomically(path, json.dumps(measured))
-        return [
-            ExitProfile(entry.exit, measured[str(entry.exit)], entry.weight_bytes_per_token, entry.quality)
-            for entry in self.manifest.exits
-        ]
+        return [self._profile(entry, measured[str(entry.exit)]) for entry in self.manifest.exits]
+
+    @staticmethod
+    def _profile(entry: ExitGraph, ms_per_token: float) -> ExitProfile:
+        loop_share = entry.answers.loop_share if entry.answers is not None else None
+        return ExitProfile(entry.exit, ms_per_token, entry.weight_bytes_per_token, entry.quality, loop_share)
+
+    @property
+    def default_sampling(self) -> SamplingConfig:
+        """The model's recommended sampling settings, as the export records them (greedy when it records none)."""
+        return SamplingConfig.of(self.manifest.generation.sampling)
+
+    def controller(self, budget: str | Budget = "auto", config: ControllerConfig | None = None) -> Controller:
+        """A controller for this export's exits, measured costs and recorded answers (the quality floor)."""
+        budget = budget if isinstance(budget, Budget) else Budget.parse(str(budget))
+        return Controller(self.controller_profiles(budget), budget, config)
 
     def _calibration_path(self) -> Path:
         graphs = "-".join(self.manifest.files[e.graph][:8] for e in self.manifest.exits)
@@ -236,33 +253,50 @@ class Engine:
         prompt: str | list[dict] | list[int],
         max_new_tokens: int = 128,
         budget: str | Budget = "auto",
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: SamplingConfig | None = None,
         signals: SignalHub | None = None,
         controller_config: ControllerConfig | None = None,
         stop: tuple[str, ...] = (),
         sequence: Sequence | None = None,
         chat: bool = True,
         controller: Chooser | None = None,
+        logprobs: int | None = None,
+        ignore_eos: bool = False,
     ) -> Generator[GeneratedToken, None, None]:
         """Stream new tokens for a prompt; the exit of each is chosen just before it is computed (by `controller` when
         given, e.g. one shared by every request of a server, else by a Controller of its own for `budget`).
 
+        sampling None: the model's recommended settings (`default_sampling`). The answer ends at an end token (unless
+        ignore_eos), a stop string, max_new_tokens or the context length (finish "length"). logprobs k: each token
+        carries its log-probability and the k most likely tokens' (the exit's own distribution, before sampling).
+
         Model work only: a TelemetryWriter records the tokens as they pass (`writer.follow(engine.generate(...))`)."""
         if not (is_whole_number(max_new_tokens) and max_new_tokens >= 1):
             raise BalconyError(f"max_new_tokens {max_new_tokens!r} must be a whole number of tokens, at least 1")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise BalconyError(f"stop strings must be non-empty text, not {stop!r}")
+        if logprobs is not None and not (is_whole_number(logprobs) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise BalconyError(f"logprobs {logprobs!r} must be a whole number from 0 to {MAX_TOP_LOGPROBS}")
+        sampling = self.default_sampling if sampling is None else sampling
         if not isinstance(sampling, SamplingConfig):
             raise BalconyError(
                 "sampling must be a SamplingConfig, such as "
                 f"SamplingConfig(temperature=0.7), not {type(sampling).__name__}"
             )
         if controller is None:
-            budget = budget if isinstance(budget, Budget) else Budget.parse(str(budget))
-            controller = Controller(self.controller_profiles(budget), budget, controller_config)
+            controller = self.controller(budget, controller_config)
         sequence = sequence if sequence is not None else self.sequence()
         sequence.extend(self.prompt_ids(prompt, chat))
+        if not sequence.sliding_window:  # past the context the answer ends ("length"), however many were asked for
+            max_new_tokens = min(max_new_tokens, sequence.context_length - len(sequence.tokens))
+            if max_new_tokens < 1:
+                raise ContextFullError(
+                    f"the prompt fills the context of {sequence.context_length} tokens; "
+                    "shorten it or start a new conversation (/reset)"
+                )
         hub = signals or SignalHub([])
         sampler, text = Sampler(sampling), TextStream(self.codec, stop)
-        eos = set(self.manifest.generation.eos_token_ids)
+        eos = set() if ignore_eos else set(self.manifest.generation.eos_token_ids)
         last_latency = None
         for index in range(max_new_tokens):
             reading = hub.read(token_index=index)
@@ -271,6 +305,7 @@ class Engine:
             logits = sequence.logits(decision.exit)
             token = sampler(logits, sequence.tokens)
             latency = (time.perf_counter() - started) * 1000
+            chosen, top = log_probabilities(logits, token, logprobs) if logprobs is not None else (None, [])
             last_latency = latency if index else None  # the first token carries the prompt's prefill
             if token not in eos:
                 text.push(token)
@@ -280,7 +315,18 @@ class Engine:
             piece = text.take(final=stopped)
             finish = ("stop" if token in eos or text.stop_at is not None else "length") if stopped else None
             generated = GeneratedToken(
-                token, piece, decision.exit, latency, sequence.last_catch_up, decision.reason, reading.to_dict(), finish
+                id=token,
+                text=piece,
+                exit=decision.exit,
+                latency_ms=latency,
+                catch_up_tokens=sequence.last_catch_up,
+                reason=decision.reason,
+                signals=reading.to_dict(),
+                why=decision.short,
+                below_floor=decision.below_floor,
+                logprob=chosen,
+                top_logprobs=top,
+                finish=finish,
             )
             yield generated
             if stopped:
@@ -290,8 +336,20 @@ class Engine:
     def controller_profiles(self, budget: Budget) -> list[ExitProfile]:
         """Fixed budgets need no calibration; the others use measured costs."""
         if budget.is_fixed:
-            return [ExitProfile(e.exit, 1.0, e.weight_bytes_per_token, e.quality) for e in self.manifest.exits]
+            return [self._profile(entry, 1.0) for entry in self.manifest.exits]
         return self.profiles()
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI allows
+
+
+def log_probabilities(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p of `token` and the `top` most likely (id, log p) under softmax(logits) (nats)."""
+    shifted = logits.astype(np.float64) - logits.max()
+    log_probs = shifted - np.log(np.exp(shifted).sum())
+    best = np.argpartition(-log_probs, top)[:top] if top else np.empty(0, dtype=np.int64)
+    best = best[np.argsort(-log_probs[best])]
+    return float(log_probs[token]), [(int(i), float(log_probs[i])) for i in best]
 
 
 def export_folder(folder: str | Path | None) -> Path:

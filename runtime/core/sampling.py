@@ -71,7 +71,10 @@ class SamplingConfig:
         unknown = sorted(set(settings) - names)
         if unknown:
             raise BalconyError(f"sampling setting {unknown[0]!r} is unknown; known: {', '.join(sorted(names))}")
-        whole = {k: int(v) for k, v in settings.items() if k in ("top_k", "seed") and is_whole_number(v)}
+        # counts read back from JSON as floats (a manifest's dict[str, float]) are counts again
+        whole = {
+            k: int(v) for k, v in settings.items() if k in ("top_k", "seed") and isinstance(v, float) and v.is_integer()
+        }
         return replace(cls(**(settings | whole)), **{k: v for k, v in overrides.items() if v is not None})
 
 

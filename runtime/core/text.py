@@ -66,9 +66,13 @@ class TextCodec:
     def _token(self, token_id: int | None) -> str:
         return "" if token_id is None else (self.tokenizer.id_to_token(token_id) or "")
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of plain text (no special tokens added)."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of plain text (special tokens such as BOS added only when asked)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, special tokens spelt out (what log-probabilities and /tokenize show)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids, special tokens left out."""

@@ -25,6 +25,7 @@ from balcony_edge.runtime.device.sources import Signals
 BUDGET_KINDS = ("auto", "full", "exit", "latency", "eco")
 _LATENCY = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*ms$")
 BUDGET_HELP = "use auto, full, eco, an exit such as 16, or a per-token latency target such as 40ms"
+QUALITY_FLOORS = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class ExitProfile:
     ms_per_token: float  # one decode step at this exit, measured on this device (ms)
     weight_bytes_per_token: int = 0  # bytes of weights read per decode step
     quality: float | None = None  # agreement with the full model's next token, 0..1 (None: not measured)
+    loop_share: float | None = None  # held-out greedy answers caught in a repetition loop, 0..1 (None: not measured)
 
     def __post_init__(self):
         if self.exit < 1:
@@ -96,6 +98,8 @@ class ExitProfile:
             raise ControllerError(
                 f"exit {self.exit}: quality {self.quality!r} is not in 0..1 (agreement with the full model)"
             )
+        if self.loop_share is not None and not 0.0 <= self.loop_share <= 1.0:
+            raise ControllerError(f"exit {self.exit}: loop_share {self.loop_share!r} is not in 0..1")
 
 
 @dataclass(frozen=True)
@@ -114,12 +118,16 @@ class ControllerConfig:
     latency_settle_tokens: int = 4  # latency samples after a switch that learn the new exit's own error (tokens)
     min_dwell_tokens: int = 8  # no deepening within this many tokens of any switch
     headroom_tokens: int = 8  # deepen only after this many consecutive tokens with headroom
-    eco_min_quality: float = 0.6  # eco: the shallowest exit with at least this quality
+    eco_min_quality: float = 0.6  # eco without measured answers: the shallowest exit with at least this quality
+    # The shallowest exit auto, eco and latency budgets step down to (hard limits excepted): "auto", the shallowest
+    # exit whose held-out answers loop no more often than the full model's plus loop_margin; "off"; or an exit.
+    quality_floor: str | int = "auto"
+    loop_margin: float = 0.05  # 0..1: the loop share an exit may exceed the full model's by and still be usable
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None and value < 0:
+            if isinstance(value, (int, float)) and value < 0:
                 raise ControllerError(f"controller setting {f.name}={value!r} is negative; give 0 or more")
         if self.soft_zone_degc <= 0:
             raise ControllerError(
@@ -139,6 +147,11 @@ class ControllerConfig:
             raise ControllerError(f"latency_up_margin={self.latency_up_margin!r} is not in [0, 1)")
         if self.eco_min_quality > 1:
             raise ControllerError(f"eco_min_quality={self.eco_min_quality!r} is not in 0..1")
+        if self.loop_margin > 1:
+            raise ControllerError(f"loop_margin={self.loop_margin!r} is not in 0..1")
+        floor = self.quality_floor
+        if not (floor in QUALITY_FLOORS or (isinstance(floor, int) and not isinstance(floor, bool) and floor >= 1)):
+            raise ControllerError(f"quality floor {floor!r} is not auto, off or an exit such as 16")
 
     @property
     def soft_limit_degc(self) -> float:
@@ -152,6 +165,8 @@ class Decision:
 
     exit: int
     reason: str
+    short: str = ""  # the reason in a few words, for a status line ("plugged in and cool", "battery 15%")
+    below_floor: bool = False  # a hard limit (battery critical, thermal trip) took it below the quality floor
 
 
 class Chooser(Protocol):
@@ -167,6 +182,8 @@ class _Cap:
     level: int
     why: str
     binds: bool = True
+    short: str = ""
+    hard: bool = False  # a safety limit that may go below the quality floor
 
 
 class Controller:
@@ -188,6 +205,7 @@ class Controller:
         self.check_budget(self.budget)
         self.latency_target_ms = self.budget.latency_target_ms or self.config.latency_target_ms
         self._top = len(self.exits) - 1
+        self._floor, self.floor_note = self._quality_floor_level()
         self._eco_floor = self._eco_floor_level()
         self._level = self._top  # index into exits of the exit in use
         self._temperature_level = self._top
@@ -201,10 +219,14 @@ class Controller:
         self._slowdown = 1.0
         self._slowdown_samples = 0
         self._correction = [1.0] * len(self.exits)
-        self._recent: deque[float] = deque(
-            maxlen=3
-        )  # measured / profiled at the current exit; median drops one-off spikes
+        # measured / profiled at the current exit; median drops one-off spikes
+        self._recent: deque[float] = deque(maxlen=3)
         self._settling = 0  # samples still to attribute to the current exit's correction
+
+    @property
+    def floor_exit(self) -> int | None:
+        """The shallowest exit auto, eco and latency budgets step down to (None: no floor, every exit)."""
+        return self.exits[self._floor] if self._floor else None
 
     @property
     def exit(self) -> int:
@@ -216,9 +238,9 @@ class Controller:
         unknown."""
         if self.budget.is_fixed:
             exit = self.budget.exit if self.budget.exit is not None else self.exits[-1]
-            return Decision(
-                exit, f"fixed budget {self.budget.exit}" if self.budget.kind == "exit" else f"full budget: exit {exit}"
-            )
+            if self.budget.kind == "exit":
+                return Decision(exit, f"fixed budget {exit}", "fixed budget")
+            return Decision(exit, f"full budget: exit {exit}", "full budget")
         if self._last_token is not None and token_index < self._last_token:
             self._switch_token = None  # a new sequence: nothing to catch up, no dwell
         self._last_token = token_index
@@ -228,35 +250,48 @@ class Controller:
         caps = [temperature, self._battery_cap(signals, goal.level), self._latency_cap(), goal]
         # Tightest cap wins; among equals a binding one, and safety first (list order).
         cap = min(caps, key=lambda c: (c.level, not c.binds))
+        if cap.level < self._floor and not cap.hard:
+            floor = self.exits[self._floor]
+            cap = _Cap(self._floor, f"{cap.why}; held at the quality floor, exit {floor}", short="quality floor")
         return self._step_towards(cap, signals, token_index)
 
     def _step_towards(self, cap: _Cap, signals: Signals, token_index: int) -> Decision:
         current = self._level
+        short = cap.short if cap.binds else self._at_ease(signals)
         if cap.level < current:
-            return self._switch(cap.level, token_index, f"{cap.why}: step down to exit {self.exits[cap.level]}")
+            reason = f"{cap.why}: step down to exit {self.exits[cap.level]}"
+            if cap.level < self._floor:
+                reason += f", below the quality floor (exit {self.exits[self._floor]}): no other way"
+            return self._switch(cap.level, token_index, reason, short)
         if cap.level == current:
             self._headroom = 0
-            return Decision(self.exit, f"{cap.why}: hold exit {self.exit}")
+            return Decision(self.exit, f"{cap.why}: hold exit {self.exit}", short, current < self._floor)
         self._headroom += 1
         dwell, need = self._tokens_since_switch(token_index), self.config.min_dwell_tokens
+        below = current < self._floor
         if dwell is not None and dwell < need:
             return Decision(
                 self.exit,
                 f"dwell {dwell}/{need} tokens since the last switch ({self._summary(signals)}): hold exit {self.exit}",
+                "stepping back up",
+                below,
             )
         if self._headroom < self.config.headroom_tokens:
             return Decision(
                 self.exit,
                 f"headroom {self._headroom}/{self.config.headroom_tokens} "
                 f"tokens ({self._summary(signals)}): hold exit {self.exit}",
+                "stepping back up",
+                below,
             )
         return self._switch(
             current + 1,
             token_index,
             f"headroom {self._headroom} tokens ({self._summary(signals)}): step up to exit {self.exits[current + 1]}",
+            "stepping back up",
         )
 
-    def _switch(self, level: int, token_index: int, reason: str) -> Decision:
+    def _switch(self, level: int, token_index: int, reason: str, short: str) -> Decision:
         self._catching_up = level > self._level
         self._recent.clear()
         # Once the slowdown is known, the first samples at the new exit measure how wrong its profile is.
@@ -266,7 +301,7 @@ class Controller:
         self._level = level
         self._switch_token = token_index
         self._headroom = 0
-        return Decision(self.exit, reason)
+        return Decision(self.exit, reason, short, level < self._floor)
 
     def _tokens_since_switch(self, token_index: int) -> int | None:
         return None if self._switch_token is None else token_index - self._switch_token
@@ -290,7 +325,7 @@ class Controller:
             within = [
                 level for level in range(len(self.exits)) if self._predicted_ms(level) <= budget.latency_target_ms
             ]
-            return self.exits[max(within, default=0)]
+            return self.exits[max(within + [self._floor])]
         return self.exits[-1]
 
     # --- temperature: banded caps between the soft limit and the limit, with hysteresis on the way back up
@@ -315,47 +350,80 @@ class Controller:
         level = self._temperature_level
         binds = level < self._top
         if degc is None:
-            return _Cap(level, "no temperature reading, last temperature cap", binds)
+            return _Cap(level, "no temperature reading, last temperature cap", binds, short="warm (last reading)")
         limit, soft = self.config.temperature_limit_degc, self.config.soft_limit_degc
         if degc >= limit:
-            return _Cap(level, f"temperature {degc:.1f} degC >= limit {limit:g} degC")
+            return _Cap(
+                level, f"temperature {degc:.1f} degC >= limit {limit:g} degC", short=f"{degc:.0f} degC", hard=True
+            )
         if degc >= soft:
-            return _Cap(level, f"temperature {degc:.1f} degC >= soft limit {soft:g} degC")
+            return _Cap(level, f"temperature {degc:.1f} degC >= soft limit {soft:g} degC", short=f"{degc:.0f} degC")
         if binds:
             return _Cap(
                 level,
                 f"temperature {degc:.1f} degC cooling (hysteresis {self.config.temperature_hysteresis_degc:g} degC)",
+                short=f"cooling, {degc:.0f} degC",
             )
         return _Cap(level, f"temperature {degc:.1f} degC < soft limit {soft:g} degC", binds=False)
 
     # --- the budget's own goal (eco: the shallowest acceptable exit unless plugged in and cool)
 
+    def _quality_floor_level(self) -> tuple[int, str]:
+        """The shallowest exit index auto, eco and latency budgets may use, and a line saying why."""
+        floor = self.config.quality_floor
+        if floor == "off":
+            return 0, "no quality floor (off)"
+        if isinstance(floor, int):
+            if floor not in self.exits:
+                raise ControllerError(
+                    f"quality floor {floor} is not an available exit; exits: {', '.join(map(str, self.exits))}"
+                )
+            return self.exits.index(floor), f"quality floor exit {floor} (set)"
+        shares = [p.loop_share for p in self.profiles]
+        if any(share is None for share in shares):
+            return 0, "no quality floor: the export records no measured answers (`balcony-edge eval --chat --record`)"
+        limit = shares[-1] + self.config.loop_margin
+        level = next(level for level, share in enumerate(shares) if share <= limit)
+        return level, (
+            f"quality floor exit {self.exits[level]}: the shallowest whose held-out answers loop at most "
+            f"{self.config.loop_margin:.0%} more often than the full model's ({shares[-1]:.0%})"
+        )
+
     def _eco_floor_level(self) -> int:
+        """eco's exit on battery or while warm: the quality floor where answers are measured (or a floor is set), else
+        the shallowest exit with top-1 agreement >= eco_min_quality (nothing measured: the shallowest)."""
+        measured = all(p.loop_share is not None for p in self.profiles)
+        if self.config.quality_floor != "off" and (measured or isinstance(self.config.quality_floor, int)):
+            return self._floor
         if all(p.quality is None for p in self.profiles):
-            return 0  # nothing measured: battery first means the shallowest exit
+            return self._floor
         for level, profile in enumerate(self.profiles):
             quality = 1.0 if level == self._top and profile.quality is None else profile.quality
             if quality is not None and quality >= self.config.eco_min_quality:
-                return level
+                return max(level, self._floor)
         return self._top
 
     def _goal_cap(self, signals: Signals) -> _Cap:
         if self.budget.kind != "eco":
-            return _Cap(self._top, f"{self.budget} budget: deepest exit {self.exits[-1]}")
+            return _Cap(self._top, f"{self.budget} budget: deepest exit {self.exits[-1]}", short="")
         plugged = signals.on_battery is False or (signals.on_battery is None and signals.battery_percent is None)
         cool = self._temperature_level == self._top
         if plugged and cool:
-            return _Cap(self._top, f"eco budget, plugged in and cool: deepest exit {self.exits[-1]}")
+            return _Cap(
+                self._top,
+                f"eco budget, plugged in and cool: deepest exit {self.exits[-1]} (eco changes nothing here)",
+                short="plugged in and cool: eco changes nothing",
+            )
         floor = self.profiles[self._eco_floor]
-        quality = (
-            f"quality {floor.quality:.2f} >= {self.config.eco_min_quality:g}"
-            if floor.quality is not None
-            else "quality not measured"
-        )
-        return _Cap(
-            self._eco_floor,
-            f"eco budget {'on battery' if not plugged else 'while warm'}: exit {floor.exit} ({quality})",
-        )
+        if floor.loop_share is not None:
+            full = self.profiles[-1].loop_share or 0.0
+            quality = f"its answers loop {floor.loop_share:.0%} of the time, the full model's {full:.0%}"
+        elif floor.quality is not None:
+            quality = f"quality {floor.quality:.2f} >= {self.config.eco_min_quality:g}"
+        else:
+            quality = "quality not measured"
+        place = "on battery" if not plugged else "while warm"
+        return _Cap(self._eco_floor, f"eco budget {place}: exit {floor.exit} ({quality})", short=f"eco {place}")
 
     # --- battery: on battery below the low / critical thresholds, with hysteresis on the way back up
 
@@ -382,7 +450,12 @@ class Controller:
         below = f"< {threshold:g}%"
         if percent is not None and percent >= threshold:
             below += f" + {self.config.battery_hysteresis_percent:g}% hysteresis"
-        return _Cap(0 if critical else max(0, goal_level - 1), f"battery {shown} {below} on battery")
+        return _Cap(
+            0 if critical else max(0, goal_level - 1),
+            f"battery {shown} {below} on battery",
+            short=f"battery {shown}{' (critical)' if critical else ''}",
+            hard=critical,
+        )
 
     # --- latency: profiled ms x a slowdown shared by all exits x each exit's own correction, both moving averages
 
@@ -412,7 +485,9 @@ class Controller:
         here = self._predicted_ms(current)
         if here > target:
             fitting = [level for level in range(current) if self._predicted_ms(level) <= target]
-            return _Cap(max(fitting, default=0), f"latency {here:.1f} ms > target {target:g} ms")
+            return _Cap(
+                max(fitting, default=0), f"latency {here:.1f} ms > target {target:g} ms", short=f"{target:g} ms target"
+            )
         room = target * (1 - self.config.latency_up_margin)
         level = current
         while level < self._top and self._predicted_ms(level + 1) <= room:
@@ -423,6 +498,7 @@ class Controller:
                 f"latency {here:.1f} ms, exit {self.exits[current + 1]} predicted "
                 f"{self._predicted_ms(current + 1):.1f} ms <= {room:.1f} ms",
                 binds=level < self._top,
+                short=f"{target:g} ms target",
             )
         if current == self._top:
             return _Cap(current, f"latency {here:.1f} ms <= target {target:g} ms", binds=False)
@@ -430,6 +506,17 @@ class Controller:
             current,
             f"latency {here:.1f} ms <= target {target:g} ms, exit {self.exits[current + 1]} "
             f"predicted {self._predicted_ms(current + 1):.1f} ms > {room:.1f} ms",
+            short=f"{target:g} ms target",
+        )
+
+    def _at_ease(self, signals: Signals) -> str:
+        """A few words for a step nothing limits: what the device looks like."""
+        plugged = signals.on_battery is False or (signals.on_battery is None and signals.battery_percent is None)
+        power = "plugged in" if plugged else f"on battery {_percent(signals.battery_percent or 0)}"
+        if signals.on_battery and signals.battery_percent is None:
+            power = "on battery"
+        return (
+            f"{power} and cool" if signals.temperature_degc is None or self._temperature_level == self._top else power
         )
 
     def _summary(self, signals: Signals) -> str:

@@ -21,30 +21,31 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from balcony_edge.common.errors import BalconyError
+from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.core.engine import Engine, GeneratedToken
 from balcony_edge.runtime.core.text import PromptError
 from balcony_edge.runtime.device.controller import Budget, DeviceController
 from balcony_edge.runtime.device.hub import SignalHub
 from balcony_edge.runtime.serving.metrics import ServerMetrics
 from balcony_edge.runtime.serving.protocol import (
+    EXIT_TAG,
     ApiError,
     GenerationRequest,
-    chunk,
-    completion,
+    Responder,
     new_id,
     parse_request,
-    usage_chunk,
+    refuse_unknown,
+    typed,
 )
 from balcony_edge.runtime.serving.scheduler import DONE, Busy, Job, Scheduler
 
 log = logging.getLogger("balcony_edge")
 OPEN_PATHS = ("/health",)  # answered without the API key
-DISCONNECT_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How the server answers: its model name, concurrency, queue, key, CORS origins and body limit."""
+    """How the server answers: its model name and aliases, concurrency, queue, key, CORS origins and body limit."""
 
     model_name: str
     parallel: int = 1
@@ -53,6 +54,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 2
+    aliases: tuple[str, ...] = ()  # more names clients may send as `model` (an app configured for another model)
 
     def __post_init__(self) -> None:
         if self.parallel < 1 or self.queue_limit < 0:
@@ -61,6 +63,13 @@ class ServerConfig:
             )
         if self.api_key is not None and not self.api_key.strip():
             raise BalconyError("the API key is empty; give a non-empty key or leave it out")
+        for alias in self.aliases:
+            if not alias.strip() or EXIT_TAG in alias:
+                raise BalconyError(f"--alias {alias!r} must be a non-empty name without {EXIT_TAG!r}")
+
+    @property
+    def served(self) -> set[str]:
+        return {self.model_name, *self.aliases}
 
 
 def error_response(err: ApiError, headers: dict | None = None) -> JSONResponse:
@@ -87,6 +96,52 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+async def read_json(request: Request, limit: int) -> object:
+    """The request body as JSON, refused over the size limit before it is all read, and refused when nested deeper
+    than Python's parser goes (a 400, not a crash)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to read", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON ({str(err)[:120]})", code="invalid_json") from None
+
+
+async def cancel_on_disconnect(request: Request, jobs: list[Job]) -> None:
+    """Wait for the client to go away (the body is read: the next message is the disconnect), then cancel `jobs`."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            for job in jobs:
+                job.cancel()
+            return
+
+
+async def merged(jobs: list[Job]) -> AsyncIterator[tuple[int, object]]:
+    """(choice index, item) from several jobs' queues as they come, until each has given DONE or an error."""
+    pending = {asyncio.ensure_future(job.queue.get()): i for i, job in enumerate(jobs)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in sorted(done, key=pending.__getitem__):
+                index = pending.pop(future)
+                item = future.result()
+                yield index, item
+                if item is not DONE and not isinstance(item, Exception):
+                    pending[asyncio.ensure_future(jobs[index].queue.get())] = index
+    finally:
+        for future in pending:
+            future.cancel()
+
+
 class Handlers:
     """The server's endpoints over one engine, its scheduler and the device controller (each method one route)."""
 
@@ -96,22 +151,7 @@ class Handlers:
         self.scheduler = Scheduler(config.parallel, config.queue_limit, on_token=self.metrics.observe)
         self.context_length = engine.manifest.generation.context_length
         self.created = int(time.time())
-
-    async def read_json(self, request: Request) -> object:
-        """The request body as JSON, refused over the size limit before it is all read."""
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"the request body is not valid JSON ({str(err)[:120]})", code="invalid_json") from None
+        self.defaults = engine.manifest.generation.sampling
 
     def prompt_ids(self, request: GenerationRequest, chat: bool) -> list[int]:
         """The prompt's token ids, refused when it leaves no room to answer."""
@@ -128,25 +168,32 @@ class Handlers:
             )
         return ids
 
-    def start(self, parsed: GenerationRequest, ids: list[int]) -> Job:
-        """The request's generation queued on the scheduler (503 when every slot and the queue are taken)."""
+    def start(self, request: GenerationRequest, ids: list[int]) -> list[Job]:
+        """The request's n generations queued on the scheduler (503 when the slots and the queue cannot take them)."""
+        if request.response_format is not None:
+            raise ApiError(400, "response_format json is not supported yet", "response_format", "unsupported_parameter")
         room = self.context_length - len(ids)
-        max_tokens = min(parsed.max_tokens or room, room)
+        max_tokens = min(request.max_tokens or room, room)
         try:
-            chooser = self.controller.for_request(parsed.budget or Budget("auto"))
+            choosers = [self.controller.for_request(request.budget or Budget("auto")) for _ in range(request.n)]
         except BalconyError as err:
             raise ApiError(400, str(err), "budget", "invalid_budget") from None
-        tokens = self.engine.generate(
-            ids,
-            max_new_tokens=max_tokens,
-            sampling=parsed.sampling,
-            signals=self.hub,
-            stop=parsed.stop,
-            controller=chooser,
-        )
-        job = Job(tokens, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for index, chooser in enumerate(choosers):
+            tokens = self.engine.generate(
+                ids,
+                max_new_tokens=max_tokens,
+                sampling=request.sampling_config(self.defaults, index),
+                signals=self.hub,
+                stop=request.stop,
+                controller=chooser,
+                logprobs=request.logprobs,
+                ignore_eos=request.ignore_eos,
+            )
+            jobs.append(Job(tokens, loop))
         try:
-            self.scheduler.submit(job)
+            self.scheduler.submit_all(jobs)
         except Busy:
             raise ApiError(
                 503,
@@ -154,15 +201,16 @@ class Handlers:
                 code="server_busy",
                 kind="server_error",
             ) from None
-        return job
+        return jobs
 
     async def generation(self, request: Request, chat: bool) -> Response:
         """POST /v1/chat/completions (chat) and /v1/completions: a whole answer or a stream of chunks."""
         endpoint = request.url.path
         try:
-            parsed = parse_request(await self.read_json(request), chat, self.config.model_name)
+            body = await read_json(request, self.config.max_body_bytes)
+            parsed = parse_request(body, chat, self.config.served, self.engine.exits)
             ids = self.prompt_ids(parsed, chat)
-            job = self.start(parsed, ids)
+            jobs = self.start(parsed, ids)
         except ApiError as err:
             self.metrics.requests.labels(endpoint=endpoint, status=str(err.status)).inc()
             headers = {"Retry-After": str(self.config.retry_after_s)} if err.status == 503 else None
@@ -170,62 +218,95 @@ class Handlers:
         except ClientDisconnect:
             return Response(status_code=499)
         self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
-        ident = new_id(chat)
+        responder = Responder(chat, new_id(chat), parsed.model, self.engine.codec.token_text, parsed.logprobs)
         if parsed.stream:
-            events = self.stream(job, chat, ident, len(ids), parsed.include_usage)
+            events = self.stream(jobs, responder, len(ids), parsed.include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self.whole(request, job, chat, ident, len(ids))
+        return await self.whole(request, jobs, responder, len(ids))
 
-    async def whole(self, request: Request, job: Job, chat: bool, ident: str, prompt_tokens: int) -> Response:
-        """Collect a job's tokens into one response; a client that leaves cancels the job."""
-        tokens: list[GeneratedToken] = []
-        while True:
-            try:
-                item = await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    return Response(status_code=499)
-                continue
-            if item is DONE:
-                return JSONResponse(completion(chat, ident, self.config.model_name, tokens, prompt_tokens))
-            if isinstance(item, Exception):
-                return error_response(generation_failed(item))
-            tokens.append(item)
+    async def whole(self, request: Request, jobs: list[Job], responder: Responder, prompt_tokens: int) -> Response:
+        """Collect the jobs' tokens into one response; a client that leaves cancels them at their next token."""
+        watcher = asyncio.ensure_future(cancel_on_disconnect(request, jobs))
+        choices: list[list[GeneratedToken]] = [[] for _ in jobs]
+        try:
+            async for index, item in merged(jobs):
+                if isinstance(item, Exception):
+                    for job in jobs:
+                        job.cancel()
+                    return error_response(generation_failed(item))
+                if item is not DONE:
+                    choices[index].append(item)
+        finally:
+            watcher.cancel()
+        if any(job.cancelled.is_set() for job in jobs):
+            return Response(status_code=499)
+        return JSONResponse(responder.completion(choices, prompt_tokens))
 
     async def stream(
-        self, job: Job, chat: bool, ident: str, prompt_tokens: int, include_usage: bool
+        self, jobs: list[Job], responder: Responder, prompt_tokens: int, usage: bool
     ) -> AsyncIterator[str]:
-        """A job's tokens as server-sent events, then [DONE]; the job is cancelled however the stream ends."""
-        name, made = self.config.model_name, 0
+        """The jobs' tokens as server-sent events, then [DONE]; the jobs are cancelled however the stream ends."""
+        made = 0
         try:
-            if chat:
-                yield sse(chunk(chat, ident, name, None, first=True))
-            while True:
-                item = await job.queue.get()
-                if item is DONE:
-                    break
+            if responder.chat:
+                for index in range(len(jobs)):
+                    yield sse(responder.chunk(None, index, first=True))
+            async for index, item in merged(jobs):
                 if isinstance(item, Exception):
                     yield sse(generation_failed(item).to_json())
                     break
-                made += 1
-                yield sse(chunk(chat, ident, name, item))
-            if include_usage:
-                yield sse(usage_chunk(chat, ident, name, prompt_tokens, made))
+                if item is not DONE:
+                    made += 1
+                    yield sse(responder.chunk(item, index))
+            if usage:
+                yield sse(responder.usage_chunk(prompt_tokens, made))
             yield "data: [DONE]\n\n"
         finally:  # the client went away (the response is cancelled) or the stream ended: no more tokens either way
-            job.cancel()
+            for job in jobs:
+                job.cancel()
 
     async def models(self, request: Request) -> Response:
-        """GET /v1/models."""
-        model = {
-            "id": self.config.model_name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "balcony-edge",
-            "balcony": {"exits": self.engine.exits, "provider": self.engine.provider},
-        }
-        return JSONResponse({"object": "list", "data": [model]})
+        """GET /v1/models: each served name, and each exit of it as NAME:exit-N."""
+        engine = self.engine
+        data = []
+        for name in [self.config.model_name, *self.config.aliases]:
+            data.append(self._model(name, {"exits": engine.exits, "provider": engine.provider}))
+            data += [self._model(f"{name}{EXIT_TAG}{exit}", {"exit": exit}) for exit in engine.exits]
+        return JSONResponse({"object": "list", "data": data})
+
+    def _model(self, name: str, balcony: dict) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "balcony-edge", "balcony": balcony}
+
+    async def tokenize(self, request: Request) -> Response:
+        """POST /tokenize (llama-server's shape): {"content", "add_special", "with_pieces"} -> {"tokens"}."""
+        try:
+            body = await read_json(request, self.config.max_body_bytes)
+            if not isinstance(body, dict):
+                raise ApiError(400, "the request body must be a JSON object")
+            refuse_unknown(body, {"content", "add_special", "with_pieces"})
+            content = typed(body, "content", str, required=True)
+            special = bool(typed(body, "add_special", bool) or False)
+            ids = self.engine.codec.encode(content, add_special_tokens=special)
+        except ApiError as err:
+            return error_response(err)
+        if typed(body, "with_pieces", bool):
+            return JSONResponse({"tokens": [{"id": i, "piece": self.engine.codec.token_text(i)} for i in ids]})
+        return JSONResponse({"tokens": ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        """POST /detokenize (llama-server's shape): {"tokens"} -> {"content"}."""
+        try:
+            body = await read_json(request, self.config.max_body_bytes)
+            if not isinstance(body, dict):
+                raise ApiError(400, "the request body must be a JSON object")
+            refuse_unknown(body, {"tokens"})
+            ids = typed(body, "tokens", list, required=True)
+            vocab = self.engine.manifest.vocab_size
+            if not all(is_whole_number(i) and 0 <= i < vocab for i in ids):
+                raise ApiError(400, f"tokens must be token ids from 0 to {vocab - 1}", "tokens", "invalid_value")
+        except ApiError as err:
+            return error_response(err)
+        return JSONResponse({"content": self.engine.codec.decode(ids)})
 
     async def health(self, request: Request) -> Response:
         """GET /health (no key needed)."""
@@ -242,6 +323,8 @@ class Handlers:
             Route("/v1/chat/completions", functools.partial(self.generation, chat=True), methods=["POST"]),
             Route("/v1/completions", functools.partial(self.generation, chat=False), methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_page, methods=["GET"]),
         ]

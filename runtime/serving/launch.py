@@ -10,7 +10,7 @@ from pathlib import Path
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.common.paths import SHIPPED_EXPORT_NAME, default_export_dir
 from balcony_edge.runtime.core.engine import Engine
-from balcony_edge.runtime.device.controller import Budget, Controller, DeviceController
+from balcony_edge.runtime.device.controller import Budget, ControllerConfig, DeviceController
 from balcony_edge.runtime.device.hub import SignalHub
 from balcony_edge.runtime.serving.app import ServerConfig, create_app
 
@@ -32,6 +32,8 @@ class ServeOptions:
     threads: int | None = None
     thread_pool: str = "session"
     trust_modified: bool = False
+    aliases: tuple[str, ...] = ()
+    quality_floor: str | int = "auto"
 
 
 def model_name_of(folder: Path) -> str:
@@ -48,7 +50,9 @@ def build_app(options: ServeOptions, hub: SignalHub, default_export: Callable[[]
         queue_limit=options.queue,
         api_key=options.api_key,
         cors_origins=options.cors,
+        aliases=options.aliases,
     )
+    controller_config = ControllerConfig(quality_floor=options.quality_floor)
     folder = options.export or default_export()
     engine = Engine.load(
         folder,
@@ -58,7 +62,7 @@ def build_app(options: ServeOptions, hub: SignalHub, default_export: Callable[[]
         warn=warn,
         thread_pool=options.thread_pool,
     )
-    controller = DeviceController(Controller(engine.controller_profiles(budget), budget))
+    controller = DeviceController(engine.controller(budget, controller_config))
     config = replace(config, model_name=options.model_name or model_name_of(folder))
     return create_app(engine, config, controller, hub), engine, config
 

@@ -1,36 +1,61 @@
 """The OpenAI wire format of `balcony-edge serve`: requests checked into plain settings (or an ApiError that becomes
-OpenAI's error JSON with its HTTP status), and the response objects and stream chunks built from generated tokens."""
+OpenAI's error JSON with its HTTP status), and the response objects and stream chunks built from generated tokens.
+
+Every parameter a request may carry is either honoured or refused with a 400 naming it: nothing is silently dropped.
+Beside OpenAI's own, llama-server's and vLLM's sampling names are honoured (top_k, min_p, repeat_penalty or
+repetition_penalty, ignore_eos), and `budget` is ours."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.common.validation import is_finite_number, is_whole_number
-from balcony_edge.runtime.core.engine import GeneratedToken
-from balcony_edge.runtime.core.sampling import SamplingConfig
+from balcony_edge.runtime.core.engine import MAX_TOP_LOGPROBS, GeneratedToken
+from balcony_edge.runtime.core.sampling import MAX_ADDITIVE_PENALTY, MAX_REPETITION_PENALTY, SamplingConfig
 from balcony_edge.runtime.device.controller import Budget
 
 MAX_STOP_STRINGS = 4  # as OpenAI allows
-UNSUPPORTED_WHEN_SET = {  # fields a client may send at their neutral value; anything else is refused, not ignored
-    "frequency_penalty": 0,
-    "presence_penalty": 0,
-    "logprobs": False,
-    "n": 1,
+MAX_CHOICES = 8  # n
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI allows
+EXIT_TAG = ":exit-"  # model "smollm2-balcony:exit-16" pins exit 16 (ollama's name:tag form)
+COMMON_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "ignore_eos",
+    "n",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "response_format",
+    "budget",
 }
-UNSUPPORTED = (
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "logit_bias",
-    "top_logprobs",
-    "echo",
-    "best_of",
-    "suffix",
-)
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
+NEUTRAL = {  # fields this server does not implement, accepted only at their neutral value
+    "logit_bias": ({}, "leave it out"),
+    "echo": (False, "leave it out or send false"),
+    "tools": ([], "this server has no tool calling"),
+    "tool_choice": ("none", "this server has no tool calling"),
+    "parallel_tool_calls": (False, "this server has no tool calling"),
+    "functions": ([], "this server has no function calling"),
+    "function_call": ("none", "this server has no function calling"),
+    "suffix": ("", "leave it out"),
+    "store": (False, "this server stores nothing"),
+}
 
 
 class ApiError(Exception):
@@ -49,51 +74,56 @@ class ApiError(Exception):
 
 @dataclass
 class GenerationRequest:
-    """What one request asks for, checked: the prompt (messages or text), limits, sampling, stop strings, budget."""
+    """What one request asks for, checked: the prompt (messages or text), limits, sampling overrides, stop strings,
+    budget, choices, log-probabilities and the output format."""
 
     model: str
     messages: list[dict] | None = None  # chat completions
     prompt: str | None = None  # completions
     max_tokens: int | None = None  # None: up to the context length
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: dict = field(default_factory=dict)  # SamplingConfig fields the request sets; the rest are the export's
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None  # None: none; k: each token's log p and the k most likely
+    response_format: dict | None = None  # None: free text; {"type": "json_object"} or {"type": "json_schema", ...}
     budget: Budget | None = None  # None: the server's
 
+    def sampling_config(self, defaults: dict, choice: int = 0) -> SamplingConfig:
+        """The sampling of choice `choice`: the export's defaults under this request's settings; a given seed is
+        offset by the choice, so that n choices differ and repeat."""
+        seed = self.sampling.get("seed")
+        settings = {k: v for k, v in self.sampling.items() if k != "seed"}
+        return SamplingConfig.of(defaults, **settings, seed=None if seed is None else seed + choice)
 
-def parse_request(body: object, chat: bool, served_model: str) -> GenerationRequest:
-    """Check a /v1/chat/completions (chat) or /v1/completions body."""
+
+def served_budget(model: str, served: set[str], exits: list[int]) -> Budget | None:
+    """The exit a model name pins (name:exit-16; None for a served name itself), or a 404 naming what is served."""
+    if model in served:
+        return None
+    name, tag, depth = model.rpartition(EXIT_TAG)
+    if tag and name in served and depth.isdigit() and int(depth) in exits:
+        return Budget("exit", exit=int(depth))
+    names = sorted(served)
+    raise ApiError(
+        404,
+        f"the model {model[:80]!r} does not exist; this server serves {', '.join(map(repr, names))}, "
+        f"each also as NAME{EXIT_TAG}N for exit N of {', '.join(map(str, exits))} (GET /v1/models)",
+        "model",
+        "model_not_found",
+    )
+
+
+def parse_request(body: object, chat: bool, served: set[str], exits: list[int]) -> GenerationRequest:
+    """Check a /v1/chat/completions (chat) or /v1/completions body against the served model names and exits."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    model = _typed(body, "model", str, required=True)
-    if model != served_model:
-        raise ApiError(
-            404,
-            f"the model {model[:80]!r} does not exist; this server serves {served_model!r} (GET /v1/models)",
-            "model",
-            "model_not_found",
-        )
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, [], {}):
-            raise ApiError(400, f"{name} is not supported by this server; leave it out", name, "unsupported_parameter")
-    for name, neutral in UNSUPPORTED_WHEN_SET.items():
-        if name in body and body[name] is not None and body[name] != neutral:
-            raise ApiError(
-                400,
-                f"{name}={body[name]!r} is not supported by this server; leave it out or use {neutral!r}",
-                name,
-                "unsupported_parameter",
-            )
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise ApiError(
-            400,
-            "response_format other than {'type': 'text'} is not supported",
-            "response_format",
-            "unsupported_parameter",
-        )
+    refuse_unknown(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
+    model = typed(body, "model", str, required=True)
     request = GenerationRequest(model=model)
+    pinned = served_budget(model, served, exits)
     if chat:
         request.messages = _messages(body)
     else:
@@ -101,24 +131,50 @@ def parse_request(body: object, chat: bool, served_model: str) -> GenerationRequ
     request.max_tokens = _max_tokens(body)
     request.sampling = _sampling(body)
     request.stop = _stop(body)
-    request.stream = bool(_typed(body, "stream", bool) or False)
-    options = _typed(body, "stream_options", dict)
+    request.ignore_eos = bool(typed(body, "ignore_eos", bool) or False)
+    request.n = _whole(body, "n", 1, 1, MAX_CHOICES)
+    request.stream = bool(typed(body, "stream", bool) or False)
+    options = typed(body, "stream_options", dict)
     if options is not None:
         if not request.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+        refuse_unknown(options, {"include_usage"}, "stream_options.")
         request.include_usage = bool(
-            _typed(options, "include_usage", bool, param="stream_options.include_usage") or False
+            typed(options, "include_usage", bool, param="stream_options.include_usage") or False
         )
-    budget = _typed(body, "budget", (str, int))
+    request.logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
+    request.response_format = _response_format(body)
+    budget = typed(body, "budget", (str, int))
     if budget is not None:
         try:
             request.budget = Budget.parse(str(budget))
         except BalconyError as err:
             raise ApiError(400, str(err), "budget", "invalid_budget") from None
+    if pinned is not None:
+        if request.budget is not None and request.budget != pinned:
+            raise ApiError(400, f"the model {model!r} pins exit {pinned.exit}; leave budget out", "budget")
+        request.budget = pinned
     return request
 
 
-def _typed(body: dict, name: str, kind, required: bool = False, param: str | None = None):
+def refuse_unknown(body: dict, known: set[str], prefix: str = "") -> None:
+    for name, value in body.items():
+        if name in known:
+            continue
+        neutral = NEUTRAL.get(name) if not prefix else None
+        if neutral is not None:
+            if value is None or value == neutral[0]:
+                continue
+            raise ApiError(400, f"{name} is not supported by this server; {neutral[1]}", name, "unsupported_parameter")
+        raise ApiError(
+            400,
+            f"{prefix}{name[:60]} is not a parameter this server knows; leave it out (docs/serving.md lists them)",
+            prefix + name[:60],
+            "unknown_parameter",
+        )
+
+
+def typed(body: dict, name: str, kind, required: bool = False, param: str | None = None):
     value = body.get(name)
     if value is None:
         if required:
@@ -144,7 +200,7 @@ def _typed(body: dict, name: str, kind, required: bool = False, param: str | Non
 
 
 def _messages(body: dict) -> list[dict]:
-    messages = _typed(body, "messages", list, required=True)
+    messages = typed(body, "messages", list, required=True)
     if not messages:
         raise ApiError(400, "messages must hold at least one message", "messages")
     checked = []
@@ -152,7 +208,7 @@ def _messages(body: dict) -> list[dict]:
         param = f"messages[{index}]"
         if not isinstance(message, dict):
             raise ApiError(400, f"{param} must be an object with a role and a content", param, "invalid_type")
-        role = _typed(message, "role", str, required=True, param=f"{param}.role")
+        role = typed(message, "role", str, required=True, param=f"{param}.role")
         content = message.get("content")
         if isinstance(content, list):  # content parts: text only
             texts = []
@@ -183,12 +239,21 @@ def _prompt(body: dict) -> str:
     return prompt
 
 
+def _whole(body: dict, name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not (is_whole_number(value) and low <= value <= high):
+        raise ApiError(400, f"{name} must be a whole number from {low} to {high}, not {value!r}", name, "invalid_value")
+    return int(value)
+
+
 def _max_tokens(body: dict) -> int | None:
     """max_completion_tokens (OpenAI's current name) or else max_tokens; None when neither is given."""
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if value is not None:
-            if not (is_whole_number(value) and not isinstance(value, bool) and value >= 1):
+            if not (is_whole_number(value) and value >= 1):
                 raise ApiError(
                     400, f"{name} must be a whole number of at least 1, not {value!r}", name, "invalid_value"
                 )
@@ -196,10 +261,10 @@ def _max_tokens(body: dict) -> int | None:
     return None
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+def _number(body: dict, name: str, low: float, high: float, low_open: bool = False) -> float | None:
     value = body.get(name)
     if value is None:
-        return default
+        return None
     if (
         isinstance(value, bool)
         or not is_finite_number(value)
@@ -214,13 +279,33 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
     return float(value)
 
 
-def _sampling(body: dict) -> SamplingConfig:
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    seed = body.get("seed")
-    if seed is not None and not (is_whole_number(seed) and not isinstance(seed, bool) and seed >= 0):
-        raise ApiError(400, f"seed must be a whole number, 0 or more, not {seed!r}", "seed", "invalid_value")
-    return SamplingConfig(temperature=temperature, top_p=top_p, seed=None if seed is None else int(seed))
+def _sampling(body: dict) -> dict:
+    """The sampling settings the request gives (SamplingConfig names); the export's recommended ones fill the rest."""
+    penalties = {
+        name: _number(body, name, 0.0, MAX_REPETITION_PENALTY, True)
+        for name in ("repeat_penalty", "repetition_penalty")
+    }
+    given = {name: value for name, value in penalties.items() if value is not None}
+    if len(set(given.values())) > 1:
+        raise ApiError(400, "repeat_penalty and repetition_penalty differ; give one of them", "repetition_penalty")
+    settings = {
+        "temperature": _number(body, "temperature", 0.0, 2.0),
+        "top_p": _number(body, "top_p", 0.0, 1.0, low_open=True),
+        "min_p": _number(body, "min_p", 0.0, 1.0),
+        "repetition_penalty": next(iter(given.values()), None),
+        "presence_penalty": _number(body, "presence_penalty", -MAX_ADDITIVE_PENALTY, MAX_ADDITIVE_PENALTY),
+        "frequency_penalty": _number(body, "frequency_penalty", -MAX_ADDITIVE_PENALTY, MAX_ADDITIVE_PENALTY),
+    }
+    if body.get("top_k") is not None:
+        settings["top_k"] = _whole(body, "top_k", 0, 0, 1 << 20)
+    if body.get("seed") is not None:
+        settings["seed"] = _whole(body, "seed", 0, 0, (1 << 63) - MAX_CHOICES)
+    settings = {name: value for name, value in settings.items() if value is not None}
+    try:
+        SamplingConfig.of({}, **{k: v for k, v in settings.items() if k != "seed"})
+    except BalconyError as err:  # min_p of 1 and the like: the config's own rule
+        raise ApiError(400, str(err), "sampling", "invalid_value") from None
+    return settings
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -240,6 +325,43 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _chat_logprobs(body: dict) -> int | None:
+    """Chat: logprobs (a boolean) and top_logprobs (0 to 20, only with logprobs)."""
+    wanted = typed(body, "logprobs", bool)
+    top = _whole(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) if body.get("top_logprobs") is not None else None
+    if top is not None and not wanted:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+    return (top or 0) if wanted else None
+
+
+def _completion_logprobs(body: dict) -> int | None:
+    """Completions: logprobs is the number of most likely tokens to list (0 to 5)."""
+    if body.get("logprobs") is None:
+        return None
+    return _whole(body, "logprobs", 0, 0, MAX_COMPLETION_LOGPROBS)
+
+
+def _response_format(body: dict) -> dict | None:
+    """None for text; {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", ...}}."""
+    value = typed(body, "response_format", dict)
+    if value is None or value.get("type") == "text":
+        return None
+    kind = value.get("type")
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not (isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict)):
+            raise ApiError(400, "response_format.json_schema must be an object with a schema object", "response_format")
+        return {"type": "json_schema", "json_schema": spec}
+    raise ApiError(
+        400,
+        f"response_format type {str(kind)[:40]!r} is not one of text, json_object, json_schema",
+        "response_format",
+        "invalid_value",
+    )
+
+
 # --- responses
 
 
@@ -257,69 +379,107 @@ def balcony_field(token: GeneratedToken) -> dict:
     }
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
-def completion(chat: bool, ident: str, model: str, tokens: list[GeneratedToken], prompt_tokens: int) -> dict:
-    """The whole answer (stream: false)."""
-    text = "".join(t.text for t in tokens)
-    exits: dict[str, int] = {}
+TokenText = Callable[[int], str]  # one token id's text
+
+
+def _chat_logprob_entry(token_id: int, logprob: float, text: TokenText) -> dict:
+    piece = text(token_id)
+    return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+
+
+def chat_logprobs(tokens: list[GeneratedToken], text: TokenText) -> dict:
+    """OpenAI's chat logprobs object: one entry per token with its top alternatives."""
+    content = []
     for t in tokens:
-        exits[str(t.exit)] = exits.get(str(t.exit), 0) + 1
-    extension = {
-        "exit": tokens[-1].exit if tokens else None,
-        "latency_ms": round(sum(t.latency_ms for t in tokens) / len(tokens), 3) if tokens else None,
-        "reason": tokens[-1].reason if tokens else None,
-        "tokens_per_exit": exits,
-    }
-    finish = tokens[-1].finish if tokens else "length"
-    choice = {"index": 0, "finish_reason": finish, "balcony": extension}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice.update(text=text, logprobs=None)
+        entry = _chat_logprob_entry(t.id, t.logprob if t.logprob is not None else 0.0, text)
+        entry["top_logprobs"] = [_chat_logprob_entry(i, lp, text) for i, lp in t.top_logprobs]
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens: list[GeneratedToken], text: TokenText, offset: int = 0) -> dict:
+    """OpenAI's (legacy) completions logprobs object: tokens, their log p, the top alternatives, text offsets."""
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.text)
     return {
-        "id": ident,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": usage(prompt_tokens, len(tokens)),
+        "tokens": [text(t.id) for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{text(i): lp for i, lp in t.top_logprobs} for t in tokens],
+        "text_offset": offsets,
     }
 
 
-def chunk(chat: bool, ident: str, model: str, token: GeneratedToken | None, first: bool = False) -> dict:
-    """One stream chunk: the role first (chat), then a token's text with its exit; the last carries finish_reason."""
-    choice: dict = {"index": 0, "finish_reason": token.finish if token else None}
-    if chat:
-        choice["delta"] = (
-            {"role": "assistant", "content": ""} if first else ({"content": token.text} if token and token.text else {})
-        )
-    else:
-        choice.update(text=token.text if token else "", logprobs=None)
-    if token is not None:
-        choice["balcony"] = balcony_field(token)
-    return {
-        "id": ident,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+@dataclass
+class Responder:
+    """Builds one request's response objects and chunks (whole or streamed, n choices)."""
 
+    chat: bool
+    ident: str
+    model: str
+    text: TokenText
+    logprobs: int | None = None
 
-def usage_chunk(chat: bool, ident: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    """The last chunk when stream_options.include_usage: no choices, the usage."""
-    return {
-        "id": ident,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    def _head(self, kind: str) -> dict:
+        return {"id": self.ident, "object": kind, "created": int(time.time()), "model": self.model}
+
+    def completion(self, choices: list[list[GeneratedToken]], prompt_tokens: int, cached_tokens: int = 0) -> dict:
+        """The whole answer (stream: false), one entry per choice."""
+        built = []
+        for index, tokens in enumerate(choices):
+            exits: dict[str, int] = {}
+            for t in tokens:
+                exits[str(t.exit)] = exits.get(str(t.exit), 0) + 1
+            extension = {
+                "exit": tokens[-1].exit if tokens else None,
+                "latency_ms": round(sum(t.latency_ms for t in tokens) / len(tokens), 3) if tokens else None,
+                "reason": tokens[-1].reason if tokens else None,
+                "tokens_per_exit": exits,
+            }
+            choice: dict = {"index": index, "finish_reason": tokens[-1].finish if tokens else "length"}
+            text = "".join(t.text for t in tokens)
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": text}
+                choice["logprobs"] = chat_logprobs(tokens, self.text) if self.logprobs is not None else None
+            else:
+                choice["text"] = text
+                choice["logprobs"] = completion_logprobs(tokens, self.text) if self.logprobs is not None else None
+            choice["balcony"] = extension
+            built.append(choice)
+        completion_tokens = sum(map(len, choices))
+        kind = "chat.completion" if self.chat else "text_completion"
+        return self._head(kind) | {"choices": built, "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
+
+    def chunk(self, token: GeneratedToken | None, index: int = 0, first: bool = False) -> dict:
+        """One stream chunk of choice `index`: the role first (chat), then a token's text with its exit; the last
+        carries finish_reason."""
+        choice: dict = {"index": index, "finish_reason": token.finish if token else None}
+        if self.chat:
+            if first:
+                choice["delta"] = {"role": "assistant", "content": ""}
+            else:
+                choice["delta"] = {"content": token.text} if token and token.text else {}
+            wanted = self.logprobs is not None and token is not None
+            choice["logprobs"] = chat_logprobs([token], self.text) if wanted else None
+        else:
+            choice["text"] = token.text if token else ""
+            wanted = self.logprobs is not None and token is not None
+            choice["logprobs"] = completion_logprobs([token], self.text) if wanted else None
+        if token is not None:
+            choice["balcony"] = balcony_field(token)
+        return self._head("chat.completion.chunk" if self.chat else "text_completion") | {"choices": [choice]}
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+        """The last chunk when stream_options.include_usage: no choices, the usage."""
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._head(kind) | {"choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}

@@ -54,10 +54,14 @@ class Scheduler:
             return len(self._running), len(self._waiting)
 
     def submit(self, job: Job) -> None:
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue jobs together (a request's n choices): all of them, or none and Busy."""
         with self._wake:
-            if len(self._running) + len(self._waiting) >= self.parallel + self.queue_limit:
+            if len(self._running) + len(self._waiting) + len(jobs) > self.parallel + self.queue_limit:
                 raise Busy
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._wake.notify()
 
     def stop(self) -> None:
@@ -85,6 +89,7 @@ class Scheduler:
         """One token of one job; False when the job is over (finished, failed or cancelled)."""
         if job.cancelled.is_set():
             job.tokens.close()
+            job.deliver(DONE)  # whoever still reads the job (a request handler) ends too
             return False
         try:
             token = next(job.tokens)

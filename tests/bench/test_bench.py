@@ -194,7 +194,7 @@ def test_bench_without_torch_skips_floors_and_torch_with_notes_on_the_process_po
     import subprocess
     import sys
 
-    from test_runtime_imports import BLOCKER
+    from conftest import BLOCKER
 
     script = (
         BLOCKER

@@ -140,3 +140,32 @@ def test_help_fits_80_columns_uncut(command):
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and max(map(len, lines)) <= 80
     assert not [line for line in lines if "…" in line], "a help text is cut; shorten it"
+
+
+def test_eval_chat_records_answers_that_export_carries_to_the_controller(tiny_run, text_dir, tmp_path):
+    args = ("eval", tiny_run, "--data", text_dir, "--seq-len", "32", "--max-tokens", "64", "--chat")
+    result = run_cli(*args, "--answer-tokens", "4", "--seeds", "1", "--record", "--json", "--plot", tmp_path / "q.png")
+    assert result.returncode == 0, result.stderr
+    chat = json.loads(result.stdout)["chat"]
+    depths = {d["depth"]: d for d in chat["depths"]}
+    assert sorted(depths) == [1, 3, 4] and chat["prompts"] >= 100 and len(chat["answers"]) == chat["prompts"]
+    recorded = json.loads((tiny_run / "balcony_config.json").read_text())["answers"]
+    assert recorded["depths"]["1"]["loop_share"] == round(depths[1]["loop_share"], 4)
+    export = run_cli("export", tiny_run, "--out", tmp_path / "export")
+    assert export.returncode == 0, export.stderr
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    carried = {e["exit"]: e["answers"] for e in manifest["exits"]}
+    assert carried[1]["measured_on"] == "checkpoint (torch fp32)" and carried[4]["judge_nll"] == round(
+        depths[4]["judge_nll"], 4
+    )
+    table = run_cli(*args, "--answer-tokens", "3", "--seeds", "0", "--export", tmp_path / "export", "--record")
+    assert table.returncode == 0 and "judge NLL" in table.stderr, table.stderr
+    remeasured = json.loads((tmp_path / "export" / "manifest.json").read_text())["exits"][0]["answers"]
+    assert remeasured["measured_on"] == "this export"
+    checked = run_cli("inspect", tmp_path / "export")
+    assert checked.returncode == 0 and "checks OK" in checked.stderr, checked.stderr
+
+
+def test_eval_record_and_export_need_chat(tiny_run):
+    result = run_cli("eval", tiny_run, "--record")
+    assert result.returncode != 0 and "--export and --record go with --chat" in result.stderr

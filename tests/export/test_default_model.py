@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from balcony_edge.runtime import Engine
+from balcony_edge.runtime import Engine, SamplingConfig
 
 pytestmark = pytest.mark.slow
 
@@ -56,5 +56,12 @@ def test_constant_budget_text_equals_the_torch_reference(engine, shipped, exit):
 
     model = shipped[0]
     prompt = engine.prompt_ids("What is the capital of France?")
-    tokens = [t.id for t in engine.generate(prompt, max_new_tokens=24, budget=str(exit))]
+    greedy = SamplingConfig()  # the export's own default samples (SmolLM2's authors' temperature 0.2)
+    tokens = [t.id for t in engine.generate(prompt, max_new_tokens=24, budget=str(exit), sampling=greedy)]
     assert tokens == generate_greedy(model, exit, prompt, 24, set(engine.manifest.generation.eos_token_ids))
+
+
+def test_the_default_export_carries_smollm2s_recommended_sampling(engine):
+    generation = engine.manifest.generation
+    assert generation.sampling == {"temperature": 0.2, "top_p": 0.9} and "model card" in generation.sampling_source
+    assert engine.default_sampling == SamplingConfig(temperature=0.2, top_p=0.9)

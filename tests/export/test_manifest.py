@@ -398,6 +398,8 @@ def mutated_manifests(draw) -> dict:
 def _has_annotated_type(value, annotation) -> bool:
     """Whether value, and everything inside it, has the type its dataclass annotation names (bool is no int)."""
     if dataclasses.is_dataclass(annotation):
+        if type(value) is not annotation:
+            return False
         hints = typing.get_type_hints(annotation)
         fields_typed = all(
             _has_annotated_type(getattr(value, f.name), hints[f.name]) for f in dataclasses.fields(annotation)

@@ -1,4 +1,5 @@
-"""An export records the checkpoint it came from; the default export is made again when the shipped balconies change."""
+"""An export records the checkpoint it came from; the default export is made again when the shipped balconies or their
+recorded answers change."""
 
 import json
 
@@ -6,11 +7,18 @@ import pytest
 
 from balcony_edge import cli
 from balcony_edge.common.checksums import file_sha256
-from balcony_edge.common.paths import CHECKPOINT_WEIGHTS_FILE, SHIPPED_CHECKPOINT, default_export_dir
+from balcony_edge.common.paths import (
+    CHECKPOINT_CONFIG_FILE,
+    CHECKPOINT_WEIGHTS_FILE,
+    SHIPPED_CHECKPOINT,
+    default_export_dir,
+)
 from balcony_edge.export import exporter
 from balcony_edge.export.provenance import older_than_shipped
 
 SHIPPED_SHA = file_sha256(SHIPPED_CHECKPOINT / CHECKPOINT_WEIGHTS_FILE)
+SHIPPED_CONFIG_SHA = file_sha256(SHIPPED_CHECKPOINT / CHECKPOINT_CONFIG_FILE)
+SHIPPED = {"path": "x", "shipped": True, "balconies_sha256": SHIPPED_SHA, "config_sha256": SHIPPED_CONFIG_SHA}
 
 
 def test_the_report_names_the_checkpoint_it_came_from(tiny_export, tiny_checkpoint):
@@ -19,6 +27,7 @@ def test_the_report_names_the_checkpoint_it_came_from(tiny_export, tiny_checkpoi
         "path": str(tiny_checkpoint),
         "shipped": False,
         "balconies_sha256": file_sha256(tiny_checkpoint / CHECKPOINT_WEIGHTS_FILE),
+        "config_sha256": file_sha256(tiny_checkpoint / CHECKPOINT_CONFIG_FILE),
     }
 
 
@@ -35,8 +44,10 @@ def _export_folder(folder, report):
     [
         (None, True),  # no report at all
         ({"precision": "fp32"}, True),  # written before exports recorded their checkpoint
-        ({"checkpoint": {"path": "x", "shipped": True, "balconies_sha256": SHIPPED_SHA}}, False),
-        ({"checkpoint": {"path": "x", "shipped": True, "balconies_sha256": "0" * 64}}, True),
+        ({"checkpoint": SHIPPED}, False),
+        ({"checkpoint": SHIPPED | {"balconies_sha256": "0" * 64}}, True),  # other balconies
+        ({"checkpoint": SHIPPED | {"config_sha256": "0" * 64}}, True),  # other recorded answers
+        ({"checkpoint": {"path": "x", "shipped": True, "balconies_sha256": SHIPPED_SHA}}, True),  # before answers
         (
             {"checkpoint": {"path": "runs/mine", "shipped": False, "balconies_sha256": "0" * 64}},
             False,
@@ -52,9 +63,7 @@ def test_an_export_is_older_than_the_shipped_checkpoint_only_when_its_report_say
 @pytest.mark.parametrize("sha, remade", [("0" * 64, True), (SHIPPED_SHA, False)])
 def test_the_default_export_is_made_again_when_the_shipped_balconies_changed(tmp_path, monkeypatch, sha, remade):
     monkeypatch.setenv("BALCONY_EDGE_CACHE", str(tmp_path))
-    folder = _export_folder(
-        default_export_dir(), {"checkpoint": {"path": "x", "shipped": True, "balconies_sha256": sha}}
-    )
+    folder = _export_folder(default_export_dir(), {"checkpoint": SHIPPED | {"balconies_sha256": sha}})
     calls = []
     monkeypatch.setattr(exporter, "export_checkpoint", lambda config: calls.append(config) or config.out)
     assert cli._default_export() == folder

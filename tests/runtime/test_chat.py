@@ -43,7 +43,7 @@ def test_interactive_chat_streams_answers_and_obeys_commands(tiny_export, own_ca
     chat.expect("> ")
     chat.sendline("Write a short story about the sea.")
     chat.expect(r"\[1\]")  # the first token's exit marker
-    chat.expect(r"tok/s \| exit 1 \| 55 degC \| battery 80% \| budget 1")
+    chat.expect(r"tok/s \| exit 1: fixed budget \| 55 degC \| battery 80% \| budget 1")
     chat.expect("> ")
     chat.sendline("/exit 4")
     chat.expect("budget: 4")
@@ -123,6 +123,7 @@ def test_one_shot_prompt_with_replayed_trace_writes_telemetry_and_a_plot(tiny_ex
         env=ENV,
     )
     assert result.returncode == 0, result.stderr
+    assert "tok/s" in result.stderr and "tok/s" not in result.stdout  # stdout holds the answer alone
     records = [json.loads(line) for line in telemetry.read_text().splitlines()]
     assert 1 <= len(records) <= 12
     assert records[0]["signals"]["temperature_degc"] == 60

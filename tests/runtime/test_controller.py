@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -111,8 +112,8 @@ def test_bad_settings_are_refused():
 
 def test_fixed_budgets_pin_the_exit_whatever_the_signals():
     hot = Signals(temperature_degc=95.0, battery_percent=5.0, on_battery=True)
-    assert Controller(PROFILES, "16").choose(hot, 80.0, 0) == Decision(16, "fixed budget 16")
-    assert Controller(PROFILES, "full").choose(hot, 80.0, 0) == Decision(30, "full budget: exit 30")
+    assert Controller(PROFILES, "16").choose(hot, 80.0, 0) == Decision(16, "fixed budget 16", "fixed budget")
+    assert Controller(PROFILES, "full").choose(hot, 80.0, 0) == Decision(30, "full budget: exit 30", "full budget")
 
 
 def test_falling_battery_steps_down_at_the_thresholds_and_never_back_up():
@@ -245,3 +246,44 @@ def test_eco_runs_the_shallowest_good_enough_exit_on_battery_and_deepens_when_pl
     low = replay(Controller(PROFILES, "eco"), [Signals(battery_percent=40.0, on_battery=True)] * 5)
     assert exits(low) == [16] * 5  # below 50%: one exit below eco's choice
     assert_reasons_name_a_signal(decisions + low)
+
+
+# Held-out answers caught in a loop at each exit (the full model's own: 0.20): exit 16 is the shallowest usable.
+LOOPING = [dataclasses.replace(p, loop_share=share) for p, share in zip(PROFILES, (0.56, 0.24, 0.13, 0.20))]
+
+
+def test_the_quality_floor_is_the_shallowest_exit_that_loops_no_more_than_the_full_model():
+    controller = Controller(LOOPING, "auto")
+    assert controller.exits[controller._floor] == 16 and "exit 16" in controller.floor_note
+    strict = Controller(LOOPING, "auto", ControllerConfig(loop_margin=0.0))
+    assert strict.exits[strict._floor] == 24
+    assert Controller(PROFILES, "auto")._floor == 0 and "records no measured answers" in Controller(PROFILES).floor_note
+    assert Controller(LOOPING, "auto", ControllerConfig(quality_floor="off"))._floor == 0
+    assert Controller(LOOPING, "auto", ControllerConfig(quality_floor=24))._floor == 2
+    with pytest.raises(ControllerError, match="quality floor 12 is not an available exit"):
+        Controller(LOOPING, "auto", ControllerConfig(quality_floor=12))
+    with pytest.raises(ControllerError, match="quality floor 'low' is not auto, off or an exit"):
+        ControllerConfig(quality_floor="low")
+
+
+def test_low_battery_and_tight_latency_stop_at_the_floor_but_a_critical_battery_goes_below_and_says_so():
+    low = replay(Controller(LOOPING, "auto"), [Signals(battery_percent=30.0, on_battery=True)] * 3)
+    assert exits(low) == [24, 24, 24]  # one exit below the budget's deepest: still above the floor
+    tight = replay(Controller(LOOPING, "5ms"), [Signals()] * 12)
+    assert set(exits(tight)) == {16} and "held at the quality floor, exit 16" in tight[0].reason
+    assert tight[0].short == "quality floor" and not tight[0].below_floor
+    critical = replay(Controller(LOOPING, "auto"), [Signals(battery_percent=10.0, on_battery=True)] * 3)
+    assert exits(critical) == [8, 8, 8] and all(d.below_floor for d in critical)
+    assert "below the quality floor (exit 16): no other way" in critical[0].reason
+    assert critical[0].short == "battery 10% (critical)"
+    hot = replay(Controller(LOOPING, "auto"), [Signals(temperature_degc=90.0)] * 2)
+    assert exits(hot) == [8, 8] and hot[0].below_floor
+    assert exits(replay(Controller(LOOPING, "8"), [Signals()] * 2)) == [8, 8]  # a named exit is the user's choice
+
+
+def test_eco_runs_the_floor_on_battery_and_says_when_it_changes_nothing():
+    on_battery = replay(Controller(LOOPING, "eco"), [Signals(battery_percent=80.0, on_battery=True)] * 3)
+    assert exits(on_battery) == [16] * 3 and "loop 24% of the time, the full model's 20%" in on_battery[0].reason
+    desk = replay(Controller(LOOPING, "eco"), [Signals(on_battery=False, temperature_degc=50.0)] * 3)
+    assert exits(desk) == [30] * 3 and "eco changes nothing here" in desk[0].reason
+    assert desk[0].short == "plugged in and cool: eco changes nothing"

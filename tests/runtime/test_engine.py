@@ -1,9 +1,12 @@
 """The runtime engine: exact exit switching, generation equal to torch, context limits, shared weights."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from balcony_edge.runtime import Engine
+from balcony_edge.common.errors import BalconyError
+from balcony_edge.runtime import Engine, SamplingConfig
 from balcony_edge.runtime.core.sequence import Boundary, ContextFullError
 from balcony_edge.runtime.device.telemetry import TelemetryWriter, read_telemetry
 
@@ -304,3 +307,44 @@ def test_a_provider_that_falls_back_is_quiet_and_says_why_in_a_line(engine, caps
         assert "TensorrtExecutionProvider: Please install TensorRT libraries" in engine.describe(verbose=True)
     finally:
         engine.fallbacks = saved
+
+
+def test_an_answer_longer_than_the_context_ends_at_the_context_with_finish_length(engine):
+    limit = engine.manifest.generation.context_length
+    prompt = engine.prompt_ids("The harbour", chat=False)
+    tokens = list(engine.generate(prompt, max_new_tokens=10**18, budget="full", ignore_eos=True))
+    assert len(prompt) + len(tokens) == limit and tokens[-1].finish == "length"
+    with pytest.raises(ContextFullError, match="the prompt fills the context of 512 tokens"):
+        next(engine.generate([5] * limit, max_new_tokens=1))
+
+
+def test_empty_stop_strings_and_bad_logprobs_are_refused(engine):
+    with pytest.raises(BalconyError, match="stop strings must be non-empty text"):
+        next(engine.generate("The harbour", stop=("",)))
+    with pytest.raises(BalconyError, match="logprobs 21 must be a whole number from 0 to 20"):
+        next(engine.generate("The harbour", logprobs=21))
+
+
+def test_without_sampling_settings_the_exports_recommended_ones_are_used(tiny_export):
+    engine = Engine.load(tiny_export, providers=["cpu"], threads=1)
+    assert engine.default_sampling == SamplingConfig()  # the tiny base recommends nothing: greedy
+    recommended = {"temperature": 1.5, "top_k": 5.0}
+    engine.manifest.generation = dataclasses.replace(engine.manifest.generation, sampling=recommended)
+    assert engine.default_sampling == SamplingConfig(temperature=1.5, top_k=5)
+    prompt = engine.prompt_ids("The harbour")
+    chosen = [t.id for t in engine.generate(prompt, 12, "full")]
+    sampled = [t.id for t in engine.generate(prompt, 12, "full", SamplingConfig(temperature=1.5, top_k=5))]
+    greedy = [t.id for t in engine.generate(prompt, 12, "full", SamplingConfig())]
+    assert chosen != greedy or sampled != greedy  # the recommended sampling, not greedy, chose the default's tokens
+    seeded = [t.id for t in engine.generate(prompt, 12, "full", SamplingConfig(temperature=1.5, top_k=5, seed=3))]
+    assert seeded == [t.id for t in engine.generate(prompt, 12, "full", SamplingConfig.of(recommended, seed=3))]
+
+
+def test_each_token_carries_its_log_probability_at_its_exit(engine):
+    prompt = engine.prompt_ids("The harbour")
+    tokens = list(engine.generate(prompt, 3, str(engine.exits[0]), SamplingConfig(), logprobs=2))
+    logits = engine.sequence(prompt).logits(engine.exits[0]).astype(np.float64)
+    log_probs = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    assert tokens[0].logprob == pytest.approx(log_probs[tokens[0].id])
+    assert [i for i, _ in tokens[0].top_logprobs] == list(np.argsort(-log_probs)[:2])
+    assert all(t.logprob is None for t in engine.generate(prompt, 2, "full"))

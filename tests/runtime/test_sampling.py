@@ -47,3 +47,27 @@ def test_repetition_penalty_discourages_seen_tokens():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(BalconyError):
         SamplingConfig(**bad)
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_top_probability():
+    sampler = Sampler(SamplingConfig(temperature=1.0, min_p=0.3, seed=0))
+    assert {sampler(LOGITS) for _ in range(200)} == {1, 2}  # p(2) / p(1) = e^-1 = 0.37; p(0) / p(1) = 0.14
+    strict = Sampler(SamplingConfig(temperature=1.0, min_p=0.5, seed=0))
+    assert {strict(LOGITS) for _ in range(200)} == {1}
+
+
+def test_presence_and_frequency_penalties_subtract_once_and_per_occurrence():
+    sampler = Sampler(SamplingConfig(presence_penalty=1.5))
+    assert sampler(LOGITS, previous=[1]) == 2  # 3 - 1.5 < 2
+    assert Sampler(SamplingConfig(presence_penalty=0.5))(LOGITS, previous=[1, 1, 1]) == 1  # once, however often
+    assert Sampler(SamplingConfig(frequency_penalty=0.5))(LOGITS, previous=[1, 1, 1]) == 2  # 3 - 3 x 0.5 < 2
+    scores = Sampler(SamplingConfig(presence_penalty=0.25, frequency_penalty=0.5)).scores(LOGITS, [1, 1, 4])
+    np.testing.assert_allclose(scores - LOGITS, [0, -1.25, 0, 0, -0.75])
+
+
+def test_recommended_settings_fill_what_the_caller_leaves_unset():
+    recommended = {"temperature": 0.2, "top_p": 0.9}
+    assert SamplingConfig.of(recommended) == SamplingConfig(temperature=0.2, top_p=0.9)
+    assert SamplingConfig.of(recommended, temperature=0.0, top_k=None) == SamplingConfig(temperature=0.0, top_p=0.9)
+    with pytest.raises(BalconyError, match="sampling setting 'typical_p' is unknown"):
+        SamplingConfig.of({"typical_p": 0.5})

@@ -9,18 +9,11 @@ import time
 
 import httpx
 import pytest
-import uvicorn
+from conftest import BLOCKER
+from serving_helpers import HELLO, MODEL, LiveServer, make_app, sse_events
 from starlette.testclient import TestClient
-from test_runtime_imports import BLOCKER
 
 from balcony_edge.runtime import Engine
-from balcony_edge.runtime.device.controller import Budget, Controller, DeviceController
-from balcony_edge.runtime.device.hub import SignalHub
-from balcony_edge.runtime.device.sources import FixedSource
-from balcony_edge.runtime.serving.app import ServerConfig, create_app
-
-MODEL = "tiny-balcony"
-HELLO = [{"role": "user", "content": "Tell me about the harbour."}]
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +21,10 @@ def engine(tiny_export):
     return Engine.load(tiny_export, providers=["cpu"], threads=1)
 
 
-def make_app(engine, budget="auto", signals=None, **settings):
-    config = ServerConfig(model_name=MODEL, **settings)
-    controller = DeviceController(Controller(engine.controller_profiles(Budget.parse(budget)), Budget.parse(budget)))
-    hub = SignalHub([FixedSource.from_text(signals)] if signals else [])
-    return create_app(engine, config, controller, hub)
-
-
 @pytest.fixture(scope="module")
 def client(engine):
     with TestClient(make_app(engine)) as client:
         yield client
-
-
-def sse_events(text: str) -> list:
-    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    return [json.loads(event) for event in events[:-1]]
 
 
 def test_chat_completion_counts_usage_exactly_and_equals_the_engine(client, engine):
@@ -62,6 +42,7 @@ def test_chat_completion_counts_usage_exactly_and_equals_the_engine(client, engi
         "prompt_tokens": len(prompt),
         "completion_tokens": len(direct),
         "total_tokens": len(prompt) + len(direct),
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
     assert choice["balcony"]["exit"] == engine.exits[-1] and sum(choice["balcony"]["tokens_per_exit"].values()) == len(
         direct
@@ -104,7 +85,9 @@ def test_completions_stream_and_not(client, engine):
 
 def test_models_health_and_metrics(client):
     models = client.get("/v1/models").json()
+    exits = client.app.state.scheduler and [m["balcony"].get("exit") for m in models["data"][1:]]
     assert models["object"] == "list" and models["data"][0]["id"] == MODEL
+    assert [m["id"] for m in models["data"][1:]] == [f"{MODEL}:exit-{e}" for e in exits] and len(exits) == 3
     assert client.get("/health").json()["status"] == "ok"
     client.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 2})
     metrics = client.get("/metrics").text
@@ -138,13 +121,21 @@ def test_models_health_and_metrics(client):
         ),
         ({"model": MODEL, "messages": HELLO, "budget": "turbo"}, 400, "budget", "invalid_budget"),
         ({"model": MODEL, "messages": HELLO, "budget": "3"}, 400, "budget", "invalid_budget"),
-        ({"model": MODEL, "messages": HELLO, "n": 2}, 400, "n", "unsupported_parameter"),
+        ({"model": MODEL, "messages": HELLO, "n": 9}, 400, "n", "invalid_value"),
+        ({"model": MODEL, "messages": HELLO, "frequency_penalty": 3}, 400, "frequency_penalty", "invalid_value"),
+        ({"model": MODEL, "messages": HELLO, "frobnicate": 1}, 400, "frobnicate", "unknown_parameter"),
+        ({"model": MODEL, "messages": HELLO, "logit_bias": {"5": 3}}, 400, "logit_bias", "unsupported_parameter"),
+        ({"model": MODEL, "messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),
+        ({"model": MODEL, "messages": HELLO, "min_p": 1}, 400, "sampling", "invalid_value"),
         (
-            {"model": MODEL, "messages": HELLO, "frequency_penalty": 0.5},
+            {"model": MODEL, "messages": HELLO, "repeat_penalty": 1.2, "repetition_penalty": 1.3},
             400,
-            "frequency_penalty",
-            "unsupported_parameter",
+            "repetition_penalty",
+            None,
         ),
+        ({"model": MODEL + ":exit-5", "messages": HELLO}, 404, "model", "model_not_found"),
+        ({"model": MODEL + ":exit-1", "messages": HELLO, "budget": "2"}, 400, "budget", None),
+        ("[" * 50_000 + "]" * 50_000, 400, None, "invalid_json"),
         ({"model": MODEL, "messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
         ({"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
         ({"model": MODEL, "messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
@@ -218,27 +209,6 @@ def test_the_device_controller_decides_and_a_request_budget_caps_it(engine):
         assert client.post("/v1/chat/completions", json=body).json()["choices"][0]["balcony"]["exit"] == shallow
 
 
-class LiveServer:
-    """The app on uvicorn on a free port of 127.0.0.1, in a thread, stopped by the test."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-
-
 def test_queue_full_is_503_with_retry_after_and_a_disconnect_cancels(engine):
     app = make_app(engine, parallel=1, queue_limit=0)
     long = {"model": MODEL, "messages": HELLO, "max_tokens": 400, "stream": True, "temperature": 1.0, "seed": 1}
@@ -263,7 +233,7 @@ def test_the_official_openai_client_streams_from_several_threads(engine):
     openai = pytest.importorskip("openai")
     with LiveServer(make_app(engine, parallel=2, api_key="k")) as live:
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="k")
-        assert [m.id for m in client.models.list()] == [MODEL]
+        assert [m.id for m in client.models.list()][0] == MODEL
         results = {}
 
         def ask(index):

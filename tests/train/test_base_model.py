@@ -18,7 +18,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from balcony_edge import base_model
-from balcony_edge.base_model import DEFAULT_BASE, load_base_model, resolve_base_folder
+from balcony_edge.base_model import (
+    DEFAULT_BASE,
+    DEFAULT_BASE_HUB_ID,
+    load_base_model,
+    recommended_sampling,
+    resolve_base_folder,
+)
 from balcony_edge.common.errors import BaseModelError
 
 
@@ -101,6 +107,26 @@ def test_default_model_is_smollm2_from_the_embedded_gguf(smollm2):
     assert smollm2.tokenizer.chat_template
     # Converted once: the folder is reused and the identity is stable.
     assert resolve_base_folder(DEFAULT_BASE)[0] == smollm2.folder
+    # Its GGUF carries no sampling settings: its authors' model card does.
+    assert recommended_sampling(smollm2) == (
+        {"temperature": 0.2, "top_p": 0.9},
+        f"the model card of {DEFAULT_BASE_HUB_ID}",
+    )
+
+
+def test_a_folders_generation_config_gives_the_recommended_sampling_when_it_samples(tiny_base_dir, tmp_path):
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_base_dir, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    assert recommended_sampling(load_base_model(str(folder))) == (
+        {},
+        "generation_config.json (greedy: do_sample is not set)",
+    )
+    config |= {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05}
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    settings, source = recommended_sampling(load_base_model(str(folder)))
+    assert settings == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05}
+    assert source == "generation_config.json"
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])

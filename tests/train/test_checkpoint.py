@@ -288,6 +288,11 @@ def base_never_loaded(monkeypatch):
         ),
         (lambda c: c.update(schema_version=2), "has schema version 2, this balcony-edge reads 1"),
         (lambda c: c.update(training=[1]), "training must be a JSON object, not [1]"),
+        (lambda c: c.update(answers=[1]), "answers must hold prompts and per depth judge_nll"),
+        (
+            lambda c: c.update(answers={"prompts": 120, "depths": {"1": {"judge_nll": "low"}}}),
+            "answers must hold prompts and per depth",
+        ),
     ],
 )
 def test_a_malformed_or_foreign_checkpoint_config_is_refused_before_loading_the_base(

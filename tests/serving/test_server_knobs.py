@@ -1,0 +1,170 @@
+"""Every parameter the server accepts changes what it should: sampling knobs against the engine with the same
+settings, n choices, log-probabilities in OpenAI's shapes, ignore_eos, model names that pin an exit, aliases,
+/tokenize and /detokenize, and a non-streaming client that leaves."""
+
+import dataclasses
+import math
+import time
+
+import httpx
+import numpy as np
+import pytest
+from serving_helpers import HELLO, MODEL, LiveServer, make_app
+from starlette.testclient import TestClient
+
+from balcony_edge.runtime import Engine, SamplingConfig
+from balcony_edge.runtime.core.sequence import Sequence
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_export):
+    return Engine.load(tiny_export, providers=["cpu"], threads=1)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with TestClient(make_app(engine, aliases=("llama3",))) as client:
+        yield client
+
+
+def ask(client, **settings) -> dict:
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 8, "budget": "full"} | settings
+    answer = client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def text_of(result: dict, index: int = 0) -> str:
+    return result["choices"][index]["message"]["content"]
+
+
+def engine_text(engine, sampling: SamplingConfig, tokens: int = 8) -> str:
+    return "".join(t.text for t in engine.generate(engine.prompt_ids(HELLO), tokens, "full", sampling))
+
+
+@pytest.mark.parametrize(
+    "knob, config",
+    [
+        ({"temperature": 1.3, "seed": 4}, SamplingConfig(temperature=1.3, seed=4)),
+        ({"temperature": 1.3, "top_k": 3, "seed": 4}, SamplingConfig(temperature=1.3, top_k=3, seed=4)),
+        ({"temperature": 1.3, "top_p": 0.5, "seed": 4}, SamplingConfig(temperature=1.3, top_p=0.5, seed=4)),
+        ({"temperature": 1.3, "min_p": 0.2, "seed": 4}, SamplingConfig(temperature=1.3, min_p=0.2, seed=4)),
+        ({"repeat_penalty": 5.0}, SamplingConfig(repetition_penalty=5.0)),
+        ({"repetition_penalty": 5.0}, SamplingConfig(repetition_penalty=5.0)),
+        ({"presence_penalty": 2.0}, SamplingConfig(presence_penalty=2.0)),
+        ({"frequency_penalty": 2.0}, SamplingConfig(frequency_penalty=2.0)),
+    ],
+)
+def test_each_sampling_knob_gives_what_the_engine_gives_with_it(client, engine, knob, config):
+    assert text_of(ask(client, **knob)) == engine_text(engine, config)
+
+
+def test_the_knobs_change_the_answer(client):
+    greedy = text_of(ask(client, temperature=0))
+    assert text_of(ask(client, temperature=2.0, top_k=1, seed=1)) == greedy  # top_k 1 is greedy at any temperature
+    assert text_of(ask(client, temperature=2.0, min_p=0.999, seed=1)) == greedy
+    hot = {text_of(ask(client, temperature=2.0, seed=seed)) for seed in range(4)}
+    assert len(hot) > 1 and text_of(ask(client, temperature=2.0, seed=7)) == text_of(
+        ask(client, temperature=2.0, seed=7)
+    )
+    assert (
+        text_of(ask(client, repetition_penalty=20.0)) != greedy or text_of(ask(client, frequency_penalty=2.0)) != greedy
+    )
+
+
+def test_n_choices_each_with_its_own_seed_and_usage_counting_all(client, engine):
+    result = ask(client, n=3, temperature=1.5, seed=10)
+    assert [c["index"] for c in result["choices"]] == [0, 1, 2]
+    for index in range(3):
+        assert text_of(result, index) == engine_text(engine, SamplingConfig(temperature=1.5, seed=10 + index))
+    counted = sum(sum(c["balcony"]["tokens_per_exit"].values()) for c in result["choices"])
+    assert result["usage"]["completion_tokens"] == counted
+    streamed = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO, "max_tokens": 4, "n": 2, "stream": True, "temperature": 0},
+    )
+    indices = {c["choices"][0]["index"] for c in _events(streamed.text)}
+    assert indices == {0, 1}
+
+
+def _events(text):
+    from serving_helpers import sse_events
+
+    return sse_events(text)
+
+
+def test_chat_logprobs_are_the_exits_own_log_probabilities_in_openai_shape(client, engine):
+    result = ask(client, temperature=0, logprobs=True, top_logprobs=3)
+    content = result["choices"][0]["logprobs"]["content"]
+    assert len(content) == result["usage"]["completion_tokens"]
+    sequence = engine.sequence(engine.prompt_ids(HELLO))
+    logits = sequence.logits(engine.exits[-1]).astype(np.float64)
+    log_probs = logits - logits.max() - math.log(np.exp(logits - logits.max()).sum())
+    first = content[0]
+    best = int(np.argmax(log_probs))
+    assert first["token"] == engine.codec.token_text(best) and first["logprob"] == pytest.approx(log_probs[best])
+    assert first["bytes"] == list(first["token"].encode("utf-8"))
+    tops = [t["logprob"] for t in first["top_logprobs"]]
+    assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] == pytest.approx(first["logprob"])
+    assert ask(client, temperature=0)["choices"][0]["logprobs"] is None
+
+
+def test_completion_logprobs_list_tokens_offsets_and_alternatives(client):
+    body = {"model": MODEL, "prompt": "The harbour was", "max_tokens": 4, "temperature": 0, "logprobs": 2}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["text_offset"]) == 4
+    assert all(len(alternatives) == 2 for alternatives in logprobs["top_logprobs"])
+    assert logprobs["text_offset"][0] == 0 and all(lp <= 0 for lp in logprobs["token_logprobs"])
+
+
+def test_ignore_eos_writes_on_past_the_end_token(engine, tiny_export):
+    first = next(engine.generate(engine.prompt_ids(HELLO), 1, "full", SamplingConfig())).id
+    eos_first = Engine.load(tiny_export, providers=["cpu"], threads=1)
+    generation = dataclasses.replace(eos_first.manifest.generation, eos_token_ids=[first])
+    eos_first.manifest = dataclasses.replace(eos_first.manifest, generation=generation)
+    with TestClient(make_app(eos_first)) as client:
+        stopped = ask(client, temperature=0)
+        assert stopped["usage"]["completion_tokens"] == 1 and stopped["choices"][0]["finish_reason"] == "stop"
+        going = ask(client, temperature=0, ignore_eos=True)
+        assert going["usage"]["completion_tokens"] == 8 and going["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_model_name_with_an_exit_tag_pins_that_exit_and_an_alias_answers(client, engine):
+    shallow = engine.exits[0]
+    result = ask(client, model=f"{MODEL}:exit-{shallow}", budget=None)
+    assert set(result["choices"][0]["balcony"]["tokens_per_exit"]) == {str(shallow)}
+    assert ask(client, model="llama3")["model"] == "llama3"
+    assert ask(client, model=f"llama3:exit-{shallow}", budget=None)["choices"][0]["balcony"]["exit"] == shallow
+
+
+def test_tokenize_and_detokenize_round_trip_in_llama_servers_shape(client, engine):
+    ids = client.post("/tokenize", json={"content": "The harbour was quiet."}).json()["tokens"]
+    assert ids == engine.codec.encode("The harbour was quiet.")
+    pieces = client.post("/tokenize", json={"content": "The harbour", "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == engine.codec.encode("The harbour")
+    assert client.post("/detokenize", json={"tokens": ids}).json() == {"content": "The harbour was quiet."}
+    assert client.post("/detokenize", json={"tokens": [10**9]}).status_code == 400
+    assert (
+        client.post("/tokenize", json={"content": "x", "frobnicate": 1}).json()["error"]["code"] == "unknown_parameter"
+    )
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_slot_at_the_next_token(engine, monkeypatch):
+    real_logits = Sequence.logits
+
+    def slow_logits(self, exit, every_position=False):  # 10 ms a token: 500 tokens would hold the slot 5 s
+        time.sleep(0.01)
+        return real_logits(self, exit, every_position)
+
+    monkeypatch.setattr(Sequence, "logits", slow_logits)
+    app = make_app(engine, parallel=1, queue_limit=0)
+    body = {"model": MODEL, "prompt": "The harbour", "max_tokens": 5000, "ignore_eos": True, "temperature": 0}
+    with LiveServer(app) as live:
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=live.url, timeout=0.3) as http:
+            http.post("/v1/completions", json=body)
+        scheduler = app.state.scheduler
+        deadline = time.monotonic() + 1.0
+        while scheduler.depth != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert scheduler.depth == (0, 0)
