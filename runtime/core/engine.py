@@ -22,6 +22,7 @@ from balcony_edge.common.atomic import readable_folder, write_text_atomically
 from balcony_edge.common.errors import BalconyError, first_line
 from balcony_edge.common.paths import cache_dir, default_export_dir
 from balcony_edge.common.validation import is_whole_number
+from balcony_edge.runtime.core.constraints import JsonConstraint, JsonGrammar
 from balcony_edge.runtime.core.integrity import check_export_files
 from balcony_edge.runtime.core.manifest import ExitGraph, Manifest
 from balcony_edge.runtime.core.piece_runner import PieceRunner
@@ -86,6 +87,7 @@ class Engine:
         self.device = device_of(self.provider)
         self._profiles: list[ExitProfile] | None = None
         self._profiles_lock = threading.Lock()  # threads generating at once calibrate once
+        self._json_grammar: JsonGrammar | None = None
 
     @classmethod
     def load(
@@ -203,6 +205,14 @@ class Engine:
         """The model's recommended sampling settings, as the export records them (greedy when it records none)."""
         return SamplingConfig.of(self.manifest.generation.sampling)
 
+    def json_constraint(self, schema: dict | None = None) -> JsonConstraint:
+        """A constraint that keeps one answer valid JSON (matching `schema` when given); pass it to `generate`."""
+        with self._profiles_lock:
+            if self._json_grammar is None:
+                eos = self.manifest.generation.eos_token_ids
+                self._json_grammar = JsonGrammar(self.codec.tokenizer.to_str(), self.manifest.vocab_size, eos)
+        return self._json_grammar.constraint(schema)
+
     def controller(self, budget: str | Budget = "auto", config: ControllerConfig | None = None) -> Controller:
         """A controller for this export's exits, measured costs and recorded answers (the quality floor)."""
         budget = budget if isinstance(budget, Budget) else Budget.parse(str(budget))
@@ -262,6 +272,7 @@ class Engine:
         controller: Chooser | None = None,
         logprobs: int | None = None,
         ignore_eos: bool = False,
+        constraint: JsonConstraint | None = None,
     ) -> Generator[GeneratedToken, None, None]:
         """Stream new tokens for a prompt; the exit of each is chosen just before it is computed (by `controller` when
         given, e.g. one shared by every request of a server, else by a Controller of its own for `budget`).
@@ -269,6 +280,7 @@ class Engine:
         sampling None: the model's recommended settings (`default_sampling`). The answer ends at an end token (unless
         ignore_eos), a stop string, max_new_tokens or the context length (finish "length"). logprobs k: each token
         carries its log-probability and the k most likely tokens' (the exit's own distribution, before sampling).
+        constraint (`json_constraint`): only tokens that keep the answer valid JSON are chosen.
 
         Model work only: a TelemetryWriter records the tokens as they pass (`writer.follow(engine.generate(...))`)."""
         if not (is_whole_number(max_new_tokens) and max_new_tokens >= 1):
@@ -303,7 +315,9 @@ class Engine:
             decision = controller.choose(reading, last_latency, index)
             started = time.perf_counter()
             logits = sequence.logits(decision.exit)
-            token = sampler(logits, sequence.tokens)
+            token = sampler(logits if constraint is None else constraint.mask(logits), sequence.tokens)
+            if constraint is not None:
+                constraint.advance(token)
             latency = (time.perf_counter() - started) * 1000
             chosen, top = log_probabilities(logits, token, logprobs) if logprobs is not None else (None, [])
             last_latency = latency if index else None  # the first token carries the prompt's prefill

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.common.validation import is_whole_number
+from balcony_edge.runtime.core.constraints import ConstraintError, JsonConstraint
 from balcony_edge.runtime.core.engine import Engine, GeneratedToken
 from balcony_edge.runtime.core.text import PromptError
 from balcony_edge.runtime.device.controller import Budget, DeviceController
@@ -170,8 +171,6 @@ class Handlers:
 
     def start(self, request: GenerationRequest, ids: list[int]) -> list[Job]:
         """The request's n generations queued on the scheduler (503 when the slots and the queue cannot take them)."""
-        if request.response_format is not None:
-            raise ApiError(400, "response_format json is not supported yet", "response_format", "unsupported_parameter")
         room = self.context_length - len(ids)
         max_tokens = min(request.max_tokens or room, room)
         try:
@@ -179,6 +178,7 @@ class Handlers:
         except BalconyError as err:
             raise ApiError(400, str(err), "budget", "invalid_budget") from None
         loop = asyncio.get_running_loop()
+        constraints = [self.constraint(request.response_format) for _ in choosers]
         jobs = []
         for index, chooser in enumerate(choosers):
             tokens = self.engine.generate(
@@ -190,6 +190,7 @@ class Handlers:
                 controller=chooser,
                 logprobs=request.logprobs,
                 ignore_eos=request.ignore_eos,
+                constraint=constraints[index],
             )
             jobs.append(Job(tokens, loop))
         try:
@@ -202,6 +203,18 @@ class Handlers:
                 kind="server_error",
             ) from None
         return jobs
+
+    def constraint(self, response_format: dict | None) -> JsonConstraint | None:
+        """The JSON constraint a response_format asks for (json_object: any object; json_schema: its schema)."""
+        if response_format is None:
+            return None
+        schema = (
+            response_format.get("json_schema", {}).get("schema") if response_format["type"] == "json_schema" else None
+        )
+        try:
+            return self.engine.json_constraint(schema)
+        except ConstraintError as err:
+            raise ApiError(400, str(err), "response_format", "invalid_value") from None
 
     async def generation(self, request: Request, chat: bool) -> Response:
         """POST /v1/chat/completions (chat) and /v1/completions: a whole answer or a stream of chunks."""

@@ -1,12 +1,14 @@
 """The runtime engine: exact exit switching, generation equal to torch, context limits, shared weights."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.runtime import Engine, SamplingConfig
+from balcony_edge.runtime.core.constraints import ConstraintError
 from balcony_edge.runtime.core.sequence import Boundary, ContextFullError
 from balcony_edge.runtime.device.telemetry import TelemetryWriter, read_telemetry
 
@@ -348,3 +350,38 @@ def test_each_token_carries_its_log_probability_at_its_exit(engine):
     assert tokens[0].logprob == pytest.approx(log_probs[tokens[0].id])
     assert [i for i, _ in tokens[0].top_logprobs] == list(np.argsort(-log_probs)[:2])
     assert all(t.logprob is None for t in engine.generate(prompt, 2, "full"))
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "count", "ok"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=1.5, seed=3)], ids=["greedy", "hot"])
+def test_a_json_constraint_makes_every_answer_valid_json_matching_the_schema(engine, sampling):
+    pytest.importorskip("llguidance")
+    for exit in engine.exits:
+        constraint = engine.json_constraint(SCHEMA)
+        tokens = list(engine.generate("Describe the harbour.", 120, str(exit), sampling, constraint=constraint))
+        answer = json.loads("".join(t.text for t in tokens))
+        assert tokens[-1].finish == "stop" and set(answer) == {"name", "count", "ok"}
+        assert isinstance(answer["name"], str) and type(answer["count"]) is int and type(answer["ok"]) is bool
+    # Any object: a random model may write one longer than the answer's limit; complete ones parse.
+    free = list(engine.generate("Describe the harbour.", 200, "full", sampling, constraint=engine.json_constraint()))
+    text = "".join(t.text for t in free)
+    assert text.startswith("{") and (
+        isinstance(json.loads(text), dict) if free[-1].finish == "stop" else len(free) == 200
+    )
+
+
+def test_a_schema_llguidance_cannot_compile_is_a_one_line_error(engine):
+    pytest.importorskip("llguidance")
+    with pytest.raises(ConstraintError, match="the JSON schema cannot be compiled"):
+        engine.json_constraint({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})

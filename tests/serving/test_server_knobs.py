@@ -3,6 +3,7 @@ settings, n choices, log-probabilities in OpenAI's shapes, ignore_eos, model nam
 /tokenize and /detokenize, and a non-streaming client that leaves."""
 
 import dataclasses
+import json
 import math
 import time
 
@@ -168,3 +169,43 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot_at_the_next_token(eng
         while scheduler.depth != (0, 0) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert scheduler.depth == (0, 0)
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_output_parses_and_matches_through_the_openai_client(engine):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("llguidance")
+    with LiveServer(make_app(engine, parallel=2)) as live:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused")
+        for temperature in (0.0, 1.2):
+            answer = client.chat.completions.create(
+                model=MODEL,
+                messages=HELLO,
+                max_tokens=60,
+                temperature=temperature,
+                seed=5,
+                response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
+            )
+            person = json.loads(answer.choices[0].message.content)
+            assert set(person) == {"name", "age"} and isinstance(person["name"], str) and 0 <= person["age"] <= 120
+        with pytest.raises(openai.BadRequestError, match="cannot be compiled"):
+            client.chat.completions.create(
+                model=MODEL,
+                messages=HELLO,
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/no"}}},
+            )
+    with TestClient(make_app(engine)) as client:
+        body = {"model": MODEL, "messages": HELLO, "max_tokens": 400, "response_format": {"type": "json_object"}}
+        result = client.post("/v1/chat/completions", json=body).json()
+        text = result["choices"][0]["message"]["content"]
+        assert text.startswith("{") and (result["choices"][0]["finish_reason"] == "length" or json.loads(text))
