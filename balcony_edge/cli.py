@@ -574,8 +574,8 @@ ThreadPoolOpt = Annotated[
         envvar="BALCONY_EDGE_THREAD_POOL",
         show_envvar=False,  # docs/runtime.md names it; bench's narrow help column would cut the name
         callback=_thread_pool_choice,
-        help="process: every piece on onnxruntime's one pool for the process (spins; "
-        "fastest on a quiet CPU); session: a pool per piece, spinning off.",
+        help="session: a pool per piece whose workers spin briefly (quick, and robust beside other busy work); "
+        "process: onnxruntime's one pool for the process (spins without end).",
     ),
 ]
 ExportArg = Annotated[
@@ -693,7 +693,7 @@ def chat(
         bool,
         typer.Option("--sliding-window", help="Past the context length, keep the newest half instead of stopping."),
     ] = False,
-    thread_pool: ThreadPoolOpt = "process",
+    thread_pool: ThreadPoolOpt = "session",
     trust_modified: TrustOpt = False,
 ) -> None:
     """Chat with the model, switching exits between tokens from the budget and the device's signals."""
@@ -781,7 +781,7 @@ def serve(
         Optional[list[str]], typer.Option(help="tensorrt, cuda or cpu, in order of preference (repeatable).")
     ] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for onnxruntime.")] = None,
-    thread_pool: ThreadPoolOpt = "process",
+    thread_pool: ThreadPoolOpt = "session",
     trust_modified: TrustOpt = False,
     alias: Annotated[
         Optional[list[str]],
@@ -860,7 +860,7 @@ def bench(
         bool,
         typer.Option("--prepack/--no-prepack", help="CPU weight prepacking (--no-prepack: to measure what it brings)."),
     ] = True,
-    thread_pool: ThreadPoolOpt = "process",
+    thread_pool: ThreadPoolOpt = "session",
     floor: Annotated[
         bool,
         typer.Option(

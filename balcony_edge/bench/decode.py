@@ -163,3 +163,33 @@ def context_step_ratio(engine, exit: int, contexts=CONTEXTS, repeats: int = 3, s
         medians[context] = statistics.median(times)
     first = medians[contexts[0]]
     return {str(context): round(value / first, 3) for context, value in medians.items()}
+
+
+def alternate(decoder, peer_timed, prompt: list[int], new_tokens: int, rounds: int) -> dict:
+    """The engine's decoder and a peer (`peer_timed(count)` -> seconds for the prompt and `count` greedy tokens) timed
+    in turn for `rounds` rounds, the order swapped every round, so that the machine's drift falls on both: the peer's
+    median decode tok/s and first token (ms), the engine's median, and the median of the rounds' ratios."""
+    greedy_run(decoder, prompt, 8)
+    peer_timed(8)
+    engine, peer, firsts, ratios = [], [], [], []
+
+    def run_engine() -> None:
+        engine.append(greedy_run(decoder, prompt, new_tokens).decode_tok_s)
+
+    def run_peer() -> None:
+        first = peer_timed(1)
+        whole = peer_timed(new_tokens + 1)
+        firsts.append(first)
+        peer.append(new_tokens / (whole - first))
+
+    for round_ in range(rounds):
+        for run in (run_engine, run_peer) if round_ % 2 == 0 else (run_peer, run_engine):
+            run()
+        ratios.append(engine[-1] / peer[-1])
+    return {
+        "decode_tok_s": round(statistics.median(peer), 2),
+        "ttft_ms": round(statistics.median(firsts) * 1000, 2),
+        "engine_tok_s": round(statistics.median(engine), 2),
+        "engine_vs_peer": round(statistics.median(ratios), 3),
+        "rounds": rounds,
+    }

@@ -13,6 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
+from balcony_edge.bench.neighbour import busy_core
+
 
 def torch_generate(
     base_spec: str, prompt: list[int], new_tokens: int, repeats: int, threads: int | None, gpu: bool = False
@@ -88,6 +90,12 @@ def gguf_at_precision(source, file_type: str, folder) -> Path | None:
     return target
 
 
+def gguf_at_precision_json(source: str, file_type: str, folder: str) -> dict:
+    """gguf_at_precision for a child process (bench/isolated.py): {"path": str or None}."""
+    path = gguf_at_precision(source, file_type, folder)
+    return {"path": str(path) if path else None}
+
+
 # How each llama.cpp type is written for an exit: by the exit writer directly, or written in f32 and then
 # converted by llama.cpp's quantizer (the writer has no Q4 of its own).
 _EXIT_WRITER_TYPES = {"f32": "fp32", "f16": "f16", "q8_0": "q8_0"}
@@ -122,13 +130,18 @@ def exit_gguf_files(checkpoint, exits, file_type: str, folder) -> dict[int, Path
     return files
 
 
-def llama_cpp(gguf_path, prompt: list[int], new_tokens: int, repeats: int, threads: int | None) -> dict:
-    """llama-cpp-python on a GGUF file (its own quantisation), greedy after the engine's own prompt tokens (the same
-    tokenizer); skipped when llama_cpp is not installed."""
+def exit_gguf_files_json(checkpoint: str, exits: list[int], file_type: str, folder: str) -> dict:
+    """exit_gguf_files for a child process (bench/isolated.py): {"files": {exit: path} or None}."""
+    files = exit_gguf_files(checkpoint, exits, file_type, folder)
+    return {"files": {str(k): str(path) for k, path in files.items()} if files is not None else None}
+
+
+def llama_cpp_timer(gguf_path, prompt: list[int], threads: int | None):
+    """llama-cpp-python loaded on a GGUF file (its own quantisation): (timed(count) -> seconds for `count` greedy
+    tokens after the engine's own prompt tokens, the same tokenizer; a description), or None when llama_cpp is not
+    installed."""
     if importlib.util.find_spec("llama_cpp") is None:
-        return {
-            "skipped": "llama-cpp-python is not installed (pip install llama-cpp-python, about 10 minutes to build)"
-        }
+        return None
     from llama_cpp import Llama
 
     # use_extra_bufts=False: a source build with AMX crashed inside llama_decode on quantised files without it.
@@ -145,22 +158,48 @@ def llama_cpp(gguf_path, prompt: list[int], new_tokens: int, repeats: int, threa
                 break
         return time.perf_counter() - started
 
-    return {
-        **_decode_and_first_token(timed, new_tokens, repeats),
-        "file": str(gguf_path),
-        "prompt_tokens": len(tokens),
-    }
+    return timed, {"file": str(gguf_path), "prompt_tokens": len(tokens)}
 
 
-def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int | None) -> dict:
-    """onnxruntime-genai on one exit's genai folder of the export (its standard graph, greedy, on the CPU), after the
-    engine's own prompt tokens; skipped when onnxruntime_genai is not importable (it lives beside onnxruntime-gpu,
-    installed without its dependencies: docs/export.md)."""
+LLAMA_CPP_MISSING = {
+    "skipped": "llama-cpp-python is not installed (pip install llama-cpp-python, about 10 minutes to build)"
+}
+
+
+def llama_cpp(gguf_path, prompt: list[int], new_tokens: int, repeats: int, threads: int | None) -> dict:
+    """llama.cpp's decode tok/s and time to first token on a GGUF file; skipped when llama_cpp is not installed."""
+    timer = llama_cpp_timer(gguf_path, prompt, threads)
+    if timer is None:
+        return LLAMA_CPP_MISSING
+    timed, info = timer
+    return {**_decode_and_first_token(timed, new_tokens, repeats), **info}
+
+
+def llama_cpp_neighbour(gguf_path, prompt: list[int], new_tokens: int, repeats: int, threads: int | None) -> dict:
+    """llama.cpp's decode tok/s quiet, then beside one busy core (neighbour.py), measured back to back."""
+    timer = llama_cpp_timer(gguf_path, prompt, threads)
+    if timer is None:
+        return LLAMA_CPP_MISSING
+    timed, info = timer
+    quiet = _decode_and_first_token(timed, new_tokens, repeats)["decode_tok_s"]
+    with busy_core():
+        beside = _decode_and_first_token(timed, new_tokens, repeats)["decode_tok_s"]
+    return {"quiet_tok_s": quiet, "neighbour_tok_s": beside, "neighbour_ratio": round(beside / quiet, 3), **info}
+
+
+GENAI_MISSING = {
+    "skipped": "onnxruntime-genai is not importable (pip install --no-deps --target ~/genai onnxruntime-genai; "
+    "PYTHONPATH=~/genai)"
+}
+
+
+def genai_timer(folder, prompt: list[int], threads: int | None):
+    """onnxruntime-genai loaded on one exit's genai folder of the export (its standard graph, greedy, on the CPU):
+    (timed(count) -> seconds for the prompt's forward pass and `count` tokens, a description), or None when
+    onnxruntime_genai is not importable (it lives beside onnxruntime-gpu, installed without its dependencies:
+    docs/export.md)."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
-        return {
-            "skipped": "onnxruntime-genai is not importable (pip install --no-deps "
-            "--target ~/genai onnxruntime-genai; PYTHONPATH=~/genai)"
-        }
+        return None
     import onnxruntime_genai as og
 
     model, threads = genai_model(folder, threads)
@@ -173,12 +212,16 @@ def onnxruntime_genai(folder: Path, prompt: list[int], new_tokens: int, repeats:
             generator.generate_next_token()
         return time.perf_counter() - started
 
-    return {
-        **_decode_and_first_token(timed, new_tokens, repeats),
-        "folder": str(folder),
-        "threads": threads,
-        "genai": og.__version__,
-    }
+    return timed, {"folder": str(folder), "threads": threads, "genai": og.__version__}
+
+
+def onnxruntime_genai(folder, prompt: list[int], new_tokens: int, repeats: int, threads: int | None) -> dict:
+    """onnxruntime-genai's decode tok/s and time to first token on one exit's genai folder."""
+    timer = genai_timer(folder, prompt, threads)
+    if timer is None:
+        return GENAI_MISSING
+    timed, info = timer
+    return {**_decode_and_first_token(timed, new_tokens, repeats), **info}
 
 
 def genai_model(folder: Path, threads: int | None):

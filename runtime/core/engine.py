@@ -109,11 +109,11 @@ class Engine:
         prepack: CPU MatMul weight prepacking (on: each weight is in one piece's session, so packing copies nothing
         twice; off only to measure what it brings).
 
-        thread_pool: "session" (default) gives each piece's session a pool of its own, spinning off; "process" runs
-        every piece on onnxruntime's one process-wide pool, which spins between nodes and is faster on a CPU
-        (docs/benchmarks.md, "Thread pools"), but once it exists onnxruntime refuses every later session in the
-        process that asks for a pool of its own: choose it when this process makes no other onnxruntime sessions (as
-        `chat` and `serve` do).
+        thread_pool: "session" (default) gives each piece's session a pool of its own whose workers spin briefly
+        (sessions.SPIN_US): as fast as one spinning pool on a quiet CPU and far faster beside other busy processes;
+        "process" runs every piece on onnxruntime's one process-wide pool, which spins without end, and once it exists
+        onnxruntime refuses every later session in the process that asks for a pool of its own (docs/benchmarks.md,
+        "Thread pools").
         """
         folder = export_folder(folder)
         settings = session_settings(providers, threads, prepack, thread_pool)

@@ -170,9 +170,17 @@ class ProcessPool:
             )
 
 
+# A session pool's workers spin this long after their work (us), backing off up to this factor, then sleep. Measured
+# on 2 cores, int4 full depth (docs/benchmarks.md, "Thread pools"): as fast as the process pool when quiet (which
+# spins without end), and 0.83-0.85x of that beside one busy core, where the process pool fell to 0.38-0.47x and
+# pools that never spin ran 0.8x slower when quiet.
+SPIN_US = 25
+SPIN_BACKOFF_MAX = 32
+
+
 def session_options(threads: int | None, prepack: bool, thread_pool: str = "session") -> ort.SessionOptions:
     """Options of every session: all graph optimisations, prepacking on or off, and threads: a pool of its own with
-    `threads` intra-op threads (None: all cores) and no spinning, or the process's one pool (which spins)."""
+    `threads` intra-op threads (None: all cores) that spins briefly, or the process's one pool (which spins)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     ProcessPool.admit(thread_pool, threads)
@@ -182,9 +190,12 @@ def session_options(threads: int | None, prepack: bool, thread_pool: str = "sess
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # Every piece has its own session and thread pool; spinning workers of idle pools would take the cores from
-        # the piece that runs (measured: full depth 12.6 tok/s spinning, 30.7 not, on 2 cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Every piece has its own session and pool: workers that spun without end would take the cores from the piece
+        # that runs next (12.6 tok/s against 30.7 measured at full depth on 2 cores), workers that never spin wake too
+        # late between nodes; a short spin is both quick and polite to the other pools and to other processes.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+        options.add_session_config_entry("session.intra_op.spin_backoff_max", str(SPIN_BACKOFF_MAX))
     options.log_severity_level = 3
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")

@@ -1,6 +1,6 @@
-"""The engine on onnxruntime's process-wide thread pool (what `chat`, `serve` and `bench` run): the same logits as
-with a pool per session, and clear errors for what onnxruntime refuses once that pool exists. Each process-pool
-check runs in a fresh process: the pool cannot be undone in the test process."""
+"""The engine on onnxruntime's process-wide thread pool (`--thread-pool process`): the same logits as with a pool per
+session (the default), and clear errors for what onnxruntime refuses once that pool exists. Each process-pool check
+runs in a fresh process: the pool cannot be undone in the test process."""
 
 import json
 import subprocess
@@ -58,33 +58,6 @@ def test_the_process_pool_gives_the_per_session_logits_and_refuses_clearly(tiny_
     assert "load with thread_pool='process'" in pooled["own_pool"]
     assert "thread pool has 1 threads" in pooled["other_size"] and "load with threads=1" in pooled["other_size"]
     assert pooled["second_on_pool"] == len(EXIT_SCHEDULE)  # more engines share the one pool
-
-
-def test_the_pool_comparison_script_alternates_fresh_processes(tiny_export, tmp_path):
-    script = Path(__file__).resolve().parents[2] / "scripts" / "thread_pool_bench.py"
-    out = tmp_path / "pools.json"
-    command = [
-        sys.executable,
-        str(script),
-        str(tiny_export),
-        "--rounds",
-        "2",
-        "--tokens",
-        "3",
-        "--repeats",
-        "1",
-        "--busy",
-        "1",
-        "--json",
-        str(out),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(out.read_text())
-    assert set(result["process_vs_session"]) == {"1", "2", "4"} and all(
-        r > 0 for r in result["process_vs_session"].values()
-    )
-    assert [len(result["runs"][pool]) for pool in ("session", "process")] == [2, 2] and result["busy_processes"] == 1
 
 
 def test_an_onnxruntime_without_the_process_pool_or_with_one_made_by_the_host_is_a_clear_error(
