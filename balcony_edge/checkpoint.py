@@ -51,6 +51,12 @@ class CheckpointInfo:
         }
 
 
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Whether a folder holds a checkpoint and nothing else (what `train --force` or `--resume` may write over)."""
+    names = {p.name for p in Path(folder).iterdir()}
+    return CONFIG_FILE in names and names <= {CONFIG_FILE, WEIGHTS_FILE, STATE_FILE}
+
+
 def resume_hint(out: Path) -> str:
     """How to continue a training run from its run folder."""
     return f"continue with `balcony-edge train --resume --out {out}` and the run's other options"

@@ -118,6 +118,9 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out exactly where its last checkpoint stopped.")
     ] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace a checkpoint already in --out (never a folder of other files).")
+    ] = False,
     on_policy: Annotated[
         int,
         typer.Option(
@@ -166,7 +169,7 @@ def train(
         divergence=divergence,
         on_policy_weight=on_policy_weight,
     )
-    summary = run_training(config, resume=resume)
+    summary = run_training(config, resume=resume, force=force)
     console.print(
         f"saved {out}: {summary['steps']}/{summary['total_steps']} steps, "
         f"{summary['tokens_seen']:,} tokens, {summary['wall_seconds']:.0f} s"
@@ -639,7 +642,8 @@ def _signal_hub(signals: Optional[str], clock: str):
     from balcony_edge.runtime.device.hub import SignalHub, default_sources
     from balcony_edge.runtime.device.sources import FixedSource, TraceSource
 
-    is_trace = signals is not None and (signals.endswith(".jsonl") or Path(signals).is_file())
+    # A path that exists is a trace, whatever it is: TraceSource refuses one that is not a regular file.
+    is_trace = signals is not None and (signals.endswith(".jsonl") or Path(signals).exists())
     if clock != "time" and not is_trace:
         raise SignalError(
             f"--signals-clock {clock} applies to a replayed trace; give --signals TRACE.jsonl or leave it out"

@@ -61,6 +61,11 @@ def data_stem(path: Path) -> str:
 def _data_files(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"data path {path} does not exist; give text, JSONL or parquet files or a folder of them")
+    if not path.is_file() and not path.is_dir():
+        raise DataError(
+            f"data path {path} is not a regular file or a folder (a device or a FIFO); "
+            "give text, JSONL or parquet files or a folder of them"
+        )
     if path.is_file():
         if data_suffix(path) not in DATA_SUFFIXES:
             raise DataError(
@@ -189,6 +194,14 @@ def parse_source(spec: str) -> Source:
     if not (math.isfinite(value) and value > 0):
         raise DataError(f"--data {spec}: the weight after ':' must be a positive number; give e.g. {path}:0.5")
     return Source(path, value)
+
+
+def check_sources(specs: list[str]) -> None:
+    """Refuse a --data source that does not exist or holds no data file, before anything slow is loaded."""
+    for spec in specs:
+        path = parse_source(spec).path
+        if path != DEFAULT_CORPUS:
+            _data_files(Path(path).expanduser())
 
 
 def weighted_sources(specs: list[str]) -> list[Source] | None:

@@ -26,16 +26,18 @@ from balcony_edge.checkpoint import (
     WEIGHTS_FILE,
     build_model,
     copy_balcony_weights,
+    is_checkpoint_folder,
     read_info,
     read_weights,
     resume_hint,
     save_checkpoint,
 )
-from balcony_edge.common.atomic import readable_folder
+from balcony_edge.common.atomic import exclusive_target, readable_folder
 from balcony_edge.common.console import console, log_warning, say
 from balcony_edge.common.errors import BalconyError, CheckpointError, TrainingStopped
+from balcony_edge.common.paths import check_replace_target
 from balcony_edge.common.validation import is_finite_number, is_whole_number
-from balcony_edge.data import DEFAULT_CORPUS, load_corpus, pack, weighted_sources
+from balcony_edge.data import DEFAULT_CORPUS, check_sources, load_corpus, pack, weighted_sources
 from balcony_edge.distill import DIVERGENCES, distill_backward
 from balcony_edge.exits import parse_exits
 from balcony_edge.model import (
@@ -300,8 +302,20 @@ def _use_bf16(precision: str, device: torch.device) -> bool:
 class Trainer:
     """One training run: set up from a TrainConfig (fresh or resumed), then `run()`."""
 
-    def __init__(self, config: TrainConfig, base: BaseModel | None = None, resume: bool = False):
+    def __init__(self, config: TrainConfig, base: BaseModel | None = None, resume: bool = False, force: bool = False):
+        """force: replace a checkpoint already in config.out (never a folder of other files)."""
         self.config = config
+        self.out = Path(config.out)
+        if resume and force:
+            raise BalconyError("--resume and --force both given: continue the run in --out, or replace it; give one")
+        check_replace_target(
+            self.out,
+            resume or force,
+            is_checkpoint_folder,
+            "a balcony-edge checkpoint",
+            "continue it with --resume, or replace it with --force",
+            error=CheckpointError,
+        )
         self.dist = Distributed.from_env()
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -312,10 +326,10 @@ class Trainer:
                 f"--micro-batch-size x ranks = {per_step}; change one of them"
             )
         self.accum = config.batch_size // per_step
+        check_sources(config.data)
         self.base = base or load_base_model(config.base)
         exits = parse_exits(config.exits, self.base.identity.num_layers)
         config.exits = exits
-        self.out = Path(config.out)
         resume_state = self._resume_state() if resume else None
 
         torch.manual_seed(config.seed)
@@ -637,11 +651,14 @@ def _load_training_state(path: Path) -> dict:
     return state
 
 
-def train(config: TrainConfig, resume: bool = False, base: BaseModel | None = None) -> dict:
-    """Run `balcony-edge train`: returns the training summary written into the checkpoint."""
-    trainer = Trainer(config, base=base, resume=resume)
-    try:
-        return trainer.run()
-    finally:
-        if trainer.dist.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+def train(config: TrainConfig, resume: bool = False, base: BaseModel | None = None, force: bool = False) -> dict:
+    """Run `balcony-edge train`: returns the training summary written into the checkpoint. The run folder is locked
+    for the whole run (by rank 0): a second run into the same folder is refused at once."""
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with exclusive_target(Path(config.out), "the training run") if main_rank else nullcontext():
+        trainer = Trainer(config, base=base, resume=resume, force=force)
+        try:
+            return trainer.run()
+        finally:
+            if trainer.dist.world > 1 and dist.is_initialized():
+                dist.destroy_process_group()

@@ -25,7 +25,7 @@ from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
 from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.console import phase_progress
 from balcony_edge.common.errors import ExportError
-from balcony_edge.common.paths import SHIPPED_EXPORT_NAME, default_export_dir
+from balcony_edge.common.paths import SHIPPED_EXPORT_NAME, check_replace_target, default_export_dir
 from balcony_edge.exits import parse_exits
 from balcony_edge.export.compose import compose_exit
 from balcony_edge.export.genai import write_genai_folders
@@ -142,14 +142,10 @@ def _export_locked(config: ExportConfig, checkpoint: Path, out: Path, exits: tup
 
 def check_target(out: Path, force: bool, ours=None, marker: str = MANIFEST_FILE) -> None:
     """Refuse an existing target without --force, a target this kind of export did not write (`ours(folder)`, default:
-    an ONNX export folder; `marker`: the file that tells), and an unwritable parent."""
-    if out.exists():
-        if not force:
-            raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
-        if out.is_file() or (any(out.iterdir()) and not (ours or is_export_folder)(out)):
-            raise ExportError(
-                f"{out} exists and is not a balcony-edge export (no export {marker}); choose another --out"
-            )
+    an ONNX export folder; `marker`: the file that tells), a symbolic link, and an unwritable parent."""
+    what = f"a balcony-edge export (with its {marker})"
+    fix = "pass --force to replace it or choose another --out"
+    check_replace_target(out, force, ours or is_export_folder, what, fix, error=ExportError)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()

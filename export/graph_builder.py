@@ -21,21 +21,22 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from balcony_edge.common.errors import ExportError
-from balcony_edge.runtime.core.manifest import ATTENTION_MASK, LOGITS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from balcony_edge.runtime.core.manifest import (
+    ATTENTION_MASK,
+    LOGITS,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+)
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 IR_VERSION = 10  # onnxruntime 1.20 reads up to 10
 TRANSPOSED = ".T"  # suffix of a weight stored transposed (the layout MatMul reads)
 
-EXIT_HIDDEN = "exit_hidden"  # normed hidden states that the head reads
 ROTARY_COS = "base.rotary.cos_cache"
 ROTARY_SIN = "base.rotary.sin_cache"
-
-
-def hidden_name(depth: int) -> str:
-    """The residual stream after `depth` backbone layers, as a piece's input or output."""
-    return f"hidden_{depth}"
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,11 @@ import torch
 from onnx import TensorProto
 from transformers import PreTrainedModel
 
-from balcony_edge.export.graph_builder import (
-    EXIT_HIDDEN,
-    Architecture,
-    DecoderEmitter,
-    GraphBuilder,
-    KVScales,
-    hidden_name,
-)
+from balcony_edge.export.graph_builder import Architecture, DecoderEmitter, GraphBuilder, KVScales
 from balcony_edge.model import BalconyModel
 from balcony_edge.runtime.core.manifest import (
     ATTENTION_MASK,
+    EXIT_HIDDEN,
     INPUT_IDS,
     LOGITS,
     PAST_KEY,
@@ -32,6 +26,7 @@ from balcony_edge.runtime.core.manifest import (
     PRESENT_KEY,
     PRESENT_VALUE,
     Piece,
+    hidden_name,
 )
 
 SEGMENT, BALCONY, HEAD = "segment", "balcony", "head"

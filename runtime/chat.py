@@ -85,6 +85,7 @@ class ChatSession:
         )
         self.console = console or Console(highlight=False)
         self.status = status or Console(highlight=False, stderr=True)
+        self.turns = 0  # answers given: each labels its telemetry records
         self._told_below_floor = False
         self.colours = {exit: EXIT_COLOURS[i % len(EXIT_COLOURS)] for i, exit in enumerate(engine.exits[:-1])}
         self.colours[engine.exits[-1]] = "default"
@@ -167,7 +168,10 @@ class ChatSession:
                 self.controller_config,
                 sequence=sequence,
             )
-            for token in self.telemetry.follow(generation) if self.telemetry is not None else generation:
+            self.turns += 1
+            if self.telemetry is not None:
+                generation = self.telemetry.follow(generation, turn=self.turns, budget=str(self.budget))
+            for token in generation:
                 tokens.append(token)
                 self.stats.add(token)
                 self.tell_below_floor(token)

@@ -26,6 +26,39 @@ def default_export_dir(name: str = SHIPPED_EXPORT_NAME, precision: str = "fp32")
     return cache_dir() / "exports" / f"{name}-{precision}"
 
 
+def check_replace_target(
+    out: Path,
+    replace: bool,
+    ours,
+    what: str,
+    fix_replace: str,
+    option: str = "--out",
+    error: type[BalconyError] = BalconyError,
+) -> None:
+    """Refuse, before any work, to write `what` over anything but an empty folder or, when `replace`, one this tool
+    wrote (`ours(folder)`): never over the user's own files, a file, or a symbolic link (replacing the link would
+    leave its target as it was)."""
+    if out.is_symlink():
+        raise error(
+            f"{option} {out} is a symbolic link (to {os.readlink(out)}); give the folder itself, not a link to it"
+        )
+    if not out.exists():
+        return
+    if out.is_file() or not out.is_dir():
+        raise error(f"{option} {out} is a file, not a folder; choose a new or empty folder for {what}")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not ours(out):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise error(
+            f"{option} {out} holds files that are not {what} ({shown}); "
+            "nothing was changed: choose a new or empty folder"
+        )
+    if not replace:
+        raise error(f"{option} {out} already holds {what}; {fix_replace}")
+
+
 def check_output_folder(path: Path | None, option: str, error: type[BalconyError] = BalconyError) -> None:
     """Refuse an output path whose folder is missing before the work, not after it."""
     if path is not None and not path.parent.is_dir():

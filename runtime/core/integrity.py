@@ -1,5 +1,6 @@
 """Whether an export folder can be opened: every file its manifest names lies inside it and exists, every graph keeps
-its external data in the weights file only, every weight lies inside that file, and every file matches its checksum.
+its external data in the weights file only, every piece's graph has the inputs and outputs the manifest describes,
+every weight lies inside that file, and every file matches its checksum.
 
 Torch- and onnx-free: graphs are read with protobuf through a descriptor of the few onnx.proto messages that can
 hold a tensor. Checks run in that order, and a file that fails one is not touched by the next: a name that leads
@@ -18,7 +19,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message, message_fa
 from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.console import log_warning
 from balcony_edge.common.errors import IntegrityError
-from balcony_edge.runtime.core.manifest import FIX, Manifest
+from balcony_edge.runtime.core.manifest import EXIT_HIDDEN, FIX, INPUT_IDS, KV_DTYPES, Manifest, Piece, hidden_name
 
 MODIFIED = "sha256 differs"  # why a file that changed since the export is named
 
@@ -36,8 +37,15 @@ _ONNX_SUBSET = {
     "GraphProto": {
         "node": (1, "NodeProto", True),
         "initializer": (5, "TensorProto", True),
+        "input": (11, "ValueInfoProto", True),
+        "output": (12, "ValueInfoProto", True),
         "sparse_initializer": (15, "SparseTensorProto", True),
     },
+    "ValueInfoProto": {"name": (1, "bytes", False), "type": (2, "TypeProto", False)},
+    "TypeProto": {"tensor_type": (1, "TypeProtoTensor", False)},
+    "TypeProtoTensor": {"elem_type": (1, "int32", False), "shape": (2, "TensorShapeProto", False)},
+    "TensorShapeProto": {"dim": (1, "Dimension", True)},
+    "Dimension": {"dim_value": (1, "int64", False), "dim_param": (2, "bytes", False)},
     "NodeProto": {"attribute": (5, "AttributeProto", True)},
     "AttributeProto": {
         "t": (5, "TensorProto", False),
@@ -59,7 +67,10 @@ _ONNX_SUBSET = {
 _SCALAR_TYPES = {
     "bytes": descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
     "int32": descriptor_pb2.FieldDescriptorProto.TYPE_INT32,
+    "int64": descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
 }
+# onnx TensorProto.DataType of the cache's numpy names; hidden states and logits are of the activation dtype
+_ELEM_TYPES = {"float32": 1, "int8": 3, "float16": 10, "int64": 7}
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 
@@ -93,7 +104,8 @@ def export_problems(folder: Path | str, manifest: Manifest) -> dict[str, str]:
 def _problems(folder: Path, manifest: Manifest, stop_early: bool) -> dict[str, str]:
     """File -> why, check by check; stop_early: stop after the first check that finds any (checksums come last)."""
     problems: dict[str, str] = {}
-    for check in (_unsafe_paths, _missing_files, _foreign_external_data, _weights_past_end, _modified_files):
+    checks = (_unsafe_paths, _missing_files, _foreign_external_data, _io_mismatches, _weights_past_end, _modified_files)
+    for check in checks:
         if problems and stop_early:
             break
         for name, why in check(folder, manifest, set(problems)).items():
@@ -136,8 +148,13 @@ def _missing_files(folder: Path, manifest: Manifest, skip: set[str]) -> dict[str
     return problems
 
 
+def _graphs(manifest: Manifest) -> list[str]:
+    """Every graph file: the pieces the engine runs and the standard exit graphs other clients run."""
+    return list(dict.fromkeys([piece.graph for piece in manifest.pieces] + [entry.graph for entry in manifest.exits]))
+
+
 def _foreign_external_data(folder: Path, manifest: Manifest, skip: set[str]) -> dict[str, str]:
-    graphs = [name for name in dict.fromkeys(entry.graph for entry in manifest.exits) if name not in skip]
+    graphs = [name for name in _graphs(manifest) if name not in skip]
     return {
         name: why
         for name in graphs
@@ -164,14 +181,74 @@ def _external_data_problem(path: Path, weights_file: str) -> str | None:
     return None
 
 
+def _io_mismatches(folder: Path, manifest: Manifest, skip: set[str]) -> dict[str, str]:
+    problems = {}
+    for piece in manifest.pieces:
+        if piece.graph not in skip and (why := _io_problem(folder / piece.graph, piece, manifest)) is not None:
+            problems[piece.graph] = why
+    return problems
+
+
+def _expected_io(piece: Piece, manifest: Manifest) -> tuple[dict, dict]:
+    """A piece's inputs and outputs as the manifest describes them: name -> (onnx element type, shape with None for
+    any size)."""
+    kv, names = manifest.kv, manifest.io_names
+    activation = _ELEM_TYPES[KV_DTYPES[manifest.dtype]]
+    cache = (_ELEM_TYPES[kv.dtype], (None, kv.num_kv_heads, None, kv.head_dim))
+    hidden = (activation, (None, None, kv.hidden_size))
+    inputs: dict[str, tuple] = {}
+    if piece.kind == "head":
+        inputs[EXIT_HIDDEN] = hidden
+        outputs = {names["logits"]: (activation, (None, None, manifest.vocab_size))}
+    else:
+        first = INPUT_IDS if piece.kind == "segment" and piece.first_layer == 0 else hidden_name(piece.first_layer)
+        inputs[first] = (_ELEM_TYPES["int64"], (None, None)) if first == INPUT_IDS else hidden
+        inputs[names["attention_mask"]] = (_ELEM_TYPES["int64"], (None, None))
+        last = piece.kind == "balcony" or piece.end_layer == manifest.num_layers
+        outputs = {EXIT_HIDDEN if last else hidden_name(piece.end_layer): hidden}
+    for slot in piece.cache_slots:
+        inputs |= {names["past_key"].format(slot=slot): cache, names["past_value"].format(slot=slot): cache}
+        outputs |= {names["present_key"].format(slot=slot): cache, names["present_value"].format(slot=slot): cache}
+    return inputs, outputs
+
+
+def _io_problem(path: Path, piece: Piece, manifest: Manifest) -> str | None:
+    """Why a piece's graph does not take and give what the manifest says it does (another piece's graph, other KV
+    heads), or None; onnxruntime would otherwise fail later, with an error about dimensions."""
+    try:
+        graph = _model_class().FromString(path.read_bytes()).graph
+    except message.DecodeError:
+        return "not an ONNX model (its protobuf does not parse)"
+    for kind, declared, expected in zip(
+        ("input", "output"), (graph.input, graph.output), _expected_io(piece, manifest)
+    ):
+        found = {value.name.decode(errors="backslashreplace"): value for value in declared}
+        if set(found) != set(expected):
+            missing, other = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+            shown = f"lacks {missing[0]!r}" if missing else f"has {other[0]!r}"
+            return f"a graph whose {kind}s are not those of piece {piece.name!r} in the manifest (it {shown})"
+        for name, (elem_type, shape) in expected.items():
+            tensor = found[name].type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+            fits = len(dims) == len(shape) and all(want is None or have == want for have, want in zip(dims, shape))
+            if tensor.elem_type != elem_type or not fits:
+                return (
+                    f"a graph whose {kind} {name!r} is of type {tensor.elem_type} and shape {dims}, "
+                    f"where the manifest says type {elem_type} and shape {list(shape)}"
+                )
+    return None
+
+
 def _tensors(proto: message.Message) -> Iterator[message.Message]:
     """Every TensorProto inside a parsed message of _ONNX_SUBSET: initializers, attributes, subgraphs, functions."""
     if proto.DESCRIPTOR.name == "TensorProto":
         yield proto
         return
     declared = _ONNX_SUBSET[proto.DESCRIPTOR.name]
-    for field, value in proto.ListFields():  # every field of the subset but the tensor's own holds messages
-        repeated = declared[field.name][2]  # from the table: protobuf's own flag changed name across versions
+    for field, value in proto.ListFields():
+        kind, repeated = declared[field.name][1:]  # from the table: protobuf's own flag changed name across versions
+        if kind in _SCALAR_TYPES or kind == "ValueInfoProto":  # a graph's inputs and outputs hold no tensor data
+            continue
         for child in value if repeated else [value]:
             yield from _tensors(child)
 

@@ -42,6 +42,12 @@ PAST_KEY = "past_key_values.{slot}.key"
 PAST_VALUE = "past_key_values.{slot}.value"
 PRESENT_KEY = "present.{slot}.key"
 PRESENT_VALUE = "present.{slot}.value"
+EXIT_HIDDEN = "exit_hidden"  # a piece's normed hidden states that the head reads
+
+
+def hidden_name(depth: int) -> str:
+    """The residual stream after `depth` backbone layers, as a piece's input or output."""
+    return f"hidden_{depth}"
 
 
 def default_io_names() -> dict[str, str]:

@@ -9,7 +9,9 @@ those of exit k run alone on the same prefix. The head runs on the last position
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -85,6 +87,7 @@ class Sequence:
                 self._consumers.setdefault(runner.piece.first_layer, []).append(runner)
         self.tokens: list[int] = []
         self.sliding_window = sliding_window
+        self._in_use = threading.Lock()  # held while a call runs: a second thread is refused, not let in
         self.last_catch_up = 0  # positions recomputed by the last logits() because the exit's slots lacked them
         self._reset_state()
         self.extend(token_ids)
@@ -105,6 +108,11 @@ class Sequence:
         self.extend([token_id])
 
     def extend(self, token_ids) -> None:
+        """Feed tokens, all or none (see _extend)."""
+        with self._exclusive():
+            self._extend(token_ids)
+
+    def _extend(self, token_ids) -> None:
         """Feed tokens, all or none: ids outside the vocabulary, or more than the context holds, change nothing.
 
         With the sliding window, tokens that do not fit make room instead: the newest half of the context is kept,
@@ -143,7 +151,25 @@ class Sequence:
         self.tokens = kept if len(kept) <= limit else kept[-(limit // 2) :]
         self._reset_state()
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The sequence for one call of one thread; a call from another thread meanwhile is a one-line error."""
+        if not self._in_use.acquire(blocking=False):
+            raise BalconyError(
+                "this Sequence is in use by another thread: a Sequence is not thread-safe; give each thread its own "
+                "(engine.sequence())"
+            )
+        try:
+            yield
+        finally:
+            self._in_use.release()
+
     def logits(self, exit: int, every_position: bool = False) -> np.ndarray:
+        """Next-token logits [vocab] after all tokens fed so far, as exit `exit` alone would give them (see _logits)."""
+        with self._exclusive():
+            return self._logits(exit, every_position)
+
+    def _logits(self, exit: int, every_position: bool = False) -> np.ndarray:
         """Next-token logits [vocab] after all tokens fed so far, as exit `exit` alone would give them.
 
         every_position: the logits [positions, vocab] of every position this call computed (all of a fresh

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
@@ -61,7 +61,14 @@ class TextCodec:
         self.eos_token = self._token(generation.eos_token_ids[0] if generation.eos_token_ids else None)
         self.template = None
         if manifest.chat_template:
-            self.template = chat_template_environment().from_string((Path(folder) / manifest.chat_template).read_text())
+            source = (Path(folder) / manifest.chat_template).read_text()
+            try:
+                self.template = chat_template_environment().from_string(source)
+            except jinja2.TemplateError as err:
+                raise BalconyError(
+                    f"the chat template {manifest.chat_template} of {folder} does not parse ({_first_line(err)}); "
+                    "export again (`balcony-edge export --force`)"
+                ) from None
 
     def _token(self, token_id: int | None) -> str:
         return "" if token_id is None else (self.tokenizer.id_to_token(token_id) or "")
@@ -83,13 +90,13 @@ class TextCodec:
         check_messages(messages)
         if self.template is None:
             return self.encode("\n".join(m["content"] for m in messages))
-        text = self.template.render(
+        variables = dict(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
-        return self.encode(text)
+        return self.encode(render_bounded(self.template, variables))
 
 
 ROLES = ("system", "user", "assistant")
@@ -117,6 +124,35 @@ def check_messages(messages: object) -> None:
             check_prompt_text(message["content"])
 
 
+MAX_RENDERED_CHARS = 4_000_000  # a rendered conversation longer than this fits no context: stop rendering
+
+
+def render_bounded(template: jinja2.Template, variables: dict) -> str:
+    """A chat template rendered, stopped with a one-line PromptError past MAX_RENDERED_CHARS (a template that writes
+    without end must not take the memory) or when the template refuses the conversation or the sandbox stops it."""
+    parts, size = [], 0
+    try:
+        for part in template.generate(**variables):
+            size += len(part)
+            if size > MAX_RENDERED_CHARS:
+                raise PromptError(
+                    f"the chat template wrote more than {MAX_RENDERED_CHARS:,} characters; "
+                    "shorten the conversation or fix the template"
+                )
+            parts.append(part)
+    except SecurityError as err:
+        raise PromptError(
+            f"the chat template tried what its sandbox forbids ({_first_line(err)}); fix the template"
+        ) from None
+    except jinja2.TemplateError as err:  # raise_exception() of the template itself, or a runtime error in it
+        raise PromptError(f"the chat template refused the conversation: {_first_line(err)}") from None
+    return "".join(parts)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
 def _raise_template_error(message: str):
     raise jinja2.TemplateError(message)
 
@@ -141,10 +177,28 @@ class _GenerationBlock(jinja2.ext.Extension):
         return caller()
 
 
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with `*` on a string or list refused when the product would pass MAX_RENDERED_CHARS: one
+    expression such as 'A' * 4000000000 would otherwise allocate before any output is counted."""
+
+    intercepted_binops = frozenset(["*"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if (
+                    isinstance(sequence, (str, list, tuple))
+                    and isinstance(count, int)
+                    and len(sequence) * count > MAX_RENDERED_CHARS
+                ):
+                    raise SecurityError(f"a repetition of {len(sequence) * count:,} items is longer than any prompt")
+        return super().call_binop(context, operator, left, right)
+
+
 def chat_template_environment() -> ImmutableSandboxedEnvironment:
     """A Jinja environment that renders chat templates as transformers does: the same options, extensions
     (loop controls, generation blocks), filters (tojson) and globals (raise_exception, strftime_now)."""
-    environment = ImmutableSandboxedEnvironment(
+    environment = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
     )
     environment.filters["tojson"] = _tojson

@@ -30,7 +30,10 @@ TELEMETRY_FIELDS = (
     "catch_up_tokens",  # positions recomputed through deeper layers before this token
     "signals",  # the non-None readings the controller saw
     "reason",  # why the controller chose this exit
+    "turn",  # which answer of the conversation (chat) or which request (serve) the token belongs to
+    "budget",  # the budget it ran under (a latency target such as 40ms shows in the plot)
 )
+REQUIRED_FIELDS = ("token_index", "exit", "latency_ms")  # what `plot` reads of every record
 
 
 class TelemetryWriter:
@@ -61,6 +64,7 @@ class TelemetryWriter:
         self._bytes = 0  # where the last whole line ends
         self._clock = clock
         self._start = clock()
+        self._closed = False
 
     def write(
         self,
@@ -72,6 +76,8 @@ class TelemetryWriter:
         catch_up_tokens: int = 0,
         signals: Signals | dict | None = None,
         reason: str = "",
+        turn: int | str | None = None,
+        budget: str | None = None,
     ) -> dict:
         """Append one token's record (latency in ms) and return it; after a failed write, only return it."""
         readings = signals.to_dict() if isinstance(signals, Signals) else dict(signals or {})
@@ -85,13 +91,20 @@ class TelemetryWriter:
             "catch_up_tokens": int(catch_up_tokens),
             "signals": readings,
             "reason": reason,
+            "turn": turn,
+            "budget": budget,
         }
         if self._fd is not None:
             self._append((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         return record
 
-    def follow(self, tokens: Iterable[GeneratedToken]) -> Generator[GeneratedToken, None, None]:
-        """Hand on each token of a generation, its record written first (token_index counts from 0)."""
+    def follow(
+        self, tokens: Iterable[GeneratedToken], turn: int | str | None = None, budget: str | None = None
+    ) -> Generator[GeneratedToken, None, None]:
+        """Hand on each token of a generation, its record written first (token_index counts from 0; `turn` and
+        `budget` label every record)."""
+        if self.closed:
+            raise TelemetryError(f"the telemetry writer of {self.path} is closed; open a new TelemetryWriter")
         for index, token in enumerate(tokens):
             self.write(
                 index,
@@ -102,8 +115,14 @@ class TelemetryWriter:
                 token.catch_up_tokens,
                 token.signals,
                 token.reason,
+                turn,
+                budget,
             )
             yield token
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _append(self, line: bytes) -> None:
         try:
@@ -138,6 +157,7 @@ class TelemetryWriter:
 
     def close(self) -> None:
         """Close the file; a failure to (a network disk reporting a lost write) is reported like a failed write."""
+        self._closed = True
         fd, self._fd = self._fd, None
         if fd is None:
             return
@@ -191,9 +211,18 @@ IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg")  # what matplotlib writes, kno
 
 
 def read_telemetry(path: str | Path) -> list[dict]:
-    """All records of a telemetry file, in order."""
+    """All records of a telemetry file, in order; a line that is no telemetry record (a signals trace's, say) is a
+    one-line TelemetryError naming it."""
     fix = "give the JSONL file written with --telemetry"
-    return [record for _, record in read_jsonl(path, "telemetry", "a JSON telemetry record", fix, TelemetryError)]
+    records = []
+    for number, record in read_jsonl(path, "telemetry", "a JSON telemetry record", fix, TelemetryError):
+        missing = [name for name in REQUIRED_FIELDS if not isinstance(record, dict) or name not in record]
+        if missing:
+            raise TelemetryError(
+                f"{path}:{number} is not a telemetry record (no {missing[0]}); {fix} (a signals trace is not one)"
+            )
+        records.append(record)
+    return records
 
 
 def plot_telemetry(records: Sequence[dict], out_png: str | Path) -> Path:
@@ -212,7 +241,7 @@ def plot_telemetry(records: Sequence[dict], out_png: str | Path) -> Path:
         raise TelemetryError(
             f"-o {out_png} is not an image file name; give a path ending in {', '.join(IMAGE_SUFFIXES)}"
         )
-    tokens = [r["token_index"] for r in records]
+    tokens = list(range(len(records)))  # one axis for every turn: each answer's token_index starts at 0 again
     panels: list[tuple[str, dict[str, list[float | None]]]] = [
         ("exit", {"exit": [r["exit"] for r in records]}),
         ("latency (ms)", {"latency_ms": [r["latency_ms"] for r in records]}),
@@ -247,6 +276,19 @@ def plot_telemetry(records: Sequence[dict], out_png: str | Path) -> Path:
     catch_ups = [t for t, r in zip(tokens, records) if r.get("catch_up_tokens")]
     for t in catch_ups:
         axes[1].axvline(t, color="grey", alpha=0.3, linewidth=0.8)  # deepenings: their latency includes a catch-up
+    starts = [
+        t
+        for t, r in zip(tokens, records)
+        if t and (r["token_index"] == 0 or r.get("turn") != records[t - 1].get("turn"))
+    ]
+    for ax in axes:
+        for t in starts:
+            ax.axvline(t - 0.5, color="black", alpha=0.5, linestyle="--", linewidth=0.8)  # a new turn or request
+    targets = {r.get("budget") for r in records if isinstance(r.get("budget"), str) and r["budget"].endswith("ms")}
+    for target in sorted(targets):
+        axes[1].axhline(float(target[:-2]), color="tab:red", linestyle=":", label=f"target {target}")
+    if targets:
+        axes[1].legend(fontsize="small", loc="upper left")
     axes[0].set_yticks(sorted({r["exit"] for r in records}))
     axes[-1].set_xlabel("token")
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -253,3 +253,23 @@ def test_quiet_hides_status_lines_but_not_errors(tiny_export, capsys, monkeypatc
         main()
     assert done.value.code == 1 and "budget" in capsys.readouterr().err
     console.quiet = False
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_signals_that_are_no_regular_file_are_refused_at_once(tiny_export, tmp_path, capsys, kind):
+    import os
+
+    if kind == "device":
+        path = "/dev/zero"
+    elif kind == "fifo":
+        path = tmp_path / "trace.jsonl"
+        os.mkfifo(path)  # nobody writes to it: reading it would block for ever
+    else:
+        path = tmp_path
+    code, out, err = run_main(capsys, "chat", tiny_export, "--prompt", "Hi", "--signals", path)
+    assert_one_line_error(code, out, err, f"signal trace {path} is not a regular file")
+
+
+def test_training_data_that_is_a_device_is_named_as_such(tmp_path, capsys):
+    code, out, err = run_main(capsys, "train", "--out", tmp_path / "run", "--data", "/dev/zero")
+    assert_one_line_error(code, out, err, "data path /dev/zero is not a regular file or a folder")

@@ -148,12 +148,12 @@ def test_force_replaces_only_a_folder_this_export_wrote(tmp_path, tiny_checkpoin
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(ExportError, match="not a balcony-edge export"):
+    with pytest.raises(ExportError, match="holds files that are not a balcony-edge export"):
         export_exit_checkpoints(ExitCheckpointConfig(format="hf", checkpoint=tiny_checkpoint, out=mine, force=True))
     assert (mine / "notes.txt").read_text() == "keep me"
     out = tmp_path / "exits"
     export_exit_checkpoints(ExitCheckpointConfig(format="hf", checkpoint=tiny_checkpoint, out=out, exits="1"))
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(ExportError, match="already holds a balcony-edge export"):
         export_exit_checkpoints(ExitCheckpointConfig(format="hf", checkpoint=tiny_checkpoint, out=out))
     export_exit_checkpoints(ExitCheckpointConfig(format="hf", checkpoint=tiny_checkpoint, out=out, force=True))
     assert sorted(p.name for p in out.iterdir()) == sorted(["exit_1", "exit_2", LISTING_FILE])

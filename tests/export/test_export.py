@@ -402,12 +402,15 @@ def test_unwritable_and_existing_targets_are_refused(tiny_checkpoint, tiny_expor
     code, output = run_cli(["export", tiny_checkpoint, "--out", tmp_path / "a-file" / "out"], capsys, monkeypatch)
     assert code == 1 and "cannot write to" in output and "choose a writable --out" in output
     code, output = run_cli(["export", tiny_checkpoint, "--out", tiny_export], capsys, monkeypatch)
-    assert code == 1 and "already exists; pass --force" in output
+    assert code == 1 and "already holds a balcony-edge export (with its manifest.json); pass --force" in output
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("precious")
     code, output = run_cli(["export", tiny_checkpoint, "--out", tmp_path / "home", "--force"], capsys, monkeypatch)
-    assert code == 1 and "is not a balcony-edge export" in output
+    assert code == 1 and "holds files that are not a balcony-edge export (with its manifest.json) (notes.txt)" in output
     assert (tmp_path / "home" / "notes.txt").read_text() == "precious"
+    (tmp_path / "link").symlink_to(tiny_export)
+    code, output = run_cli(["export", tiny_checkpoint, "--out", tmp_path / "link", "--force"], capsys, monkeypatch)
+    assert code == 1 and "is a symbolic link" in output and (tmp_path / "link").is_symlink()
 
 
 def test_incomplete_checkpoint_and_missing_base_are_refused(tiny_checkpoint, tmp_path, capsys, monkeypatch):
@@ -469,7 +472,8 @@ def test_force_refuses_a_folder_whose_manifest_is_not_an_export_manifest(
     code, output = run_cli(
         ["export", tiny_checkpoint, "--out", out, "--exits", "1", "--no-verify", "--force"], capsys, monkeypatch
     )
-    assert code == 1 and "is not a balcony-edge export" in output and len(output.strip().splitlines()) == 1
+    assert code == 1 and "holds files that are not a balcony-edge export" in output
+    assert len(output.strip().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt"]
 
 

@@ -279,13 +279,48 @@ def test_a_graph_that_is_no_protobuf_is_refused(export):
     )
 
 
+# The subset's flat names of onnx.proto's nested messages.
+NESTED = {"TypeProtoTensor": onnx.TypeProto.Tensor, "Dimension": onnx.TensorShapeProto.Dimension}
+
+
 def test_the_onnx_subset_has_the_field_numbers_of_onnx_proto():
     for message_name, fields in integrity._ONNX_SUBSET.items():
-        descriptor = getattr(onnx, message_name).DESCRIPTOR
+        descriptor = (NESTED.get(message_name) or getattr(onnx, message_name)).DESCRIPTOR
         for field_name, (number, kind, repeated) in fields.items():
             field = descriptor.fields_by_name[field_name]
             assert (field.number, field.is_repeated) == (number, repeated), f"{message_name}.{field_name}"
-            assert field.message_type is None or field.message_type.name == kind, f"{message_name}.{field_name}"
+            expected = NESTED[kind].DESCRIPTOR.name if kind in NESTED else kind
+            assert field.message_type is None or field.message_type.name == expected, f"{message_name}.{field_name}"
+
+
+def test_a_piece_graph_edited_to_read_outside_is_refused(export):
+    manifest = Manifest.load(export)
+    piece = manifest.pieces[0].graph
+    model = onnx.load(export / piece, load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL)
+    next(entry for entry in tensor.external_data if entry.key == "location").value = "/etc/passwd"
+    _replace_graph(export, manifest, model, piece)
+    assert f"{piece!r} is a graph whose tensor {tensor.name!r} keeps its data in '/etc/passwd'" in _refusal(
+        export, manifest
+    )
+
+
+def test_a_manifest_whose_cache_heads_differ_from_the_graphs_is_refused(export):
+    manifest = Manifest.load(export)
+    manifest.kv = dataclasses.replace(manifest.kv, num_kv_heads=manifest.kv.num_kv_heads + 1)
+    refusal = _refusal(export, manifest)
+    assert "a graph whose input 'past_key_values.layer.0.key' is of type 1 and shape" in refusal
+    assert f"where the manifest says type 1 and shape [None, {manifest.kv.num_kv_heads}, None" in refusal
+
+
+def test_a_piece_graph_swapped_for_another_is_refused(export):
+    manifest = Manifest.load(export)
+    first, second = manifest.pieces[0].graph, manifest.pieces[1].graph
+    swapped = (export / first).read_bytes()
+    (export / first).write_bytes((export / second).read_bytes())
+    (export / second).write_bytes(swapped)
+    manifest.files[first], manifest.files[second] = file_sha256(export / first), file_sha256(export / second)
+    assert f"{first!r} is a graph whose inputs are not those of piece" in _refusal(export, manifest)
 
 
 # --- 5. weights inside the weights file ----------------------------------------------------------------------

@@ -405,3 +405,65 @@ def test_cuda_libraries_are_loaded_once_and_quietly_when_a_gpu_provider_is_asked
         assert calls == [{"msvc": False}] and capsys.readouterr().out == ""
     finally:
         sessions.load_cuda_libraries.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{{ cycler.__init__.__globals__.os.popen('id').read() }}", "the chat template tried what its sandbox forbids"),
+        ("{{ 'A' * 4000000000 }}", "the chat template tried what its sandbox forbids (a repetition of 4,000,000,000"),
+        ("{% for i in range(100) %}{{ 'A' * 99999 }}{% endfor %}", "the chat template wrote more than 4,000,000"),
+        ("{{ raise_exception('Conversation roles must alternate') }}", "refused the conversation: Conversation roles"),
+    ],
+)
+def test_a_hostile_or_runaway_chat_template_is_one_line_and_bounded(tiny_export, tmp_path, template, message):
+    import shutil
+
+    from balcony_edge.runtime.core.manifest import Manifest
+    from balcony_edge.runtime.core.text import PromptError, TextCodec
+
+    folder = shutil.copytree(tiny_export, tmp_path / "export")
+    manifest = Manifest.load(folder)
+    (folder / manifest.chat_template).write_text(template)
+    codec = TextCodec(folder, manifest)
+    with pytest.raises(PromptError) as refused:
+        codec.chat_prompt([{"role": "user", "content": "Hi"}])
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_chat_template_that_does_not_parse_is_one_line(tiny_export, tmp_path):
+    import shutil
+
+    from balcony_edge.runtime.core.manifest import Manifest
+    from balcony_edge.runtime.core.text import TextCodec
+
+    folder = shutil.copytree(tiny_export, tmp_path / "export")
+    manifest = Manifest.load(folder)
+    (folder / manifest.chat_template).write_text("{% for %}")
+    with pytest.raises(BalconyError, match="does not parse .*export again"):
+        TextCodec(folder, manifest)
+
+
+def test_one_sequence_driven_from_several_threads_refuses_the_others_in_one_line(tiny_export):
+    import threading
+
+    engine = Engine.load(tiny_export, providers=["cpu"], threads=1)
+    sequence = engine.sequence([5, 6, 7])
+    errors: list[Exception] = []
+
+    def drive(offset: int) -> None:
+        for step in range(40):
+            try:
+                sequence.logits(engine.exits[step % len(engine.exits)])
+                sequence.append(10 + offset)
+            except Exception as err:  # noqa: BLE001 - every kind is collected and checked below
+                errors.append(err)
+
+    threads = [threading.Thread(target=drive, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors and all(
+        isinstance(err, BalconyError) and "a Sequence is not thread-safe" in str(err) for err in errors
+    ), {type(err).__name__ for err in errors}

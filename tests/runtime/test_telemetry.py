@@ -224,3 +224,31 @@ def test_an_existing_file_that_is_not_telemetry_is_not_overwritten(tmp_path):
     with TelemetryWriter(earlier) as writer:  # an earlier run's telemetry is replaced, as before
         writer.write(token_index=0, token_id=1, token_text="Hi", exit=8, latency_ms=1.0)
     assert len(read_telemetry(earlier)) == 1
+
+
+def test_plot_of_a_signals_trace_says_it_is_no_telemetry(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"t_s": 0, "temperature_degc": 60}\n{"t_s": 1, "temperature_degc": 70}\n')
+    with pytest.raises(TelemetryError, match=r"trace.jsonl:1 is not a telemetry record \(no token_index\)"):
+        read_telemetry(trace)
+
+
+def test_a_closed_writer_refuses_to_follow_a_generation(tmp_path):
+    writer = TelemetryWriter(tmp_path / "run.jsonl")
+    writer.close()
+    with pytest.raises(TelemetryError, match="is closed; open a new TelemetryWriter"):
+        next(writer.follow(iter([])))
+
+
+def test_turns_and_the_budget_label_every_record_and_the_plot_draws_them(tmp_path):
+    from balcony_edge.runtime.core.engine import GeneratedToken
+
+    path = tmp_path / "run.jsonl"
+    with TelemetryWriter(path) as writer:
+        for turn in (1, 2):
+            tokens = [GeneratedToken(5, "a", 8, 30.0 + i, 0, "latency") for i in range(3)]
+            list(writer.follow(tokens, turn=turn, budget="40ms"))
+    records = read_telemetry(path)
+    assert [(r["turn"], r["token_index"]) for r in records] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    assert {r["budget"] for r in records} == {"40ms"}
+    assert plot_telemetry(records, tmp_path / "run.png").stat().st_size > 0

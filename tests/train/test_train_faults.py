@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from balcony_edge.base_model import load_base_model
 from balcony_edge.checkpoint import STATE_FILE, WEIGHTS_FILE, read_info
-from balcony_edge.common.errors import CheckpointError, TrainingStopped
+from balcony_edge.common.errors import BalconyError, CheckpointError, TrainingStopped
 from balcony_edge.train import TrainConfig, Trainer, restore_rng_state, rng_state, train
 
 SHORT_RUN = {
@@ -406,3 +406,46 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_weights_of_an_uninterrup
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "train.log"]
     _assert_same_weights(run, long_run)
+
+
+def test_a_folder_of_the_users_own_files_is_never_trained_over(peaked_base, peaked_base_dir, text_dir, tmp_path):
+    home = tmp_path / "home"
+    (home / "sub").mkdir(parents=True)
+    (home / "thesis.txt").write_text("years of work")
+    (home / "sub" / "photo.jpg").write_bytes(b"\xff\xd8")
+    for force, resume in ((False, False), (True, False), (False, True)):
+        with pytest.raises(
+            CheckpointError, match=r"holds files that are not a balcony-edge checkpoint \(sub, thesis.txt\)"
+        ):
+            train(_config(SHORT_RUN, peaked_base_dir, text_dir, home), base=peaked_base, force=force, resume=resume)
+    assert (home / "thesis.txt").read_text() == "years of work" and (home / "sub" / "photo.jpg").is_file()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        train(_config(SHORT_RUN, peaked_base_dir, text_dir, tmp_path / "a-file"), base=peaked_base)
+
+
+def test_an_existing_run_is_replaced_only_with_force(peaked_base, peaked_base_dir, text_dir, short_run, tmp_path):
+    run = shutil.copytree(short_run, tmp_path / "run")
+    before = load_file(run / WEIGHTS_FILE)
+    one_step = {**SHORT_RUN, "max_tokens": 4 * 32}
+    with pytest.raises(CheckpointError, match="already holds a balcony-edge checkpoint; continue it with --resume"):
+        train(_config(one_step, peaked_base_dir, text_dir, run), base=peaked_base)
+    assert all(torch.equal(before[k], v) for k, v in load_file(run / WEIGHTS_FILE).items())
+    with pytest.raises(BalconyError, match="--resume and --force both given"):
+        train(_config(one_step, peaked_base_dir, text_dir, run), base=peaked_base, force=True, resume=True)
+    assert train(_config(one_step, peaked_base_dir, text_dir, run), base=peaked_base, force=True)["steps"] == 1
+
+
+def test_a_second_run_into_the_same_folder_is_refused_at_once(peaked_base, peaked_base_dir, text_dir, tmp_path):
+    from balcony_edge.common.atomic import exclusive_target
+
+    with exclusive_target(tmp_path / "run", "the training run"):  # as a first run holds it
+        with pytest.raises(BalconyError, match="another process is writing the training run"):
+            train(_config(SHORT_RUN, peaked_base_dir, text_dir, tmp_path / "run"), base=peaked_base)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_link_as_the_run_folder_is_refused(peaked_base, peaked_base_dir, text_dir, short_run, tmp_path):
+    (tmp_path / "link").symlink_to(short_run)
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        train(_config(SHORT_RUN, peaked_base_dir, text_dir, tmp_path / "link"), base=peaked_base, force=True)
