@@ -792,6 +792,9 @@ def serve(
         typer.Option(help="Another model name to answer to (repeatable), for an app set up for one."),
     ] = None,
     quality_floor: QualityFloorOpt = "auto",
+    prompt_cache: Annotated[
+        int, typer.Option(min=0, help="Finished conversations kept for prompt reuse (0: none).")
+    ] = 4,
 ) -> None:
     """An OpenAI-compatible HTTP server (chat/completions, completions, models, health, metrics) over the engine."""
     from balcony_edge.runtime.serving.launch import ServeOptions, run_server
@@ -818,6 +821,7 @@ def serve(
         trust_modified=trust_modified,
         aliases=tuple(alias or ()),
         quality_floor=quality_floor,
+        prompt_cache=prompt_cache,
     )
     with _signal_hub(signals, "time") as hub:
         run_server(

@@ -1,5 +1,6 @@
 """What the HTTP layer of `balcony-edge serve` costs: the engine driven directly against the server with 1, 2, 4 and 8
-concurrent streaming clients (aggregate tok/s, time to first token, inter-token latency p50/p95), in one run.
+concurrent streaming clients (aggregate tok/s, time to first token, inter-token latency p50/p95), and what prompt
+reuse saves on a growing conversation (turn 3's time to first token, warm against cold), in one run.
 
 The single-stream comparison alternates the two (engine, server, engine, server, ...) with the same prompt and the
 same definition of the rate (tokens after the first over the time from the first to the last), so that the
@@ -26,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from balcony_edge.common.paths import default_export_dir
-from balcony_edge.runtime import Engine
+from balcony_edge.runtime import Engine, SamplingConfig
 
 PROMPT = (
     "The harbour was quiet in the early morning. Fishing boats "
@@ -41,9 +42,50 @@ def rate(stamps: list[float]) -> float:
 
 def engine_direct(engine: Engine, tokens: int) -> float:
     """Decode tok/s of one Engine.generate at full depth, greedy."""
-    return rate(
-        [time.perf_counter() for _ in engine.generate(PROMPT, max_new_tokens=tokens, budget="full", chat=False)]
-    )
+    generation = engine.generate(PROMPT, max_new_tokens=tokens, budget="full", sampling=SamplingConfig(), chat=False)
+    return rate([time.perf_counter() for _ in generation])
+
+
+TURNS = ("Tell me about harbour number {round}.", "What boats are there?", "And what do the gulls eat?")
+
+
+async def first_token_s(http: httpx.AsyncClient, model: str, messages: list[dict], cache_prompt: bool) -> float:
+    """Seconds from sending a streamed chat request to its first token."""
+    body = {"model": model, "messages": messages, "max_tokens": 2, "temperature": 0, "stream": True}
+    started = time.perf_counter()
+    async with http.stream("POST", "/v1/chat/completions", json=body | {"cache_prompt": cache_prompt}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and '"content"' in line and '"role"' not in line:
+                return time.perf_counter() - started
+    raise RuntimeError("no token came")
+
+
+async def growing_conversation(url: str, model: str, rounds: int, answer_tokens: int = 48) -> dict:
+    """Turn 3 of a conversation whose turns 1 and 2 the server just answered: time to first token with its prompt
+    reused against the same request without reuse (cache_prompt false), `rounds` conversations of their own."""
+    warm, cold, length = [], [], 0
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        for round_ in range(rounds + 1):
+            messages: list[dict] = []
+            for turn in TURNS[:2]:
+                messages.append({"role": "user", "content": turn.format(round=round_)})
+                body = {"model": model, "messages": messages, "max_tokens": answer_tokens, "temperature": 0}
+                answer = (await http.post("/v1/chat/completions", json=body)).json()
+                messages.append(answer["choices"][0]["message"])
+                length = answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
+            messages.append({"role": "user", "content": TURNS[2]})
+            warm_s = await first_token_s(http, model, messages, True)
+            cold_s = await first_token_s(http, model, messages, False)
+            if round_:  # the first round warms the server up
+                warm.append(warm_s)
+                cold.append(cold_s)
+    return {
+        "turn3_prompt_tokens_about": length,
+        "ttft_ms_warm": round(1000 * statistics.median(warm), 1),
+        "ttft_ms_cold": round(1000 * statistics.median(cold), 1),
+        "warm_vs_cold": round(statistics.median(w / c for w, c in zip(warm, cold)), 3),
+    }
 
 
 def single_stream_pairs(engine: Engine, url: str, model: str, tokens: int, repeats: int) -> dict:
@@ -146,6 +188,8 @@ def main() -> None:
                 time.sleep(0.3)
         single = single_stream_pairs(engine, url, model, args.tokens, args.repeats)
         print(json.dumps(single))
+        conversation = asyncio.run(growing_conversation(url, model, args.repeats))
+        print(json.dumps(conversation))
         results = []
         for count in counts:
             result = asyncio.run(clients_at_once(url, model, count, args.tokens))
@@ -154,13 +198,19 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+    one = next((r for r in results if r["clients"] == 1), None)
     four = next((r for r in results if r["clients"] == 4), None)
+    lone_step_ms = 1000 / single["served_tok_s"]
     report = {
         "export": str(args.export),
         "tokens": args.tokens,
         "engine_direct_tok_s": single["engine_tok_s"],
         "http_single_vs_engine": single["served_vs_engine"],
         "single_stream": single,
+        "turn3_ttft_warm_vs_cold": conversation["warm_vs_cold"],
+        "conversation": conversation,
+        "aggregate_4_vs_1": round(four["aggregate_tok_s"] / one["aggregate_tok_s"], 3) if four and one else None,
+        "itl_p95_at_4_vs_lone_step": round(four["itl_ms_p95"] / lone_step_ms, 3) if four else None,
         "itl_p95_vs_fair_step_at_4": four["itl_p95_vs_fair_step"] if four else None,
         "runs": results,
     }

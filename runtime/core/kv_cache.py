@@ -61,6 +61,12 @@ class KVCache:
             return self._host[slot]
         return tuple(value.numpy() for value in self.values[slot])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the key and value buffers of every slot."""
+        per_slot = 2 * self.shape[1] * self.capacity * self.shape[3] * self.dtype.itemsize
+        return per_slot * len(self.filled)
+
     def filled_of(self, slots: list[str]) -> int:
         """The first position that some slot among `slots` lacks."""
         return min(self.filled[s] for s in slots)

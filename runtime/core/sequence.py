@@ -164,6 +164,21 @@ class Sequence:
         finally:
             self._in_use.release()
 
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens and what the cache holds of them (a prefix another request shares); the
+        positions after them are computed again when asked for, so logits stay exact."""
+        with self._exclusive():
+            self.tokens = self.tokens[:length]
+            for slot, filled in self.cache.filled.items():
+                self.cache.filled[slot] = min(filled, length)
+            for boundary in self._boundaries.values():
+                boundary.end = min(boundary.end, length)
+                if boundary.start > boundary.end:
+                    boundary.start = boundary.end = boundary._base = 0
+            self._computed = min(self._computed, length)
+            self._last_logits.clear()
+            self.last_catch_up = 0
+
     def logits(self, exit: int, every_position: bool = False) -> np.ndarray:
         """Next-token logits [vocab] after all tokens fed so far, as exit `exit` alone would give them (see _logits)."""
         with self._exclusive():

@@ -24,6 +24,7 @@ from balcony_edge.common.errors import BalconyError
 from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.core.constraints import ConstraintError, JsonConstraint
 from balcony_edge.runtime.core.engine import Engine, GeneratedToken
+from balcony_edge.runtime.core.prefix_cache import PrefixCache
 from balcony_edge.runtime.core.text import PromptError
 from balcony_edge.runtime.device.controller import Budget, DeviceController
 from balcony_edge.runtime.device.hub import SignalHub
@@ -56,8 +57,11 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 2
     aliases: tuple[str, ...] = ()  # more names clients may send as `model` (an app configured for another model)
+    prompt_cache: int = 4  # finished sequences kept for prompt reuse (0: none)
 
     def __post_init__(self) -> None:
+        if self.prompt_cache < 0:
+            raise BalconyError(f"--prompt-cache {self.prompt_cache} must be 0 (off) or more kept sequences")
         if self.parallel < 1 or self.queue_limit < 0:
             raise BalconyError(
                 f"--parallel {self.parallel} / --queue {self.queue_limit}: give at least 1 running and 0 or more queued"
@@ -153,6 +157,7 @@ class Handlers:
         self.context_length = engine.manifest.generation.context_length
         self.created = int(time.time())
         self.defaults = engine.manifest.generation.sampling
+        self.prefixes = PrefixCache(engine.sequence, config.prompt_cache)
 
     def prompt_ids(self, request: GenerationRequest, chat: bool) -> list[int]:
         """The prompt's token ids, refused when it leaves no room to answer."""
@@ -169,8 +174,9 @@ class Handlers:
             )
         return ids
 
-    def start(self, request: GenerationRequest, ids: list[int]) -> list[Job]:
-        """The request's n generations queued on the scheduler (503 when the slots and the queue cannot take them)."""
+    def start(self, request: GenerationRequest, ids: list[int]) -> tuple[list[Job], int]:
+        """The request's n generations queued on the scheduler (503 when the slots and the queue cannot take them),
+        each from the longest kept prompt prefix; and the prompt tokens the first one did not compute again."""
         room = self.context_length - len(ids)
         max_tokens = min(request.max_tokens or room, room)
         try:
@@ -179,10 +185,15 @@ class Handlers:
             raise ApiError(400, str(err), "budget", "invalid_budget") from None
         loop = asyncio.get_running_loop()
         constraints = [self.constraint(request.response_format) for _ in choosers]
-        jobs = []
+        jobs, cached = [], 0
         for index, chooser in enumerate(choosers):
+            sequence, reused = self.prefixes.take(ids) if request.cache_prompt else (self.engine.sequence(), 0)
+            cached = cached if index else reused
+            if reused:
+                self.metrics.prefix_hits.inc()
+                self.metrics.prefix_tokens.inc(reused)
             tokens = self.engine.generate(
-                ids,
+                ids[reused:],
                 max_new_tokens=max_tokens,
                 sampling=request.sampling_config(self.defaults, index),
                 signals=self.hub,
@@ -191,8 +202,9 @@ class Handlers:
                 logprobs=request.logprobs,
                 ignore_eos=request.ignore_eos,
                 constraint=constraints[index],
+                sequence=sequence,
             )
-            jobs.append(Job(tokens, loop))
+            jobs.append(Job(tokens, loop, sequence if request.cache_prompt else None))
         try:
             self.scheduler.submit_all(jobs)
         except Busy:
@@ -202,7 +214,7 @@ class Handlers:
                 code="server_busy",
                 kind="server_error",
             ) from None
-        return jobs
+        return jobs, cached
 
     def constraint(self, response_format: dict | None) -> JsonConstraint | None:
         """The JSON constraint a response_format asks for (json_object: any object; json_schema: its schema)."""
@@ -223,7 +235,7 @@ class Handlers:
             body = await read_json(request, self.config.max_body_bytes)
             parsed = parse_request(body, chat, self.config.served, self.engine.exits)
             ids = self.prompt_ids(parsed, chat)
-            jobs = self.start(parsed, ids)
+            jobs, cached = self.start(parsed, ids)
         except ApiError as err:
             self.metrics.requests.labels(endpoint=endpoint, status=str(err.status)).inc()
             headers = {"Retry-After": str(self.config.retry_after_s)} if err.status == 503 else None
@@ -233,11 +245,18 @@ class Handlers:
         self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
         responder = Responder(chat, new_id(chat), parsed.model, self.engine.codec.token_text, parsed.logprobs)
         if parsed.stream:
-            events = self.stream(jobs, responder, len(ids), parsed.include_usage)
+            events = self.stream(jobs, responder, len(ids), parsed.include_usage, cached)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self.whole(request, jobs, responder, len(ids))
+        return await self.whole(request, jobs, responder, len(ids), cached)
 
-    async def whole(self, request: Request, jobs: list[Job], responder: Responder, prompt_tokens: int) -> Response:
+    def kept(self, job: Job) -> None:
+        """A finished job's sequence back to the prompt cache (the scheduler is done with it once DONE came)."""
+        if job.sequence is not None:
+            self.prefixes.put(job.sequence)
+
+    async def whole(
+        self, request: Request, jobs: list[Job], responder: Responder, prompt_tokens: int, cached: int
+    ) -> Response:
         """Collect the jobs' tokens into one response; a client that leaves cancels them at their next token."""
         watcher = asyncio.ensure_future(cancel_on_disconnect(request, jobs))
         choices: list[list[GeneratedToken]] = [[] for _ in jobs]
@@ -247,16 +266,18 @@ class Handlers:
                     for job in jobs:
                         job.cancel()
                     return error_response(generation_failed(item))
-                if item is not DONE:
+                if item is DONE:
+                    self.kept(jobs[index])
+                else:
                     choices[index].append(item)
         finally:
             watcher.cancel()
         if any(job.cancelled.is_set() for job in jobs):
             return Response(status_code=499)
-        return JSONResponse(responder.completion(choices, prompt_tokens))
+        return JSONResponse(responder.completion(choices, prompt_tokens, cached))
 
     async def stream(
-        self, jobs: list[Job], responder: Responder, prompt_tokens: int, usage: bool
+        self, jobs: list[Job], responder: Responder, prompt_tokens: int, usage: bool, cached: int
     ) -> AsyncIterator[str]:
         """The jobs' tokens as server-sent events, then [DONE]; the jobs are cancelled however the stream ends."""
         made = 0
@@ -268,11 +289,13 @@ class Handlers:
                 if isinstance(item, Exception):
                     yield sse(generation_failed(item).to_json())
                     break
-                if item is not DONE:
+                if item is DONE:
+                    self.kept(jobs[index])
+                else:
                     made += 1
                     yield sse(responder.chunk(item, index))
             if usage:
-                yield sse(responder.usage_chunk(prompt_tokens, made))
+                yield sse(responder.usage_chunk(prompt_tokens, made, cached))
             yield "data: [DONE]\n\n"
         finally:  # the client went away (the response is cancelled) or the stream ended: no more tokens either way
             for job in jobs:
@@ -329,7 +352,8 @@ class Handlers:
     async def metrics_page(self, request: Request) -> Response:
         """GET /metrics in Prometheus' text format."""
         running, queued = self.scheduler.depth
-        return Response(self.metrics.render(running, queued), media_type=self.metrics.content_type)
+        metrics = self.metrics.render(running, queued, self.prefixes.nbytes)
+        return Response(metrics, media_type=self.metrics.content_type)
 
     def routes(self) -> list[Route]:
         return [

@@ -33,6 +33,7 @@ class ServeOptions:
     thread_pool: str = "session"
     trust_modified: bool = False
     aliases: tuple[str, ...] = ()
+    prompt_cache: int = 4
     quality_floor: str | int = "auto"
 
 
@@ -51,6 +52,7 @@ def build_app(options: ServeOptions, hub: SignalHub, default_export: Callable[[]
         api_key=options.api_key,
         cors_origins=options.cors,
         aliases=options.aliases,
+        prompt_cache=options.prompt_cache,
     )
     controller_config = ControllerConfig(quality_floor=options.quality_floor)
     folder = options.export or default_export()

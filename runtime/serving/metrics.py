@@ -37,6 +37,13 @@ class ServerMetrics:
         )
         self.running = Gauge("balcony_running_requests", "Generations running now", registry=self.registry)
         self.queued = Gauge("balcony_queued_requests", "Generations waiting for a slot", registry=self.registry)
+        self.prefix_hits = Counter(
+            "balcony_prefix_cache_hits", "Requests that started from a kept prompt prefix", registry=self.registry
+        )
+        self.prefix_tokens = Counter(
+            "balcony_prefix_cache_reused_tokens", "Prompt tokens not computed again", registry=self.registry
+        )
+        self.prefix_bytes = Gauge("balcony_prefix_cache_bytes", "Bytes of the kept caches", registry=self.registry)
         self.signals = Gauge(
             "balcony_signal", "Last device reading, by signal (units in the name)", ["signal"], registry=self.registry
         )
@@ -50,7 +57,8 @@ class ServerMetrics:
             if isinstance(value, (int, float)):
                 self.signals.labels(signal=name).set(float(value))
 
-    def render(self, running: int, queued: int) -> bytes:
+    def render(self, running: int, queued: int, prefix_bytes: int = 0) -> bytes:
         self.running.set(running)
         self.queued.set(queued)
+        self.prefix_bytes.set(prefix_bytes)
         return generate_latest(self.registry)

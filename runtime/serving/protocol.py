@@ -42,6 +42,7 @@ COMMON_FIELDS = {
     "logprobs",
     "response_format",
     "budget",
+    "cache_prompt",
 }
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
@@ -90,6 +91,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: none; k: each token's log p and the k most likely
     response_format: dict | None = None  # None: free text; {"type": "json_object"} or {"type": "json_schema", ...}
     budget: Budget | None = None  # None: the server's
+    cache_prompt: bool = True  # start from a kept prompt prefix and keep this one (llama-server's name)
 
     def sampling_config(self, defaults: dict, choice: int = 0) -> SamplingConfig:
         """The sampling of choice `choice`: the export's defaults under this request's settings; a given seed is
@@ -144,6 +146,7 @@ def parse_request(body: object, chat: bool, served: set[str], exits: list[int]) 
         )
     request.logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
     request.response_format = _response_format(body)
+    request.cache_prompt = typed(body, "cache_prompt", bool) is not False
     budget = typed(body, "budget", (str, int))
     if budget is not None:
         try:

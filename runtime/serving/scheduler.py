@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Generator
 
 from balcony_edge.runtime.core.engine import GeneratedToken
+from balcony_edge.runtime.core.sequence import Sequence
 
 DONE = object()  # put on a job's queue after its last token
 
@@ -20,8 +21,14 @@ class Busy(Exception):
 class Job:
     """One generation: an iterator of tokens run by the scheduler, read by an asyncio task through `queue`."""
 
-    def __init__(self, tokens: Generator[GeneratedToken, None, None], loop: asyncio.AbstractEventLoop):
-        self.tokens, self.loop = tokens, loop
+    def __init__(
+        self,
+        tokens: Generator[GeneratedToken, None, None],
+        loop: asyncio.AbstractEventLoop,
+        sequence: Sequence | None = None,
+    ):
+        """sequence: the one `tokens` extends, kept for prompt reuse once the job is over."""
+        self.tokens, self.loop, self.sequence = tokens, loop, sequence
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
 

@@ -209,3 +209,21 @@ def test_json_schema_output_parses_and_matches_through_the_openai_client(engine)
         result = client.post("/v1/chat/completions", json=body).json()
         text = result["choices"][0]["message"]["content"]
         assert text.startswith("{") and (result["choices"][0]["finish_reason"] == "length" or json.loads(text))
+
+
+def test_a_growing_conversation_reuses_its_prompt_and_answers_as_a_fresh_server_would(engine):
+    turns = [{"role": "user", "content": "Tell me about the harbour."}]
+    with TestClient(make_app(engine)) as warm, TestClient(make_app(engine, prompt_cache=0)) as cold:
+        first = ask(warm, messages=turns, temperature=0, max_tokens=6)
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        turns += [{"role": "assistant", "content": text_of(first)}, {"role": "user", "content": "And the boats?"}]
+        second = ask(warm, messages=turns, temperature=0, max_tokens=6)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+        assert text_of(second) == text_of(ask(cold, messages=turns, temperature=0, max_tokens=6))
+        assert ask(warm, messages=turns, max_tokens=2, cache_prompt=False)["usage"]["prompt_tokens_details"] == {
+            "cached_tokens": 0
+        }
+        metrics = warm.get("/metrics").text
+        assert (
+            "balcony_prefix_cache_hits_total 1.0" in metrics and "balcony_prefix_cache_reused_tokens_total" in metrics
+        )
