@@ -11,18 +11,18 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-import numpy as np
 import onnxruntime as ort
 
 from balcony_edge.common.atomic import readable_folder, write_text_atomically
 from balcony_edge.common.errors import BalconyError, first_line
 from balcony_edge.common.paths import cache_dir, default_export_dir
 from balcony_edge.common.validation import is_whole_number
+from balcony_edge.runtime.core.batch import BatchDecoder
 from balcony_edge.runtime.core.constraints import JsonConstraint, JsonGrammar
+from balcony_edge.runtime.core.generation import MAX_TOP_LOGPROBS, GeneratedToken, Generation
 from balcony_edge.runtime.core.integrity import check_export_files
 from balcony_edge.runtime.core.manifest import ExitGraph, Manifest
 from balcony_edge.runtime.core.piece_runner import PieceRunner
@@ -42,25 +42,6 @@ from balcony_edge.runtime.device.hub import SignalHub
 
 CALIBRATION_PROMPT_TOKENS = 32
 CALIBRATION_STEPS = 8
-
-
-@dataclass
-class GeneratedToken:
-    """One generated token: its text piece, the exit that computed it and what it cost."""
-
-    id: int
-    text: str
-    exit: int
-    latency_ms: float  # from choosing the exit to having the token, catch-up included (ms)
-    catch_up_tokens: int  # positions recomputed first because earlier tokens ran at shallower exits
-    reason: str  # why the controller chose this exit
-    signals: dict = field(default_factory=dict)
-    why: str = ""  # the reason in a few words ("plugged in and cool", "battery 15%")
-    below_floor: bool = False  # a hard limit (battery critical, thermal trip) took it below the quality floor
-    logprob: float | None = None  # with generate(logprobs=...): log p of this token at its exit (nats, before sampling)
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # the most likely ids and their log p
-    # on the last token: "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
-    finish: str | None = None
 
 
 class Engine:
@@ -155,6 +136,12 @@ class Engine:
     def sequence(self, token_ids: Iterable[int] = (), sliding_window: bool = False) -> Sequence:
         """A new conversation state (its own KV cache) over these sessions."""
         return Sequence(self.manifest, self.runners, self.device, token_ids, sliding_window)
+
+    def batch_decoder(self, rows: int) -> BatchDecoder:
+        """Rows for `rows` sequences decoded as one batch, each at its own exit (CPU provider)."""
+        if self.device != "cpu":
+            raise BalconyError(f"batched decoding runs on the CPU provider, not {self.provider}; serve --parallel 1")
+        return BatchDecoder(self.manifest, self.runners, rows)
 
     def describe(self, verbose: bool = False) -> str:
         """One short line: the provider in use and, briefly, why the preferred ones are not (verbose: their full
@@ -289,6 +276,49 @@ class Engine:
             raise BalconyError(f"stop strings must be non-empty text, not {stop!r}")
         if logprobs is not None and not (is_whole_number(logprobs) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
             raise BalconyError(f"logprobs {logprobs!r} must be a whole number from 0 to {MAX_TOP_LOGPROBS}")
+        generation = self.start(
+            prompt,
+            max_new_tokens,
+            budget,
+            sampling,
+            signals,
+            controller_config,
+            stop,
+            sequence,
+            chat,
+            controller,
+            logprobs,
+            ignore_eos,
+            constraint,
+        )
+        while not generation.done:
+            exit = generation.plan()
+            yield generation.emit(generation.sequence.logits(exit))
+
+    def start(
+        self,
+        prompt: str | list[dict] | list[int],
+        max_new_tokens: int = 128,
+        budget: str | Budget = "auto",
+        sampling: SamplingConfig | None = None,
+        signals: SignalHub | None = None,
+        controller_config: ControllerConfig | None = None,
+        stop: tuple[str, ...] = (),
+        sequence: Sequence | None = None,
+        chat: bool = True,
+        controller: Chooser | None = None,
+        logprobs: int | None = None,
+        ignore_eos: bool = False,
+        constraint: JsonConstraint | None = None,
+    ) -> Generation:
+        """`generate` as an object that makes a token per plan/emit pair (what a batching server drives); the prompt
+        is fed at once, and every argument checked as `generate` checks it."""
+        if not (is_whole_number(max_new_tokens) and max_new_tokens >= 1):
+            raise BalconyError(f"max_new_tokens {max_new_tokens!r} must be a whole number of tokens, at least 1")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise BalconyError(f"stop strings must be non-empty text, not {stop!r}")
+        if logprobs is not None and not (is_whole_number(logprobs) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise BalconyError(f"logprobs {logprobs!r} must be a whole number from 0 to {MAX_TOP_LOGPROBS}")
         sampling = self.default_sampling if sampling is None else sampling
         if not isinstance(sampling, SamplingConfig):
             raise BalconyError(
@@ -306,64 +336,24 @@ class Engine:
                     f"the prompt fills the context of {sequence.context_length} tokens; "
                     "shorten it or start a new conversation (/reset)"
                 )
-        hub = signals or SignalHub([])
-        sampler, text = Sampler(sampling), TextStream(self.codec, stop)
         eos = set() if ignore_eos else set(self.manifest.generation.eos_token_ids)
-        last_latency = None
-        for index in range(max_new_tokens):
-            reading = hub.read(token_index=index)
-            decision = controller.choose(reading, last_latency, index)
-            started = time.perf_counter()
-            logits = sequence.logits(decision.exit)
-            token = sampler(logits if constraint is None else constraint.mask(logits), sequence.tokens)
-            if constraint is not None:
-                constraint.advance(token)
-            latency = (time.perf_counter() - started) * 1000
-            chosen, top = log_probabilities(logits, token, logprobs) if logprobs is not None else (None, [])
-            last_latency = latency if index else None  # the first token carries the prompt's prefill
-            if token not in eos:
-                text.push(token)
-            stopped = token in eos or text.stop_at is not None or index == max_new_tokens - 1
-            if stopped:
-                text.finish()
-            piece = text.take(final=stopped)
-            finish = ("stop" if token in eos or text.stop_at is not None else "length") if stopped else None
-            generated = GeneratedToken(
-                id=token,
-                text=piece,
-                exit=decision.exit,
-                latency_ms=latency,
-                catch_up_tokens=sequence.last_catch_up,
-                reason=decision.reason,
-                signals=reading.to_dict(),
-                why=decision.short,
-                below_floor=decision.below_floor,
-                logprob=chosen,
-                top_logprobs=top,
-                finish=finish,
-            )
-            yield generated
-            if stopped:
-                return
-            sequence.append(token)
+        return Generation(
+            sequence,
+            max_new_tokens,
+            controller,
+            signals or SignalHub([]),
+            Sampler(sampling),
+            TextStream(self.codec, stop),
+            eos,
+            logprobs,
+            constraint,
+        )
 
     def controller_profiles(self, budget: Budget) -> list[ExitProfile]:
         """Fixed budgets need no calibration; the others use measured costs."""
         if budget.is_fixed:
             return [self._profile(entry, 1.0) for entry in self.manifest.exits]
         return self.profiles()
-
-
-MAX_TOP_LOGPROBS = 20  # as OpenAI allows
-
-
-def log_probabilities(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-    """log p of `token` and the `top` most likely (id, log p) under softmax(logits) (nats)."""
-    shifted = logits.astype(np.float64) - logits.max()
-    log_probs = shifted - np.log(np.exp(shifted).sum())
-    best = np.argpartition(-log_probs, top)[:top] if top else np.empty(0, dtype=np.int64)
-    best = best[np.argsort(-log_probs[best])]
-    return float(log_probs[token]), [(int(i), float(log_probs[i])) for i in best]
 
 
 def export_folder(folder: str | Path | None) -> Path:

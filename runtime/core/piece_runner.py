@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from balcony_edge.runtime.core.kv_cache import KVCache
 from balcony_edge.runtime.core.manifest import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -31,28 +30,28 @@ class PieceRunner:
         self.takes_mask = ATTENTION_MASK in inputs
         self.dtype = np.dtype(np.int64 if self.first_input == INPUT_IDS else NUMPY_TYPES[session.get_inputs()[0].type])
 
-    def binding(self, cache: KVCache) -> ort.IOBinding:
-        """A binding with this piece's cache slots bound, past and present to the same buffers (remade when they
-        grow)."""
+    def binding(self, values: dict[str, tuple[ort.OrtValue, ort.OrtValue]]) -> ort.IOBinding:
+        """A binding with this piece's cache slots bound (`values`: slot -> key and value buffers, a sequence's row or a
+        batch's rows), past and present to the same buffers (remade when they grow)."""
         binding = self.session.io_binding()
         for slot in self.piece.cache_slots:
-            key, value = cache.values[slot]
+            key, value = values[slot]
             binding.bind_ortvalue_input(PAST_KEY.format(slot=slot), key)
             binding.bind_ortvalue_input(PAST_VALUE.format(slot=slot), value)
             binding.bind_ortvalue_output(PRESENT_KEY.format(slot=slot), key)
             binding.bind_ortvalue_output(PRESENT_VALUE.format(slot=slot), value)
         return binding
 
-    def run(self, binding: ort.IOBinding, first: np.ndarray, total: int) -> np.ndarray:
-        """Run on `first` ([1, n] ids or [1, n, hidden] states) as the last n of `total` positions; the output on the
-        host,
-        written by onnxruntime straight into a new array (reading it back through the binding wraps every output,
-        the cache's too: a tenth of a millisecond a piece)."""
+    def run(self, binding: ort.IOBinding, first: np.ndarray, total: int, mask: np.ndarray | None = None) -> np.ndarray:
+        """Run on `first` ([rows, n] ids or [rows, n, hidden] states) as the last n of `total` positions (or of each
+        row's own length in `mask`, [rows, positions] of ones then zeros); the output on the host, written by
+        onnxruntime straight into a new array (reading it back through the binding wraps every output, the cache's
+        too: a tenth of a millisecond a piece)."""
         first = np.ascontiguousarray(first, dtype=self.dtype)
         binding.bind_cpu_input(self.first_input, first)
         if self.takes_mask:
-            binding.bind_cpu_input(ATTENTION_MASK, np.ones((1, total), dtype=np.int64))
-        output = np.empty((1, first.shape[1], self.output_width), dtype=self.output_dtype)
+            binding.bind_cpu_input(ATTENTION_MASK, mask if mask is not None else np.ones((1, total), dtype=np.int64))
+        output = np.empty((first.shape[0], first.shape[1], self.output_width), dtype=self.output_dtype)
         binding.bind_output(self.output, "cpu", 0, self.output_dtype.type, list(output.shape), output.ctypes.data)
         self.session.run_with_iobinding(binding)
         return output

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.core.kv_cache import KVCache
-from balcony_edge.runtime.core.manifest import Manifest
+from balcony_edge.runtime.core.manifest import Manifest, Piece
 from balcony_edge.runtime.core.piece_runner import PieceRunner
 from balcony_edge.runtime.core.text import PromptError
 
@@ -210,11 +210,24 @@ class Sequence:
             earliest = min(earliest, start)
         rows = hidden if every_position else hidden[:, -1:]
         logits = self._run(head, rows, rows.shape[1])[0]
+        self.after_logits(exit, earliest, logits[-1])
+        return logits if every_position else logits[-1]
+
+    def after_logits(self, exit: int, earliest: int, last: np.ndarray) -> None:
+        """Record a computed step: its last logits at `exit`, and how many known positions it ran again."""
+        count = len(self.tokens)
         # Positions some exit had computed before are a catch-up; never-computed ones (a prompt) are a prefill.
         self.last_catch_up = max(0, min(self._computed, count - 1) - earliest)
         self._computed = max(self._computed, count)
-        self._last_logits[exit] = (count, logits[-1])
-        return logits if every_position else logits[-1]
+        self._last_logits[exit] = (count, last)
+
+    def ready_for_batch(self, exit: int) -> bool:
+        """Whether the last token is all that `exit` lacks: new to every piece of its chain (no catch-up and no
+        prompt to run), and its logits not known yet; such steps of several sequences run as one batch."""
+        count, last = len(self.tokens), self._last_logits.get(exit)
+        if count == 0 or exit not in self.chains or (last is not None and last[0] == count):
+            return False
+        return all(self.cache.filled_of(r.piece.cache_slots) == count - 1 for r in self.chains[exit][:-1])
 
     def _run_piece(self, runner: PieceRunner, count: int) -> tuple[int, np.ndarray]:
         """Bring one piece up to `count` positions (at least the last one computed); (first position run, its
@@ -226,18 +239,24 @@ class Sequence:
         else:
             first = self._boundaries[piece.first_layer].take(start, count)
         output = self._run(runner, first, count)
+        self.after_piece(piece, start, output)
+        return start, output
+
+    def after_piece(self, piece: Piece, start: int, output: np.ndarray) -> None:
+        """Record that a piece ran positions start.. (up to the last token): its slots filled, and its output kept
+        at its depth while a lagging piece still needs it."""
+        count = len(self.tokens)
         self.cache.mark(piece.cache_slots, count)
         if piece.kind == "segment" and piece.end_layer in self._consumers:
             boundary = self._boundaries.setdefault(piece.end_layer, Boundary())
             boundary.put(start, output)
             needed = min(self.cache.filled_of(c.piece.cache_slots) for c in self._consumers[piece.end_layer])
             boundary.drop_before(min(needed, count - 1))
-        return start, output
 
     def _run(self, runner: PieceRunner, first: np.ndarray, count: int) -> np.ndarray:
         name = runner.piece.name
         version, binding = self._bindings.get(name, (None, None))
         if version != self.cache.version:
-            binding = runner.binding(self.cache)
+            binding = runner.binding(self.cache.values)
             self._bindings[name] = (self.cache.version, binding)
         return runner.run(binding, first, count)

@@ -153,7 +153,10 @@ class Handlers:
     def __init__(self, engine: Engine, config: ServerConfig, controller: DeviceController, hub: SignalHub):
         self.engine, self.config, self.controller, self.hub = engine, config, controller, hub
         self.metrics = ServerMetrics()
-        self.scheduler = Scheduler(config.parallel, config.queue_limit, on_token=self.metrics.observe)
+        batch = engine.batch_decoder(config.parallel) if config.parallel > 1 and engine.device == "cpu" else None
+        self.scheduler = Scheduler(
+            config.parallel, config.queue_limit, self.metrics.observe, batch, self.metrics.batched.observe
+        )
         self.context_length = engine.manifest.generation.context_length
         self.created = int(time.time())
         self.defaults = engine.manifest.generation.sampling
@@ -192,7 +195,7 @@ class Handlers:
             if reused:
                 self.metrics.prefix_hits.inc()
                 self.metrics.prefix_tokens.inc(reused)
-            tokens = self.engine.generate(
+            generation = self.engine.start(
                 ids[reused:],
                 max_new_tokens=max_tokens,
                 sampling=request.sampling_config(self.defaults, index),
@@ -204,7 +207,7 @@ class Handlers:
                 constraint=constraints[index],
                 sequence=sequence,
             )
-            jobs.append(Job(tokens, loop, sequence if request.cache_prompt else None))
+            jobs.append(Job(generation, loop, keep=request.cache_prompt))
         try:
             self.scheduler.submit_all(jobs)
         except Busy:
@@ -251,7 +254,7 @@ class Handlers:
 
     def kept(self, job: Job) -> None:
         """A finished job's sequence back to the prompt cache (the scheduler is done with it once DONE came)."""
-        if job.sequence is not None:
+        if job.keep:
             self.prefixes.put(job.sequence)
 
     async def whole(

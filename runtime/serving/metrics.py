@@ -37,6 +37,12 @@ class ServerMetrics:
         )
         self.running = Gauge("balcony_running_requests", "Generations running now", registry=self.registry)
         self.queued = Gauge("balcony_queued_requests", "Generations waiting for a slot", registry=self.registry)
+        self.batched = Histogram(
+            "balcony_batch_size",
+            "Sequences per batched decode step",
+            buckets=(2, 3, 4, 6, 8, 12, 16),
+            registry=self.registry,
+        )
         self.prefix_hits = Counter(
             "balcony_prefix_cache_hits", "Requests that started from a kept prompt prefix", registry=self.registry
         )

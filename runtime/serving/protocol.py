@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.common.validation import is_finite_number, is_whole_number
-from balcony_edge.runtime.core.engine import MAX_TOP_LOGPROBS, GeneratedToken
+from balcony_edge.runtime.core.generation import MAX_TOP_LOGPROBS, GeneratedToken
 from balcony_edge.runtime.core.sampling import MAX_ADDITIVE_PENALTY, MAX_REPETITION_PENALTY, SamplingConfig
 from balcony_edge.runtime.device.controller import Budget
 

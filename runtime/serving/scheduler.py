@@ -1,15 +1,20 @@
-"""Several generations over one engine: one worker thread advances the running ones a token each in turn (so each
-step asks the device controller afresh), up to `parallel` at a time, with a bounded queue behind them."""
+"""Several generations over one engine: one worker thread advances every running one by a token per step (so each
+token asks the device controller afresh), up to `parallel` at a time, with a bounded queue behind them.
+
+On the CPU provider the running generations live in the rows of one BatchDecoder: the tokens of a step that need one
+position each are computed as one batch, each at its own exit; prompts and catch-ups run alone on their rows."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable
 
-from balcony_edge.runtime.core.engine import GeneratedToken
-from balcony_edge.runtime.core.sequence import Sequence
+import numpy as np
+
+from balcony_edge.runtime.core.batch import BatchDecoder
+from balcony_edge.runtime.core.generation import GeneratedToken, Generation
 
 DONE = object()  # put on a job's queue after its last token
 
@@ -19,18 +24,17 @@ class Busy(Exception):
 
 
 class Job:
-    """One generation: an iterator of tokens run by the scheduler, read by an asyncio task through `queue`."""
+    """One generation run by the scheduler, read by an asyncio task through `queue`."""
 
-    def __init__(
-        self,
-        tokens: Generator[GeneratedToken, None, None],
-        loop: asyncio.AbstractEventLoop,
-        sequence: Sequence | None = None,
-    ):
-        """sequence: the one `tokens` extends, kept for prompt reuse once the job is over."""
-        self.tokens, self.loop, self.sequence = tokens, loop, sequence
+    def __init__(self, generation: Generation, loop: asyncio.AbstractEventLoop, keep: bool = True):
+        """keep: hand its sequence on for prompt reuse when it is over (`sequence` stays set)."""
+        self.generation, self.loop, self.keep = generation, loop, keep
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+
+    @property
+    def sequence(self):
+        return self.generation.sequence
 
     def cancel(self) -> None:
         """Stop before the next token (a client that went away)."""
@@ -42,11 +46,20 @@ class Job:
 
 
 class Scheduler:
-    """Round-robin over the running jobs, one token each; `parallel` running, `queue_limit` waiting, then Busy."""
+    """Steps over the running jobs, a token each; `parallel` running, `queue_limit` waiting, then Busy."""
 
-    def __init__(self, parallel: int = 1, queue_limit: int = 16, on_token=None):
-        self.parallel, self.queue_limit = parallel, queue_limit
+    def __init__(
+        self,
+        parallel: int = 1,
+        queue_limit: int = 16,
+        on_token: Callable[[GeneratedToken], None] | None = None,
+        batch: BatchDecoder | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        """on_token: told of every token; on_batch: of every batched step, with its number of sequences."""
+        self.parallel, self.queue_limit, self.batch = parallel, queue_limit, batch
         self.on_token = on_token or (lambda token: None)
+        self.on_batch = on_batch or (lambda rows: None)
         self._running: list[Job] = []
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
@@ -85,27 +98,66 @@ class Scheduler:
                 if self._stopped:
                     return
                 while self._waiting and len(self._running) < self.parallel:
-                    self._running.append(self._waiting.popleft())
+                    job = self._waiting.popleft()
+                    if self.batch is not None:
+                        self.batch.admit(job.sequence)
+                    self._running.append(job)
                 running = list(self._running)
-            for job in running:
-                if not self._advance(job):
-                    with self._wake:
-                        self._running.remove(job)
+            for job in self._step(running):
+                with self._wake:
+                    self._running.remove(job)
 
-    def _advance(self, job: Job) -> bool:
-        """One token of one job; False when the job is over (finished, failed or cancelled)."""
-        if job.cancelled.is_set():
-            job.tokens.close()
-            job.deliver(DONE)  # whoever still reads the job (a request handler) ends too
-            return False
+    def _step(self, running: list[Job]) -> list[Job]:
+        """One token of every running job, batched where it can be; returns the jobs that are over."""
+        over, planned = [], []
+        for job in running:
+            if job.cancelled.is_set():
+                over.append(self._finish(job))
+                continue
+            try:
+                planned.append((job, job.generation.plan()))
+            except Exception as err:  # noqa: BLE001 - handed to the request; the server goes on
+                over.append(self._finish(job, err))
+        batched = [
+            (job, exit) for job, exit in planned if self.batch is not None and job.sequence.ready_for_batch(exit)
+        ]
+        if len(batched) < 2:  # one alone is cheaper than a step over every row
+            batched = []
+        logits: dict[Job, np.ndarray | Exception] = {}
+        for job, exit in planned:
+            if (job, exit) not in batched:
+                logits[job] = self._alone(job, exit)
+        if batched:
+            try:
+                rows = self.batch.step([(job.sequence, exit) for job, exit in batched])
+                logits.update({job: row for (job, _), row in zip(batched, rows)})
+                self.on_batch(len(batched))
+            except Exception as err:  # noqa: BLE001 - every request of the batch gets the error
+                logits.update({job: err for job, _ in batched})
+        for job, _ in planned:
+            result = logits[job]
+            if isinstance(result, Exception):
+                over.append(self._finish(job, result))
+                continue
+            token = job.generation.emit(result)
+            self.on_token(token)
+            job.deliver(token)
+            if job.generation.done:
+                over.append(self._finish(job))
+        return over
+
+    @staticmethod
+    def _alone(job: Job, exit: int) -> np.ndarray | Exception:
         try:
-            token = next(job.tokens)
-        except StopIteration:
-            job.deliver(DONE)
-            return False
-        except Exception as err:  # noqa: BLE001 - handed to the request, which answers with an error; the server goes on
-            job.deliver(err)
-            return False
-        self.on_token(token)
-        job.deliver(token)
-        return True
+            return job.sequence.logits(exit)
+        except Exception as err:  # noqa: BLE001 - handed to the request
+            return err
+
+    def _finish(self, job: Job, error: Exception | None = None) -> Job:
+        """Take a job out of the batch's rows and tell its reader it is over (DONE, after the error if one)."""
+        if self.batch is not None and job.sequence in self.batch.occupants.values():
+            self.batch.release(job.sequence)
+        if error is not None:
+            job.deliver(error)
+        job.deliver(DONE)
+        return job

@@ -169,12 +169,12 @@ def test_no_weight_is_in_two_sessions(engine):
 def test_the_cache_is_written_in_place(engine):
     sequence = engine.sequence(list(range(5, 15)))
     sequence.logits(engine.exits[-1])
-    buffers = {slot: tuple(id(a) for a in pair) for slot, pair in sequence.cache._host.items()}
+    buffers = {slot: tuple(id(a) for a in pair) for slot, pair in sequence.cache.store._host.items()}
     before = sequence.cache.keys("layer.0", 10)
     for token in (3, 4, 5):
         sequence.append(token)
         sequence.logits(engine.exits[-1])
-    assert {slot: tuple(id(a) for a in pair) for slot, pair in sequence.cache._host.items()} == buffers
+    assert {slot: tuple(id(a) for a in pair) for slot, pair in sequence.cache.store._host.items()} == buffers
     after = sequence.cache.keys("layer.0", 13)
     np.testing.assert_array_equal(after[:, :, :10], before)
     assert np.abs(after[:, :, 10:]).sum() > 0 and sequence.cache.filled["layer.0"] == 13

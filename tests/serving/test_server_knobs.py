@@ -227,3 +227,28 @@ def test_a_growing_conversation_reuses_its_prompt_and_answers_as_a_fresh_server_
         assert (
             "balcony_prefix_cache_hits_total 1.0" in metrics and "balcony_prefix_cache_reused_tokens_total" in metrics
         )
+
+
+def test_concurrent_requests_at_their_own_exits_answer_as_each_would_alone(engine):
+    import concurrent.futures
+
+    exits = [engine.exits[0], engine.exits[-1], engine.exits[1], engine.exits[0]]
+    app = make_app(engine, parallel=4)
+    alone = [
+        "".join(
+            t.text for t in engine.generate(engine.prompt_ids(HELLO), 24, str(exit), SamplingConfig(), ignore_eos=True)
+        )
+        for exit in exits
+    ]
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as http:
+
+        def ask_at(exit):
+            body = {"model": f"{MODEL}:exit-{exit}", "messages": HELLO, "max_tokens": 24, "temperature": 0}
+            return http.post("/v1/chat/completions", json=body | {"ignore_eos": True}).json()
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask_at, exits))
+        batched = http.get("/metrics").text
+    assert "balcony_batch_size_count" in batched and "balcony_batch_size_count 0.0" not in batched
+    assert [a["choices"][0]["message"]["content"] for a in answers] == alone
+    assert [a["choices"][0]["balcony"]["tokens_per_exit"] for a in answers] == [{str(e): 24} for e in exits]
