@@ -330,9 +330,9 @@ def load_base_model(spec: str = DEFAULT_BASE) -> BaseModel:
 
 
 def recommended_sampling(base: BaseModel) -> tuple[dict, str]:
-    """The sampling settings the model's makers recommend, by the runtime's names, and where they come from: the
-    settings its generation_config.json sets (do_sample true), else its authors' (AUTHORS_SAMPLING), else greedy
-    ({})."""
+    """The sampling settings the model's makers recommend, by the runtime's names, and where they come from: its
+    authors' (AUTHORS_SAMPLING, for weights whose files say nothing), else what its generation_config.json sets
+    (do_sample true), else greedy ({})."""
     known = AUTHORS_SAMPLING.get(base.identity.sha256)
     if known is not None:
         return dict(known[0]), known[1]

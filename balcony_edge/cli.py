@@ -876,7 +876,10 @@ def bench(
         ),
     ] = True,
     peers: Annotated[
-        bool, typer.Option("--peers/--no-peers", help="Measure torch generate and llama.cpp on the same base model.")
+        bool,
+        typer.Option(
+            "--peers/--no-peers", help="Measure torch generate, llama.cpp and onnxruntime-genai beside the engine."
+        ),
     ] = True,
     memory: Annotated[
         bool, typer.Option("--memory/--no-memory", help="Measure RSS of all exits against the full model alone.")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
+from balcony_edge.common.console import console as status_console
 from balcony_edge.common.console import labelled
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.runtime.core.engine import Engine, GeneratedToken
@@ -84,7 +85,7 @@ class ChatSession:
             system,
         )
         self.console = console or Console(highlight=False)
-        self.status = status or Console(highlight=False, stderr=True)
+        self.status = status or status_console  # stderr; --quiet silences it
         self.turns = 0  # answers given: each labels its telemetry records
         self._told_below_floor = False
         self.colours = {exit: EXIT_COLOURS[i % len(EXIT_COLOURS)] for i, exit in enumerate(engine.exits[:-1])}

@@ -61,6 +61,11 @@ class JsonConstraint:
         allowed = ((self._bitmask[:, None] >> self._bits) & 1).astype(bool).reshape(-1)[: logits.shape[-1]]
         return np.where(allowed, logits, -np.inf)
 
+    @property
+    def done(self) -> bool:
+        """Whether the JSON is complete (only an end token could follow)."""
+        return self.matcher.is_stopped()
+
     def advance(self, token: int) -> None:
         """Take the chosen token (one the mask allowed)."""
         if not self.matcher.consume_token(token):

@@ -55,6 +55,7 @@ class Generation:
         self.sequence, self.max_new_tokens, self.controller, self.hub = sequence, max_new_tokens, controller, hub
         self.sampler, self.text, self.eos, self.logprobs, self.constraint = sampler, text, eos, logprobs, constraint
         self.index = 0
+        self.answer_start = len(sequence.tokens)  # the prompt's tokens before it: penalties count the answer's
         self.done = False
         self._last_latency: float | None = None
         self._planned = None  # (reading, decision, start time) of the token being made
@@ -70,18 +71,20 @@ class Generation:
         """Choose the token from the planned exit's logits and account for it."""
         reading, decision, started = self._planned
         sequence, constraint, text = self.sequence, self.constraint, self.text
-        token = self.sampler(logits if constraint is None else constraint.mask(logits), sequence.tokens)
+        scores = logits if constraint is None else constraint.mask(logits)
+        token = self.sampler(scores, sequence.tokens, answer_start=self.answer_start)
         if constraint is not None:
             constraint.advance(token)
         latency = (time.perf_counter() - started) * 1000
         chosen, top = log_probabilities(logits, token, self.logprobs) if self.logprobs is not None else (None, [])
         self._last_latency = latency if self.index else None  # the first token carries the prompt's prefill
+        ended = token in self.eos or (constraint is not None and constraint.done)  # complete JSON ends, ignore_eos too
         if token not in self.eos:
             text.push(token)
-        stopped = token in self.eos or text.stop_at is not None or self.index == self.max_new_tokens - 1
+        stopped = ended or text.stop_at is not None or self.index == self.max_new_tokens - 1
         if stopped:
             text.finish()
-        finish = ("stop" if token in self.eos or text.stop_at is not None else "length") if stopped else None
+        finish = ("stop" if ended or text.stop_at is not None else "length") if stopped else None
         generated = GeneratedToken(
             id=token,
             text=text.take(final=stopped),

@@ -186,8 +186,8 @@ class Manifest:
         version = raw.get("schema_version")
         if type(version) is not int or version not in READABLE_VERSIONS:
             raise ManifestError(
-                f"manifest schema version {short_repr(version)} is not {SCHEMA_VERSION}, "
-                "the one this balcony-edge reads; export again with this version"
+                f"manifest schema version {short_repr(version)} is not one this balcony-edge reads "
+                f"({', '.join(map(str, READABLE_VERSIONS))}); export again with this version"
             )
         manifest = _build(cls, raw, "")
         _check_values(manifest)

@@ -21,9 +21,10 @@ MAX_ADDITIVE_PENALTY = 2.0  # presence and frequency penalties: OpenAI's range i
 class SamplingConfig:
     """How tokens are chosen; temperature 0 is greedy (the penalties still apply before the choice).
 
-    Applied in this order: repetition penalty (divides a seen token's positive logit, multiplies a negative one),
-    presence and frequency penalties (subtract from a seen token's logit once, and once per occurrence), temperature,
-    top-k, top-p (the smallest set reaching the mass), min-p (drops tokens below min_p x the top probability)."""
+    Applied in this order: repetition penalty (divides the positive logit of a token seen in the prompt or the answer,
+    multiplies a negative one), presence and frequency penalties (subtract from the logit of a token the answer holds,
+    once and once per occurrence, as OpenAI and vLLM do), temperature, top-k, top-p (the smallest set reaching the
+    mass), min-p (drops tokens below min_p x the top probability)."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0: no limit
@@ -85,22 +86,25 @@ class Sampler:
         self.config = config
         self.rng = np.random.default_rng(config.seed)
 
-    def scores(self, logits: np.ndarray, previous: Sequence[int] = ()) -> np.ndarray:
-        """The logits after the penalties (float64): what the temperature then divides."""
+    def scores(self, logits: np.ndarray, previous: Sequence[int] = (), answer_start: int = 0) -> np.ndarray:
+        """The logits after the penalties (float64): what the temperature then divides. `previous` holds the prompt,
+        then from `answer_start` on the answer so far."""
         c = self.config
         scores = logits.astype(np.float64, copy=True)
-        if len(previous) and (c.repetition_penalty != 1.0 or c.presence_penalty or c.frequency_penalty):
-            seen, counts = np.unique(np.asarray(previous), return_counts=True)
-            if c.repetition_penalty != 1.0:
-                scores[seen] = np.where(
-                    scores[seen] > 0, scores[seen] / c.repetition_penalty, scores[seen] * c.repetition_penalty
-                )
+        if len(previous) and c.repetition_penalty != 1.0:
+            seen = np.unique(np.asarray(previous))
+            scores[seen] = np.where(
+                scores[seen] > 0, scores[seen] / c.repetition_penalty, scores[seen] * c.repetition_penalty
+            )
+        answer = previous[answer_start:]
+        if len(answer) and (c.presence_penalty or c.frequency_penalty):
+            seen, counts = np.unique(np.asarray(answer), return_counts=True)
             scores[seen] -= c.presence_penalty + c.frequency_penalty * counts
         return scores
 
-    def __call__(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
+    def __call__(self, logits: np.ndarray, previous: Sequence[int] = (), answer_start: int = 0) -> int:
         c = self.config
-        scores = self.scores(logits, previous)
+        scores = self.scores(logits, previous, answer_start)
         if c.temperature == 0:
             return int(np.argmax(scores))
         scores /= c.temperature

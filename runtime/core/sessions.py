@@ -121,9 +121,9 @@ class SharedWeights:
 
 
 class ProcessPool:
-    """onnxruntime's one thread pool for the whole process, made once. onnxruntime refuses, after it exists, every
-    session of the process that asks for threads of its own, so only a process that holds nothing else opts in
-    (`chat`, `serve` and the bench do; a library's host application decides for itself)."""
+    """onnxruntime's one thread pool for the whole process, made once (`--thread-pool process`). onnxruntime refuses,
+    after it exists, every session of the process that asks for threads of its own, so only a process that holds
+    nothing else opts in."""
 
     _lock = threading.Lock()
     threads: int | None = None
@@ -172,8 +172,8 @@ class ProcessPool:
 
 # A session pool's workers spin this long after their work (us), backing off up to this factor, then sleep. Measured
 # on 2 cores, int4 full depth (docs/benchmarks.md, "Thread pools"): as fast as the process pool when quiet (which
-# spins without end), and 0.83-0.85x of that beside one busy core, where the process pool fell to 0.38-0.47x and
-# pools that never spin ran 0.8x slower when quiet.
+# spins without end), and 0.83-0.85x of their quiet speed beside one busy core, where the process pool fell to
+# 0.38-0.47x; pools that never spin ran at 0.8x the speed when quiet.
 SPIN_US = 25
 SPIN_BACKOFF_MAX = 32
 

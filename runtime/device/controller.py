@@ -248,8 +248,8 @@ class Controller:
         temperature = self._temperature_cap(signals.temperature_degc)
         goal = self._goal_cap(signals)
         caps = [temperature, self._battery_cap(signals, goal.level), self._latency_cap(), goal]
-        # Tightest cap wins; among equals a binding one, and safety first (list order).
-        cap = min(caps, key=lambda c: (c.level, not c.binds))
+        # Tightest cap wins; among equals a hard limit, then a binding one, then safety first (list order).
+        cap = min(caps, key=lambda c: (c.level, not c.hard, not c.binds))
         if cap.level < self._floor and not cap.hard:
             floor = self.exits[self._floor]
             cap = _Cap(self._floor, f"{cap.why}; held at the quality floor, exit {floor}", short="quality floor")
@@ -363,6 +363,7 @@ class Controller:
                 level,
                 f"temperature {degc:.1f} degC cooling (hysteresis {self.config.temperature_hysteresis_degc:g} degC)",
                 short=f"cooling, {degc:.0f} degC",
+                hard=level == 0,  # still the trip's shallowest exit until cooled past the hysteresis
             )
         return _Cap(level, f"temperature {degc:.1f} degC < soft limit {soft:g} degC", binds=False)
 
@@ -405,7 +406,7 @@ class Controller:
 
     def _goal_cap(self, signals: Signals) -> _Cap:
         if self.budget.kind != "eco":
-            return _Cap(self._top, f"{self.budget} budget: deepest exit {self.exits[-1]}", short="")
+            return _Cap(self._top, f"{self.budget} budget: deepest exit {self.exits[-1]}", short=self._at_ease(signals))
         plugged = signals.on_battery is False or (signals.on_battery is None and signals.battery_percent is None)
         cool = self._temperature_level == self._top
         if plugged and cool:

@@ -1,6 +1,6 @@
 """The benchmark's own logic on the tiny model: JSON shape, switch-cost arithmetic, bare loop and floors exact.
 
-No timing thresholds: speed is measured by `balcony-edge bench`, and its figures are in docs/bench.md.
+No timing thresholds: speed is measured by `balcony-edge bench`, and its figures are in docs/benchmarks.md.
 """
 
 import dataclasses

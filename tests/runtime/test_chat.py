@@ -167,3 +167,23 @@ def test_the_first_screen_is_short_and_quiet(tiny_export):
         if any(w in line for w in ("provider_bridge", "Warning", "Traceback", "onnxruntime_src"))
     ]
     assert first_screen[0].startswith("balcony-edge chat on CPUExecutionProvider")
+
+
+def test_the_chat_says_once_that_a_hard_limit_went_below_the_quality_floor(tiny_export):
+    import io
+
+    from rich.console import Console
+
+    from balcony_edge.runtime import Engine, SignalHub
+    from balcony_edge.runtime.chat import ChatSession
+    from balcony_edge.runtime.core.generation import GeneratedToken
+
+    status = io.StringIO()
+    engine = Engine.load(tiny_export, providers=["cpu"], threads=1)
+    session = ChatSession(engine, "1", None, SignalHub([]), status=Console(file=status, width=200))
+    below = GeneratedToken(
+        5, "a", 1, 3.0, 0, "battery 10% < 20% on battery", why="battery 10% (critical)", below_floor=True
+    )
+    for _ in range(3):
+        session.tell_below_floor(below)
+    assert status.getvalue().count("below the quality floor (battery 10% (critical))") == 1

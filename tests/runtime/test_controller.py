@@ -287,3 +287,20 @@ def test_eco_runs_the_floor_on_battery_and_says_when_it_changes_nothing():
     desk = replay(Controller(LOOPING, "eco"), [Signals(on_battery=False, temperature_degc=50.0)] * 3)
     assert exits(desk) == [30] * 3 and "eco changes nothing here" in desk[0].reason
     assert desk[0].short == "plugged in and cool: eco changes nothing"
+
+
+def test_a_critical_battery_while_cooling_from_a_trip_stays_below_the_floor():
+    controller = Controller(LOOPING, "auto")
+    tripped = replay(controller, [Signals(temperature_degc=88.0)] * 3)
+    assert exits(tripped) == [8] * 3 and tripped[0].below_floor
+    # cooling inside the hysteresis: still the trip's exit, then a critical battery too: a tie of hard limits
+    after = [
+        controller.choose(Signals(temperature_degc=86.0, battery_percent=10.0, on_battery=True), 12.5, t)
+        for t in range(3, 30)
+    ]
+    assert {d.exit for d in after} == {8} and all(d.below_floor for d in after)
+
+
+def test_auto_on_an_idle_desk_says_why_in_a_few_words():
+    decisions = replay(Controller(LOOPING, "auto"), [Signals(on_battery=False, temperature_degc=45.0)] * 2)
+    assert decisions[0].exit == 30 and decisions[0].short == "plugged in and cool"

@@ -385,3 +385,12 @@ def test_a_schema_llguidance_cannot_compile_is_a_one_line_error(engine):
     pytest.importorskip("llguidance")
     with pytest.raises(ConstraintError, match="the JSON schema cannot be compiled"):
         engine.json_constraint({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})
+
+
+def test_a_complete_json_answer_ends_even_with_ignore_eos(engine):
+    pytest.importorskip("llguidance")
+    constraint = engine.json_constraint(SCHEMA)
+    tokens = list(
+        engine.generate("Describe the harbour.", 300, "full", SamplingConfig(), ignore_eos=True, constraint=constraint)
+    )
+    assert tokens[-1].finish == "stop" and json.loads("".join(t.text for t in tokens))

@@ -71,3 +71,9 @@ def test_recommended_settings_fill_what_the_caller_leaves_unset():
     assert SamplingConfig.of(recommended, temperature=0.0, top_k=None) == SamplingConfig(temperature=0.0, top_p=0.9)
     with pytest.raises(BalconyError, match="sampling setting 'typical_p' is unknown"):
         SamplingConfig.of({"typical_p": 0.5})
+
+
+def test_presence_and_frequency_count_the_answer_only_and_repetition_the_prompt_too():
+    sampler = Sampler(SamplingConfig(presence_penalty=1.0, frequency_penalty=1.0, repetition_penalty=2.0))
+    scores = sampler.scores(LOGITS, previous=[1, 1, 2], answer_start=2)  # the prompt [1, 1], the answer [2]
+    np.testing.assert_allclose(scores, [1.0, 1.5, 1.0 - 2.0, 0.5, -1.0])
