@@ -19,11 +19,12 @@ from balcony_edge.export.exporter import check_target, export_name, select_exits
 from balcony_edge.export.gguf_exits import GGUF_DTYPES, gguf_file_name, read_source, write_exit_gguf
 from balcony_edge.export.hf_exits import HF_DTYPES, hf_folder_name, write_exit_folder
 from balcony_edge.export.quality import against_full
+from balcony_edge.runtime.core.manifest import EXIT_CHECKPOINTS_LISTING
 
 FORMATS = ("onnx", "hf", "gguf")
 DEFAULT_DTYPES = {"hf": "fp32", "gguf": "f16"}
 DTYPE_CHOICES = {"hf": tuple(HF_DTYPES), "gguf": GGUF_DTYPES}
-LISTING_FILE = "balcony_exits.json"  # what the export wrote: --force replaces only a folder that has one
+LISTING_FILE = EXIT_CHECKPOINTS_LISTING  # what the export wrote: --force replaces only a folder that has one
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,17 @@ def genai_config(manifest: Manifest, entry: ExitGraph) -> dict:
     }
 
 
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def write_tokenizer_config(staging: Path, chat_template: str, target: Path) -> None:
+    """The export's tokenizer config with the chat template written into it: onnxruntime-genai's apply_chat_template
+    reads it from there (transformers keeps it in a file of its own)."""
+    config = json.loads((staging / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+    config.setdefault("chat_template", (staging / chat_template).read_text(encoding="utf-8"))
+    target.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def genai_folder(entry: ExitGraph) -> Path:
     """An exit's genai folder, relative to the export."""
     return Path(GENAI_FOLDER) / Path(entry.graph).stem
@@ -76,11 +87,15 @@ def write_genai_folders(staging: Path, manifest: Manifest) -> list[str]:
         folder = genai_folder(entry)
         (staging / folder).mkdir(parents=True)
         (staging / folder / "genai_config.json").write_text(json.dumps(genai_config(manifest, entry), indent=2) + "\n")
-        for name in (
+        linked = [
             entry.graph,
             manifest.weights_file,
             *(n for n in GENAI_TOKENIZER_FILES if n in manifest.tokenizer_files),
-        ):
+        ]
+        if manifest.chat_template is not None and TOKENIZER_CONFIG in linked:
+            linked.remove(TOKENIZER_CONFIG)  # a copy of its own, with the chat template in it
+            write_tokenizer_config(staging, manifest.chat_template, staging / folder / TOKENIZER_CONFIG)
+        for name in linked:
             (staging / folder / name).symlink_to(Path("..") / ".." / name)
         folders.append(str(folder))
     return folders

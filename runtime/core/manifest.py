@@ -22,6 +22,8 @@ from balcony_edge.runtime.core.sampling import SamplingConfig
 SCHEMA_VERSION = 3  # 2: exits as chains of pieces; 3: measured answers per exit, recommended sampling
 READABLE_VERSIONS = (2, 3)  # what 3 added all has defaults
 MANIFEST_FILE = "manifest.json"
+EXIT_CHECKPOINTS_LISTING = "balcony_exits.json"  # what `export --format hf|gguf` writes instead of a manifest
+PLAIN_RUNNERS = {"hf": "transformers (or any Hugging Face runtime)", "gguf": "llama.cpp (or any GGUF runtime)"}
 REPORT_FILE = "report.json"  # the export's verification report, beside the manifest
 MAX_MANIFEST_BYTES = 64 << 20  # a real one is well under 1 MiB; a larger one is not read into memory
 FIX = "export again (`balcony-edge export --force`)"
@@ -198,6 +200,11 @@ class Manifest:
         """Read manifest.json of an export folder."""
         path = Path(folder) / MANIFEST_FILE
         if not path.is_file():
+            listing = Path(folder) / EXIT_CHECKPOINTS_LISTING
+            if listing.is_file():
+                raise ManifestError(
+                    f"{folder} holds {_plain_exits(listing)}; for chat and serve, export ONNX (`balcony-edge export`)"
+                )
             raise ManifestError(f"{folder} has no {MANIFEST_FILE}; give a folder written by `balcony-edge export`")
         try:
             size = path.stat().st_size
@@ -216,6 +223,16 @@ class Manifest:
         names += [self.weights_file, *self.tokenizer_files]
         names += [self.chat_template] if self.chat_template is not None else []
         return list(dict.fromkeys(names + list(self.files)))
+
+
+def _plain_exits(listing: Path) -> str:
+    """What a folder of plain exit checkpoints holds and what runs it, from its listing."""
+    try:
+        kind = json.loads(listing.read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    runner = PLAIN_RUNNERS.get(kind, "another runtime") if isinstance(kind, str) else "another runtime"
+    return f"exits as plain {kind or ''} checkpoints (export --format {kind or 'hf|gguf'}), which {runner} runs"
 
 
 def _parse_json(text: str | bytes) -> dict:

@@ -174,3 +174,17 @@ def test_a_card_counts_the_tokens_and_data_of_every_run_it_started_from():
     terms = data_terms(third)
     assert [t.split(":")[0] for t in terms] == ["code.jsonl", "readmes.jsonl", "bbc-news", "chat.jsonl"]
     assert "non-commercial" in terms[2]
+
+
+def test_chat_on_a_folder_of_plain_exits_says_what_runs_them(tiny_checkpoint, tmp_path):
+    from balcony_edge.common.errors import ManifestError
+    from balcony_edge.runtime.core.manifest import Manifest
+
+    out = tmp_path / "exits"
+    export_exit_checkpoints(ExitCheckpointConfig(format="hf", checkpoint=tiny_checkpoint, out=out, exits="1"))
+    with pytest.raises(
+        ManifestError,
+        match=r"holds exits as plain hf checkpoints \(export --format hf\), which "
+        r"transformers .* runs; for chat and serve, export ONNX",
+    ):
+        Manifest.load(out)

@@ -568,6 +568,8 @@ def test_each_exit_has_an_onnxruntime_genai_folder_of_links(tiny_export):
         )
         for name in (entry.graph, "weights.bin", "tokenizer.json"):
             assert (folder / name).is_symlink() and (folder / name).resolve() == (tiny_export / name).resolve()
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())  # a copy with the template in it
+        assert tokenizer_config["chat_template"] == (tiny_export / manifest.chat_template).read_text()
 
 
 @pytest.mark.parametrize("fixture", ["tiny_export", "tiny_export_kv8"])
@@ -594,6 +596,16 @@ def test_onnxruntime_genai_runs_an_exit_graph_as_the_engine_does(request, fixtur
             expected.append(int(np.argmax(sequence.logits(entry.exit))))
             sequence.append(expected[-1])
         assert tokens == expected
+        tokenizer = og.Tokenizer(model)
+        rendered = tokenizer.apply_chat_template(
+            json.dumps([{"role": "user", "content": "Hi"}]), add_generation_prompt=True
+        )
+        assert rendered == engine.codec.template.render(
+            messages=[{"role": "user", "content": "Hi"}],
+            add_generation_prompt=True,
+            bos_token=engine.codec.bos_token,
+            eos_token=engine.codec.eos_token,
+        )
 
 
 def test_a_quantizer_dependency_that_is_missing_is_named_with_the_fix(monkeypatch):
