@@ -143,7 +143,7 @@ class AnswerWriter:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
-        options = {"do_sample": False}
+        options: dict[str, bool | int | float] = {"do_sample": False}
         if sampling and sampling.get("temperature", 1.0) > 0:
             options = {"do_sample": True, "top_k": 0} | sampling  # transformers' own top_k default (50) is not ours
         output = self.model.exit_model(depth).generate(
@@ -231,7 +231,7 @@ def answer_quality(
     """Every depth's answers to the held-out prompts, judged by the full model (see the module's docstring); written
     by `model` itself in torch, or by an export's engine (`writer`)."""
     model.eval()
-    writer = writer or AnswerWriter(model, tokenizer)
+    chosen: AnswerWriter | ExportWriter = writer or AnswerWriter(model, tokenizer)
     prompts = [prompt_ids(tokenizer, p, chat=True) for p in HELD_OUT_PROMPTS]
     depths = [*model.exits, model.num_layers]
     runs = [(None, None)] + [(settings.sampling, seed) for seed in range(settings.sampled_seeds)]
@@ -240,10 +240,10 @@ def answer_quality(
         task = progress.add_task("held-out answers", total=len(depths) * len(runs) * len(prompts))
         for depth in depths:
             for sampling, seed in runs:
-                answers = []
+                answers: list[list[int]] = []
                 for start in range(0, len(prompts), settings.batch_size):
                     batch = prompts[start : start + settings.batch_size]
-                    answers += writer.write(
+                    answers += chosen.write(
                         depth, batch, settings.max_new_tokens, sampling, (seed or 0) * 1_000_003 + start
                     )
                     progress.advance(task, len(batch))

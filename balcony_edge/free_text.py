@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from balcony_edge.common.errors import DataError
 from balcony_edge.teacher_sampling import Teacher, TeacherConfig, check_out, write_samples
@@ -55,7 +56,7 @@ def write_free_text(config: FreeTextConfig, out: Path, max_minutes: float | None
     teacher = Teacher.load(config.base)
     start = config.start if config.start is not None else document_start(teacher.tokenizer)
     special = start in teacher.tokenizer.all_special_tokens
-    stops = (teacher.tokenizer.convert_tokens_to_ids(start),) if special else ()
+    stops = (cast(int, teacher.tokenizer.convert_tokens_to_ids(start)),) if special else ()  # one token: one id
     settings = teacher.settings(config) | {"start": start}
     order = list(range(config.samples))
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]

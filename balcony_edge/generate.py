@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Set
+
 import torch
 from transformers import DynamicCache
 
@@ -30,7 +32,7 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 @torch.no_grad()
 def generate_greedy(
-    model: BalconyModel, exit: int, input_ids: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset()
+    model: BalconyModel, exit: int, input_ids: list[int], max_new_tokens: int, stop_ids: Set[int] = frozenset()
 ) -> list[int]:
     """Greedy continuation of input_ids at exit `exit` (num_layers: the full model); returns new token ids."""
     decoder = model.exit_model(exit)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from balcony_edge.common.errors import ExitsError
 from balcony_edge.exits import parse_exits
+
+if TYPE_CHECKING:
+    from balcony_edge.base_model import CausalLM
 
 BALCONY_INITS = ("last", "random")
 NORM_INITS = ("final", "exit_input")
@@ -54,7 +57,7 @@ _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
 class BalconyModel(nn.Module):
     """Frozen base causal LM with one balcony decoder layer and RMSNorm per exit; the LM head is shared."""
 
-    def __init__(self, base: PreTrainedModel, config: BalconyConfig, seed: int = 0):
+    def __init__(self, base: CausalLM, config: BalconyConfig, seed: int = 0):
         super().__init__()
         self.base = base
         self.base.eval()
@@ -65,7 +68,7 @@ class BalconyModel(nn.Module):
         self.balconies = nn.ModuleDict({str(k): self._new_balcony(k) for k in self.exits})
         torch.random.set_rng_state(generator_state)
         self.norms = nn.ModuleDict({str(k): self._new_norm(k) for k in self.exits})
-        self._exit_models: dict[int, PreTrainedModel] = {}
+        self._exit_models: dict[int, CausalLM] = {}
 
     @property
     def exits(self) -> tuple[int, ...]:
@@ -81,7 +84,8 @@ class BalconyModel(nn.Module):
 
     def _new_balcony(self, k: int) -> nn.Module:
         layer = copy.deepcopy(self.layers[-1])
-        layer.self_attn.layer_idx = k  # its KV-cache slot in the k + 1 layer exit model
+        attention: Any = layer.get_submodule("self_attn")  # transformers' attention, whose layer_idx is a plain int
+        attention.layer_idx = k  # its KV-cache slot in the k + 1 layer exit model
         if self.config.balcony_init == "random":
             std = getattr(self.base.config, "initializer_range", 0.02)
             for module in layer.modules():
@@ -90,11 +94,12 @@ class BalconyModel(nn.Module):
                     if module.bias is not None:
                         nn.init.zeros_(module.bias)
                 elif type(module).__name__.endswith("RMSNorm"):
-                    nn.init.ones_(module.weight)
+                    nn.init.ones_(module.get_parameter("weight"))
         return layer.requires_grad_(True)
 
     def _new_norm(self, k: int) -> nn.Module:
-        source = self.base.model.norm if self.config.norm_init == "final" else self.layers[k].input_layernorm
+        final = self.config.norm_init == "final"
+        source = self.base.get_submodule("model.norm") if final else self.layers[k].get_submodule("input_layernorm")
         return copy.deepcopy(source).requires_grad_(True)
 
     def train(self, mode: bool = True) -> BalconyModel:
@@ -139,7 +144,7 @@ class BalconyModel(nn.Module):
         logits[self.num_layers] = self.head(hiddens.final)
         return logits
 
-    def exit_model(self, k: int) -> PreTrainedModel:
+    def exit_model(self, k: int) -> CausalLM:
         """Exit k as an ordinary causal LM of k + 1 layers sharing this model's modules (k = num_layers: the base)."""
         if k == self.num_layers:
             return self.base

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -23,6 +24,11 @@ from balcony_edge.common.console import console, say
 from balcony_edge.common.errors import DataError
 from balcony_edge.common.paths import check_output_folder
 from balcony_edge.precision import fast_bf16
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from balcony_edge.base_model import CausalLM
 
 
 def check_out(out: Path, max_minutes: float | None) -> None:
@@ -66,8 +72,8 @@ class TeacherConfig:
 class Teacher:
     """The base model ready to sample: its tokenizer padded on the left, on the fastest device and dtype here."""
 
-    tokenizer: object
-    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    model: CausalLM
     device: torch.device
     dtype: torch.dtype
 
@@ -80,7 +86,8 @@ class Teacher:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:  # some transformers versions convert the GGUF's tokenizer without one
             tokenizer.pad_token = tokenizer.eos_token  # (padding is masked out: any token will do)
-        return cls(tokenizer, loaded.model.to(device=device, dtype=dtype), device, dtype)
+        # typeshed's functools.wraps does not bind self, and transformers wraps PreTrainedModel.to with it
+        return cls(tokenizer, loaded.model.to(device=device, dtype=dtype), device, dtype)  # type: ignore[call-arg]
 
     def settings(self, config: TeacherConfig) -> dict:
         """What a record stores of how it was made: the config, the dtype and the device."""
@@ -107,7 +114,8 @@ class Teacher:
                 eos_token_id=sorted(ends),
             )
         start = encoded["input_ids"].shape[1]
-        return [self.tokenizer.decode(row[start:], skip_special_tokens=True) for row in output]
+        # one row of ids decodes to one string
+        return [cast(str, self.tokenizer.decode(row[start:], skip_special_tokens=True)) for row in output]
 
 
 def write_samples(

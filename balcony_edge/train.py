@@ -11,9 +11,12 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -55,7 +58,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 RESUMABLE_FIELDS = ("out", "max_minutes", "save_every", "save_dtype", "threads")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # What training_state.pt holds, by type: checked before any of it is used.
-STATE_TYPES = {
+STATE_TYPES: dict[str, type | tuple[type, ...]] = {
     "config": dict,
     "model": dict,
     "optimizer": dict,
@@ -67,7 +70,8 @@ STATE_TYPES = {
     "rng": (dict, list),
     "init_training": (dict, type(None)),
 }
-SETTING_TYPES = (str, int, float, type(None), list, tuple)  # of the saved TrainConfig values, compared on --resume
+# Of the saved TrainConfig values, compared on --resume.
+SETTING_TYPES = (str, int, float, type(None), list, tuple)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -208,7 +212,8 @@ class BlockOrder:
     data position."""
 
     def __init__(self, num_blocks: int, seed: int):
-        self.num_blocks, self.seed, self._perms = num_blocks, seed, {}
+        self.num_blocks, self.seed = num_blocks, seed
+        self._perms: dict[int, torch.Tensor] = {}
 
     def __getitem__(self, g: int) -> int:
         epoch, index = divmod(g, self.num_blocks)
@@ -225,7 +230,8 @@ class MixedOrder:
     alone fixes the data position, as in BlockOrder."""
 
     def __init__(self, source_blocks: list[int], weights: list[float], seed: int):
-        self.sizes, self.seed, self._epochs = source_blocks, seed, {}
+        self.sizes, self.seed = source_blocks, seed
+        self._epochs: dict[int, torch.Tensor] = {}
         self.offsets = [sum(source_blocks[:i]) for i in range(len(source_blocks))]
         self.weights = torch.tensor(weights, dtype=torch.float64)
         self.num_blocks = sum(source_blocks)
@@ -250,7 +256,8 @@ class MixedOrder:
 def rng_state() -> dict:
     """This process's random generator states, as tensors, ints, floats, strings and tuples (weights_only loads
     them)."""
-    name, key, *rest = np.random.get_state()
+    # numpy's global generator is an MT19937, whose legacy state is this tuple.
+    name, key, *rest = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
     state = {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": (name, key.tolist(), *rest)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -272,7 +279,7 @@ class StopSignals:
 
     def __init__(self):
         self.received = 0  # the first signal's number; 0: none yet
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # Python handles signals only there
@@ -346,7 +353,7 @@ class Trainer:
         sources = weighted_sources(config.data)
         if sources is None:
             self.blocks = pack(load_corpus(config.data).train, self.base.tokenizer, config.seq_len)
-            self.order = BlockOrder(len(self.blocks), config.seed)
+            self.order: BlockOrder | MixedOrder = BlockOrder(len(self.blocks), config.seed)
         else:
             parts = [pack(load_corpus([source.path]).train, self.base.tokenizer, config.seq_len) for source in sources]
             self.blocks = torch.cat(parts)
@@ -495,9 +502,9 @@ class Trainer:
         return kl, on_policy, answer_tokens
 
     def _state(self) -> dict:
-        rng = rng_state()
+        rng: dict | list[dict | None] = rng_state()
         if self.dist.world > 1:
-            gathered = [None] * self.dist.world
+            gathered: list[dict | None] = [None] * self.dist.world
             dist.all_gather_object(gathered, rng)
             rng = gathered
         return {

@@ -31,7 +31,7 @@ _KEPT = {INPUT_IDS, ATTENTION_MASK, LOGITS}
 
 def compose_exit(name: str, chain: list[tuple[Piece, onnx.ModelProto]]) -> onnx.ModelProto:
     """The chain's graphs as one graph with standard I/O names."""
-    layer_of = {}  # cache slot -> layer number in the composed graph
+    layer_of: dict[str, int] = {}  # cache slot -> layer number in the composed graph
     for piece, _ in chain:
         for slot in piece.cache_slots:
             layer_of[slot] = len(layer_of)

@@ -84,14 +84,14 @@ def export_exit_checkpoints(config: ExitCheckpointConfig) -> tuple[Path, list[st
                 task = progress.add_task(f"export ({config.format}, {config.file_dtype})", total=len(exits))
                 quality = against_full(model, base.tokenizer) if config.format == "hf" else None
                 for k in exits:
-                    if config.format == "hf":
+                    if quality is not None:  # --format hf
                         card = exit_card(k, model, info, quality, base_license)
                         (staging / hf_folder_name(k)).mkdir()
                         write_exit_folder(
                             staging / hf_folder_name(k), k, model, base.tokenizer, config.file_dtype, card
                         )
                         written.append(hf_folder_name(k))
-                    else:
+                    elif source is not None:  # --format gguf: its source GGUF was read above
                         write_exit_gguf(staging / gguf_file_name(name, k), k, model, source, config.file_dtype)
                         written.append(gguf_file_name(name, k))
                     progress.advance(task)

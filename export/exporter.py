@@ -11,6 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -275,7 +276,7 @@ def write_export(
         chat_template=write_chat_template(base.tokenizer, staging),
     )
     genai_folders = write_genai_folders(staging, manifest)
-    report = {
+    report: dict[str, Any] = {  # report.json
         "precision": config.precision,
         "kv_cache": config.kv_cache,
         "exported_with": tool_versions(),

@@ -13,7 +13,9 @@ k, balcony k and the head; the full model is every segment and the head.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -37,6 +39,58 @@ TRANSPOSED = ".T"  # suffix of a weight stored transposed (the layout MatMul rea
 
 ROTARY_COS = "base.rotary.cos_cache"
 ROTARY_SIN = "base.rotary.sin_cache"
+
+
+# The submodules the builder reads of a Llama-family decoder layer (transformers' modules and BalconyModel's balconies
+# alike): torch types any submodule as `Tensor | Module`, so these say what each one is.
+class NormModule(Protocol):
+    """An RMSNorm: its scale."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+
+class AttentionModule(Protocol):
+    """Self-attention: Q, K, V and output projections (Qwen3: and an RMSNorm per head of Q and K)."""
+
+    @property
+    def q_proj(self) -> torch.nn.Linear: ...
+    @property
+    def k_proj(self) -> torch.nn.Linear: ...
+    @property
+    def v_proj(self) -> torch.nn.Linear: ...
+    @property
+    def o_proj(self) -> torch.nn.Linear: ...
+    @property
+    def q_norm(self) -> NormModule: ...  # only where Architecture.qk_norm
+    @property
+    def k_norm(self) -> NormModule: ...  # only where Architecture.qk_norm
+    @property
+    def scaling(self) -> float: ...
+
+
+class MlpModule(Protocol):
+    """The gated (SwiGLU) MLP."""
+
+    @property
+    def gate_proj(self) -> torch.nn.Linear: ...
+    @property
+    def up_proj(self) -> torch.nn.Linear: ...
+    @property
+    def down_proj(self) -> torch.nn.Linear: ...
+
+
+class DecoderLayerModule(Protocol):
+    """One decoder layer: norm, attention, norm, MLP."""
+
+    @property
+    def input_layernorm(self) -> NormModule: ...
+    @property
+    def self_attn(self) -> AttentionModule: ...
+    @property
+    def post_attention_layernorm(self) -> NormModule: ...
+    @property
+    def mlp(self) -> MlpModule: ...
 
 
 @dataclass(frozen=True)
@@ -154,7 +208,9 @@ class DecoderEmitter:
         self.kv_scales = kv_scales  # attention name -> its int8 cache scales; None: a float cache
         self._mask: tuple[str, str] | None = None
 
-    def param(self, parameter: torch.nn.Parameter, suffix: str = "", transform=None) -> str:
+    def param(
+        self, parameter: torch.Tensor, suffix: str = "", transform: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> str:
         """The initializer of a model parameter (optionally transformed, e.g. transposed, under name + suffix)."""
         name = self.names[id(parameter)] + suffix
         if name not in self.b.initializers:
@@ -162,7 +218,7 @@ class DecoderEmitter:
             self.b.weight(name, transform(array) if transform else array)
         return name
 
-    def fused(self, name: str, parameters: list[torch.nn.Parameter]) -> str:
+    def fused(self, name: str, parameters: list[torch.Tensor]) -> str:
         """Several Linear weights side by side along the output axis, transposed: x @ fused = concat of x @ W_i.T."""
         if name not in self.b.initializers:
             self.b.weight(name, np.concatenate([_array(p, self.b.dtype) for p in parameters], axis=0).T)
@@ -195,7 +251,7 @@ class DecoderEmitter:
         )
         return normed, total
 
-    def layer(self, layer: torch.nn.Module, residual: str, pending: str | None, slot: str) -> tuple[str, str]:
+    def layer(self, layer: DecoderLayerModule, residual: str, pending: str | None, slot: str) -> tuple[str, str]:
         """One decoder layer: returns (residual before its MLP output is added, MLP output)."""
         x, residual = self.norm(pending, residual, self.param(layer.input_layernorm.weight))
         attention = self.attention(layer.self_attn, x, slot)
@@ -210,7 +266,7 @@ class DecoderEmitter:
         bias = np.concatenate([_array(m.bias, self.b.dtype) for m in modules])
         return self.b.one("Add", [x, self.b.weight(name, bias)])
 
-    def attention(self, attn: torch.nn.Module, x: str, slot: str) -> str:
+    def attention(self, attn: AttentionModule, x: str, slot: str) -> str:
         a, b = self.arch, self.b
         projections = [attn.q_proj, attn.k_proj, attn.v_proj]
         base = self.names[id(attn.q_proj.weight)].rsplit(".q_proj.weight", 1)[0]
@@ -255,7 +311,7 @@ class DecoderEmitter:
             output = b.one("Add", [output, self.param(attn.o_proj.bias)])
         return output
 
-    def head_norm(self, x: str, weight: torch.nn.Parameter) -> str:
+    def head_norm(self, x: str, weight: torch.Tensor) -> str:
         """RMSNorm over each head of [batch, seq, heads x head_dim]."""
         b = self.b
         heads = b.one("Reshape", [x, b.const([0, 0, -1, self.arch.head_dim])])
@@ -268,7 +324,7 @@ class DecoderEmitter:
         cos, sin = self.rotary
         return self.b.weight(ROTARY_COS, cos.astype(self.b.dtype)), self.b.weight(ROTARY_SIN, sin.astype(self.b.dtype))
 
-    def mlp(self, mlp: torch.nn.Module, x: str) -> str:
+    def mlp(self, mlp: MlpModule, x: str) -> str:
         b = self.b
         base = self.names[id(mlp.gate_proj.weight)].rsplit(".gate_proj.weight", 1)[0]
         gate_up = b.one(
@@ -283,7 +339,7 @@ class DecoderEmitter:
             output = b.one("Add", [output, self.param(mlp.down_proj.bias)])
         return output
 
-    def head(self, hidden: str, lm_head: torch.nn.Linear, embedding: torch.nn.Parameter, tie_as_gemm: bool) -> str:
+    def head(self, hidden: str, lm_head: torch.nn.Linear, embedding: torch.Tensor, tie_as_gemm: bool) -> str:
         """Logits [batch, seq, vocab] of normed hidden states; a tied head reads the embedding itself through Gemm."""
         b = self.b
         if tie_as_gemm and lm_head.weight is embedding:

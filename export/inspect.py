@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 from onnx import TensorProto, helper
+from rich.console import JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
@@ -101,10 +102,12 @@ def read_report(folder: Path, problems: dict[str, str]) -> dict | None:
 
 def verification_figures(report: dict | None) -> dict[int, tuple[str, str, str]]:
     """Exit -> max |diff|, top-1 agreement and greedy match from a report; exits with malformed figures left out."""
-    figures = {}
+    figures: dict[int, tuple[str, str, str]] = {}
+    if report is None:  # no report
+        return figures
     try:
         checks = report["verification"]["exits"]
-    except (KeyError, TypeError):  # no report, or not verified
+    except (KeyError, TypeError):  # not verified
         return figures
     for check in checks if isinstance(checks, list) else ():
         with contextlib.suppress(KeyError, TypeError, ValueError):  # a report.json the exporter did not write
@@ -140,7 +143,8 @@ def exits_table(folder: Path, manifest: Manifest, report: dict | None) -> Table:
 def files_table(inspection: Inspection) -> Table:
     """One row per file: size and check state (every file the manifest names or the folder holds)."""
     table = Table(title="files")
-    for column, justify in (("file", "left"), ("MB", "right"), ("check", "left")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (("file", "left"), ("MB", "right"), ("check", "left"))
+    for column, justify in columns:
         table.add_column(column, justify=justify)
     names = sorted(
         set(inspection.file_bytes) | set(inspection.manifest.files) | set(inspection.problems) | {MANIFEST_FILE}

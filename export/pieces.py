@@ -8,13 +8,24 @@ every piece the one buffer per slot that all of them share.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import onnx
 import torch
+from numpy.typing import DTypeLike
 from onnx import TensorProto
 from transformers import PreTrainedModel
 
-from balcony_edge.export.graph_builder import Architecture, DecoderEmitter, GraphBuilder, KVScales
+from balcony_edge.common.errors import ExportError
+from balcony_edge.export.graph_builder import (
+    Architecture,
+    DecoderEmitter,
+    DecoderLayerModule,
+    GraphBuilder,
+    KVScales,
+    NormModule,
+)
 from balcony_edge.model import BalconyModel
 from balcony_edge.runtime.core.manifest import (
     ATTENTION_MASK,
@@ -107,11 +118,14 @@ class PieceGraphs:
     def __init__(
         self,
         model: BalconyModel | PreTrainedModel,
-        dtype: np.dtype,
+        dtype: DTypeLike,
         tie_head_as_gemm: bool = True,
         kv_scales: dict[str, KVScales] | None = None,
     ):
         """kv_scales: an int8 KV cache with these scales (by attention name; see kv_calibration), else a float one."""
+        self.base: PreTrainedModel
+        self.balconies: torch.nn.ModuleDict | dict[str, torch.nn.Module]
+        self.norms: torch.nn.ModuleDict | dict[str, torch.nn.Module]
         if isinstance(model, BalconyModel):
             self.base, self.balconies, self.norms = model.base, model.balconies, model.norms
             named = model.named_parameters()
@@ -153,6 +167,8 @@ class PieceGraphs:
         b, pending = emitter.b, None
         if start == 0:
             residual = b.one("Gather", [emitter.param(self.base.model.embed_tokens.weight), INPUT_IDS], axis=0)
+        if residual is None:  # only layer 0 starts from token ids
+            raise ExportError(f"layers {start}-{end - 1}: no hidden states of layer {start} to start from")
         for i in range(start, end):
             residual, pending = emitter.layer(self.base.model.layers[i], residual, pending, slots[i])
         return residual, pending
@@ -161,8 +177,9 @@ class PieceGraphs:
         emitter.b.one("Add", [pending, residual], output) if pending else emitter.b.one("Identity", [residual], output)
 
     def _balcony_nodes(self, emitter: DecoderEmitter, k: int, residual: str, slot: str, output: str) -> None:
-        residual, pending = emitter.layer(self.balconies[str(k)], residual, None, slot)
-        emitter.norm(pending, residual, emitter.param(self.norms[str(k)].weight), output)
+        # a balcony is a decoder layer of the base model's class, its exit norm the base model's RMSNorm
+        residual, pending = emitter.layer(cast(DecoderLayerModule, self.balconies[str(k)]), residual, None, slot)
+        emitter.norm(pending, residual, emitter.param(cast(NormModule, self.norms[str(k)]).weight), output)
 
     def _final_norm(self, emitter: DecoderEmitter, residual: str, pending: str | None, output: str) -> None:
         emitter.norm(pending, residual, emitter.param(self.base.model.norm.weight), output)
@@ -193,6 +210,8 @@ class PieceGraphs:
         for slot in piece.cache_slots:
             self._cache_io(builder, slot, quantized=self.kv_scales is not None)
         if piece.kind == BALCONY:
+            if residual is None:  # _begin gives hidden states for every first layer but 0
+                raise ExportError(f"piece {piece.name}: a balcony at depth 0 has no hidden states to read")
             self._balcony_nodes(emitter, piece.first_layer, residual, piece.cache_slots[0], EXIT_HIDDEN)
             self._hidden_io(builder, EXIT_HIDDEN, output=True)
         else:

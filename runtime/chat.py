@@ -6,6 +6,7 @@ import contextlib
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -222,7 +223,7 @@ class ChatSession:
         parts.append(f"budget {self.budget}")
         return " | ".join(p for p in parts if p)
 
-    def run(self, read_line=input) -> None:
+    def run(self, read_line: Callable[[str], str] = input) -> None:
         """The interactive loop: read a message, answer it or run its command, until /quit or end of input."""
         self.status.print(f"[dim]balcony-edge chat on {self.engine.describe()}\n{BANNER}[/dim]")
         history = None
@@ -238,7 +239,7 @@ class ChatSession:
             if history is not None:
                 history()
 
-    def _loop(self, read_line) -> None:
+    def _loop(self, read_line: Callable[[str], str]) -> None:
         while True:
             try:
                 line = read_message(read_line)
@@ -257,7 +258,7 @@ class ChatSession:
                 self.show_error(err)
 
 
-def read_message(read_line) -> str:
+def read_message(read_line: Callable[[str], str]) -> str:
     """One message: a line; lines ending in a backslash go on; a line of three double quotes opens a block that the
     next such line closes."""
     first = read_line("> ")
@@ -273,7 +274,7 @@ def read_message(read_line) -> str:
     return "\n".join(lines).strip()
 
 
-def line_editing():
+def line_editing() -> Callable[[], None] | None:
     """Line editing and a history kept across sessions (readline, where Python has it); returns what saves it."""
     try:
         import readline

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -57,7 +59,7 @@ class BenchConfig:
     eval_file: Path | None = None
     checkpoint: Path | None = None  # for a short torch eval when no eval file is given
     trust_modified: bool = False  # load an export whose files differ from the manifest's checksums
-    say: object = field(default=print, compare=False)
+    say: Callable[[str], None] = field(default=print, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("new_tokens", "prompt_tokens", "repeats"):
@@ -121,7 +123,7 @@ def run_bench(config: BenchConfig) -> dict:
     # The floors run first, in onnxruntime's default sessions: none can be made once the engine's process pool exists.
     floor_stats = measure_floors(config, manifest, prompt, notes)
     engine = Engine(folder, manifest, settings, verify=False)
-    result = {
+    result: dict[str, Any] = {  # the JSON object
         "export": str(config.export),
         "precision": export_precision(manifest),
         "kv_cache": "int8" if manifest.kv.dtype == QUANTIZED_KV_DTYPE else "float",  # as report.json says it

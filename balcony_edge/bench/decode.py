@@ -7,12 +7,17 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from balcony_edge.runtime.core.manifest import ATTENTION_MASK, INPUT_IDS
 from balcony_edge.runtime.core.piece_runner import NUMPY_TYPES
+
+if TYPE_CHECKING:
+    from balcony_edge.runtime.core.engine import Engine
+    from balcony_edge.runtime.core.sequence import Sequence
 
 
 @dataclass
@@ -63,15 +68,17 @@ def summarize(runs: list[RunTiming]) -> DecodeStats:
 class EngineDecoder:
     """The runtime's own decode path at one fixed exit: `Sequence.append` + `Sequence.logits(exit)`."""
 
-    def __init__(self, engine, exit: int):
+    def __init__(self, engine: Engine, exit: int):
         self.engine, self.exit = engine, exit
-        self.sequence = None
+        self.sequence: Sequence | None = None
 
     def prefill(self, prompt: list[int]) -> np.ndarray:
         self.sequence = self.engine.sequence(prompt)
         return self.sequence.logits(self.exit)
 
     def step(self, token: int) -> np.ndarray:
+        if self.sequence is None:
+            raise RuntimeError("EngineDecoder.step() before prefill()")
         self.sequence.append(token)
         return self.sequence.logits(self.exit)
 

@@ -78,7 +78,7 @@ def export_floor(model, layers: int, manifest: Manifest, path: Path) -> None:
 
         model = copy.deepcopy(model).half()
     proto = PieceGraphs(model, NUMPY_DTYPES[manifest.dtype], tie_head_as_gemm=not quantized).truncated(layers)
-    if quantized:
+    if manifest.quantization is not None:
         proto = quantize_graph(proto, manifest.quantization["method"])
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")

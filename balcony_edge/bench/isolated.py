@@ -17,11 +17,13 @@ import select
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import IO, cast
 
 from balcony_edge.bench import peers
 
 # Each measurement by name: a function of JSON-able keyword arguments that returns a JSON-able dict.
-PEERS = {
+PEERS: dict[str, Callable[..., dict]] = {
     "torch": peers.torch_generate,
     "llama_cpp": peers.llama_cpp,
     "llama_cpp_neighbour": peers.llama_cpp_neighbour,
@@ -30,7 +32,7 @@ PEERS = {
     "onnxruntime_genai": peers.onnxruntime_genai,
 }
 # Each peer a worker can hold: its timer factory (None when the peer is not installed) and what to say then.
-TIMERS = {
+TIMERS: dict[str, tuple[Callable[..., tuple[Callable[[int], float], dict] | None], dict]] = {
     "llama_cpp": (peers.llama_cpp_timer, peers.LLAMA_CPP_MISSING),
     "onnxruntime_genai": (peers.genai_timer, peers.GENAI_MISSING),
 }
@@ -85,19 +87,24 @@ class PeerWorker:
         return self._ask({"count": count})["seconds"]
 
     def _ask(self, request: dict) -> dict:
+        # Popen was given stdin, stdout and stderr as pipes (text): none is None
+        process = self.process
+        stdin, stdout, stderr = cast(
+            "tuple[IO[str], IO[str], IO[str]]", (process.stdin, process.stdout, process.stderr)
+        )
         try:
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
+            stdin.write(json.dumps(request) + "\n")
+            stdin.flush()
         except BrokenPipeError:
             pass  # the child is gone; reading says why
-        ready, _, _ = select.select([self.process.stdout], [], [], self.timeout_s)
-        line = self.process.stdout.readline() if ready else None
+        ready, _, _ = select.select([stdout], [], [], self.timeout_s)
+        line = stdout.readline() if ready else None
         if line is None:
             self.close()
             raise PeerFailed(f"{self.name} did not answer within {self.timeout_s:g} s and was stopped")
         if not line:
             self.process.wait()
-            raise PeerFailed(_failure(self.name, self.process.returncode, self.process.stderr.read()))
+            raise PeerFailed(_failure(self.name, self.process.returncode, stderr.read()))
         answer = json.loads(line)
         if "skipped" in answer:
             raise PeerFailed(answer["skipped"])

@@ -32,7 +32,8 @@ def torch_generate(
     if threads:
         torch.set_num_threads(threads)
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
-    model = load_base_model(base_spec).model.to(device)
+    # typeshed's functools.wraps does not bind self, and transformers wraps PreTrainedModel.to with it
+    model = load_base_model(base_spec).model.to(device)  # type: ignore[arg-type]
     ids = torch.tensor([prompt], dtype=torch.int64, device=device)
 
     def timed(count: int) -> float:
@@ -73,6 +74,11 @@ def gguf_at_precision(source, file_type: str, folder) -> Path | None:
     None when llama_cpp is not installed."""
     if importlib.util.find_spec("llama_cpp") is None:
         return None
+    return _quantized_gguf(source, file_type, folder)
+
+
+def _quantized_gguf(source, file_type: str, folder) -> Path:
+    """gguf_at_precision where llama_cpp is installed."""
     import ctypes
 
     import llama_cpp
@@ -126,7 +132,7 @@ def exit_gguf_files(checkpoint, exits, file_type: str, folder) -> dict[int, Path
         export_exit_checkpoints(config)
     files = {k: written / gguf_file_name(name, k) for k in exits}
     if file_type not in _EXIT_WRITER_TYPES:
-        files = {k: gguf_at_precision(path, file_type, folder) for k, path in files.items()}
+        files = {k: _quantized_gguf(path, file_type, folder) for k, path in files.items()}  # llama_cpp is here
     return files
 
 

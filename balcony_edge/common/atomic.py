@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,7 +84,7 @@ def exclusive_target(target: Path, what: str, wait: bool = False) -> Iterator[No
             return
 
 
-def write_folder_atomically(target: Path, fill) -> None:
+def write_folder_atomically(target: Path, fill: Callable[[Path], object]) -> None:
     """Call fill(staging_folder), then move the staging folder onto target; a crash leaves a readable folder."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from balcony_edge.common.errors import BalconyError
@@ -29,7 +30,7 @@ def default_export_dir(name: str = SHIPPED_EXPORT_NAME, precision: str = "fp32")
 def check_replace_target(
     out: Path,
     replace: bool,
-    ours,
+    ours: Callable[[Path], bool],
     what: str,
     fix_replace: str,
     option: str = "--out",

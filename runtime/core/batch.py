@@ -12,10 +12,11 @@ exactly the logits it would have alone. Catch-ups and prompts run alone, on thei
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.runtime.core.kv_cache import KVStore
-from balcony_edge.runtime.core.manifest import Manifest
+from balcony_edge.runtime.core.manifest import Manifest, Piece
 from balcony_edge.runtime.core.piece_runner import PieceRunner
 from balcony_edge.runtime.core.sequence import Sequence
 
@@ -27,7 +28,7 @@ class BatchDecoder:
         self.manifest, self.runners = manifest, runners
         self.store = KVStore(manifest, "cpu", rows)
         self.occupants: dict[int, Sequence] = {}
-        self._bindings: dict[tuple[str, int], tuple[int, object]] = {}
+        self._bindings: dict[tuple[str, int], tuple[int, ort.IOBinding]] = {}
         self._hidden = manifest.kv.hidden_size
 
     def admit(self, sequence: Sequence) -> None:
@@ -85,7 +86,7 @@ class BatchDecoder:
             results.append(logits[row, 0])
         return results
 
-    def _mask(self, piece, counts: dict[int, int], serving: list[int], rows: int) -> np.ndarray:
+    def _mask(self, piece: Piece, counts: dict[int, int], serving: list[int], rows: int) -> np.ndarray:
         """Each row's length for this piece: a served row its tokens (it writes its last position); any other row one
         past what this piece holds of it (it writes there: a position computed again when needed)."""
         lengths = np.ones(rows, dtype=np.int64)
@@ -96,7 +97,7 @@ class BatchDecoder:
             mask[row, :length] = 1
         return mask
 
-    def _binding(self, runner: PieceRunner, rows: int):
+    def _binding(self, runner: PieceRunner, rows: int) -> ort.IOBinding:
         key = (runner.piece.name, rows)
         version, binding = self._bindings.get(key, (None, None))
         if version != self.store.version:

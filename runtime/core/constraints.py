@@ -10,9 +10,15 @@ vocabulary (docs/serving.md, "Structured output"). An optional dependency: the `
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from balcony_edge.common.errors import BalconyError
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 # Compact JSON: a small model left free to add whitespace can write blank lines until max_tokens.
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -50,7 +56,7 @@ class JsonGrammar:
 class JsonConstraint:
     """One answer's grammar state: `mask` before a token is chosen, `advance` after."""
 
-    def __init__(self, matcher, vocab_size: int):
+    def __init__(self, matcher: LLMatcher, vocab_size: int):
         self.matcher = matcher
         self._bitmask = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self._bits = np.arange(32, dtype=np.int32)
@@ -72,7 +78,7 @@ class JsonConstraint:
             raise ConstraintError(f"token {token} does not fit the JSON grammar ({self.matcher.get_error()[:200]})")
 
 
-def _llguidance():
+def _llguidance() -> ModuleType:
     try:
         import llguidance
     except ImportError:

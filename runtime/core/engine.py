@@ -100,14 +100,16 @@ class Engine:
         settings = session_settings(providers, threads, prepack, thread_pool)
         return cls(folder, Manifest.load(folder), settings, trust_modified=trust_modified, warn=warn)
 
-    def _open_sessions(self, settings: SessionSettings):
+    def _open_sessions(
+        self, settings: SessionSettings
+    ) -> tuple[str, dict[str, str], SharedWeights, dict[str, PieceRunner]]:
         """Sessions on the first provider that opens them all; what failed before is kept in `fallbacks`."""
         ProcessPool.admit(settings.thread_pool, settings.threads)  # its errors concern every provider alike
         fallbacks: dict[str, str] = {}
         for provider in settings.providers:
             try:
                 weights = SharedWeights(self.folder, self.manifest)
-                runners = {}
+                runners: dict[str, PieceRunner] = {}
                 for piece in self.manifest.pieces:
                     quiet = _quietly if provider != "CPUExecutionProvider" else _as_is
                     session, printed = quiet(open_session, self.folder, piece, weights, provider, settings)
@@ -413,11 +415,11 @@ def _read_calibration(path: Path, exits: list[int]) -> dict[str, float] | None:
     return None
 
 
-def _as_is(make, *args) -> tuple[ort.InferenceSession, str]:
+def _as_is(make: Callable[..., ort.InferenceSession], *args: object) -> tuple[ort.InferenceSession, str]:
     return make(*args), ""
 
 
-def _quietly(make, *args) -> tuple[ort.InferenceSession, str]:
+def _quietly(make: Callable[..., ort.InferenceSession], *args: object) -> tuple[ort.InferenceSession, str]:
     """Run make(*args) with onnxruntime's logging limited to fatal errors and what it prints caught and returned: a
     GPU provider that cannot load logs its library errors on the default logger and prints "EP Error ... Falling
     back" on stdout; the error we keep says it in a line (_fallback_reason). onnxruntime has no getter for that

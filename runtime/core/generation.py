@@ -12,8 +12,9 @@ from balcony_edge.runtime.core.constraints import JsonConstraint
 from balcony_edge.runtime.core.sampling import Sampler
 from balcony_edge.runtime.core.sequence import Sequence
 from balcony_edge.runtime.core.text import TextStream
-from balcony_edge.runtime.device.controller import Chooser
+from balcony_edge.runtime.device.controller import Chooser, Decision
 from balcony_edge.runtime.device.hub import SignalHub
+from balcony_edge.runtime.device.sources import Signals
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Generation:
         self.answer_start = len(sequence.tokens)  # the prompt's tokens before it: penalties count the answer's
         self.done = False
         self._last_latency: float | None = None
-        self._planned = None  # (reading, decision, start time) of the token being made
+        self._planned: tuple[Signals, Decision, float] | None = None  # (reading, decision, start time) of the token
 
     def plan(self) -> int:
         """Read the signals and ask the controller; the exit whose logits the next token needs."""
@@ -69,6 +70,8 @@ class Generation:
 
     def emit(self, logits: np.ndarray) -> GeneratedToken:
         """Choose the token from the planned exit's logits and account for it."""
+        if self._planned is None:
+            raise RuntimeError("Generation.emit() before plan(): plan each token first")
         reading, decision, started = self._planned
         sequence, constraint, text = self.sequence, self.constraint, self.text
         scores = logits if constraint is None else constraint.mask(logits)

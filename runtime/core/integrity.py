@@ -197,6 +197,7 @@ def _expected_io(piece: Piece, manifest: Manifest) -> tuple[dict, dict]:
     cache = (_ELEM_TYPES[kv.dtype], (None, kv.num_kv_heads, None, kv.head_dim))
     hidden = (activation, (None, None, kv.hidden_size))
     inputs: dict[str, tuple] = {}
+    outputs: dict[str, tuple]
     if piece.kind == "head":
         inputs[EXIT_HIDDEN] = hidden
         outputs = {names["logits"]: (activation, (None, None, manifest.vocab_size))}

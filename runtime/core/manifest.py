@@ -191,7 +191,7 @@ class Manifest:
                 f"manifest schema version {short_repr(version)} is not one this balcony-edge reads "
                 f"({', '.join(map(str, READABLE_VERSIONS))}); export again with this version"
             )
-        manifest = _build(cls, raw, "")
+        manifest = typing.cast(Manifest, _build(cls, raw, ""))  # a dataclass type builds an instance of it
         _check_values(manifest)
         return manifest
 
@@ -283,7 +283,7 @@ def _field_types(cls: type) -> dict[str, type]:
     return typing.get_type_hints(cls)
 
 
-def _build(tp: type, value: typing.Any, path: str):  # value: parsed JSON, checked here
+def _build(tp: type, value: typing.Any, path: str) -> object:  # value: parsed JSON, checked here
     """value (parsed JSON) as an instance of the annotation tp, or a ManifestError naming the field at path."""
     nullable = typing.get_origin(tp) is types.UnionType  # X | None, the only union in the manifest
     if nullable:
@@ -302,7 +302,7 @@ def _build(tp: type, value: typing.Any, path: str):  # value: parsed JSON, check
     return float(value) if tp is float else value
 
 
-def _build_dataclass(cls: type, raw: dict, path: str):
+def _build_dataclass(cls: type, raw: dict, path: str) -> object:
     types_ = _field_types(cls)
     prefix = f"{path}." if path else ""
     unknown = [key for key in raw if key not in types_]

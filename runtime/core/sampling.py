@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class SamplingConfig:
                 )
 
     @classmethod
-    def of(cls, settings: dict, **overrides) -> SamplingConfig:
+    def of(cls, settings: dict, **overrides: Any) -> SamplingConfig:
         """A config from recommended settings (a manifest's `generation.sampling`), with the caller's overrides on top
         (None: not set)."""
         names = {f.name for f in fields(cls)}

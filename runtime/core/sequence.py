@@ -32,7 +32,7 @@ class Boundary:
     """Hidden states at one depth for the positions [start, end) that a deeper piece may still need, in a buffer
     that grows by doubling: a step writes its row in place, however many rows a lagging piece keeps held."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.start = self.end = 0
         self._base = 0  # the buffer row of position `start`
         self._buffer = np.empty((1, 0, 0), dtype=np.float32)
@@ -94,7 +94,7 @@ class Sequence:
 
     def _reset_state(self) -> None:
         self.cache = KVCache(self.manifest, self.device)
-        self._bindings: dict[str, tuple[int, ort.IOBinding]] = {}
+        self._bindings: dict[str, tuple[tuple[int, int, int], ort.IOBinding]] = {}  # name: (cache version, binding)
         self._boundaries: dict[int, Boundary] = {}
         self._last_logits: dict[int, tuple[int, np.ndarray]] = {}
         self._computed = 0  # positions computed by any exit so far
@@ -107,12 +107,12 @@ class Sequence:
         """Feed one token (computed lazily, at the exit of the next `logits` call)."""
         self.extend([token_id])
 
-    def extend(self, token_ids) -> None:
+    def extend(self, token_ids: Iterable[int]) -> None:
         """Feed tokens, all or none (see _extend)."""
         with self._exclusive():
             self._extend(token_ids)
 
-    def _extend(self, token_ids) -> None:
+    def _extend(self, token_ids: Iterable[int]) -> None:
         """Feed tokens, all or none: ids outside the vocabulary, or more than the context holds, change nothing.
 
         With the sliding window, tokens that do not fit make room instead: the newest half of the context is kept,

@@ -37,7 +37,7 @@ class Budget:
     exit: int | None = None  # kind "exit": the exit to pin
     latency_target_ms: float | None = None  # kind "latency": per-token latency to stay under (ms)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
             raise ControllerError(f"budget kind {self.kind!r} is not one of {', '.join(BUDGET_KINDS)}")
         if (self.kind == "exit") != (self.exit is not None):
@@ -87,7 +87,7 @@ class ExitProfile:
     quality: float | None = None  # agreement with the full model's next token, 0..1 (None: not measured)
     loop_share: float | None = None  # held-out greedy answers caught in a repetition loop, 0..1 (None: not measured)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.exit < 1:
             raise ControllerError(f"exit profile exit {self.exit} is not a depth; give a positive layer count")
         if not self.ms_per_token > 0:
@@ -124,7 +124,7 @@ class ControllerConfig:
     quality_floor: str | int = "auto"
     loop_margin: float = 0.05  # 0..1: the loop share an exit may exceed the full model's by and still be usable
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and value < 0:
@@ -380,8 +380,8 @@ class Controller:
                     f"quality floor {floor} is not an available exit; exits: {', '.join(map(str, self.exits))}"
                 )
             return self.exits.index(floor), f"quality floor exit {floor} (set)"
-        shares = [p.loop_share for p in self.profiles]
-        if any(share is None for share in shares):
+        shares = [p.loop_share for p in self.profiles if p.loop_share is not None]
+        if len(shares) < len(self.profiles):
             return 0, "no quality floor: the export records no measured answers (`balcony-edge eval --chat --record`)"
         limit = shares[-1] + self.config.loop_margin
         level = next(level for level, share in enumerate(shares) if share <= limit)

@@ -8,6 +8,7 @@ working sensor can give (NaN, 500 degC, a battery at -20 %) is left out. Each is
 from __future__ import annotations
 
 import contextlib
+import numbers
 import queue
 import reprlib
 import threading
@@ -18,6 +19,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, cast
 
 from balcony_edge.common.console import log_warning
 from balcony_edge.common.errors import SignalError
@@ -115,14 +117,14 @@ class SignalHub:
 
     def _possible_part(self, source: SignalSource, reading: Signals) -> Signals:
         """The reading without the fields no working sensor can give."""
-        headline = {
+        # field -> value of that field's type (_possible keeps on_battery a bool and makes every other field a float)
+        headline: dict[str, Any] = {
             f.name: self._possible(source, f.name, getattr(reading, f.name))
             for f in fields(Signals)
             if f.name != "extra"
         }
         extra = reading.extra if isinstance(reading.extra, Mapping) else {"extra": reading.extra}
         kept = {str(key): self._possible(source, str(key), value) for key, value in extra.items()}
-        # type: ignore[arg-type]
         return Signals(**headline, extra={key: value for key, value in kept.items() if value is not None})
 
     def _possible(self, source: SignalSource, key: str, value: object) -> float | bool | None:
@@ -132,7 +134,8 @@ class SignalHub:
             return None
         why = why_impossible(key, value)
         if why is None:
-            return value if key == "on_battery" else float(value)  # type: ignore[return-value, arg-type]
+            # why_impossible let through only a bool for on_battery and only a finite real number for any other key
+            return cast(bool, value) if key == "on_battery" else float(cast(numbers.Real, value))
         if (id(source), key) not in self._reported:
             self._reported.add((id(source), key))
             self._warn(

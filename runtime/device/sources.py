@@ -15,13 +15,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
 from balcony_edge.common.errors import SignalError
 from balcony_edge.common.jsonl import read_jsonl
 from balcony_edge.runtime.core.manifest import short_repr
+
+if TYPE_CHECKING:
+    from jtop import jtop
 
 # Readings outside these ranges are offline sensors (Orin reports -256 degC) or garbage, never a real device.
 VALID_TEMPERATURE_DEGC = (-40.0, 150.0)
@@ -91,15 +94,17 @@ class Signals:
             elif key in known:
                 setattr(out, key, _as_float(key, value))
             elif value is not None:
-                out.extra[key] = _as_float(key, value)  # type: ignore[assignment]
+                out.extra[key] = _to_float(key, value)
         return out
 
 
 def _as_float(key: str, value: object) -> float | None:
-    if value is None:
-        return None
+    return None if value is None else _to_float(key, value)
+
+
+def _to_float(key: str, value: object) -> float:
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]  # any object: what float() cannot take raises TypeError here
     except (TypeError, ValueError):
         raise SignalError(
             f"signal {_name(key)}={short_repr(value)} is not a number; give a number such as {_name(key)}=42.5"
@@ -321,8 +326,8 @@ class JtopSource:
     name = "jtop"
     live = True
 
-    def __init__(self):
-        self._jetson = None
+    def __init__(self) -> None:
+        self._jetson: jtop | None = None
 
     @staticmethod
     def available() -> bool:
@@ -473,7 +478,7 @@ class FixedSource:
     name = "fixed"
     live = False
 
-    def __init__(self, **values: float | bool):
+    def __init__(self, **values: float | bool | str):  # text as from_text gives it: Signals.from_dict parses it
         self.signals = Signals.from_dict(values)
 
     @classmethod
@@ -485,7 +490,7 @@ class FixedSource:
             if not sep or not key.strip() or not value.strip():
                 raise SignalError(f"signal setting {short_repr(part)} is not key=value; write e.g. temperature_degc=83")
             values[key.strip()] = value.strip()
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)
 
     def read(self, token_index: int | None = None) -> Signals:
         """The constant reading."""

@@ -95,7 +95,7 @@ class TelemetryWriter:
             "budget": budget,
         }
         if self._fd is not None:
-            self._append((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            self._append(self._fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         return record
 
     def follow(
@@ -124,27 +124,29 @@ class TelemetryWriter:
     def closed(self) -> bool:
         return self._closed
 
-    def _append(self, line: bytes) -> None:
+    def _append(self, fd: int, line: bytes) -> None:
+        """Write line to fd (the open file, self._fd)."""
         try:
             if self._lines == 0:
-                os.ftruncate(self._fd, 0)  # type: ignore[arg-type]
+                os.ftruncate(fd, 0)
             # A line is a few hundred bytes: a regular file takes all of it, or only a part when the disk fills up.
-            if os.write(self._fd, line) < len(line):  # type: ignore[arg-type]
+            if os.write(fd, line) < len(line):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as error:
-            self._stop(error)
+            self._stop(fd, error)
         else:
             self._lines += 1
             self._bytes += len(line)
 
-    def _stop(self, error: OSError) -> None:
-        fd, self._fd = self._fd, None
+    def _stop(self, fd: int, error: OSError) -> None:
+        """Close fd (the open file, self._fd) after a failed write, cut back to its last whole line."""
+        self._fd = None
         with contextlib.suppress(
             OSError
         ):  # a device or pipe cannot be cut back, and a full disk may refuse: best effort
-            os.ftruncate(fd, self._bytes)  # type: ignore[arg-type]
+            os.ftruncate(fd, self._bytes)
         with contextlib.suppress(OSError):
-            os.close(fd)  # type: ignore[arg-type]
+            os.close(fd)
         self._warn(error)
 
     def _warn(self, error: OSError) -> None:
@@ -284,7 +286,7 @@ def plot_telemetry(records: Sequence[dict], out_png: str | Path) -> Path:
     for ax in axes:
         for t in starts:
             ax.axvline(t - 0.5, color="black", alpha=0.5, linestyle="--", linewidth=0.8)  # a new turn or request
-    targets = {r.get("budget") for r in records if isinstance(r.get("budget"), str) and r["budget"].endswith("ms")}
+    targets = {budget for r in records if isinstance(budget := r.get("budget"), str) and budget.endswith("ms")}
     for target in sorted(targets):
         axes[1].axhline(float(target[:-2]), color="tab:red", linestyle=":", label=f"target {target}")
     if targets:

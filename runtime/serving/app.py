@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import cast
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -19,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.common.validation import is_whole_number
@@ -84,10 +86,10 @@ def error_response(err: ApiError, headers: dict | None = None) -> JSONResponse:
 class ApiKeyMiddleware:
     """Bearer-token check (constant-time) on every path but /health; CORS preflights pass to the CORS layer."""
 
-    def __init__(self, app, key: str):
+    def __init__(self, app: ASGIApp, key: str):
         self.app, self.key = app, key.encode()
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
             headers = dict(scope["headers"])
             given = headers.get(b"authorization", b"")
@@ -164,8 +166,11 @@ class Handlers:
 
     def prompt_ids(self, request: GenerationRequest, chat: bool) -> list[int]:
         """The prompt's token ids, refused when it leaves no room to answer."""
+        prompt, name = (request.messages, "messages") if chat else (request.prompt, "prompt")
+        if prompt is None:  # parse_request sets the one that `chat` names
+            raise ApiError(400, f"{name} is required", name, "missing_required_parameter")
         try:
-            ids = self.engine.prompt_ids(request.messages if chat else request.prompt, chat=chat)
+            ids = self.engine.prompt_ids(prompt, chat=chat)
         except PromptError as err:
             raise ApiError(400, str(err), "messages" if chat else "prompt", "invalid_prompt") from None
         if len(ids) >= self.context_length:
@@ -271,8 +276,8 @@ class Handlers:
                     return error_response(generation_failed(item))
                 if item is DONE:
                     self.kept(jobs[index])
-                else:
-                    choices[index].append(item)
+                else:  # a job's queue holds its tokens, then an error or DONE
+                    choices[index].append(cast(GeneratedToken, item))
         finally:
             watcher.cancel()
         if any(job.cancelled.is_set() for job in jobs):
@@ -296,7 +301,7 @@ class Handlers:
                     self.kept(jobs[index])
                 else:
                     made += 1
-                    yield sse(responder.chunk(item, index))
+                    yield sse(responder.chunk(cast(GeneratedToken, item), index))  # a token (see whole())
             if usage:
                 yield sse(responder.usage_chunk(prompt_tokens, made, cached))
             yield "data: [DONE]\n\n"
@@ -393,12 +398,14 @@ def middleware_for(config: ServerConfig) -> list[Middleware]:
     """CORS for the configured origins, then the API key check."""
     middleware = []
     if config.cors_origins:
-        cors = dict(
-            allow_origins=list(config.cors_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
         )
-        middleware.append(Middleware(CORSMiddleware, **cors))
     if config.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, key=config.api_key))
     return middleware
@@ -409,7 +416,7 @@ def create_app(engine: Engine, config: ServerConfig, controller: DeviceControlle
     handlers = Handlers(engine, config, controller, hub)
 
     @asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         handlers.scheduler.stop()
 

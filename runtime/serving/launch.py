@@ -6,6 +6,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.common.paths import SHIPPED_EXPORT_NAME, default_export_dir
@@ -13,6 +14,9 @@ from balcony_edge.runtime.core.engine import Engine
 from balcony_edge.runtime.device.controller import Budget, ControllerConfig, DeviceController
 from balcony_edge.runtime.device.hub import SignalHub
 from balcony_edge.runtime.serving.app import ServerConfig, create_app
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,12 @@ def model_name_of(folder: Path) -> str:
     return SHIPPED_EXPORT_NAME if Path(folder).resolve() == default_export_dir().resolve() else Path(folder).name
 
 
-def build_app(options: ServeOptions, hub: SignalHub, default_export: Callable[[], Path], warn=None):
+def build_app(
+    options: ServeOptions,
+    hub: SignalHub,
+    default_export: Callable[[], Path],
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Starlette, Engine, ServerConfig]:
     """The engine, the device controller and the app; the settings are checked before the slow engine load."""
     budget = Budget.parse(options.budget)
     config = ServerConfig(
@@ -69,7 +78,13 @@ def build_app(options: ServeOptions, hub: SignalHub, default_export: Callable[[]
     return create_app(engine, config, controller, hub), engine, config
 
 
-def run_server(options: ServeOptions, hub: SignalHub, default_export: Callable[[], Path], say=print, warn=None) -> None:
+def run_server(
+    options: ServeOptions,
+    hub: SignalHub,
+    default_export: Callable[[], Path],
+    say: Callable[[str], object] = print,
+    warn: Callable[[str], None] | None = None,
+) -> None:
     """Serve until interrupted."""
     import uvicorn
 

@@ -15,7 +15,7 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.tokens = Counter(
             "balcony_tokens", "Generated tokens, by the exit that computed them", ["exit"], registry=self.registry

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, overload
 
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.common.validation import is_finite_number, is_whole_number
@@ -177,7 +178,20 @@ def refuse_unknown(body: dict, known: set[str], prefix: str = "") -> None:
         )
 
 
-def typed(body: dict, name: str, kind, required: bool = False, param: str | None = None):
+_T = TypeVar("_T")
+
+
+@overload
+def typed(body: dict, name: str, kind: type[_T], required: Literal[True], param: str | None = None) -> _T: ...
+@overload
+def typed(body: dict, name: str, kind: type[_T], required: bool = False, param: str | None = None) -> _T | None: ...
+@overload
+def typed(body: dict, name: str, kind: tuple[type, ...], required: bool = False, param: str | None = None) -> Any: ...
+def typed(
+    body: dict, name: str, kind: type | tuple[type, ...], required: bool = False, param: str | None = None
+) -> object:
+    """body[name] if it is of `kind` (a type or a tuple of types; a bool only where bool is one), None when absent or
+    null, else an ApiError (400): a missing one too when `required`."""
     value = body.get(name)
     if value is None:
         if required:
@@ -472,12 +486,14 @@ class Responder:
                 choice["delta"] = {"role": "assistant", "content": ""}
             else:
                 choice["delta"] = {"content": token.text} if token and token.text else {}
-            wanted = self.logprobs is not None and token is not None
-            choice["logprobs"] = chat_logprobs([token], self.text) if wanted else None
+            choice["logprobs"] = (
+                chat_logprobs([token], self.text) if self.logprobs is not None and token is not None else None
+            )
         else:
             choice["text"] = token.text if token else ""
-            wanted = self.logprobs is not None and token is not None
-            choice["logprobs"] = completion_logprobs([token], self.text) if wanted else None
+            choice["logprobs"] = (
+                completion_logprobs([token], self.text) if self.logprobs is not None and token is not None else None
+            )
         if token is not None:
             choice["balcony"] = balcony_field(token)
         return self._head("chat.completion.chunk" if self.chat else "text_completion") | {"choices": [choice]}

@@ -15,6 +15,7 @@ import numpy as np
 
 from balcony_edge.runtime.core.batch import BatchDecoder
 from balcony_edge.runtime.core.generation import GeneratedToken, Generation
+from balcony_edge.runtime.core.sequence import Sequence
 
 DONE = object()  # put on a job's queue after its last token
 
@@ -33,7 +34,7 @@ class Job:
         self.cancelled = threading.Event()
 
     @property
-    def sequence(self):
+    def sequence(self) -> Sequence:
         return self.generation.sequence
 
     def cancel(self) -> None:
@@ -118,18 +119,17 @@ class Scheduler:
                 planned.append((job, job.generation.plan()))
             except Exception as err:  # noqa: BLE001 - handed to the request; the server goes on
                 over.append(self._finish(job, err))
-        batched = [
-            (job, exit) for job, exit in planned if self.batch is not None and job.sequence.ready_for_batch(exit)
-        ]
+        batch = self.batch
+        batched = [(job, exit) for job, exit in planned if batch is not None and job.sequence.ready_for_batch(exit)]
         if len(batched) < 2:  # one alone is cheaper than a step over every row
             batched = []
         logits: dict[Job, np.ndarray | Exception] = {}
         for job, exit in planned:
             if (job, exit) not in batched:
                 logits[job] = self._alone(job, exit)
-        if batched:
+        if batched and batch is not None:  # batched holds jobs only with a batch decoder
             try:
-                rows = self.batch.step([(job.sequence, exit) for job, exit in batched])
+                rows = batch.step([(job.sequence, exit) for job, exit in batched])
                 logits.update({job: row for (job, _), row in zip(batched, rows)})
                 self.on_batch(len(batched))
             except Exception as err:  # noqa: BLE001 - every request of the batch gets the error

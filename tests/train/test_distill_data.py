@@ -10,7 +10,7 @@ import torch
 from balcony_edge.base_model import load_base_model
 from balcony_edge.chat_corpus import ChatCorpusConfig, answered_prompts, write_chat_corpus
 from balcony_edge.common.errors import DataError
-from balcony_edge.data import DEFAULT_CORPUS, Source, load_corpus, parse_source, weighted_sources
+from balcony_edge.data import DEFAULT_CORPUS, Source, WeightedSource, load_corpus, parse_source, weighted_sources
 from balcony_edge.distill import distill_backward
 from balcony_edge.free_text import FreeTextConfig, write_free_text
 from balcony_edge.held_out_prompts import HELD_OUT_PROMPTS
@@ -44,7 +44,7 @@ def test_sources_parse_with_and_without_weights(tmp_path):
     assert parse_source("bbc-news") == Source("bbc-news")
     assert parse_source("C:/texts") == Source("C:/texts")  # a colon that is part of the path
     assert weighted_sources(["a", "b"]) is None
-    assert weighted_sources(["a:3", "b:1"]) == [Source("a", 0.75), Source("b", 0.25)]
+    assert weighted_sources(["a:3", "b:1"]) == [WeightedSource("a", 0.75), WeightedSource("b", 0.25)]
     with pytest.raises(DataError, match="every source as PATH:WEIGHT"):
         weighted_sources(["a:1", "b"])
     with pytest.raises(DataError, match="must be a positive number"):
