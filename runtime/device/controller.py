@@ -110,7 +110,7 @@ class ControllerConfig:
     soft_zone_degc: float = 10.0  # start stepping down this far below the limit (degC)
     temperature_hysteresis_degc: float = 2.0  # a step back up needs the temperature this far below its step (degC)
     battery_low_percent: float = 50.0  # on battery below this: one exit below the budget
-    battery_critical_percent: float = 20.0  # on battery below this: shallowest exit
+    battery_critical_percent: float = 10.0  # on battery below this: shallowest exit, below any quality floor
     battery_hysteresis_percent: float = 3.0  # on battery, a step back up needs this much above the threshold (%)
     latency_target_ms: float | None = None  # per-token latency target for the auto and eco budgets (ms)
     latency_up_margin: float = 0.10  # step up only if the deeper exit is predicted this fraction under the target

@@ -182,8 +182,8 @@ def test_the_chat_says_once_that_a_hard_limit_went_below_the_quality_floor(tiny_
     engine = Engine.load(tiny_export, providers=["cpu"], threads=1)
     session = ChatSession(engine, "1", None, SignalHub([]), status=Console(file=status, width=200))
     below = GeneratedToken(
-        5, "a", 1, 3.0, 0, "battery 10% < 20% on battery", why="battery 10% (critical)", below_floor=True
+        5, "a", 1, 3.0, 0, "battery 5% < 10% on battery", why="battery 5% (critical)", below_floor=True
     )
     for _ in range(3):
         session.tell_below_floor(below)
-    assert status.getvalue().count("below the quality floor (battery 10% (critical))") == 1
+    assert status.getvalue().count("below the quality floor (battery 5% (critical))") == 1

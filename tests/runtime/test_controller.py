@@ -122,18 +122,18 @@ def test_falling_battery_steps_down_at_the_thresholds_and_never_back_up():
     percents = [max(0.0, 100 - t / 2 + rng.choice((-1.0, 0.0, 1.0))) for t in range(200)]
     decisions = replay(Controller(PROFILES, "auto"), [Signals(battery_percent=p, on_battery=True) for p in percents])
     lowest = [min(percents[: t + 1]) for t in range(200)]
-    expected = [30 if low >= 50 else 24 if low >= 20 else 8 for low in lowest]
+    expected = [30 if low >= 50 else 24 if low >= 10 else 8 for low in lowest]
     assert exits(decisions) == expected  # immediate at each threshold; jitter back over it does not step up
     assert [decisions[t].reason for t in switches(decisions)] == [
         f"battery {round(percents[t], 1):g}% < {limit}% on battery: step down to exit {e}"
-        for t, limit, e in zip(switches(decisions), (50, 20), (24, 8))
+        for t, limit, e in zip(switches(decisions), (50, 10), (24, 8))
     ]
     assert_reasons_name_a_signal(decisions)
 
 
 def test_plugging_in_lifts_the_battery_limit_after_the_dwell():
-    readings = [Signals(battery_percent=15.0, on_battery=True)] * 20 + [
-        Signals(battery_percent=15.0, on_battery=False)
+    readings = [Signals(battery_percent=5.0, on_battery=True)] * 20 + [
+        Signals(battery_percent=5.0, on_battery=False)
     ] * 60
     decisions = replay(Controller(PROFILES, "auto"), readings)
     assert exits(decisions)[:20] == [8] * 20
@@ -272,10 +272,12 @@ def test_low_battery_and_tight_latency_stop_at_the_floor_but_a_critical_battery_
     tight = replay(Controller(LOOPING, "5ms"), [Signals()] * 12)
     assert set(exits(tight)) == {16} and "held at the quality floor, exit 16" in tight[0].reason
     assert tight[0].short == "quality floor" and not tight[0].below_floor
-    critical = replay(Controller(LOOPING, "auto"), [Signals(battery_percent=10.0, on_battery=True)] * 3)
+    low_15 = replay(Controller(LOOPING, "auto"), [Signals(battery_percent=15.0, on_battery=True)] * 3)
+    assert exits(low_15) == [24, 24, 24] and not low_15[0].below_floor  # 15% is low, not critical (10%)
+    critical = replay(Controller(LOOPING, "auto"), [Signals(battery_percent=5.0, on_battery=True)] * 3)
     assert exits(critical) == [8, 8, 8] and all(d.below_floor for d in critical)
     assert "below the quality floor (exit 16): no other way" in critical[0].reason
-    assert critical[0].short == "battery 10% (critical)"
+    assert critical[0].short == "battery 5% (critical)"
     hot = replay(Controller(LOOPING, "auto"), [Signals(temperature_degc=90.0)] * 2)
     assert exits(hot) == [8, 8] and hot[0].below_floor
     assert exits(replay(Controller(LOOPING, "8"), [Signals()] * 2)) == [8, 8]  # a named exit is the user's choice
@@ -295,7 +297,7 @@ def test_a_critical_battery_while_cooling_from_a_trip_stays_below_the_floor():
     assert exits(tripped) == [8] * 3 and tripped[0].below_floor
     # cooling inside the hysteresis: still the trip's exit, then a critical battery too: a tie of hard limits
     after = [
-        controller.choose(Signals(temperature_degc=86.0, battery_percent=10.0, on_battery=True), 12.5, t)
+        controller.choose(Signals(temperature_degc=86.0, battery_percent=5.0, on_battery=True), 12.5, t)
         for t in range(3, 30)
     ]
     assert {d.exit for d in after} == {8} and all(d.below_floor for d in after)
