@@ -27,7 +27,8 @@ from balcony_edge.held_out_prompts import FACTS, HELD_OUT_PROMPTS
 from balcony_edge.model import BalconyModel
 
 LOOP_MAX_PERIOD = 32  # tokens: the longest repeated block looked for
-LOOP_REPEATS = 3  # a block written this many times back to back is a loop
+LOOP_REPEATS = 3  # a block written this many times back to back, over at least LOOP_MIN_TOKENS tokens, is a loop
+LOOP_MIN_TOKENS = 16  # so numbers ("1,000,000", "333": one token a digit) and short echoes are not loops
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,16 @@ class AnswerSettings:
 
 
 def in_loop(tokens: list[int], decode=None) -> bool:
-    """Whether an answer repeats a block of 1..LOOP_MAX_PERIOD tokens LOOP_REPEATS times back to back, the block
-    holding a letter or digit (so rules of dashes and runs of blank lines are not loops). `decode` turns ids
-    into text for that test (None: every block counts)."""
+    """Whether an answer repeats a block of 1..LOOP_MAX_PERIOD tokens back to back at least LOOP_REPEATS times
+    and over at least LOOP_MIN_TOKENS tokens, the block holding a letter or digit (so rules of dashes and runs of
+    blank lines are not loops). `decode` turns ids into text for that test (None: every block counts)."""
     n = len(tokens)
     for period in range(1, min(LOOP_MAX_PERIOD, n // LOOP_REPEATS) + 1):
+        needed = max((LOOP_REPEATS - 1) * period, LOOP_MIN_TOKENS - period)  # a run of r spans r + period tokens
         run = 0  # positions i with tokens[i] == tokens[i - period], consecutively
         for i in range(period, n):
             run = run + 1 if tokens[i] == tokens[i - period] else 0
-            if run >= (LOOP_REPEATS - 1) * period:
+            if run >= needed:
                 block = tokens[i - period + 1 : i + 1]
                 if decode is None or any(c.isalnum() for c in decode(block)):
                     return True
@@ -130,6 +132,7 @@ class AnswerWriter:
         self.stop = sorted(eos_token_ids(model, tokenizer))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]
         self.device = next(model.parameters()).device
+        self.depths = [*model.exits, model.num_layers]  # every depth it writes at
 
     @torch.no_grad()
     def write(
@@ -163,6 +166,7 @@ class ExportWriter:
 
     def __init__(self, engine):
         self.engine = engine
+        self.depths = engine.exits  # the export's exits, the full model last
 
     def write(
         self, depth: int, prompts: list[list[int]], max_new_tokens: int, sampling: dict | None = None, seed: int = 0
@@ -229,11 +233,11 @@ def answer_quality(
     writer: ExportWriter | None = None,
 ) -> AnswerQuality:
     """Every depth's answers to the held-out prompts, judged by the full model (see the module's docstring); written
-    by `model` itself in torch, or by an export's engine (`writer`)."""
+    by `model` itself in torch, or by an export's engine (`writer`, at the export's exits: a subset of the model's)."""
     model.eval()
     chosen: AnswerWriter | ExportWriter = writer or AnswerWriter(model, tokenizer)
     prompts = [prompt_ids(tokenizer, p, chat=True) for p in HELD_OUT_PROMPTS]
-    depths = [*model.exits, model.num_layers]
+    depths = chosen.depths
     runs = [(None, None)] + [(settings.sampling, seed) for seed in range(settings.sampled_seeds)]
     written: dict[tuple[int, int | None], list[list[int]]] = {}
     with Progress(console=console, disable=not show_progress, transient=True) as progress:

@@ -18,7 +18,7 @@ except ImportError:  # the same classes from click itself (mypy sees two distinc
 
 from balcony_edge.common.console import console, labelled
 from balcony_edge.common.errors import BalconyError, TrainingStopped
-from balcony_edge.common.paths import check_output_folder
+from balcony_edge.common.paths import check_output_folder, check_writable_folder
 
 app = typer.Typer(
     add_completion=False,
@@ -124,11 +124,11 @@ def train(
     on_policy: Annotated[
         int,
         typer.Option(
-            help="Answers each exit writes to chat prompts per step, "
+            help="Answers each exit writes to chat prompts per step (0 to 256), "
             "trained on where the full model scores them (0: off)."
         ),
     ] = 0,
-    answer_tokens: Annotated[int, typer.Option(help="The longest on-policy answer (tokens).")] = 128,
+    answer_tokens: Annotated[int, typer.Option(help="The longest on-policy answer (tokens, up to 4096).")] = 128,
     answer_temperature: Annotated[float, typer.Option(help="Sampling temperature of the on-policy answers.")] = 1.0,
     divergence: Annotated[
         str, typer.Option(help="forward (KL(full || exit)), reverse (KL(exit || full)) or jsd.")
@@ -307,7 +307,11 @@ def evaluate_command(
     if (export is not None or record) and not chat:
         raise BalconyError("--export and --record go with --chat (the held-out answers); add --chat")
     model, info, loaded = load_checkpoint(checkpoint, base)
-    engine = _eval_engine(export, info) if export is not None else None
+    engine = _eval_engine(export, info, model.exits) if export is not None else None
+    if record:
+        from balcony_edge.checkpoint import SHIPPED_CHECKPOINT
+
+        check_writable_folder(export or checkpoint or SHIPPED_CHECKPOINT, "--record")
     documents = load_corpus(data).held_out if held_out or not data else read_documents(data)
     blocks = pack(documents, loaded.tokenizer, seq_len, what="evaluation")
     if max_tokens:
@@ -321,10 +325,14 @@ def evaluate_command(
         settings = AnswerSettings(answer_tokens, recommended_sampling(loaded)[0], seeds)
         writer = ExportWriter(engine) if engine is not None else None
         answers = answer_quality(model, loaded.tokenizer, settings, show_progress=not as_json, writer=writer)
-        if record:
-            _record_answers(answers.record(), export, checkpoint)
     if plot:
         plot_quality(result, str(plot), answers)
+    _show_eval(result, answers, info, model.num_layers, export, as_json)
+    if record and answers:  # after the figures are shown: a failing write loses none of them
+        _record_answers(answers.record(), export, checkpoint)
+
+
+def _show_eval(result, answers, info, num_layers: int, export: Optional[Path], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result.to_json() | ({"chat": answers.to_json()} if answers else {}), indent=2))
         return
@@ -347,7 +355,7 @@ def evaluate_command(
     table.add_row("full", "1.00", f"{result.full_ppl:.2f}", "1.00", "1.000", "0", "", "")
     console.print(table)
     if answers:
-        console.print(_answers_table(answers, model.num_layers, export))
+        console.print(_answers_table(answers, num_layers, export))
 
 
 def _record_answers(figures: dict, export: Optional[Path], checkpoint: Optional[Path]) -> None:
@@ -361,8 +369,8 @@ def _record_answers(figures: dict, export: Optional[Path], checkpoint: Optional[
     record_answers(checkpoint or SHIPPED_CHECKPOINT, figures)
 
 
-def _eval_engine(export: Path, info):
-    """The engine whose answers `eval --chat --export` judges: an export of this checkpoint's base model."""
+def _eval_engine(export: Path, info, exits: tuple[int, ...]):
+    """The engine whose answers `eval --chat --export` judges: an export of this checkpoint's base model and exits."""
     from balcony_edge.runtime.core.engine import Engine
 
     engine = Engine.load(export)
@@ -370,6 +378,12 @@ def _eval_engine(export: Path, info):
         raise BalconyError(
             f"--export {export} was made from another base model than "
             "the checkpoint's; give an export of this checkpoint"
+        )
+    foreign = [k for k in engine.exits[:-1] if k not in exits]
+    if foreign:
+        raise BalconyError(
+            f"--export {export} has exit {foreign[0]}, which the checkpoint (exits {','.join(map(str, exits))}) "
+            "has not; give an export of this checkpoint"
         )
     return engine
 
@@ -592,11 +606,14 @@ ExportArg = Annotated[
 
 def _quality_floor(value: str) -> str | int:
     """--quality-floor: auto, off or an exit (checked against the export's exits when it loads)."""
+    from balcony_edge.runtime.device.controller import parse_exit
+
     text = value.strip().lower()
     if text in ("auto", "off"):
         return text
-    if text.isdigit() and int(text) >= 1:
-        return int(text)
+    exit = parse_exit(text)
+    if exit is not None:
+        return exit
     raise typer.BadParameter(f"{value!r} is not auto, off or an exit such as 16")
 
 

@@ -19,15 +19,14 @@ def eos_token_ids(model: BalconyModel, tokenizer) -> set[int]:
     return ids
 
 
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """Token ids of a prompt, wrapped in the model's chat template when `chat` and the tokenizer has one."""
+def prompt_ids(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
+    """Token ids of a prompt (after a system message, if any), wrapped in the model's chat template when `chat` and
+    the tokenizer has one; without a template, the plain text."""
     if chat and tokenizer.chat_template:
-        return list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-    return tokenizer.encode(prompt)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
+    return tokenizer.encode(f"{system}\n\n{prompt}" if system else prompt)
 
 
 @torch.no_grad()

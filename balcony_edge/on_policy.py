@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from balcony_edge.common.console import log_warning
 from balcony_edge.distill import distill_backward
-from balcony_edge.generate import eos_token_ids
+from balcony_edge.generate import eos_token_ids, prompt_ids
 from balcony_edge.model import BalconyModel
 from balcony_edge.prompts import chat_prompts
 
@@ -55,8 +56,10 @@ class OnPolicy:
         self.model, self.settings, self.seed, self.rank, self.world = model, settings, seed, rank, world
         self.stop = sorted(eos_token_ids(model, tokenizer))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]
+        if not tokenizer.chat_template:
+            log_warning("the base model has no chat template: on-policy prompts are plain text, as eval --chat's are")
         pairs = chat_prompts(1_000_000, seed=seed, questions=True)
-        self.prompts = [_render(tokenizer, system, prompt) for system, prompt in pairs]
+        self.prompts = [prompt_ids(tokenizer, prompt, chat=True, system=system) for system, prompt in pairs]
 
     def prompts_of(self, step: int, exit_index: int) -> list[list[int]]:
         """The prompts exit number `exit_index` answers at `step` on this rank: consecutive draws from a shuffled
@@ -138,8 +141,3 @@ class OnPolicy:
                     )
                 )
         return losses
-
-
-def _render(tokenizer, system: str | None, prompt: str) -> list[int]:
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))

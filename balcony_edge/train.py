@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from types import FrameType
 from typing import Any, cast
@@ -76,6 +76,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 # Each numeric TrainConfig field: its rule as the error message states it, and the test of a value.
+MAX_ANSWERS, MAX_ANSWER_TOKENS = 256, 4096  # per exit and step, written and trained on as one batch
 COUNT = ("an integer of at least 1", lambda v: is_whole_number(v) and v >= 1)
 POSITIVE = ("a positive finite number", lambda v: is_finite_number(v) and v > 0)
 FRACTION = ("a number from 0 to 1", lambda v: is_finite_number(v) and 0 <= v <= 1)
@@ -96,8 +97,12 @@ FIELD_RULES = {
     "threads": COUNT,
     "kl_chunk": COUNT,
     "distill_top_k": ("an integer of at least 0", lambda v: is_whole_number(v) and v >= 0),
-    "on_policy": ("an integer of at least 0", lambda v: is_whole_number(v) and v >= 0),
-    "answer_tokens": COUNT,
+    # One step writes on_policy answers of up to answer_tokens per exit as one batch, then trains on them as one.
+    "on_policy": (f"an integer from 0 to {MAX_ANSWERS}", lambda v: is_whole_number(v) and 0 <= v <= MAX_ANSWERS),
+    "answer_tokens": (
+        f"an integer from 1 to {MAX_ANSWER_TOKENS}",
+        lambda v: is_whole_number(v) and 1 <= v <= MAX_ANSWER_TOKENS,
+    ),
     "answer_temperature": POSITIVE,
     "on_policy_weight": POSITIVE,
 }
@@ -398,7 +403,8 @@ class Trainer:
             raise CheckpointError(f"--resume: {path} not found; start without --resume or point --out at a run folder")
         self._check_same_balconies(read_info(folder), "--resume", self.out, "trains", "resume with")
         state = _load_training_state(path)
-        saved = state["config"]
+        # A setting newer than the run's state file was, for that run, its default (how the older code behaved).
+        saved = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING} | state["config"]
         for name, value in asdict(self.config).items():
             if name in RESUMABLE_FIELDS or name == "exits":
                 continue

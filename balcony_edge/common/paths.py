@@ -64,3 +64,9 @@ def check_output_folder(path: Path | None, option: str, error: type[BalconyError
     """Refuse an output path whose folder is missing before the work, not after it."""
     if path is not None and not path.parent.is_dir():
         raise error(f"{option} {path}: folder {path.parent} does not exist; create it or choose another path")
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Refuse, before the work, a folder whose files cannot be replaced (a new file is written beside, then renamed)."""
+    if not os.access(folder, os.W_OK):
+        raise BalconyError(f"{what}: cannot write into {folder} (permission denied); fix its permissions or copy it")

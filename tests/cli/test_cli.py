@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from balcony_edge.cli import main
+
 SMALL_STEPS = ("--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "4")
 
 
@@ -164,6 +166,63 @@ def test_eval_chat_records_answers_that_export_carries_to_the_controller(tiny_ru
     assert remeasured["measured_on"] == "this export"
     checked = run_cli("inspect", tmp_path / "export")
     assert checked.returncode == 0 and "checks OK" in checked.stderr, checked.stderr
+
+
+def test_eval_chat_judges_an_export_of_some_of_the_checkpoints_exits_and_refuses_foreign_ones(
+    tiny_run, text_dir, tmp_path, monkeypatch, capsys
+):
+    export = run_cli("export", tiny_run, "--exits", "1", "--out", tmp_path / "export")
+    assert export.returncode == 0, export.stderr
+    args = ["eval", str(tiny_run), "--data", str(text_dir), "--seq-len", "32", "--max-tokens", "64", "--chat"]
+    args += ["--answer-tokens", "3", "--seeds", "0", "--json"]
+    judged = run_cli(*args, "--export", tmp_path / "export")
+    assert judged.returncode == 0, judged.stderr
+    assert [d["depth"] for d in json.loads(judged.stdout)["chat"]["depths"]] == [1, 4]
+    from balcony_edge.runtime.core.engine import Engine
+
+    real_load = Engine.load
+
+    def with_exit_2(folder, *a, **k):  # as an export of another run of this base, with exits 1,2
+        engine = real_load(folder, *a, **k)
+        monkeypatch.setattr(type(engine), "exits", property(lambda self: [1, 2, 4]))
+        return engine
+
+    monkeypatch.setattr(Engine, "load", with_exit_2)
+    with pytest.raises(SystemExit):
+        main([*args, "--export", str(tmp_path / "export")])
+    error = capsys.readouterr().err
+    assert "has exit 2, which the checkpoint (exits 1,3) has not; give an export of this checkpoint" in error
+
+
+def test_eval_record_shows_the_figures_before_a_failing_write_and_refuses_an_unwritable_folder_first(
+    tiny_run, text_dir, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    import balcony_edge.checkpoint as checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    args = ["eval", str(run), "--data", str(text_dir), "--seq-len", "32", "--max-tokens", "64", "--chat"]
+    args += ["--answer-tokens", "3", "--seeds", "0", "--json", "--record"]
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "write_text_atomically", full_disk)
+    with pytest.raises(SystemExit):
+        main(args)
+    out, err = capsys.readouterr()
+    assert [d["depth"] for d in json.loads(out)["chat"]["depths"]] == [1, 3, 4]  # shown, then the write failed
+    assert "cannot write" in err and "No space left on device" in err
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if (path, mode) == (run, os.W_OK) else real_access(path, mode)
+    )
+    with pytest.raises(SystemExit):
+        main(args)
+    out, err = capsys.readouterr()
+    assert out == "" and f"--record: cannot write into {run} (permission denied)" in err
 
 
 def test_eval_record_and_export_need_chat(tiny_run):

@@ -11,15 +11,20 @@ from balcony_edge.generate import generate_greedy, prompt_ids
 from balcony_edge.held_out_prompts import FACTS, HELD_OUT_PROMPTS
 
 
-def test_a_block_written_three_times_back_to_back_is_a_loop():
-    assert in_loop([5, 6, 7, 8, 8, 8])
-    assert in_loop([1, 2, 3, 9, 4, 9, 4, 9, 4])
-    assert not in_loop([1, 2, 3, 4, 5, 6, 7, 8])
-    assert not in_loop([1, 2, 1, 2, 3, 1, 2])  # twice is not a loop
-    words = {1: "Ireland", 2: ",", 3: "-", 4: "\n"}
+def test_a_block_written_three_times_back_to_back_over_sixteen_tokens_is_a_loop():
+    assert in_loop([5, 6, 7] + [8] * 16)
+    assert not in_loop([5, 6, 7] + [8] * 15)  # too short a run: a number, an echo
+    assert in_loop([1, 2, 3] + [9, 4] * 8)
+    assert not in_loop([1, 2, 3] + [9, 4] * 7)
+    assert in_loop([1, 2] + [20, 21, 22, 23, 24, 25, 26, 27, 28, 29] * 3)  # a long block three times is enough
+    assert not in_loop([20, 21, 22, 23, 24, 25, 26, 27, 28, 29] * 2 + [1])  # twice is not a loop
+    assert not in_loop(list(range(40)))
+    words = {1: "Ireland", 2: ",", 3: "-", 4: "\n", 5: "0", 6: "1", 7: "3", 8: "."}
     decode = lambda ids: "".join(words[i] for i in ids)  # noqa: E731
-    assert in_loop([1, 2, 1, 2, 1, 2], decode)
-    assert not in_loop([3, 3, 3, 3, 4, 4, 4], decode)  # a rule of dashes and blank lines hold no word
+    assert in_loop([1, 2] * 8, decode)
+    assert not in_loop([3] * 20 + [4] * 20, decode)  # a rule of dashes and blank lines hold no word
+    assert not in_loop([6, 2, 5, 5, 5, 2, 5, 5, 5, 2, 5, 5, 5, 8], decode)  # 1,000,000,000. (one token a digit)
+    assert not in_loop([7, 7, 7, 8], decode)  # 333.
 
 
 def test_a_fact_is_named_as_a_whole_word_in_any_case():

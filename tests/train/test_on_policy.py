@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -82,11 +83,34 @@ def test_on_policy_settings_are_checked_and_saved_for_resume(peaked_base_dir, te
         _config(peaked_base_dir, text_dir, tmp_path / "run", divergence="kl")
     with pytest.raises(BalconyError, match="--answer-temperature must be a positive finite number, not 0"):
         _config(peaked_base_dir, text_dir, tmp_path / "run", answer_temperature=0)
+    with pytest.raises(BalconyError, match="--on-policy must be an integer from 0 to 256, not 257"):
+        _config(peaked_base_dir, text_dir, tmp_path / "run", on_policy=257)
+    with pytest.raises(BalconyError, match="--answer-tokens must be an integer from 1 to 4096, not 10000000000"):
+        _config(peaked_base_dir, text_dir, tmp_path / "run", answer_tokens=10**10)
     train(_config(peaked_base_dir, text_dir, tmp_path / "run", max_tokens=2 * 32 * 2))
     with pytest.raises(CheckpointError, match="divergence='forward', not 'jsd'"):
         Trainer(
             _config(peaked_base_dir, text_dir, tmp_path / "run", max_tokens=2 * 32 * 2, divergence="jsd"), resume=True
         )
+
+
+def test_a_base_without_a_chat_template_trains_on_plain_prompts_and_says_so(
+    peaked_base_dir, text_dir, tmp_path, caplog
+):
+    base = tmp_path / "plain-base"
+    shutil.copytree(peaked_base_dir, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    settings = json.loads((base / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(settings))
+    trainer = Trainer(_config(base, text_dir, tmp_path / "run"))
+    assert "no chat template: on-policy prompts are plain text" in caplog.text
+    tokenizer = trainer.base.tokenizer
+    assert not tokenizer.chat_template
+    system, prompt = chat_prompts(1_000_000, seed=trainer.config.seed, questions=True)[0]
+    expected = tokenizer.encode(f"{system}\n\n{prompt}" if system else prompt)
+    assert trainer.on_policy.prompts_of(0, 0)[0] == expected  # the first pair of the pool, as plain text
+    trainer.train_step(0)  # writes plain-text answers and trains on them
 
 
 def test_training_prompts_never_include_a_held_out_prompt():

@@ -68,6 +68,20 @@ def test_resume_refuses_other_exits_or_settings(peaked_base_dir, text_dir, tmp_p
         Trainer(_config(peaked_base_dir, text_dir, tmp_path / "elsewhere"), resume=True)
 
 
+def test_resume_reads_a_state_written_before_a_setting_existed_as_that_settings_default(
+    peaked_base_dir, text_dir, tmp_path
+):
+    first = train(_config(peaked_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 2))
+    path = tmp_path / "run" / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    for name in ("on_policy", "answer_tokens", "answer_temperature", "divergence", "on_policy_weight"):
+        del state["config"][name]  # as a run started before the on-policy trainer wrote it
+    torch.save(state, path)
+    assert train(_config(peaked_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 2), resume=True) == first
+    with pytest.raises(CheckpointError, match="on_policy=0, not 2"):
+        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 2, on_policy=2), resume=True)
+
+
 def test_init_from_starts_from_a_checkpoints_balconies_and_keeps_its_record(peaked_base_dir, text_dir, tmp_path):
     train(_config(peaked_base_dir, text_dir, tmp_path / "first", max_tokens=4 * 32 * 2))
     trainer = Trainer(_config(peaked_base_dir, text_dir, tmp_path / "second", init_from=str(tmp_path / "first")))
