@@ -1,6 +1,6 @@
 """balcony-edge: train, export and run Balcony exits of a decoder LLM."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 import logging
 
