@@ -50,7 +50,9 @@ class JsonGrammar:
             raise ConstraintError(
                 f"the JSON schema cannot be compiled ({matcher.get_error()[:200]}); simplify it or leave it out"
             )
-        return JsonConstraint(matcher, self.vocab_size)
+        constraint = JsonConstraint(matcher, self.vocab_size)
+        constraint.allowed()  # a schema no value matches is refused now, not after an empty answer
+        return constraint
 
 
 class JsonConstraint:
@@ -61,11 +63,20 @@ class JsonConstraint:
         self._bitmask = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self._bits = np.arange(32, dtype=np.int32)
 
+    def allowed(self) -> np.ndarray:
+        """Which token ids the grammar allows next (one bool per id of the vocabulary); a ConstraintError at a dead
+        end, where llguidance leaves only the end of the answer although the JSON is incomplete."""
+        self.matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+        if self.matcher.is_stopped() and not self.matcher.is_accepting():  # found while computing the mask
+            raise ConstraintError(
+                "the JSON schema matches no complete value here: only the end of the answer fits, which would leave "
+                "the JSON unfinished (as with a $ref that refers only to itself); give a schema that some value matches"
+            )
+        return ((self._bitmask[:, None] >> self._bits) & 1).astype(bool).reshape(-1)
+
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """The logits with every token the grammar forbids now at -inf (a new array)."""
-        self.matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
-        allowed = ((self._bitmask[:, None] >> self._bits) & 1).astype(bool).reshape(-1)[: logits.shape[-1]]
-        return np.where(allowed, logits, -np.inf)
+        return np.where(self.allowed()[: logits.shape[-1]], logits, -np.inf)
 
     @property
     def done(self) -> bool:

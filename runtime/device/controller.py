@@ -23,9 +23,15 @@ from balcony_edge.common.errors import ControllerError
 from balcony_edge.runtime.device.sources import Signals
 
 BUDGET_KINDS = ("auto", "full", "exit", "latency", "eco")
-_LATENCY = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*ms$")
+_LATENCY = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*ms")  # ASCII digits: \d would take "٤٠ms" too
+_EXIT_NUMBER = re.compile(r"[1-9][0-9]*")  # str.isdigit takes "²" (which int() refuses), "٢" and "01" too
 BUDGET_HELP = "use auto, full, eco, an exit such as 16, or a per-token latency target such as 40ms"
 QUALITY_FLOORS = ("auto", "off")
+
+
+def parse_exit(text: str) -> int | None:
+    """The exit `text` names in canonical ASCII digits ("16"; not "016", "١٦" or "²"), else None."""
+    return int(text) if _EXIT_NUMBER.fullmatch(text) else None
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,10 @@ class Budget:
         value = text.strip().lower()
         if value in ("auto", "full", "eco"):
             return cls(value)
-        if value.isdigit():
-            return cls("exit", exit=int(value))
-        match = _LATENCY.match(value)
+        exit = parse_exit(value)
+        if exit is not None:
+            return cls("exit", exit=exit)
+        match = _LATENCY.fullmatch(value)
         if match:
             return cls("latency", latency_target_ms=float(match.group(1)))
         raise ControllerError(f"budget {text!r} is not understood; {BUDGET_HELP}")

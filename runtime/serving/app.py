@@ -9,7 +9,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import cast
@@ -35,8 +35,10 @@ from balcony_edge.runtime.serving.protocol import (
     EXIT_TAG,
     ApiError,
     GenerationRequest,
+    JsonOutput,
     Responder,
     new_id,
+    parse_body,
     parse_request,
     refuse_unknown,
     typed,
@@ -45,6 +47,7 @@ from balcony_edge.runtime.serving.scheduler import DONE, Busy, Job, Scheduler
 
 log = logging.getLogger("balcony_edge")
 OPEN_PATHS = ("/health",)  # answered without the API key
+CLIENT_LEFT = 499  # nginx's status for a request whose client closed the connection before the answer ended
 
 
 @dataclass(frozen=True)
@@ -70,13 +73,23 @@ class ServerConfig:
             )
         if self.api_key is not None and not self.api_key.strip():
             raise BalconyError("the API key is empty; give a non-empty key or leave it out")
-        for alias in self.aliases:
-            if not alias.strip() or EXIT_TAG in alias:
-                raise BalconyError(f"--alias {alias!r} must be a non-empty name without {EXIT_TAG!r}")
+        _check_served_names(self.model_name, self.aliases)
 
     @property
     def served(self) -> set[str]:
         return {self.model_name, *self.aliases}
+
+
+def _check_served_names(model_name: str, aliases: tuple[str, ...]) -> None:
+    """Each name the server answers to is non-empty, free of the exit tag (NAME:exit-N must mean one thing) and given
+    once."""
+    named = [("--model-name (default: the export folder's name)", model_name), *(("--alias", a) for a in aliases)]
+    for option, name in named:
+        if not name.strip() or EXIT_TAG in name:
+            raise BalconyError(f"{option} {name!r} must be a non-empty name without {EXIT_TAG!r}; give another")
+    for index, alias in enumerate(aliases):
+        if alias in (model_name, *aliases[:index]):
+            raise BalconyError(f"--alias {alias!r} repeats a name the server already answers to; give each name once")
 
 
 def error_response(err: ApiError, headers: dict | None = None) -> JSONResponse:
@@ -104,22 +117,16 @@ class ApiKeyMiddleware:
 
 
 async def read_json(request: Request, limit: int) -> object:
-    """The request body as JSON, refused over the size limit before it is all read, and refused when nested deeper
-    than Python's parser goes (a 400, not a crash)."""
+    """The request body as strict JSON (`parse_body`), refused over the size limit before it is all read."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > limit:
             raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
-    try:
-        return json.loads(body)
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply to read", code="invalid_json") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the request body is not valid JSON ({str(err)[:120]})", code="invalid_json") from None
+    return parse_body(bytes(body))
 
 
 async def cancel_on_disconnect(request: Request, jobs: list[Job]) -> None:
@@ -192,7 +199,7 @@ class Handlers:
         except BalconyError as err:
             raise ApiError(400, str(err), "budget", "invalid_budget") from None
         loop = asyncio.get_running_loop()
-        constraints = [self.constraint(request.response_format) for _ in choosers]
+        constraints = [self.constraint(request.json_output) for _ in choosers]
         jobs, cached = [], 0
         for index, chooser in enumerate(choosers):
             sequence, reused = self.prefixes.take(ids) if request.cache_prompt else (self.engine.sequence(), 0)
@@ -224,37 +231,48 @@ class Handlers:
             ) from None
         return jobs, cached
 
-    def constraint(self, response_format: dict | None) -> JsonConstraint | None:
-        """The JSON constraint a response_format asks for (json_object: any object; json_schema: its schema)."""
-        if response_format is None:
+    def constraint(self, json_output: JsonOutput | None) -> JsonConstraint | None:
+        """The JSON constraint a JSON response_format asks for (its schema, or any object); None for text."""
+        if json_output is None:
             return None
-        schema = (
-            response_format.get("json_schema", {}).get("schema") if response_format["type"] == "json_schema" else None
-        )
         try:
-            return self.engine.json_constraint(schema)
+            return self.engine.json_constraint(json_output.schema)
         except ConstraintError as err:
             raise ApiError(400, str(err), "response_format", "invalid_value") from None
 
+    def count(self, endpoint: str, status: int) -> None:
+        """One request in balcony_requests_total, by how it ended (CLIENT_LEFT: the client went first)."""
+        self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
     async def generation(self, request: Request, chat: bool) -> Response:
-        """POST /v1/chat/completions (chat) and /v1/completions: a whole answer or a stream of chunks."""
-        endpoint = request.url.path
+        """POST /v1/chat/completions (chat) and /v1/completions, each request counted once by how it ended."""
+        count = functools.partial(self.count, request.url.path)
+        try:
+            response = await self.answer(request, chat, count)
+        except Exception:  # `unexpected` answers it with a 500
+            count(500)
+            raise
+        if not isinstance(response, EventStream):  # a stream counts itself when it ends
+            count(response.status_code)
+        return response
+
+    async def answer(self, request: Request, chat: bool, count: Callable[[int], None]) -> Response:
+        """A whole answer, a stream of chunks (counted by `count` when it ends) or an error."""
         try:
             body = await read_json(request, self.config.max_body_bytes)
             parsed = parse_request(body, chat, self.config.served, self.engine.exits)
             ids = self.prompt_ids(parsed, chat)
             jobs, cached = self.start(parsed, ids)
         except ApiError as err:
-            self.metrics.requests.labels(endpoint=endpoint, status=str(err.status)).inc()
             headers = {"Retry-After": str(self.config.retry_after_s)} if err.status == 503 else None
             return error_response(err, headers)
         except ClientDisconnect:
-            return Response(status_code=499)
-        self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
+            return Response(status_code=CLIENT_LEFT)
         responder = Responder(chat, new_id(chat), parsed.model, self.engine.codec.token_text, parsed.logprobs)
         if parsed.stream:
-            events = self.stream(jobs, responder, len(ids), parsed.include_usage, cached)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            outcome = Outcome()
+            events = self.stream(jobs, responder, len(ids), parsed.include_usage, cached, outcome)
+            return EventStream(events, functools.partial(_ended, jobs, outcome, count))
         return await self.whole(request, jobs, responder, len(ids), cached)
 
     def kept(self, job: Job) -> None:
@@ -281,21 +299,24 @@ class Handlers:
         finally:
             watcher.cancel()
         if any(job.cancelled.is_set() for job in jobs):
-            return Response(status_code=499)
+            return Response(status_code=CLIENT_LEFT)
         return JSONResponse(responder.completion(choices, prompt_tokens, cached))
 
     async def stream(
-        self, jobs: list[Job], responder: Responder, prompt_tokens: int, usage: bool, cached: int
+        self, jobs: list[Job], responder: Responder, prompt_tokens: int, usage: bool, cached: int, outcome: Outcome
     ) -> AsyncIterator[str]:
-        """The jobs' tokens as server-sent events, then [DONE]; the jobs are cancelled however the stream ends."""
-        made = 0
+        """The jobs' tokens as server-sent events, then [DONE]; `outcome` gets 200, or a failed generation's status
+        (its error is the last event), once [DONE] is sent, and 500 if this raises."""
+        made, status = 0, 200
         try:
             if responder.chat:
                 for index in range(len(jobs)):
                     yield sse(responder.chunk(None, index, first=True))
             async for index, item in merged(jobs):
                 if isinstance(item, Exception):
-                    yield sse(generation_failed(item).to_json())
+                    failure = generation_failed(item)
+                    status = failure.status
+                    yield sse(failure.to_json())
                     break
                 if item is DONE:
                     self.kept(jobs[index])
@@ -305,9 +326,10 @@ class Handlers:
             if usage:
                 yield sse(responder.usage_chunk(prompt_tokens, made, cached))
             yield "data: [DONE]\n\n"
-        finally:  # the client went away (the response is cancelled) or the stream ended: no more tokens either way
-            for job in jobs:
-                job.cancel()
+            outcome.status = status
+        except Exception:
+            outcome.status = 500
+            raise
 
     async def models(self, request: Request) -> Response:
         """GET /v1/models: each served name, and each exit of it as NAME:exit-N."""
@@ -330,10 +352,11 @@ class Handlers:
             refuse_unknown(body, {"content", "add_special", "with_pieces"})
             content = typed(body, "content", str, required=True)
             special = bool(typed(body, "add_special", bool) or False)
-            ids = self.engine.codec.encode(content, add_special_tokens=special)
+            pieces = bool(typed(body, "with_pieces", bool) or False)
         except ApiError as err:
             return error_response(err)
-        if typed(body, "with_pieces", bool):
+        ids = self.engine.codec.encode(content, add_special_tokens=special)
+        if pieces:
             return JSONResponse({"tokens": [{"id": i, "piece": self.engine.codec.token_text(i)} for i in ids]})
         return JSONResponse({"tokens": ids})
 
@@ -392,6 +415,35 @@ async def wrong_method(request: Request, err: Exception) -> Response:
     return error_response(
         ApiError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
     )
+
+
+@dataclass
+class Outcome:
+    """How a streamed request ended, as the status it is counted under: CLIENT_LEFT until the stream says."""
+
+    status: int = CLIENT_LEFT
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that call `ended` once the response is over, however it ends: sent in full, failed, or
+    dropped by a client that left (before the first event, too, when the events never start)."""
+
+    def __init__(self, events: AsyncIterator[str], ended: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.ended = ended
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ended()
+
+
+def _ended(jobs: list[Job], outcome: Outcome, count: Callable[[int], None]) -> None:
+    """A stream is over: no more tokens for it, and the request counted by its outcome."""
+    for job in jobs:
+        job.cancel()
+    count(outcome.status)
 
 
 def middleware_for(config: ServerConfig) -> list[Middleware]:

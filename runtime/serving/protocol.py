@@ -7,17 +7,19 @@ repetition_penalty, ignore_eos), and `budget` is ours."""
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, NoReturn, TypeVar, overload
 
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.common.validation import is_finite_number, is_whole_number
 from balcony_edge.runtime.core.generation import MAX_TOP_LOGPROBS, GeneratedToken
 from balcony_edge.runtime.core.sampling import MAX_ADDITIVE_PENALTY, MAX_REPETITION_PENALTY, SamplingConfig
-from balcony_edge.runtime.device.controller import Budget
+from balcony_edge.runtime.device.controller import Budget, parse_exit
 
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 MAX_CHOICES = 8  # n
@@ -46,6 +48,8 @@ COMMON_FIELDS = {
     "cache_prompt",
 }
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+MESSAGE_FIELDS = {"role", "content"}  # all the chat templates read (`name` included in none)
+RESPONSE_FORMAT_FIELDS = {"text": {"type"}, "json_object": {"type", "schema"}, "json_schema": {"type", "json_schema"}}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 NEUTRAL = {  # fields this server does not implement, accepted only at their neutral value
     "logit_bias": ({}, "leave it out"),
@@ -74,6 +78,60 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def parse_body(raw: bytes) -> object:
+    """A request body read as strict JSON: NaN, Infinity, numbers past a double's range and strings that are not
+    valid Unicode are refused (Python's parser takes them all; JSON has none)."""
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to read", code="invalid_json") from None
+    except ValueError as err:  # UnicodeDecodeError is one
+        raise ApiError(400, f"the request body is not valid JSON ({str(err)[:120]})", code="invalid_json") from None
+    _refuse_lone_surrogates(body)
+    return body
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is past a double's range")
+    return value
+
+
+def _refuse_lone_surrogates(body: object) -> None:
+    """A 400 for a string (or key) holding half a surrogate pair, as a \\ud800 escape can: no tokenizer can read it.
+    Walked without recursion: a body nested as deep as the parser allows must not overflow the stack here."""
+    pending = [body]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += value.keys()
+            pending += value.values()
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ApiError(
+                    400,
+                    f"the request body holds a lone surrogate U+{ord(value[err.start]):04X} at character {err.start} "
+                    "of a string; send valid Unicode text (a \\ud800-\\udbff escape needs its \\udc00-\\udfff pair)",
+                    code="invalid_unicode",
+                ) from None
+
+
+@dataclass(frozen=True)
+class JsonOutput:
+    """A JSON response_format: the answer is JSON matching `schema` (None: any JSON object)."""
+
+    schema: dict | None = None
+
+
 @dataclass
 class GenerationRequest:
     """What one request asks for, checked: the prompt (messages or text), limits, sampling overrides, stop strings,
@@ -90,7 +148,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # None: none; k: each token's log p and the k most likely
-    response_format: dict | None = None  # None: free text; {"type": "json_object"} or {"type": "json_schema", ...}
+    json_output: JsonOutput | None = None  # None: free text
     budget: Budget | None = None  # None: the server's
     cache_prompt: bool = True  # start from a kept prompt prefix and keep this one (llama-server's name)
 
@@ -107,8 +165,9 @@ def served_budget(model: str, served: set[str], exits: list[int]) -> Budget | No
     if model in served:
         return None
     name, tag, depth = model.rpartition(EXIT_TAG)
-    if tag and name in served and depth.isdigit() and int(depth) in exits:
-        return Budget("exit", exit=int(depth))
+    exit = parse_exit(depth)
+    if tag and name in served and exit in exits:
+        return Budget("exit", exit=exit)
     names = sorted(served)
     raise ApiError(
         404,
@@ -146,7 +205,14 @@ def parse_request(body: object, chat: bool, served: set[str], exits: list[int]) 
             typed(options, "include_usage", bool, param="stream_options.include_usage") or False
         )
     request.logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
-    request.response_format = _response_format(body)
+    request.json_output = _json_output(body)
+    if request.stop and request.json_output is not None:
+        raise ApiError(
+            400,
+            "stop cannot be combined with a JSON response_format: a stop string would cut the JSON short; drop stop",
+            "stop",
+            "invalid_value",
+        )
     request.cache_prompt = typed(body, "cache_prompt", bool) is not False
     budget = typed(body, "budget", (str, int))
     if budget is not None:
@@ -225,6 +291,7 @@ def _messages(body: dict) -> list[dict]:
         param = f"messages[{index}]"
         if not isinstance(message, dict):
             raise ApiError(400, f"{param} must be an object with a role and a content", param, "invalid_type")
+        _refuse_message_extras(message, param)
         role = typed(message, "role", str, required=True, param=f"{param}.role")
         content = message.get("content")
         if isinstance(content, list):  # content parts: text only
@@ -245,6 +312,19 @@ def _messages(body: dict) -> list[dict]:
             )
         checked.append({"role": role, "content": content})
     return checked
+
+
+def _refuse_message_extras(message: dict, param: str) -> None:
+    """A 400 for a message field beside role and content that says something (`name`, ...): no chat template reads
+    one, and dropping it would change the conversation unseen."""
+    for name, value in message.items():
+        if name not in MESSAGE_FIELDS and value is not None:
+            raise ApiError(
+                400,
+                f"{param}.{name[:40]} is not supported: the chat template reads only role and content; leave it out",
+                f"{param}.{name[:40]}",
+                "unsupported_parameter",
+            )
 
 
 def _prompt(body: dict) -> str:
@@ -358,25 +438,43 @@ def _completion_logprobs(body: dict) -> int | None:
     return _whole(body, "logprobs", 0, 0, MAX_COMPLETION_LOGPROBS)
 
 
-def _response_format(body: dict) -> dict | None:
-    """None for text; {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", ...}}."""
+def _json_output(body: dict) -> JsonOutput | None:
+    """response_format: None for text; json_object (any object, or llama-server's `schema` in it) or json_schema
+    ({"json_schema": {"schema", "name", "strict", ...}}: the schema; its other keys are names, not rules)."""
     value = typed(body, "response_format", dict)
-    if value is None or value.get("type") == "text":
+    if value is None:
         return None
     kind = value.get("type")
+    if not isinstance(kind, str) or kind not in RESPONSE_FORMAT_FIELDS:
+        raise ApiError(
+            400,
+            f"response_format type {str(kind)[:40]!r} is not one of {', '.join(RESPONSE_FORMAT_FIELDS)}",
+            "response_format",
+            "invalid_value",
+        )
+    _refuse_format_extras(value, kind)
+    if kind == "text":
+        return None
     if kind == "json_object":
-        return {"type": "json_object"}
-    if kind == "json_schema":
-        spec = value.get("json_schema")
-        if not (isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict)):
-            raise ApiError(400, "response_format.json_schema must be an object with a schema object", "response_format")
-        return {"type": "json_schema", "json_schema": spec}
-    raise ApiError(
-        400,
-        f"response_format type {str(kind)[:40]!r} is not one of text, json_object, json_schema",
-        "response_format",
-        "invalid_value",
-    )
+        return JsonOutput(typed(value, "schema", dict, param="response_format.schema"))
+    spec = value.get("json_schema")
+    if not (isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict)):
+        raise ApiError(400, "response_format.json_schema must be an object with a schema object", "response_format")
+    return JsonOutput(spec.get("schema"))
+
+
+def _refuse_format_extras(value: dict, kind: str) -> None:
+    """A 400 for a response_format field its type does not take (text's json_schema would be ignored)."""
+    allowed = RESPONSE_FORMAT_FIELDS[kind]
+    for name in value:
+        if name not in allowed:
+            takes = " and ".join(sorted(allowed - {"type"})) or "no other field"
+            raise ApiError(
+                400,
+                f"response_format type {kind} takes no {name[:40]} (it takes {takes}); leave it out or change the type",
+                f"response_format.{name[:40]}",
+                "invalid_value",
+            )
 
 
 # --- responses

@@ -139,7 +139,11 @@ class Scheduler:
             if isinstance(result, Exception):
                 over.append(self._finish(job, result))
                 continue
-            token = job.generation.emit(result)
+            try:
+                token = job.generation.emit(result)
+            except Exception as err:  # noqa: BLE001 - a grammar at a dead end, say: handed to the request
+                over.append(self._finish(job, err))
+                continue
             self.on_token(token)
             job.deliver(token)
             if job.generation.done:

@@ -77,7 +77,7 @@ def test_budget_parses_every_form():
     ]
 
 
-@pytest.mark.parametrize("text", ["fast", "", "-3", "40s", "ms", "0ms", "0"])
+@pytest.mark.parametrize("text", ["fast", "", "-3", "40s", "ms", "0ms", "0", "²", "١٦", "016", "１", "٤٠ms"])
 def test_bad_budgets_are_refused_with_the_forms_that_work(text):
     with pytest.raises(ControllerError, match=r"budget|latency target"):
         Budget.parse(text)

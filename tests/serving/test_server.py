@@ -101,6 +101,9 @@ def test_models_health_and_metrics(client):
         assert name in metrics, name
 
 
+SELF_REFERENCE = {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}  # no value matches it
+
+
 @pytest.mark.parametrize(
     "body, status, param, code",
     [
@@ -134,6 +137,35 @@ def test_models_health_and_metrics(client):
             None,
         ),
         ({"model": MODEL + ":exit-5", "messages": HELLO}, 404, "model", "model_not_found"),
+        ({"model": MODEL + ":exit-²", "messages": HELLO}, 404, "model", "model_not_found"),
+        ({"model": MODEL + ":exit-01", "messages": HELLO}, 404, "model", "model_not_found"),
+        ({"model": MODEL, "messages": HELLO, "budget": "²"}, 400, "budget", "invalid_budget"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi", "name": "b"}]}, 400, "messages[0].name", None),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "\ud800"}]}, 400, None, "invalid_unicode"),
+        ('{"messages": [], "temperature": NaN}', 400, None, "invalid_json"),
+        ('{"messages": [], "temperature": 1e999}', 400, None, "invalid_json"),
+        (
+            {"model": MODEL, "messages": HELLO, "response_format": {"type": "json_object"}, "stop": ["}"]},
+            400,
+            "stop",
+            "invalid_value",
+        ),
+        (
+            {"model": MODEL, "messages": HELLO, "response_format": {"type": "text", "json_schema": {"schema": {}}}},
+            400,
+            "response_format.json_schema",
+            "invalid_value",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": HELLO,
+                "response_format": {"type": "json_schema", "json_schema": {"schema": SELF_REFERENCE}},
+            },
+            400,
+            "response_format",
+            "invalid_value",
+        ),
         ({"model": MODEL + ":exit-1", "messages": HELLO, "budget": "2"}, 400, "budget", None),
         ("[" * 50_000 + "]" * 50_000, 400, None, "invalid_json"),
         ({"model": MODEL, "messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
@@ -347,6 +379,8 @@ def test_serve_command_binds_localhost_requires_its_key_and_stops_on_interrupt(t
         (["--api-key", "a", "--api-key-file", "k"], "give one"),
         (["--api-key-file", "/nonexistent/key"], "No such file"),
         (["--api-key", "  "], "the API key is empty"),
+        (["--model-name", "m:exit-2"], "must be a non-empty name without ':exit-'"),
+        (["--alias", "a", "--alias", "a"], "repeats a name the server already answers to"),
     ],
 )
 def test_bad_serve_options_are_one_line_errors(tiny_export, args, message):

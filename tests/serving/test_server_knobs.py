@@ -10,7 +10,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from serving_helpers import HELLO, MODEL, LiveServer, make_app
+from serving_helpers import HELLO, MODEL, LiveServer, make_app, sse_events
 from starlette.testclient import TestClient
 
 from balcony_edge.runtime import Engine, SamplingConfig
@@ -209,6 +209,48 @@ def test_json_schema_output_parses_and_matches_through_the_openai_client(engine)
         result = client.post("/v1/chat/completions", json=body).json()
         text = result["choices"][0]["message"]["content"]
         assert text.startswith("{") and (result["choices"][0]["finish_reason"] == "length" or json.loads(text))
+
+
+DEAD_END = {  # `{"a":` can be written, and then no value fits: the grammar has only the end of the answer left
+    "type": "object",
+    "properties": {"a": {"$ref": "#/$defs/a"}},
+    "required": ["a"],
+    "$defs": {"a": {"$ref": "#/$defs/a"}},
+}
+
+
+def requests_counted(client, status: str) -> float:
+    line = f'balcony_requests_total{{endpoint="/v1/chat/completions",status="{status}"}} '
+    found = [row for row in client.get("/metrics").text.splitlines() if row.startswith(line)]
+    return float(found[0].split()[-1]) if found else 0.0
+
+
+def test_a_grammar_dead_end_mid_answer_is_a_400_whole_or_streamed_and_each_request_is_counted_once(engine):
+    pytest.importorskip("llguidance")
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 20, "temperature": 0}
+    dead_end = {"type": "json_schema", "json_schema": {"schema": DEAD_END}}
+    with TestClient(make_app(engine), raise_server_exceptions=False) as client:
+        whole = client.post("/v1/chat/completions", json=body | {"response_format": dead_end})
+        assert whole.status_code == 400 and "matches no complete value" in whole.json()["error"]["message"]
+        streamed = client.post("/v1/chat/completions", json=body | {"response_format": dead_end, "stream": True})
+        events = sse_events(streamed.text)
+        assert "matches no complete value" in events[-1]["error"]["message"]  # then [DONE]
+        assert client.post("/v1/chat/completions", json=body | {"stream": True}).status_code == 200
+        assert requests_counted(client, "400") == 2 and requests_counted(client, "200") == 1
+        assert requests_counted(client, "500") == 0
+
+
+def test_json_object_with_a_schema_follows_it_as_llama_server_does(client):
+    pytest.importorskip("llguidance")
+    schema = {"type": "integer", "minimum": 3, "maximum": 7}
+    answer = ask(client, response_format={"type": "json_object", "schema": schema}, max_tokens=10)
+    assert 3 <= json.loads(text_of(answer)) <= 7
+
+
+@pytest.mark.parametrize("body", [{"content": "hi", "with_pieces": "yes"}, {"content": "\ud800"}])
+def test_tokenize_refuses_a_wrong_type_and_broken_unicode_with_a_400(client, body):
+    answer = client.post("/tokenize", content=json.dumps(body))
+    assert answer.status_code == 400 and answer.json()["error"]["message"], answer.text
 
 
 def test_a_growing_conversation_reuses_its_prompt_and_answers_as_a_fresh_server_would(engine):
