@@ -271,13 +271,8 @@ class Engine:
         carries its log-probability and the k most likely tokens' (the exit's own distribution, before sampling).
         constraint (`json_constraint`): only tokens that keep the answer valid JSON are chosen.
 
-        Model work only: a TelemetryWriter records the tokens as they pass (`writer.follow(engine.generate(...))`)."""
-        if not (is_whole_number(max_new_tokens) and max_new_tokens >= 1):
-            raise BalconyError(f"max_new_tokens {max_new_tokens!r} must be a whole number of tokens, at least 1")
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise BalconyError(f"stop strings must be non-empty text, not {stop!r}")
-        if logprobs is not None and not (is_whole_number(logprobs) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
-            raise BalconyError(f"logprobs {logprobs!r} must be a whole number from 0 to {MAX_TOP_LOGPROBS}")
+        Model work only: a TelemetryWriter records the tokens as they pass (`writer.follow(engine.generate(...))`).
+        The arguments are checked by `start`."""
         generation = self.start(
             prompt,
             max_new_tokens,
@@ -314,7 +309,7 @@ class Engine:
         constraint: JsonConstraint | None = None,
     ) -> Generation:
         """`generate` as an object that makes a token per plan/emit pair (what a batching server drives); the prompt
-        is fed at once, and every argument checked as `generate` checks it."""
+        is fed at once, and every argument checked (for `generate` too)."""
         if not (is_whole_number(max_new_tokens) and max_new_tokens >= 1):
             raise BalconyError(f"max_new_tokens {max_new_tokens!r} must be a whole number of tokens, at least 1")
         if any(not isinstance(s, str) or not s for s in stop):
