@@ -2,7 +2,8 @@
 
 The pieces' internal values and nodes get the piece's name as a prefix, so that they cannot collide; the weights
 keep their names (all graphs point into the one weights file); the hidden states that pass from piece to piece
-become internal values; the cache slots get the layer numbers of an ordinary decoder of exit + 1 layers
+become internal values, and so do the sequence lengths the pieces take, made once from the graph's attention_mask;
+the cache slots get the layer numbers of an ordinary decoder of exit + 1 layers
 (`past_key_values.{i}.key` ... `present.{i}.value`, the balcony as layer `exit`), which onnxruntime-genai and
 optimum expect. Composing instead of building again keeps the exit graphs equal to the chains by construction,
 and quantises each weight once.
@@ -10,10 +11,11 @@ and quantises each weight once.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
-from balcony_edge.export.graph_builder import IR_VERSION, MS_DOMAIN, OPSET
+from balcony_edge.export.graph_builder import IR_VERSION, MS_DOMAIN, OPSET, GraphBuilder, add_sequence_lengths
 from balcony_edge.export.weights import is_weight
 from balcony_edge.runtime.core.manifest import (
     ATTENTION_MASK,
@@ -23,10 +25,13 @@ from balcony_edge.runtime.core.manifest import (
     PAST_VALUE,
     PRESENT_KEY,
     PRESENT_VALUE,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
     Piece,
 )
 
-_KEPT = {INPUT_IDS, ATTENTION_MASK, LOGITS}
+_LENGTHS = {SEQLENS_K, TOTAL_SEQUENCE_LENGTH}  # the pieces' inputs that the composed graph makes once from its mask
+_KEPT = {INPUT_IDS, ATTENTION_MASK, LOGITS} | _LENGTHS
 
 
 def compose_exit(name: str, chain: list[tuple[Piece, onnx.ModelProto]]) -> onnx.ModelProto:
@@ -42,7 +47,10 @@ def compose_exit(name: str, chain: list[tuple[Piece, onnx.ModelProto]]) -> onnx.
     links = {v.name for _, proto in chain for v in proto.graph.output} & {
         v.name for _, proto in chain for v in proto.graph.input
     }
-    nodes, initializers, inputs, outputs = [], {}, {}, {}
+    lengths = GraphBuilder(name, np.dtype(np.float32))  # its values' names start with "/", the pieces' with their own
+    add_sequence_lengths(lengths)
+    nodes, initializers, outputs = list(lengths.nodes), dict(lengths.initializers), {}
+    inputs: dict[str, onnx.ValueInfoProto] = {}
     for piece, proto in chain:
 
         def rename(value: str, prefix: str = piece.name) -> str:
@@ -54,10 +62,7 @@ def compose_exit(name: str, chain: list[tuple[Piece, onnx.ModelProto]]) -> onnx.
         for tensor in graph.initializer:
             new = rename(tensor.name)
             if new not in initializers:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(tensor)
-                copy.name = new
-                initializers[new] = copy
+                initializers[new] = _renamed(tensor, new)
         for node in graph.node:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
@@ -67,6 +72,13 @@ def compose_exit(name: str, chain: list[tuple[Piece, onnx.ModelProto]]) -> onnx.
             nodes.append(copy)
         for value in graph.input:
             new = rename(value.name)
+            if new in _LENGTHS:
+                new, value = (
+                    ATTENTION_MASK,
+                    helper.make_tensor_value_info(
+                        ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"]
+                    ),
+                )
             if new not in links and new not in inputs:
                 inputs[new] = _renamed_info(value, new)
         for value in graph.output:
@@ -77,6 +89,13 @@ def compose_exit(name: str, chain: list[tuple[Piece, onnx.ModelProto]]) -> onnx.
     composed = helper.make_graph(nodes, name, list(inputs.values()), ordered_outputs, list(initializers.values()))
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     return helper.make_model(composed, opset_imports=opsets, ir_version=IR_VERSION, producer_name="balcony-edge")
+
+
+def _renamed(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    copy.name = name
+    return copy
 
 
 def _renamed_info(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:

@@ -30,6 +30,8 @@ from balcony_edge.runtime.core.manifest import (
     PAST_VALUE,
     PRESENT_KEY,
     PRESENT_VALUE,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
 )
 
 OPSET = 17
@@ -187,6 +189,15 @@ class GraphBuilder:
         return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="balcony-edge")
 
 
+def add_sequence_lengths(b: GraphBuilder) -> None:
+    """GroupQueryAttention's seqlens_k (each row's tokens - 1) and total_sequence_length, made from attention_mask:
+    once in a standard graph (a whole exit, a floor), where a piece takes both as inputs from the engine."""
+    total = b.one("ReduceSum", [ATTENTION_MASK, b.const([1])], keepdims=0)
+    b.one("Cast", [b.one("Sub", [total, b.const([1])])], SEQLENS_K, to=TensorProto.INT32)
+    length = b.one("Gather", [b.one("Shape", [ATTENTION_MASK]), b.const(1)], axis=0)
+    b.one("Cast", [length], TOTAL_SEQUENCE_LENGTH, to=TensorProto.INT32)
+
+
 def _array(tensor: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     return tensor.detach().float().cpu().numpy().astype(dtype)
 
@@ -206,7 +217,6 @@ class DecoderEmitter:
         self.names = names  # id(parameter) -> BalconyModel name
         self.rotary = rotary
         self.kv_scales = kv_scales  # attention name -> its int8 cache scales; None: a float cache
-        self._mask: tuple[str, str] | None = None
 
     def param(
         self, parameter: torch.Tensor, suffix: str = "", transform: Callable[[np.ndarray], np.ndarray] | None = None
@@ -223,16 +233,6 @@ class DecoderEmitter:
         if name not in self.b.initializers:
             self.b.weight(name, np.concatenate([_array(p, self.b.dtype) for p in parameters], axis=0).T)
         return name
-
-    def mask_info(self) -> tuple[str, str]:
-        """GroupQueryAttention's seqlens_k (tokens - 1 per row) and total_sequence_length, from attention_mask."""
-        if self._mask is None:
-            b = self.b
-            total = b.one("ReduceSum", [ATTENTION_MASK, b.const([1])], keepdims=0)
-            seqlens = b.one("Cast", [b.one("Sub", [total, b.const([1])])], to=TensorProto.INT32)
-            length = b.one("Gather", [b.one("Shape", [ATTENTION_MASK]), b.const(1)], axis=0)
-            self._mask = (seqlens, b.one("Cast", [length], to=TensorProto.INT32))
-        return self._mask
 
     def norm(self, pending: str | None, residual: str, weight: str, output: str | None = None) -> tuple[str, str]:
         """RMSNorm of residual (+ pending, added first when given): (normed, new residual)."""
@@ -279,9 +279,9 @@ class DecoderEmitter:
             query = [q, k, v]
         else:
             query = [qkv, "", ""]  # packed Q, K, V
-        seqlens, total = self.mask_info()
         cos, sin = self.rotary_caches()
-        inputs = [*query, PAST_KEY.format(slot=slot), PAST_VALUE.format(slot=slot), seqlens, total, cos, sin]
+        past = [PAST_KEY.format(slot=slot), PAST_VALUE.format(slot=slot)]
+        inputs = [*query, *past, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, cos, sin]
         quantized_cache = {}
         if self.kv_scales is not None:  # int8 codes in the cache, one scale per KV head and channel
             scales = self.kv_scales[base]

@@ -25,6 +25,7 @@ from balcony_edge.export.graph_builder import (
     GraphBuilder,
     KVScales,
     NormModule,
+    add_sequence_lengths,
 )
 from balcony_edge.model import BalconyModel
 from balcony_edge.runtime.core.manifest import (
@@ -36,6 +37,8 @@ from balcony_edge.runtime.core.manifest import (
     PAST_VALUE,
     PRESENT_KEY,
     PRESENT_VALUE,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
     Piece,
     hidden_name,
 )
@@ -187,15 +190,21 @@ class PieceGraphs:
     def _head_nodes(self, emitter: DecoderEmitter, hidden: str) -> None:
         emitter.head(hidden, self.base.lm_head, self.base.model.embed_tokens.weight, self.tie_head_as_gemm)
 
-    def _begin(self, builder: GraphBuilder, first_layer: int) -> str | None:
-        """The piece's first inputs: token ids (from layer 0) or hidden states, and the attention mask."""
+    def _begin(self, builder: GraphBuilder, first_layer: int, standard: bool = False) -> str | None:
+        """The graph's first inputs: token ids (from layer 0) or hidden states; then each row's sequence length (a
+        piece), or the attention mask they are made from (a standard graph)."""
         residual = None
         if first_layer == 0:
             builder.add_input(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])
         else:
             residual = hidden_name(first_layer)
             self._hidden_io(builder, residual, output=False)
-        builder.add_input(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"])
+        if standard:
+            builder.add_input(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"])
+            add_sequence_lengths(builder)
+        else:
+            builder.add_input(SEQLENS_K, TensorProto.INT32, ["batch_size"])
+            builder.add_input(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])
         return residual
 
     def piece(self, piece: Piece) -> onnx.ModelProto:
@@ -230,7 +239,7 @@ class PieceGraphs:
         """The base model cut to its first `layers` layers, with its final norm and head, as one ordinary decoder graph
         (input_ids, attention_mask, past_key_values.{i}.* -> logits, present.{i}.*): an exit's speed floor."""
         builder, emitter = self._builder(f"layers_{layers}")
-        self._begin(builder, 0)
+        self._begin(builder, 0, standard=True)
         for i in range(layers):
             self._cache_io(builder, str(i))
         residual, pending = self._segment_nodes(emitter, 0, layers, None, {i: str(i) for i in range(layers)})

@@ -28,6 +28,8 @@ from balcony_edge.runtime.core.manifest import (
     PAST_VALUE,
     PRESENT_KEY,
     PRESENT_VALUE,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
     Manifest,
     Piece,
 )
@@ -61,7 +63,11 @@ def profile_piece(folder: Path, manifest: Manifest, piece: Piece, context: int, 
         width = first.shape[-1]
         dtype = np.float16 if first.type == "tensor(float16)" else np.float32
         binding.bind_cpu_input(first.name, np.random.default_rng(0).standard_normal((1, 1, width)).astype(dtype))
-    if any(i.name == ATTENTION_MASK for i in session.get_inputs()):
+    inputs = {i.name for i in session.get_inputs()}
+    if SEQLENS_K in inputs:
+        binding.bind_cpu_input(SEQLENS_K, np.array([context - 1], dtype=np.int32))
+        binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(context, dtype=np.int32))
+    elif ATTENTION_MASK in inputs:  # an export before manifest schema 4
         binding.bind_cpu_input(ATTENTION_MASK, np.ones((1, context), dtype=np.int64))
     binding.bind_output(session.get_outputs()[0].name, "cpu")
     for _ in range(20):

@@ -4,7 +4,7 @@ The sequences of running requests live in the rows of one KVStore. A step takes 
 one position only (`Sequence.ready_for_batch`), each with the exit its controller chose, and runs every segment that
 some of them need over all rows at once, then each balcony that some exit at, then the head: decode at batch 1 is
 bound by reading the weights, so four rows cost little more than one. Rows a piece does not serve now (a shallower
-exit, a request waiting, an empty row) go through it too, with attention masks that make them write only at their
+exit, a request waiting, an empty row) go through it too, with sequence lengths that make them write only at their
 first position not computed yet: a position that is computed again when it is needed, so every sequence keeps
 exactly the logits it would have alone. Catch-ups and prompts run alone, on their own rows.
 """
@@ -70,7 +70,7 @@ class BatchDecoder:
                 first = ids
             else:
                 first = by_depth[piece.first_layer]
-            output = runner.run(self._binding(runner, rows), first, 0, self._mask(piece, counts, serving, rows))
+            output = runner.run(self._binding(runner, rows), first, self._lengths(piece, counts, serving, rows))
             if piece.kind == "segment" and piece.end_layer < self.manifest.num_layers:
                 by_depth[piece.end_layer] = output
             for row in serving:
@@ -78,7 +78,7 @@ class BatchDecoder:
                 if piece.kind == "balcony" or piece.end_layer == self.manifest.num_layers:
                     exit_hidden[row] = output[row]
         head = self.runners[next(p.name for p in self.manifest.pieces if p.kind == "head")]
-        logits = head.run(self._binding(head, rows), exit_hidden, 1)
+        logits = head.run(self._binding(head, rows), exit_hidden)
         results = []
         for seq, exit in items:
             row = seq.cache.row
@@ -86,16 +86,13 @@ class BatchDecoder:
             results.append(logits[row, 0])
         return results
 
-    def _mask(self, piece: Piece, counts: dict[int, int], serving: list[int], rows: int) -> np.ndarray:
+    def _lengths(self, piece: Piece, counts: dict[int, int], serving: list[int], rows: int) -> np.ndarray:
         """Each row's length for this piece: a served row its tokens (it writes its last position); any other row one
         past what this piece holds of it (it writes there: a position computed again when needed)."""
         lengths = np.ones(rows, dtype=np.int64)
         for row, seq in self.occupants.items():
             lengths[row] = counts[row] if row in serving else seq.cache.filled_of(piece.cache_slots) + 1
-        mask = np.zeros((rows, int(lengths.max())), dtype=np.int64)
-        for row, length in enumerate(lengths):
-            mask[row, :length] = 1
-        return mask
+        return lengths
 
     def _binding(self, runner: PieceRunner, rows: int) -> ort.IOBinding:
         key = (runner.piece.name, rows)

@@ -19,7 +19,18 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message, message_fa
 from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.console import log_warning
 from balcony_edge.common.errors import IntegrityError
-from balcony_edge.runtime.core.manifest import EXIT_HIDDEN, FIX, INPUT_IDS, KV_DTYPES, Manifest, Piece, hidden_name
+from balcony_edge.runtime.core.manifest import (
+    EXIT_HIDDEN,
+    FIX,
+    INPUT_IDS,
+    KV_DTYPES,
+    LENGTHS_VERSION,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+    Manifest,
+    Piece,
+    hidden_name,
+)
 
 MODIFIED = "sha256 differs"  # why a file that changed since the export is named
 
@@ -70,7 +81,7 @@ _SCALAR_TYPES = {
     "int64": descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
 }
 # onnx TensorProto.DataType of the cache's numpy names; hidden states and logits are of the activation dtype
-_ELEM_TYPES = {"float32": 1, "int8": 3, "float16": 10, "int64": 7}
+_ELEM_TYPES = {"float32": 1, "int8": 3, "int32": 6, "float16": 10, "int64": 7}
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 
@@ -204,7 +215,10 @@ def _expected_io(piece: Piece, manifest: Manifest) -> tuple[dict, dict]:
     else:
         first = INPUT_IDS if piece.kind == "segment" and piece.first_layer == 0 else hidden_name(piece.first_layer)
         inputs[first] = (_ELEM_TYPES["int64"], (None, None)) if first == INPUT_IDS else hidden
-        inputs[names["attention_mask"]] = (_ELEM_TYPES["int64"], (None, None))
+        if manifest.schema_version >= LENGTHS_VERSION:
+            inputs |= {SEQLENS_K: (_ELEM_TYPES["int32"], (None,)), TOTAL_SEQUENCE_LENGTH: (_ELEM_TYPES["int32"], ())}
+        else:
+            inputs[names["attention_mask"]] = (_ELEM_TYPES["int64"], (None, None))
         last = piece.kind == "balcony" or piece.end_layer == manifest.num_layers
         outputs = {EXIT_HIDDEN if last else hidden_name(piece.end_layer): hidden}
     for slot in piece.cache_slots:

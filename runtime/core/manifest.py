@@ -19,8 +19,11 @@ from balcony_edge.common.errors import BalconyError, ManifestError
 from balcony_edge.common.validation import is_finite_number
 from balcony_edge.runtime.core.sampling import SamplingConfig
 
-SCHEMA_VERSION = 3  # 2: exits as chains of pieces; 3: measured answers per exit, recommended sampling
-READABLE_VERSIONS = (2, 3)  # what 3 added all has defaults
+# 2: exits as chains of pieces; 3: measured answers per exit, recommended sampling; 4: pieces take each row's sequence
+# lengths (SEQLENS_K, TOTAL_SEQUENCE_LENGTH) where 2 and 3 took attention_mask
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)  # what 3 added all has defaults; the runtime feeds 2's and 3's pieces a mask
+LENGTHS_VERSION = 4  # the first schema whose pieces take sequence lengths
 MANIFEST_FILE = "manifest.json"
 EXIT_CHECKPOINTS_LISTING = "balcony_exits.json"  # what `export --format hf|gguf` writes instead of a manifest
 PLAIN_RUNNERS = {"hf": "transformers (or any Hugging Face runtime)", "gguf": "llama.cpp (or any GGUF runtime)"}
@@ -45,6 +48,10 @@ PAST_VALUE = "past_key_values.{slot}.value"
 PRESENT_KEY = "present.{slot}.key"
 PRESENT_VALUE = "present.{slot}.value"
 EXIT_HIDDEN = "exit_hidden"  # a piece's normed hidden states that the head reads
+# GroupQueryAttention's own inputs, which a piece takes instead of attention_mask (a standard exit graph makes them
+# once from its attention_mask): each row's tokens - 1 (int32 [batch]) and the longest row's (int32 scalar).
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 
 
 def hidden_name(depth: int) -> str:

@@ -13,6 +13,8 @@ from balcony_edge.runtime.core.manifest import (
     PAST_VALUE,
     PRESENT_KEY,
     PRESENT_VALUE,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
     Piece,
 )
 
@@ -27,7 +29,8 @@ class PieceRunner:
         output = session.get_outputs()[0]
         self.output = output.name  # hidden_{depth}, exit_hidden or logits
         self.output_width, self.output_dtype = output.shape[-1], np.dtype(NUMPY_TYPES[output.type])
-        self.takes_mask = ATTENTION_MASK in inputs
+        self.takes_lengths = SEQLENS_K in inputs  # schema 4 and later
+        self.takes_mask = ATTENTION_MASK in inputs  # the pieces of exports before schema 4
         self.dtype = np.dtype(np.int64 if self.first_input == INPUT_IDS else NUMPY_TYPES[session.get_inputs()[0].type])
 
     def binding(self, values: dict[str, tuple[ort.OrtValue, ort.OrtValue]]) -> ort.IOBinding:
@@ -42,15 +45,20 @@ class PieceRunner:
             binding.bind_ortvalue_output(PRESENT_VALUE.format(slot=slot), value)
         return binding
 
-    def run(self, binding: ort.IOBinding, first: np.ndarray, total: int, mask: np.ndarray | None = None) -> np.ndarray:
-        """Run on `first` ([rows, n] ids or [rows, n, hidden] states) as the last n of `total` positions (or of each
-        row's own length in `mask`, [rows, positions] of ones then zeros); the output on the host, written by
-        onnxruntime straight into a new array (reading it back through the binding wraps every output, the cache's
-        too: a tenth of a millisecond a piece)."""
+    def run(self, binding: ort.IOBinding, first: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        """Run on `first` ([rows, n] ids or [rows, n, hidden] states) as the last n positions of each row, whose
+        lengths (positions written after this run, [rows]) a piece with attention needs: as GroupQueryAttention's
+        seqlens_k and total_sequence_length, or as a mask of ones then zeros (older exports). The output on the
+        host, written by onnxruntime straight into a new array (reading it back through the binding wraps every
+        output, the cache's too: a tenth of a millisecond a piece)."""
         first = np.ascontiguousarray(first, dtype=self.dtype)
         binding.bind_cpu_input(self.first_input, first)
-        if self.takes_mask:
-            binding.bind_cpu_input(ATTENTION_MASK, mask if mask is not None else np.ones((1, total), dtype=np.int64))
+        if lengths is not None and self.takes_lengths:
+            binding.bind_cpu_input(SEQLENS_K, (lengths - 1).astype(np.int32))
+            binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(lengths.max(), dtype=np.int32))
+        elif lengths is not None and self.takes_mask:
+            mask = np.arange(lengths.max())[None, :] < lengths[:, None]
+            binding.bind_cpu_input(ATTENTION_MASK, mask.astype(np.int64))
         output = np.empty((first.shape[0], first.shape[1], self.output_width), dtype=self.output_dtype)
         binding.bind_output(self.output, "cpu", 0, self.output_dtype.type, list(output.shape), output.ctypes.data)
         self.session.run_with_iobinding(binding)

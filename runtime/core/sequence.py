@@ -259,4 +259,4 @@ class Sequence:
         if version != self.cache.version:
             binding = runner.binding(self.cache.values)
             self._bindings[name] = (self.cache.version, binding)
-        return runner.run(binding, first, count)
+        return runner.run(binding, first, np.array([count]))

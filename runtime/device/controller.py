@@ -394,7 +394,7 @@ class Controller:
         level = next(level for level, share in enumerate(shares) if share <= limit)
         return level, (
             f"quality floor exit {self.exits[level]}: the shallowest whose held-out answers loop at most "
-            f"{self.config.loop_margin:.0%} more often than the full model's ({shares[-1]:.0%})"
+            f"{self.config.loop_margin * 100:g} points more often than the full model's ({shares[-1]:.0%})"
         )
 
     def _eco_floor_level(self) -> int:

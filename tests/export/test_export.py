@@ -107,6 +107,22 @@ def test_pieces_use_onnxruntime_fused_ops(tiny_export):
     assert "Transpose" not in ops and "Softmax" not in ops
 
 
+def test_pieces_take_sequence_lengths_and_a_standard_graph_makes_them_once(tiny_export):
+    manifest = Manifest.load(tiny_export)
+    for piece in manifest.pieces:
+        inputs = ort.InferenceSession(str(tiny_export / piece.graph), providers=["CPUExecutionProvider"]).get_inputs()
+        names = [i.name for i in inputs]
+        assert "attention_mask" not in names
+        if piece.kind == "head":
+            assert names == ["exit_hidden"]
+            continue
+        assert names[1:3] == ["seqlens_k", "total_sequence_length"], piece.name
+        assert [(i.type, i.shape) for i in inputs[1:3]] == [("tensor(int32)", ["batch_size"]), ("tensor(int32)", [])]
+    for entry in manifest.exits:
+        ops = [n.op_type for n in onnx.load(tiny_export / entry.graph, load_external_data=False).graph.node]
+        assert ops.count("ReduceSum") == 1 and ops.count("GroupQueryAttention") == entry.num_layers
+
+
 @pytest.mark.parametrize("exit", [*TINY_EXITS, TINY_LAYERS])
 def test_standard_graph_has_the_decoder_io_contract_with_dynamic_dims(tiny_export, exit):
     manifest = Manifest.load(tiny_export)

@@ -1,18 +1,70 @@
 """Batched decoding: sequences in one KV store's rows, each at its own exit, give the logits and tokens they give
 alone, whatever the other rows do (shallower exits, catch-ups run alone between batched steps, empty rows)."""
 
+import dataclasses
+import shutil
+
 import numpy as np
+import onnx
 import pytest
 
+from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.errors import BalconyError
+from balcony_edge.export.graph_builder import GraphBuilder, add_sequence_lengths
 from balcony_edge.runtime import Engine
+from balcony_edge.runtime.core.manifest import (
+    ATTENTION_MASK,
+    MANIFEST_FILE,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+    Manifest,
+)
 
 PROMPTS = [[5, 9, 14, 3, 27], [8, 11, 2, 40, 41, 42, 43], [17, 3], [60, 61, 62, 63]]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_export):
-    return Engine.load(tiny_export, providers=["cpu"], threads=1)
+def as_schema_3(export, folder):
+    """A copy of an export as manifest schema 3 wrote it: pieces that take attention_mask and make their sequence
+    lengths from it."""
+    shutil.copytree(export, folder)
+    manifest = Manifest.load(folder)
+    for piece in manifest.pieces:
+        model = onnx.load(folder / piece.graph, load_external_data=False)
+        graph = model.graph
+        if SEQLENS_K not in [value.name for value in graph.input]:
+            continue
+        lengths = GraphBuilder("lengths", np.dtype(np.float32))
+        add_sequence_lengths(lengths)
+        own = set(lengths.initializers) | {o for n in lengths.nodes for o in n.output if o.startswith("/")}
+        for node in lengths.nodes:  # names apart from the piece's own
+            node.input[:] = [f"/old{v}" if v in own else v for v in node.input]
+            node.output[:] = [f"/old{v}" if v in own else v for v in node.output]
+            node.name = f"/old{node.name}"
+        for name, tensor in lengths.initializers.items():
+            tensor.name = f"/old{name}"
+        inputs = [value for value in graph.input if value.name not in (SEQLENS_K, TOTAL_SEQUENCE_LENGTH)]
+        mask = onnx.helper.make_tensor_value_info(ATTENTION_MASK, onnx.TensorProto.INT64, ["batch", "total"])
+        nodes = [*lengths.nodes, *graph.node]
+        del graph.input[:], graph.node[:]
+        graph.input.extend([inputs[0], mask, *inputs[1:]])
+        graph.node.extend(nodes)
+        graph.initializer.extend(lengths.initializers.values())
+        onnx.save(model, folder / piece.graph)
+        manifest.files[piece.graph] = file_sha256(folder / piece.graph)
+    (folder / MANIFEST_FILE).write_text(dataclasses.replace(manifest, schema_version=3).to_json())
+    return folder
+
+
+@pytest.fixture(scope="module", params=["current", "schema 3"])
+def engine(request, tiny_export, tmp_path_factory):
+    """The tiny export, and a copy as schema 3 wrote it (its pieces take attention_mask: the engine makes a mask)."""
+    old = request.param == "schema 3"
+    if old:
+        tiny_export = as_schema_3(tiny_export, tmp_path_factory.mktemp("schema3") / "export")
+    engine = Engine.load(tiny_export, providers=["cpu"], threads=1)
+    attention = [runner for runner in engine.runners.values() if runner.piece.kind != "head"]
+    assert all(runner.takes_mask == old and runner.takes_lengths != old for runner in attention)
+    return engine
 
 
 def alone(engine, prompt, schedule):
@@ -71,3 +123,12 @@ def test_a_released_sequence_keeps_its_cache_and_a_full_batch_is_refused(engine)
     np.testing.assert_allclose(first.logits(4), engine.sequence(PROMPTS[0] + [7]).logits(4), atol=1e-5)
     with pytest.raises(BalconyError, match="one new position"):
         batch.step([(third, 1)])
+
+
+def test_an_export_of_schema_3_gives_the_logits_of_the_current_one(tiny_export, tmp_path):
+    old = Engine.load(as_schema_3(tiny_export, tmp_path / "old"), providers=["cpu"], threads=1)
+    new = Engine.load(tiny_export, providers=["cpu"], threads=1)
+    schedule = [1, 4, 2, 2, 1, 4]
+    tokens, rows = alone(new, PROMPTS[1], schedule)
+    assert alone(old, PROMPTS[1], schedule)[0] == tokens
+    np.testing.assert_allclose(np.array(alone(old, PROMPTS[1], schedule)[1]), np.array(rows), atol=1e-5)

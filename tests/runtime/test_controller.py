@@ -254,7 +254,10 @@ LOOPING = [dataclasses.replace(p, loop_share=share) for p, share in zip(PROFILES
 
 def test_the_quality_floor_is_the_shallowest_exit_that_loops_no_more_than_the_full_model():
     controller = Controller(LOOPING, "auto")
-    assert controller.exits[controller._floor] == 16 and "exit 16" in controller.floor_note
+    assert controller.exits[controller._floor] == 16
+    assert controller.floor_note.startswith("quality floor exit 16") and "at most 5 points more often" in (
+        controller.floor_note
+    )
     strict = Controller(LOOPING, "auto", ControllerConfig(loop_margin=0.0))
     assert strict.exits[strict._floor] == 24
     assert Controller(PROFILES, "auto")._floor == 0 and "records no measured answers" in Controller(PROFILES).floor_note
