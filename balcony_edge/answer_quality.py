@@ -161,11 +161,12 @@ class AnswerWriter:
 
 
 class ExportWriter:
-    """Answers written by the ONNX runtime at one exit of an export (what an int4 export's users read), one prompt
-    at a time; the same interface as AnswerWriter."""
+    """Answers written by the ONNX runtime at one exit of an export (what an int4 export's users read), up to `rows`
+    at a time through the engine's batch decoder, as `serve --parallel` writes them (a new answer takes the row of
+    one that ended; one row on a GPU, which has no batch decoder); the same interface as AnswerWriter."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, rows: int = 8):
+        self.engine, self.rows = engine, rows if engine.device == "cpu" else 1
         self.depths = engine.exits  # the export's exits, the full model last
 
     def write(
@@ -173,12 +174,32 @@ class ExportWriter:
     ) -> list[list[int]]:
         from balcony_edge.runtime.core.sampling import SamplingConfig
 
-        answers = []
-        for i, prompt in enumerate(prompts):
-            config = SamplingConfig(**(sampling or {}), seed=seed * 1_000_003 + i)
-            answers.append(
-                [t.id for t in self.engine.generate(prompt, max_new_tokens, budget=str(depth), sampling=config)]
-            )
+        answers: list[list[int]] = [[] for _ in prompts]
+        generations = {}
+        batch = self.engine.batch_decoder(min(self.rows, len(prompts))) if self.rows > 1 else None
+        waiting, running = list(range(len(prompts))), list[int]()
+        while waiting or running:
+            while waiting and len(running) < self.rows:
+                i = waiting.pop(0)
+                config = SamplingConfig(**(sampling or {}), seed=seed * 1_000_003 + i)
+                generations[i] = self.engine.start(prompts[i], max_new_tokens, budget=str(depth), sampling=config)
+                running.append(i)
+                if batch is not None:
+                    batch.admit(generations[i].sequence)
+            planned = [(i, generations[i].plan()) for i in running]
+            ready = [(i, exit) for i, exit in planned if generations[i].sequence.ready_for_batch(exit)]
+            logits = {}
+            if batch is not None and len(ready) > 1:  # one alone is cheaper than a step over every row
+                rows = batch.step([(generations[i].sequence, exit) for i, exit in ready])
+                logits = dict(zip((i for i, _ in ready), rows))
+            for i, exit in planned:
+                generation = generations[i]
+                row = logits[i] if i in logits else generation.sequence.logits(exit)
+                answers[i].append(generation.emit(row).id)
+                if generation.done:
+                    running.remove(i)
+                    if batch is not None:
+                        batch.release(generation.sequence)
         return answers
 
 

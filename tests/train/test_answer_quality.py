@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from balcony_edge.answer_quality import AnswerSettings, AnswerWriter, answer_nll, answer_quality, in_loop, names_fact
+from balcony_edge.answer_quality import (
+    AnswerSettings,
+    AnswerWriter,
+    ExportWriter,
+    answer_nll,
+    answer_quality,
+    in_loop,
+    names_fact,
+)
 from balcony_edge.generate import generate_greedy, prompt_ids
 from balcony_edge.held_out_prompts import FACTS, HELD_OUT_PROMPTS
 
@@ -46,6 +54,21 @@ def test_batched_greedy_answers_equal_one_at_a_time_generation(tiny_model, tiny_
         batched = writer.write(depth, prompts, 6)
         alone = [generate_greedy(tiny_model, depth, p, 6, set(writer.stop)) for p in prompts]
         assert batched == alone
+
+
+@pytest.mark.parametrize("sampling", [None, {"temperature": 0.8, "top_p": 0.9}], ids=["greedy", "sampled"])
+def test_an_exports_answers_written_in_a_batch_equal_those_written_one_at_a_time(tiny_export, tiny_base, sampling):
+    from balcony_edge.runtime import Engine, SamplingConfig
+
+    engine = Engine.load(tiny_export, providers=["cpu"], threads=1)
+    prompts = [prompt_ids(tiny_base.tokenizer, p, chat=True) for p in HELD_OUT_PROMPTS[:7]]
+    for depth in (1, 4):  # 7 prompts in 3 rows: later prompts take the rows that earlier answers freed
+        batched = ExportWriter(engine, rows=3).write(depth, prompts, 12, sampling, seed=5)
+        for i, (prompt, answer) in enumerate(zip(prompts, batched)):
+            config = SamplingConfig(**(sampling or {}), seed=5 * 1_000_003 + i)
+            alone = [t.id for t in engine.generate(prompt, 12, budget=str(depth), sampling=config)]
+            assert answer == alone
+        assert ExportWriter(engine, rows=1).write(depth, prompts, 12, sampling, seed=5) == batched
 
 
 def test_answer_nll_is_the_sum_of_the_answer_tokens_log_probabilities(tiny_model, tiny_base):
