@@ -273,3 +273,20 @@ def test_the_engine_and_a_peer_alternate_round_by_round(engine):
     order = [c if c == "engine" else "peer" for c in calls if c == "engine" or c[1] == 1]
     # a warm-up, then rounds in turn, the order swapped every round
     assert order == ["engine", "engine", "peer", "peer", "engine", "engine", "peer"]
+
+
+def test_the_export_ab_script_compares_two_exports_exit_by_exit(tiny_export, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "scripts" / "export_ab.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_export), str(tiny_export), "--rounds", "2", "--tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["exit"] for row in rows] == [e.exit for e in Manifest.load(tiny_export).exits]
+    assert all(row["same_tokens"] and row["a_tok_s"] > 0 and row["b_over_a"] > 0 for row in rows)
