@@ -489,6 +489,13 @@ def export(
             help="onnx: float (the activations' type) or int8 (a quarter of fp32's cache; calibrated scales)."
         ),
     ] = "float",
+    block_size: Annotated[
+        int,
+        typer.Option(
+            help="onnx, with --quantize: weights per quantisation block, 16, 32, 64 or 128 "
+            "(64: faster, less like fp32; docs/export.md)."
+        ),
+    ] = 32,
 ) -> None:
     """Export each exit: ONNX graphs sharing one weights file (with the full model and a manifest), or one Hugging
     Face folder or GGUF file per exit."""
@@ -499,6 +506,10 @@ def export(
             raise BalconyError(
                 "--kv-cache applies to --format onnx; leave it out for "
                 f"--format {format} (its runtime chooses its own cache type)"
+            )
+        if block_size != 32:
+            raise BalconyError(
+                f"--block-size applies to --format onnx with --quantize; leave it out for --format {format}"
             )
         _export_exit_checkpoints(checkpoint, out, exits, format, dtype, base, force)
         return
@@ -516,6 +527,7 @@ def export(
         force=force,
         verify=verify,
         kv_cache=kv_cache,
+        block_size=block_size,
     )
     folder = export_checkpoint(config)
     report = json.loads((folder / REPORT_FILE).read_text())

@@ -35,7 +35,7 @@ from balcony_edge.export.kv_calibration import kv_cache_scales
 from balcony_edge.export.pieces import PieceGraphs, balcony_slot, exit_chain, layer_slot, piece_layout
 from balcony_edge.export.provenance import checkpoint_identity
 from balcony_edge.export.quality import against_full
-from balcony_edge.export.quantize import check_quantization, quantization_info, quantize_graph
+from balcony_edge.export.quantize import DEFAULT_BLOCK_SIZE, check_quantization, quantization_info, quantize_graph
 from balcony_edge.export.verify import verification_failures, verify_export
 from balcony_edge.export.weights import WEIGHTS_FILE, WeightFile, weight_bytes_per_token
 from balcony_edge.generate import eos_token_ids
@@ -72,11 +72,12 @@ class ExportConfig:
     force: bool = False
     verify: bool = True
     kv_cache: str = "float"
+    block_size: int = DEFAULT_BLOCK_SIZE  # weights per quantisation block (with quantize)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ExportError(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-        check_quantization(self.quantize)
+        check_quantization(self.quantize, self.block_size)
         if self.kv_cache not in KV_CACHES:
             raise ExportError(f"--kv-cache {self.kv_cache!r} is unknown; choose one of {', '.join(KV_CACHES)}")
         if self.kv_cache == "int8" and self.dtype != "fp32":
@@ -94,8 +95,10 @@ class ExportConfig:
 
     @property
     def folder_suffix(self) -> str:
-        """What the default folder name ends with: the precision, and `-kv8` for an int8 KV cache."""
-        return self.precision + ("-kv8" if self.kv_cache == "int8" else "")
+        """What the default folder name ends with: the precision, `-b64` for a block size other than the default,
+        and `-kv8` for an int8 KV cache."""
+        block = f"-b{self.block_size}" if self.block_size != DEFAULT_BLOCK_SIZE else ""
+        return self.precision + block + ("-kv8" if self.kv_cache == "int8" else "")
 
     @property
     def exact(self) -> bool:
@@ -236,7 +239,7 @@ def write_export(
         for piece in layout:
             proto = builder.piece(piece)
             if config.quantize is not None:
-                proto = quantize_graph(proto, config.quantize)
+                proto = quantize_graph(proto, config.quantize, config.block_size)
             protos[piece.name] = proto
             pieces.append(dataclasses.replace(piece, weights=save_graph(staging, piece.graph, proto, weights)))
             progress.advance(task)
@@ -264,7 +267,7 @@ def write_export(
         num_layers=model.num_layers,
         vocab_size=model.base.config.vocab_size,
         dtype=config.dtype,
-        quantization=quantization_info(config.quantize),
+        quantization=quantization_info(config.quantize, config.block_size),
         weights_file=weights.name,
         weights=weights.tensors,
         kv=kv_shape(model.base.config, config.dtype, config.kv_cache),

@@ -13,11 +13,18 @@ FLOOR_DATA_SUFFIX = ".data"
 FLOOR_VERSION = 2  # 2: built by the graph builder (fused contrib ops), no longer traced
 
 
+def quantization_block(manifest: Manifest) -> int:
+    """The export's weights per quantisation block (32 where a manifest does not say)."""
+    return int((manifest.quantization or {}).get("block_size", 32))
+
+
 def floor_dir(manifest: Manifest) -> Path:
-    """<cache>/bench/floors/<base sha256 prefix>-<precision>: floor graphs of one base model and precision."""
-    precision = (
-        manifest.dtype if manifest.quantization is None else f"{manifest.dtype}-{manifest.quantization['method']}"
-    )
+    """<cache>/bench/floors/<base sha256 prefix>-<precision>: floor graphs of one base model and precision (and
+    block size, where it is not 32)."""
+    precision = manifest.dtype
+    if manifest.quantization is not None:
+        block = quantization_block(manifest)
+        precision += f"-{manifest.quantization['method']}" + (f"-b{block}" if block != 32 else "")
     return cache_dir() / "bench" / "floors" / f"v{FLOOR_VERSION}-{manifest.base['sha256'][:16]}-{precision}"
 
 
@@ -79,7 +86,7 @@ def export_floor(model, layers: int, manifest: Manifest, path: Path) -> None:
         model = copy.deepcopy(model).half()
     proto = PieceGraphs(model, NUMPY_DTYPES[manifest.dtype], tie_head_as_gemm=not quantized).truncated(layers)
     if manifest.quantization is not None:
-        proto = quantize_graph(proto, manifest.quantization["method"])
+        proto = quantize_graph(proto, manifest.quantization["method"], quantization_block(manifest))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     data = path.name + FLOOR_DATA_SUFFIX

@@ -353,6 +353,22 @@ def test_quantized_export_runs_without_nan_and_reports_agreement(tiny_checkpoint
     assert used_by["base.model.layers.0.mlp.gate_up_proj.weight.T_scales"] == 3
 
 
+def test_a_block_size_is_honoured_recorded_and_named(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "b64"
+    code, output = run_cli(
+        ["export", tiny_checkpoint, "--out", out, "--exits", "1", "--quantize", "int4", "--block-size", "64"],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0, output
+    assert Manifest.load(out).quantization["block_size"] == 64
+    nodes = [n for n in onnx.load(out / "full.onnx", load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+    blocks = [a.i for n in nodes for a in n.attribute if a.name == "block_size"]
+    assert nodes and blocks == [64] * len(nodes)
+    config = ExportConfig(checkpoint=tiny_checkpoint, quantize="int4", block_size=64)
+    assert config.folder_suffix == "int4-b64" and ExportConfig(quantize="int4").folder_suffix == "int4"
+
+
 def test_fp16_export_halves_the_weights_and_agrees_with_fp32(tiny_checkpoint, tiny_export, tmp_path):
     out = export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=tmp_path / "fp16", exits="2", dtype="fp16"))
     manifest = Manifest.load(out)
@@ -399,6 +415,9 @@ def test_the_standard_graph_may_round_differently_from_the_chain_only_in_fp16():
         (["--exits", "9"], "exit 9 is out of range"),
         (["--dtype", "bf16"], "--dtype 'bf16' is unknown; choose one of fp32, fp16"),
         (["--quantize", "int3"], "--quantize 'int3' is unknown; choose one of int8, int4"),
+        (["--quantize", "int4", "--block-size", "48"], "--block-size 48 is not one MatMulNBits takes"),
+        (["--block-size", "64"], "--block-size applies to quantised weights; give --quantize int8 or int4"),
+        (["--format", "hf", "--block-size", "64"], "--block-size applies to --format onnx with --quantize"),
     ],
 )
 def test_bad_options_fail_in_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, message):
