@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from balcony_edge.export.graph_builder import IR_VERSION, MS_DOMAIN, OPSET, GraphBuilder, add_sequence_lengths
 from balcony_edge.export.weights import is_weight
@@ -73,12 +73,7 @@ def compose_exit(name: str, chain: list[tuple[Piece, onnx.ModelProto]]) -> onnx.
         for value in graph.input:
             new = rename(value.name)
             if new in _LENGTHS:
-                new, value = (
-                    ATTENTION_MASK,
-                    helper.make_tensor_value_info(
-                        ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"]
-                    ),
-                )
+                new, value = ATTENTION_MASK, lengths.inputs[0]
             if new not in links and new not in inputs:
                 inputs[new] = _renamed_info(value, new)
         for value in graph.output:

@@ -190,8 +190,10 @@ class GraphBuilder:
 
 
 def add_sequence_lengths(b: GraphBuilder) -> None:
-    """GroupQueryAttention's seqlens_k (each row's tokens - 1) and total_sequence_length, made from attention_mask:
-    once in a standard graph (a whole exit, a floor), where a piece takes both as inputs from the engine."""
+    """The attention_mask input and the nodes that make GroupQueryAttention's seqlens_k (each row's tokens - 1) and
+    total_sequence_length from it: once in a standard graph (a whole exit, a floor), where a piece takes both as
+    inputs from the engine."""
+    b.add_input(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"])
     total = b.one("ReduceSum", [ATTENTION_MASK, b.const([1])], keepdims=0)
     b.one("Cast", [b.one("Sub", [total, b.const([1])])], SEQLENS_K, to=TensorProto.INT32)
     length = b.one("Gather", [b.one("Shape", [ATTENTION_MASK]), b.const(1)], axis=0)

@@ -29,7 +29,6 @@ from balcony_edge.export.graph_builder import (
 )
 from balcony_edge.model import BalconyModel
 from balcony_edge.runtime.core.manifest import (
-    ATTENTION_MASK,
     EXIT_HIDDEN,
     INPUT_IDS,
     LOGITS,
@@ -200,7 +199,6 @@ class PieceGraphs:
             residual = hidden_name(first_layer)
             self._hidden_io(builder, residual, output=False)
         if standard:
-            builder.add_input(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"])
             add_sequence_lengths(builder)
         else:
             builder.add_input(SEQLENS_K, TensorProto.INT32, ["batch_size"])

@@ -13,7 +13,6 @@ from balcony_edge.common.errors import BalconyError
 from balcony_edge.export.graph_builder import GraphBuilder, add_sequence_lengths
 from balcony_edge.runtime import Engine
 from balcony_edge.runtime.core.manifest import (
-    ATTENTION_MASK,
     MANIFEST_FILE,
     SEQLENS_K,
     TOTAL_SEQUENCE_LENGTH,
@@ -43,10 +42,9 @@ def as_schema_3(export, folder):
         for name, tensor in lengths.initializers.items():
             tensor.name = f"/old{name}"
         inputs = [value for value in graph.input if value.name not in (SEQLENS_K, TOTAL_SEQUENCE_LENGTH)]
-        mask = onnx.helper.make_tensor_value_info(ATTENTION_MASK, onnx.TensorProto.INT64, ["batch", "total"])
         nodes = [*lengths.nodes, *graph.node]
         del graph.input[:], graph.node[:]
-        graph.input.extend([inputs[0], mask, *inputs[1:]])
+        graph.input.extend([inputs[0], *lengths.inputs, *inputs[1:]])
         graph.node.extend(nodes)
         graph.initializer.extend(lengths.initializers.values())
         onnx.save(model, folder / piece.graph)
