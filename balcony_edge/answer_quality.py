@@ -187,11 +187,12 @@ class ExportWriter:
                 if batch is not None:
                     batch.admit(generations[i].sequence)
             planned = [(i, generations[i].plan()) for i in running]
-            ready = [(i, exit) for i, exit in planned if generations[i].sequence.ready_for_batch(exit)]
+            items = [(generations[i].sequence, exit) for i, exit in planned]
+            chosen = batch.batchable(items) if batch is not None else []
             logits = {}
-            if batch is not None and len(ready) > 1:  # one alone is cheaper than a step over every row
-                rows = batch.step([(generations[i].sequence, exit) for i, exit in ready])
-                logits = dict(zip((i for i, _ in ready), rows))
+            if batch is not None and chosen:
+                rows = batch.step([items[k] for k in chosen])
+                logits = {planned[k][0]: row for k, row in zip(chosen, rows)}
             for i, exit in planned:
                 generation = generations[i]
                 row = logits[i] if i in logits else generation.sequence.logits(exit)

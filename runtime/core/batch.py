@@ -45,6 +45,13 @@ class BatchDecoder:
         sequence.cache.move_to(KVStore(self.manifest, "cpu"), 0)
         del self.occupants[row]
 
+    @staticmethod
+    def batchable(items: list[tuple[Sequence, int]]) -> list[int]:
+        """The indices of the (sequence, exit) pairs that a batched step takes now: those ready for one, when at least
+        two are (one alone is cheaper than a step over every row)."""
+        ready = [i for i, (sequence, exit) in enumerate(items) if sequence.ready_for_batch(exit)]
+        return ready if len(ready) > 1 else []
+
     def step(self, items: list[tuple[Sequence, int]]) -> list[np.ndarray]:
         """The next-token logits of each (sequence, exit), every sequence in a row and ready for a batched step."""
         if not all(seq.cache.store is self.store and seq.ready_for_batch(exit) for seq, exit in items):

@@ -120,9 +120,8 @@ class Scheduler:
             except Exception as err:  # noqa: BLE001 - handed to the request; the server goes on
                 over.append(self._finish(job, err))
         batch = self.batch
-        batched = [(job, exit) for job, exit in planned if batch is not None and job.sequence.ready_for_batch(exit)]
-        if len(batched) < 2:  # one alone is cheaper than a step over every row
-            batched = []
+        chosen = batch.batchable([(job.sequence, exit) for job, exit in planned]) if batch is not None else []
+        batched = [planned[i] for i in chosen]
         logits: dict[Job, np.ndarray | Exception] = {}
         for job, exit in planned:
             if (job, exit) not in batched:
