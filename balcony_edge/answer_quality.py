@@ -295,7 +295,7 @@ def answer_quality(
             figures[label + "mean_length"] = sum(map(len, answers)) / len(answers)
             figures[label + "facts_right"] = sum(facts) / len(facts)
         figures["reverse_nll"] = _mean_per_token(reverse[depth], written[full, None])
-        results.append(DepthAnswers(depth=depth, relative_compute=min(1.0, (depth + 1) / full), **figures))
+        results.append(DepthAnswers(depth=depth, relative_compute=model.exit_layers(depth) / full, **figures))
     texts = [
         {
             "prompt": p,

@@ -46,6 +46,8 @@ class CheckpointInfo:
             "exits": list(self.config.exits),
             "balcony_init": self.config.balcony_init,
             "norm_init": self.config.norm_init,
+            # Written only where an exit's balcony is deeper than one layer: a default checkpoint reads as before.
+            **({"balcony_layers": {str(k): n for k, n in self.config.deeper}} if self.config.deeper else {}),
             "training": self.training,
             **({"answers": self.answers} if self.answers is not None else {}),
         }
@@ -171,12 +173,23 @@ def _parse_info(raw: object, path: Path) -> CheckpointInfo:
             raise ExitsError(
                 f"balcony init {reprlib.repr(balcony_init)} and norm init {reprlib.repr(norm_init)} must be names"
             )
-        config = BalconyConfig(checked, balcony_init, norm_init)
+        config = BalconyConfig(checked, balcony_init, norm_init, _parse_balcony_layers(raw.get("balcony_layers", {})))
     except ExitsError as err:
         raise CheckpointError(
             f"{path} does not describe balconies its base can hold ({err}); train again or restore the file"
         ) from None
     return CheckpointInfo(base=base, config=config, training=training, answers=_parse_answers(raw.get("answers"), path))
+
+
+def _parse_balcony_layers(layers: object) -> tuple[tuple[int, int], ...]:
+    """balcony_config.json's {"exit": layers} as BalconyConfig.deeper (BalconyConfig checks the values)."""
+    if not (
+        isinstance(layers, dict) and all(k.isascii() and k.isdigit() and is_whole_number(n) for k, n in layers.items())
+    ):
+        raise ExitsError(
+            f'balcony_layers must map exits to layer counts, such as {{"8": 2}}, not {reprlib.repr(layers)}'
+        )
+    return tuple(sorted((int(k), int(n)) for k, n in layers.items()))
 
 
 ANSWER_FIGURES = ("judge_nll", "loop_share", "facts_right", "mean_length")
@@ -236,22 +249,31 @@ def build_model(base: BaseModel, config: BalconyConfig, seed: int = 0) -> Balcon
     return model
 
 
-def copy_balcony_weights(model: BalconyModel, tensors: dict, source: Path) -> None:
-    """Copy saved balcony tensors into the model, refusing missing, extra or misshapen ones."""
+def copy_balcony_weights(model: BalconyModel, tensors: dict, source: Path, start: bool = False) -> None:
+    """Copy saved balcony tensors into the model, refusing missing, extra or misshapen ones. To `start` a run
+    (--init-from), the source may hold more exits (left out) and shallower balconies (the model's further layers
+    keep their identity start)."""
     expected = model.balcony_state_dict()
-    if set(tensors) != set(expected):
+    fresh: set[str] = set()
+    if start:
+        tensors = {name: t for name, t in tensors.items() if name in expected}
+        fresh = {name for name in expected if name not in tensors and name.startswith("extra_layers.")}
+    if set(tensors) != set(expected) - fresh:
         raise CheckpointError(
             f"{source} does not hold the balconies of exits {list(model.exits)}; "
             "the folder is inconsistent: train again or restore it"
         )
     for name, target in expected.items():
+        if name in fresh:
+            continue
         if not isinstance(tensors[name], torch.Tensor) or tensors[name].shape != target.shape:
             raise CheckpointError(
                 f"{source}: {name} is not a tensor of shape {list(target.shape)}; "
                 "the folder is inconsistent: train again or restore it"
             )
     for name, target in expected.items():
-        target.copy_(tensors[name].to(target.dtype))
+        if name not in fresh:
+            target.copy_(tensors[name].to(target.dtype))
 
 
 def read_weights(folder: Path) -> dict:

@@ -106,6 +106,13 @@ def train(
     norm_init: Annotated[
         str, typer.Option(help="final (copy of the final norm) or exit_input (the exit layer's input norm).")
     ] = "final",
+    balcony_layers: Annotated[
+        str,
+        typer.Option(
+            help="EXIT:LAYERS for balconies of more than one decoder layer, such as 8:2 (training and eval; "
+            "export takes one-layer balconies)."
+        ),
+    ] = "",
     save_dtype: Annotated[str, typer.Option(help="dtype of the saved balconies: fp32, fp16 or bf16.")] = "fp32",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
     distill_top_k: Annotated[
@@ -113,7 +120,10 @@ def train(
     ] = 32,
     init_from: Annotated[
         Optional[Path],
-        typer.Option(help="Start from this checkpoint's balconies (same base and exits), with a new schedule."),
+        typer.Option(
+            help="Start from this checkpoint's balconies (same base; it may hold more exits, or shallower "
+            "balconies), with a new schedule."
+        ),
     ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out exactly where its last checkpoint stopped.")
@@ -160,6 +170,7 @@ def train(
         precision=precision,
         balcony_init=balcony_init,
         norm_init=norm_init,
+        balcony_layers=balcony_layers,
         save_dtype=save_dtype,
         threads=threads,
         distill_top_k=distill_top_k,

@@ -27,7 +27,7 @@ class ExitQuality:
     naive_ppl: float
     naive_top1_agreement: float
     naive_kl: float
-    relative_compute: float  # (k + 1) / L: k backbone layers and the balcony
+    relative_compute: float  # (k + n) / L: k backbone layers and the balcony's n
     naive_relative_compute: float  # k / L
 
 
@@ -91,7 +91,7 @@ def evaluate(model: BalconyModel, blocks: torch.Tensor, batch_size: int = 2, sho
             naive_ppl=math.exp(naive[k].nll / tokens),
             naive_top1_agreement=naive[k].top1 / tokens,
             naive_kl=naive[k].kl / tokens,
-            relative_compute=(k + 1) / layers,
+            relative_compute=model.exit_layers(k) / layers,
             naive_relative_compute=k / layers,
         )
         for k in model.exits

@@ -34,3 +34,20 @@ def parse_exits(value: str | Iterable[int], num_layers: int | None) -> tuple[int
                 f"layers, so exits go from 1 to {num_layers - 1}"
             )
     return tuple(sorted(exits))
+
+
+def parse_balcony_layers(value: str, exits: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """`--balcony-layers 8:2` as BalconyConfig.deeper: (exit, layers) pairs, for exits among `exits` ("": none)."""
+    exits = tuple(exits)
+    pairs = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        k, _, n = item.partition(":")
+        if not (k.strip().isascii() and k.strip().isdigit() and n.strip().isascii() and n.strip().isdigit()):
+            raise ExitsError(f"balcony layers {item!r} is not EXIT:LAYERS; give them such as --balcony-layers 8:2")
+        if int(k) not in exits:
+            raise ExitsError(f"--balcony-layers names exit {int(k)}, which is not among --exits {exits}; name an exit")
+        if int(n) > 1:  # one layer is every balcony's default
+            pairs.append((int(k), int(n)))
+        elif int(n) < 1:
+            raise ExitsError(f"exit {int(k)}'s balcony of {int(n)} layers: give at least 1")
+    return tuple(sorted(pairs))

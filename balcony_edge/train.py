@@ -42,7 +42,7 @@ from balcony_edge.common.paths import check_replace_target
 from balcony_edge.common.validation import is_finite_number, is_whole_number
 from balcony_edge.data import DEFAULT_CORPUS, check_sources, load_corpus, pack, weighted_sources
 from balcony_edge.distill import DIVERGENCES, distill_backward
-from balcony_edge.exits import parse_exits
+from balcony_edge.exits import parse_balcony_layers, parse_exits
 from balcony_edge.model import (
     BALCONY_INITS,
     DEFAULT_NORM_INIT,
@@ -145,6 +145,7 @@ class TrainConfig:
     precision: str = "auto"
     balcony_init: str = "last"
     norm_init: str = DEFAULT_NORM_INIT
+    balcony_layers: str = ""  # EXIT:LAYERS for balconies of more than one decoder layer, such as "8:2"
     kl_chunk: int = 256  # tokens
     distill_top_k: int = 32  # KL over the union of the teacher's top-k tokens per chunk; 0: the whole vocabulary
     save_dtype: str = "fp32"
@@ -167,6 +168,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value is None and name in OPTIONAL_FIELDS) and not valid(value):
                 raise BalconyError(f"{_flag(name)} must be {rule}, not {reprlib.repr(value)}")
+        if not isinstance(self.balcony_layers, str):
+            raise BalconyError(f"--balcony-layers must be text such as '8:2', not {reprlib.repr(self.balcony_layers)}")
+        BalconyConfig(self.exits, deeper=parse_balcony_layers(self.balcony_layers, self.exits))  # checks it now
         if self.micro_batch_size > self.batch_size:
             raise BalconyError(
                 f"--micro-batch-size {self.micro_batch_size} is larger than "
@@ -342,11 +346,13 @@ class Trainer:
         self.base = base or load_base_model(config.base)
         exits = parse_exits(config.exits, self.base.identity.num_layers)
         config.exits = exits
+        deeper = parse_balcony_layers(config.balcony_layers, exits)
+        config.balcony_layers = ",".join(f"{k}:{n}" for k, n in deeper)
         resume_state = self._resume_state() if resume else None
 
         torch.manual_seed(config.seed)
         self.model: BalconyModel = build_model(
-            self.base, BalconyConfig(exits, config.balcony_init, config.norm_init), seed=config.seed
+            self.base, BalconyConfig(exits, config.balcony_init, config.norm_init, deeper), seed=config.seed
         )
         # What the run started from (--init-from): that checkpoint's training record, kept in this run's record.
         self.init_training = None
@@ -401,7 +407,7 @@ class Trainer:
         path = folder / STATE_FILE
         if not path.is_file():
             raise CheckpointError(f"--resume: {path} not found; start without --resume or point --out at a run folder")
-        self._check_same_balconies(read_info(folder), "--resume", self.out, "trains", "resume with")
+        self._check_same_balconies(read_info(folder), "--resume", self.out, "trains", "resume with", start=False)
         state = _load_training_state(path)
         # A setting newer than the run's state file was, for that run, its default (how the older code behaved).
         saved = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING} | state["config"]
@@ -415,13 +421,29 @@ class Trainer:
                 )
         return state
 
-    def _check_same_balconies(self, info, option: str, folder: Path, verb: str, fix: str) -> None:
-        """Refuse a checkpoint (to resume or start from) of another base model or other exits."""
+    def _check_same_balconies(self, info, option: str, folder: Path, verb: str, fix: str, start: bool) -> None:
+        """Refuse a checkpoint (to resume or start from) of another base model or other exits; a run may start
+        (`start`) from a checkpoint of more exits, or of shallower balconies, and trains those it names."""
         if info.base["sha256"] != self.base.identity.sha256:
             raise CheckpointError(
                 f"{option}: {folder} was trained on base {info.base.get('name')!r}, "
                 f"not {self.base.identity.name!r}; {fix} the same --base"
             )
+        if start:
+            missing = [k for k in self.config.exits if k not in info.config.exits]
+            deeper_there = [
+                k
+                for k in self.config.exits
+                if k not in missing and info.config.layers_at(k) > self.model.config.layers_at(k)
+            ]
+            if missing or deeper_there:
+                k = (missing or deeper_there)[0]
+                what = "no balcony" if missing else f"a balcony of {info.config.layers_at(k)} layers"
+                raise CheckpointError(
+                    f"{option}: {folder} holds {what} at exit {k}; train exits it holds "
+                    f"({','.join(map(str, info.config.exits))}), with balconies at least as deep as its own"
+                )
+            return
         if tuple(info.config.exits) != tuple(self.config.exits):
             theirs = ",".join(map(str, info.config.exits))
             raise CheckpointError(
@@ -433,8 +455,8 @@ class Trainer:
         """Copy a trained checkpoint's balconies into the fresh model; returns that checkpoint's training record."""
         folder = readable_folder(folder)
         info = read_info(folder)
-        self._check_same_balconies(info, "--init-from", folder, "holds", "train with")
-        copy_balcony_weights(self.model, read_weights(folder), folder / WEIGHTS_FILE)
+        self._check_same_balconies(info, "--init-from", folder, "holds", "train with", start=True)
+        copy_balcony_weights(self.model, read_weights(folder), folder / WEIGHTS_FILE, start=True)
         before, c = info.training or {}, self.config
         if (
             before.get("seed") == c.seed

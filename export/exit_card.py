@@ -38,7 +38,7 @@ def training_tokens(training: dict) -> int:
 
 def exit_card(k: int, model: BalconyModel, info: CheckpointInfo, quality: AgainstFull, base_license: str | None) -> str:
     """README.md for exit k as a standalone model."""
-    layers = model.num_layers
+    layers, depth = model.num_layers, model.exit_layers(k)
     base_name = DEFAULT_BASE_HUB_ID if info.base.get("name") == DEFAULT_BASE else info.base.get("name")
     front = {
         "base_model": base_name,
@@ -46,8 +46,8 @@ def exit_card(k: int, model: BalconyModel, info: CheckpointInfo, quality: Agains
         "license": base_license or "other",
         "library_name": "transformers",
         "exit_depth": k,
-        "num_hidden_layers": k + 1,
-        "relative_compute": round((k + 1) / layers, 3),
+        "num_hidden_layers": depth,
+        "relative_compute": round(depth / layers, 3),
         "training_tokens": training_tokens(info.training),
     }
     yaml = "\n".join(f"{key}: {json.dumps(value)}" for key, value in front.items())
@@ -58,10 +58,10 @@ def exit_card(k: int, model: BalconyModel, info: CheckpointInfo, quality: Agains
 
 # {base_name}: Balcony exit {k} as a plain model
 
-An ordinary {model.base.config.model_type} decoder of {k + 1} layers: the frozen base model's layers 1..{k}, then the
-trained balcony layer of exit {k} as the last layer, its own RMSNorm as the final norm, and the base model's LM
-head. It needs no custom code: `AutoModelForCausalLM.from_pretrained(this_folder)`. It runs {k + 1} of the
-{layers} decoder layers of the full model ({(k + 1) / layers:.0%} of their compute per token).
+An ordinary {model.base.config.model_type} decoder of {depth} layers: the frozen base model's layers 1..{k}, then the
+trained balcony of exit {k} ({depth - k} layer{"s" if depth - k > 1 else ""}) last, its own RMSNorm as the final norm,
+and the base model's LM head. It needs no custom code: `AutoModelForCausalLM.from_pretrained(this_folder)`. It runs
+{depth} of the {layers} decoder layers of the full model ({depth / layers:.0%} of their compute per token).
 
 Made by `balcony-edge export --format hf` from balconies trained by self-distillation (KL of the full model to the
 exit) on {front["training_tokens"]:,} tokens, as in "Balcony: A Lightweight Approach to Dynamic Inference of
@@ -73,7 +73,7 @@ Measured at export on a fixed English text of {quality.tokens} tokens (export/qu
 
 | exit | layers | top-1 agreement with the full model | perplexity / full model's |
 | --- | --- | --- | --- |
-| {k} | {k + 1} of {layers} | {quality.top1[k]:.3f} | {quality.perplexity_ratio[k]:.2f}x |
+| {k} | {depth} of {layers} | {quality.top1[k]:.3f} | {quality.perplexity_ratio[k]:.2f}x |
 
 The checkpoint's own model card has the evaluation per kind of text.
 

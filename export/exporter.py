@@ -120,7 +120,14 @@ def export_checkpoint(config: ExportConfig) -> Path:
         if config.out is not None
         else default_export_dir(export_name(checkpoint), config.folder_suffix)
     )
-    exits = select_exits(config.exits, read_info(checkpoint), checkpoint)
+    info = read_info(checkpoint)
+    exits = select_exits(config.exits, info, checkpoint)
+    deeper = [k for k in exits if info.config.layers_at(k) > 1]
+    if deeper:  # the pieces, the manifest and the runtime hold one balcony layer per exit
+        raise ExportError(
+            f"exit {deeper[0]}'s balcony has {info.config.layers_at(deeper[0])} layers and the ONNX export takes "
+            f"one-layer balconies; export it with --format hf or gguf, or leave it out with --exits"
+        )
     check_target(out, config.force)
     with exclusive_target(out, "the export"):
         return _export_locked(config, checkpoint, out, exits)

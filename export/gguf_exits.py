@@ -1,5 +1,6 @@
 """Exit k as a GGUF file for llama.cpp and ollama: the base GGUF's metadata (tokenizer, chat template) with
-block_count = k + 1, and the exit model's tensors named and laid out the way llama.cpp reads that architecture."""
+block_count = k + the balcony's layers, and the exit model's tensors named and laid out the way llama.cpp reads that
+architecture."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def write_exit_gguf(path: Path, k: int, model: BalconyModel, source: gguf.GGUFRe
             continue
         value = field.contents()
         if field.name == f"{arch}.block_count":
-            value = k + 1
+            value = model.exit_layers(k)
         elif field.name == "general.file_type":
             value = int(FILE_TYPES[dtype])
         elif field.name == "general.name":
@@ -73,7 +74,7 @@ def exit_tensors(k: int, model: BalconyModel, arch: str) -> dict[str, np.ndarray
     """The exit model's tensors under llama.cpp's names, float32, query/key rows in llama.cpp's rotary order."""
     exit_model = model.exit_model(k)
     config = exit_model.config
-    names = gguf.get_tensor_name_map(_model_arch(arch), k + 1)
+    names = gguf.get_tensor_name_map(_model_arch(arch), model.exit_layers(k))
     tied = bool(getattr(config, "tie_word_embeddings", False))
     tensors = {}
     for hf_name, tensor in exit_model.state_dict().items():

@@ -1,4 +1,4 @@
-"""Exit k as a Hugging Face folder: the base architecture's own config with k + 1 layers, safetensors weights
+"""Exit k as a Hugging Face folder: the base architecture's own config with k + n layers (n: the balcony's), weights
 (tied embeddings stay tied), tokenizer, chat template, generation config and a model card."""
 
 from __future__ import annotations

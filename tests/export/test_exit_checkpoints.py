@@ -11,10 +11,18 @@ from conftest import make_base_folder, spread
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from balcony_edge.base_model import default_gguf_path, load_base_model
-from balcony_edge.checkpoint import build_model, load_checkpoint, save_checkpoint
+from balcony_edge.checkpoint import (
+    SHIPPED_CHECKPOINT,
+    build_model,
+    copy_balcony_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 from balcony_edge.cli import main
 from balcony_edge.common.errors import ExportError
 from balcony_edge.export.exit_checkpoints import LISTING_FILE, ExitCheckpointConfig, export_exit_checkpoints
+from balcony_edge.export.exporter import ExportConfig, export_checkpoint
+from balcony_edge.export.gguf_exits import read_source, write_exit_gguf
 from balcony_edge.model import BalconyConfig
 
 PROMPT = "The weather in Paris is lovely today, and the museums"
@@ -188,3 +196,50 @@ def test_chat_on_a_folder_of_plain_exits_says_what_runs_them(tiny_checkpoint, tm
         r"transformers .* runs; for chat and serve, export ONNX",
     ):
         Manifest.load(out)
+
+
+def test_a_deeper_balcony_exports_as_hf_and_gguf_exits_of_k_plus_n_layers_and_onnx_refuses_it(tmp_path):
+    base_dir = make_base_folder(tmp_path / "base", layers=4)
+    model = build_model(load_base_model(str(base_dir)), BalconyConfig((1, 2), "random", deeper=((1, 2),)))
+    spread(model.balcony_state_dict().values())
+    checkpoint = tmp_path / "deep"
+    save_checkpoint(model, str(base_dir), checkpoint, training={"tokens_seen": 10})
+    out, _ = export_exit_checkpoints(ExitCheckpointConfig(format="hf", checkpoint=checkpoint, out=tmp_path / "hf"))
+    model, _, base = load_checkpoint(checkpoint)
+    ids = torch.tensor([base.tokenizer.encode("a tiny text for the tiny model")])
+    plain = AutoModelForCausalLM.from_pretrained(out / "exit_1")
+    assert plain.config.num_hidden_layers == 3 and "num_hidden_layers: 3" in (out / "exit_1" / "README.md").read_text()
+    torch.testing.assert_close(plain(ids).logits, model.all_logits(ids)[1], atol=1e-4, rtol=0)
+    with pytest.raises(ExportError, match="exit 1's balcony has 2 layers .* --exits"):
+        export_checkpoint(ExportConfig(checkpoint=checkpoint, out=tmp_path / "onnx"))
+    assert not (tmp_path / "onnx").exists()
+    export_checkpoint(ExportConfig(checkpoint=checkpoint, out=tmp_path / "onnx", exits="2", verify=False))
+
+
+def test_a_deeper_balcony_becomes_more_blocks_of_a_gguf_exit(tmp_path):
+    shipped, _, base = load_checkpoint()
+    model = build_model(base, BalconyConfig((8,), deeper=((8, 2),)))  # the shipped exit 8, and a layer after it
+    copy_balcony_weights(model, shipped.balcony_state_dict(), SHIPPED_CHECKPOINT, start=True)
+    second = model.balcony_layers(8)[1]
+    for name in ("self_attn.o_proj", "mlp.down_proj"):  # away from the identity start, so that the layer counts
+        torch.nn.init.normal_(second.get_submodule(name).weight, std=0.01, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "exit_8.gguf"
+    write_exit_gguf(path, 8, model, read_source(default_gguf_path()), "fp32")
+    written = gguf.GGUFReader(path)
+    assert written.fields["llama.block_count"].contents() == 10
+    assert {t.name for t in written.tensors if t.name.startswith("blk.9.")}
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ids, expected = base.tokenizer.encode(PROMPT), []
+    for _ in range(12):  # torch's greedy tokens, up to the first near tie (fp32 sums may break it either way)
+        top = model.exit_model(8)(torch.tensor([ids + expected])).logits[0, -1].topk(2)
+        if float(top.values[0] - top.values[1]) < 0.01:
+            break
+        expected.append(int(top.indices[0]))
+    assert len(expected) >= 6
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False)
+    tokens = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        tokens.append(token)
+        if len(tokens) == len(expected):
+            break
+    assert tokens == expected

@@ -12,7 +12,7 @@ from conftest import tiny_train_config
 from safetensors.torch import load_file
 
 from balcony_edge.checkpoint import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, load_checkpoint
-from balcony_edge.common.errors import BalconyError, CheckpointError
+from balcony_edge.common.errors import BalconyError, CheckpointError, ExitsError
 from balcony_edge.train import BlockOrder, TrainConfig, Trainer, lr_factor, train
 
 
@@ -74,10 +74,19 @@ def test_resume_reads_a_state_written_before_a_setting_existed_as_that_settings_
     first = train(_config(peaked_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 2))
     path = tmp_path / "run" / STATE_FILE
     state = torch.load(path, weights_only=True)
-    for name in ("on_policy", "answer_tokens", "answer_temperature", "divergence", "on_policy_weight"):
-        del state["config"][name]  # as a run started before the on-policy trainer wrote it
+    for name in (
+        "on_policy",
+        "answer_tokens",
+        "answer_temperature",
+        "divergence",
+        "on_policy_weight",
+        "balcony_layers",
+    ):
+        del state["config"][name]  # as a run started before the on-policy trainer (and deeper balconies) wrote it
     torch.save(state, path)
-    assert train(_config(peaked_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 2), resume=True) == first
+    again = train(_config(peaked_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 2), resume=True)
+    assert again.pop("wall_seconds") >= first.pop("wall_seconds")  # the resumed call's own seconds added
+    assert again == first
     with pytest.raises(CheckpointError, match="on_policy=0, not 2"):
         Trainer(_config(peaked_base_dir, text_dir, tmp_path / "run", max_tokens=4 * 32 * 2, on_policy=2), resume=True)
 
@@ -90,7 +99,9 @@ def test_init_from_starts_from_a_checkpoints_balconies_and_keeps_its_record(peak
         assert torch.equal(tensor, first[name]), name
     summary = train(_config(peaked_base_dir, text_dir, tmp_path / "second", init_from=str(tmp_path / "first")))
     assert summary["init_from"]["training"]["tokens_seen"] == 2 * 4 * 32 and summary["seed"] == 0
-    with pytest.raises(CheckpointError, match="--init-from: .* holds exits 1,3"):
+    with pytest.raises(
+        CheckpointError, match=r"--init-from: .* holds no balcony at exit 2; train exits it holds \(1,3\)"
+    ):
         Trainer(_config(peaked_base_dir, text_dir, tmp_path / "third", exits=(1, 2), init_from=str(tmp_path / "first")))
 
 
@@ -255,3 +266,31 @@ def test_ddp_with_two_gloo_processes_gives_the_weights_of_one_process(peaked_bas
     summary = json.loads((tmp_path / "two" / CONFIG_FILE).read_text())["training"]
     assert summary["ranks"] == 2 and summary["steps"] == 3
     assert initial is not None
+
+
+def test_init_from_may_train_fewer_exits_and_deepen_a_balcony(peaked_base_dir, text_dir, tmp_path):
+    train(_config(peaked_base_dir, text_dir, tmp_path / "first", max_tokens=4 * 32 * 2))
+    first = load_file(tmp_path / "first" / WEIGHTS_FILE)
+    trainer = Trainer(
+        _config(
+            peaked_base_dir,
+            text_dir,
+            tmp_path / "deep",
+            exits=(3,),
+            balcony_layers="3:2",
+            init_from=str(tmp_path / "first"),
+        )
+    )
+    for name, tensor in trainer.model.balcony_state_dict().items():
+        if name.startswith("extra_layers."):
+            assert name.startswith("extra_layers.3.0.")
+        else:
+            assert name.startswith(("balconies.3.", "norms.3.")) and torch.equal(tensor, first[name]), name
+    train(trainer.config)
+    _, info, _ = load_checkpoint(tmp_path / "deep")
+    assert info.config.deeper == ((3, 2),)
+    with pytest.raises(CheckpointError, match="a balcony of 2 layers at exit 3"):
+        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "back", exits=(3,), init_from=str(tmp_path / "deep")))
+    for bad, match in [("2:2", "not among --exits"), ("3:9", "give 2 to 4"), ("3", "is not EXIT:LAYERS")]:
+        with pytest.raises(ExitsError, match=match):
+            _bare_config(balcony_layers=bad)
