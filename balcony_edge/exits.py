@@ -45,7 +45,10 @@ def parse_balcony_layers(value: str, exits: Iterable[int]) -> tuple[tuple[int, i
         if not (k.strip().isascii() and k.strip().isdigit() and n.strip().isascii() and n.strip().isdigit()):
             raise ExitsError(f"balcony layers {item!r} is not EXIT:LAYERS; give them such as --balcony-layers 8:2")
         if int(k) not in exits:
-            raise ExitsError(f"--balcony-layers names exit {int(k)}, which is not among --exits {exits}; name an exit")
+            listed = ",".join(map(str, exits))
+            raise ExitsError(
+                f"--balcony-layers names exit {int(k)}, which is not among --exits {listed}; name one of those"
+            )
         if int(n) > 1:  # one layer is every balcony's default
             pairs.append((int(k), int(n)))
         elif int(n) < 1:

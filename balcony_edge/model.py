@@ -48,7 +48,8 @@ class BalconyConfig:
             raise ExitsError(f"norm init {self.norm_init!r} is unknown; choose one of {', '.join(NORM_INITS)}")
         for k, n in self.deeper:
             if k not in self.exits:
-                raise ExitsError(f"balcony layers given for exit {k}, which is not one of the exits {self.exits}")
+                listed = ",".join(map(str, self.exits))
+                raise ExitsError(f"balcony layers given for exit {k}, which is not one of the exits {listed}")
             if not 2 <= n <= MAX_BALCONY_LAYERS:
                 raise ExitsError(f"exit {k}'s balcony of {n} layers: give 2 to {MAX_BALCONY_LAYERS} (1 is the default)")
         if len({k for k, _ in self.deeper}) != len(self.deeper):
