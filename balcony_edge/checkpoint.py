@@ -249,15 +249,23 @@ def build_model(base: BaseModel, config: BalconyConfig, seed: int = 0) -> Balcon
     return model
 
 
-def copy_balcony_weights(model: BalconyModel, tensors: dict, source: Path, start: bool = False) -> None:
-    """Copy saved balcony tensors into the model, refusing missing, extra or misshapen ones. To `start` a run
-    (--init-from), the source may hold more exits (left out) and shallower balconies (the model's further layers
-    keep their identity start)."""
+def copy_balcony_weights(
+    model: BalconyModel, tensors: dict, source: Path, start_from: BalconyConfig | None = None
+) -> None:
+    """Copy saved balcony tensors into the model, refusing missing, extra or misshapen ones. To start a run from
+    them (--init-from), `start_from` is the source's config: it may hold more exits (left out) and shallower
+    balconies (the model's layers past the source's keep their identity start)."""
     expected = model.balcony_state_dict()
     fresh: set[str] = set()
-    if start:
+    if start_from is not None:
         tensors = {name: t for name, t in tensors.items() if name in expected}
-        fresh = {name for name in expected if name not in tensors and name.startswith("extra_layers.")}
+        fresh = {
+            name
+            for k in model.exits
+            for i in range(start_from.layers_at(k) - 1, model.config.layers_at(k) - 1)
+            for name in expected
+            if name.startswith(f"extra_layers.{k}.{i}.")
+        }
     if set(tensors) != set(expected) - fresh:
         raise CheckpointError(
             f"{source} does not hold the balconies of exits {list(model.exits)}; "

@@ -109,8 +109,8 @@ def train(
     balcony_layers: Annotated[
         str,
         typer.Option(
-            help="EXIT:LAYERS for balconies of more than one decoder layer, such as 8:2 (training and eval; "
-            "export takes one-layer balconies)."
+            help="EXIT:LAYERS for balconies of more than one decoder layer (up to 4), such as 8:2; eval and "
+            "export --format hf|gguf take them, the ONNX export takes one-layer balconies."
         ),
     ] = "",
     save_dtype: Annotated[str, typer.Option(help="dtype of the saved balconies: fp32, fp16 or bf16.")] = "fp32",
@@ -395,6 +395,12 @@ def _eval_engine(export: Path, info, exits: tuple[int, ...]):
         raise BalconyError(
             f"--export {export} has exit {foreign[0]}, which the checkpoint (exits {','.join(map(str, exits))}) "
             "has not; give an export of this checkpoint"
+        )
+    deeper = [k for k in engine.exits[:-1] if info.config.layers_at(k) > 1]
+    if deeper:  # an ONNX export holds one-layer balconies: it was made from another checkpoint
+        raise BalconyError(
+            f"--export {export} has exit {deeper[0]}, whose balcony in the checkpoint has "
+            f"{info.config.layers_at(deeper[0])} layers; give an export of this checkpoint, or leave out --export"
         )
     return engine
 

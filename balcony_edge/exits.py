@@ -39,18 +39,18 @@ def parse_exits(value: str | Iterable[int], num_layers: int | None) -> tuple[int
 def parse_balcony_layers(value: str, exits: Iterable[int]) -> tuple[tuple[int, int], ...]:
     """`--balcony-layers 8:2` as BalconyConfig.deeper: (exit, layers) pairs, for exits among `exits` ("": none)."""
     exits = tuple(exits)
-    pairs = []
+    pairs: dict[int, int] = {}
     for item in filter(None, (part.strip() for part in value.split(","))):
-        k, _, n = item.partition(":")
-        if not (k.strip().isascii() and k.strip().isdigit() and n.strip().isascii() and n.strip().isdigit()):
+        k, _, n = (part.strip() for part in item.partition(":"))
+        if not (k.isascii() and k.isdigit() and n.isascii() and n.isdigit()):
             raise ExitsError(f"balcony layers {item!r} is not EXIT:LAYERS; give them such as --balcony-layers 8:2")
         if int(k) not in exits:
             listed = ",".join(map(str, exits))
             raise ExitsError(
                 f"--balcony-layers names exit {int(k)}, which is not among --exits {listed}; name one of those"
             )
-        if int(n) > 1:  # one layer is every balcony's default
-            pairs.append((int(k), int(n)))
-        elif int(n) < 1:
-            raise ExitsError(f"exit {int(k)}'s balcony of {int(n)} layers: give at least 1")
-    return tuple(sorted(pairs))
+        if int(k) in pairs:
+            raise ExitsError(f"--balcony-layers names exit {int(k)} twice; give it once")
+        pairs[int(k)] = int(n)
+    # One layer is every balcony's default, written as no entry; BalconyConfig checks the other counts.
+    return tuple(sorted((k, n) for k, n in pairs.items() if n != 1))

@@ -50,10 +50,10 @@ class BalconyConfig:
             if k not in self.exits:
                 listed = ",".join(map(str, self.exits))
                 raise ExitsError(f"balcony layers given for exit {k}, which is not one of the exits {listed}")
-            if not 2 <= n <= MAX_BALCONY_LAYERS:
-                raise ExitsError(f"exit {k}'s balcony of {n} layers: give 2 to {MAX_BALCONY_LAYERS} (1 is the default)")
+            if not 2 <= n <= MAX_BALCONY_LAYERS:  # (exit, 1) is the default, written as no entry
+                raise ExitsError(f"exit {k}'s balcony of {n} layers: give 1 to {MAX_BALCONY_LAYERS}")
         if len({k for k, _ in self.deeper}) != len(self.deeper):
-            raise ExitsError(f"balcony layers name an exit twice: {self.deeper}")
+            raise ExitsError(f"balcony layers name exit {self.deeper[0][0]} twice; give each exit once")
 
     def layers_at(self, k: int) -> int:
         """Decoder layers in exit k's balcony."""
@@ -82,6 +82,12 @@ class BalconyModel(nn.Module):
         self.base.requires_grad_(False)
         exits = parse_exits(config.exits, self.num_layers)
         self.config = BalconyConfig(exits, config.balcony_init, config.norm_init, config.deeper)
+        for k, n in self.config.deeper:
+            if k + n >= self.num_layers:
+                raise ExitsError(
+                    f"exit {k}'s balcony of {n} layers would run {k + n} of the base's {self.num_layers} layers, "
+                    f"no fewer than the full model; give it at most {max(1, self.num_layers - k - 1)}"
+                )
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         self.balconies = nn.ModuleDict({str(k): self._new_balcony(k) for k in self.exits})

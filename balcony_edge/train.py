@@ -150,7 +150,7 @@ class TrainConfig:
     distill_top_k: int = 32  # KL over the union of the teacher's top-k tokens per chunk; 0: the whole vocabulary
     save_dtype: str = "fp32"
     threads: int | None = None
-    init_from: str | None = None  # a checkpoint folder whose balconies (same base, same exits) start this run
+    init_from: str | None = None  # a checkpoint folder whose balconies (same base; its exits or more) start this run
     on_policy: int = 0  # answers each exit writes per step (and rank) to train on (on_policy.py); 0: off
     answer_tokens: int = 128  # the longest answer, tokens
     answer_temperature: float = 1.0
@@ -430,19 +430,18 @@ class Trainer:
                 f"not {self.base.identity.name!r}; {fix} the same --base"
             )
         if start:
-            missing = [k for k in self.config.exits if k not in info.config.exits]
-            deeper_there = [
-                k
-                for k in self.config.exits
-                if k not in missing and info.config.layers_at(k) > self.model.config.layers_at(k)
-            ]
-            if missing or deeper_there:
-                k = (missing or deeper_there)[0]
-                what = "no balcony" if missing else f"a balcony of {info.config.layers_at(k)} layers"
-                raise CheckpointError(
-                    f"{option}: {folder} holds {what} at exit {k}; train exits it holds "
-                    f"({','.join(map(str, info.config.exits))}), with balconies at least as deep as its own"
-                )
+            for k in self.config.exits:
+                if k not in info.config.exits:
+                    raise CheckpointError(
+                        f"{option}: {folder} holds no balcony at exit {k}; "
+                        f"train --exits among those it holds ({','.join(map(str, info.config.exits))})"
+                    )
+                n = info.config.layers_at(k)
+                if n > self.model.config.layers_at(k):
+                    raise CheckpointError(
+                        f"{option}: {folder} holds a balcony of {n} layers at exit {k}; "
+                        f"give --balcony-layers {k}:{n} or more"
+                    )
             return
         if tuple(info.config.exits) != tuple(self.config.exits):
             theirs = ",".join(map(str, info.config.exits))
@@ -456,7 +455,7 @@ class Trainer:
         folder = readable_folder(folder)
         info = read_info(folder)
         self._check_same_balconies(info, "--init-from", folder, "holds", "train with", start=True)
-        copy_balcony_weights(self.model, read_weights(folder), folder / WEIGHTS_FILE, start=True)
+        copy_balcony_weights(self.model, read_weights(folder), folder / WEIGHTS_FILE, start_from=info.config)
         before, c = info.training or {}, self.config
         if (
             before.get("seed") == c.seed

@@ -259,7 +259,7 @@ def write_export(
                 ExitGraph(
                     exit=k,
                     graph=name,
-                    num_layers=k if k == model.num_layers else k + 1,
+                    num_layers=model.exit_layers(k),
                     chain=chain,
                     weights=save_graph(staging, name, proto, weights),
                     weight_bytes_per_token=weight_bytes_per_token(proto, weights),

@@ -325,11 +325,15 @@ def default_gguf(manifest: Manifest) -> Path | None:
 def llama_cpp_exits(config: BenchConfig, manifest: Manifest, file_type: str, engine: Engine, prompt: list[int]) -> dict:
     """llama.cpp on each exit written as a GGUF file of the same type (`export --format gguf`), each timed in turn with
     the engine at that exit: exit against exit."""
-    from balcony_edge.checkpoint import SHIPPED_CHECKPOINT
+    from balcony_edge.checkpoint import SHIPPED_CHECKPOINT, read_info
     from balcony_edge.common.paths import cache_dir
 
     checkpoint = config.checkpoint or SHIPPED_CHECKPOINT  # the speed of an exit's file depends on its shapes only
     exits = [entry.exit for entry in manifest.exits if not entry.is_full]
+    balconies = read_info(checkpoint).config
+    deeper = [k for k in exits if balconies.layers_at(k) > 1]
+    if deeper:  # its GGUF would run more layers than the export's exit
+        return {"skipped": f"exit {deeper[0]} of {checkpoint} has a balcony of {balconies.layers_at(deeper[0])} layers"}
     config.say(f"peer: llama.cpp on each exit's own GGUF ({file_type}, written from {checkpoint.name} once)")
     folder = str(cache_dir() / "bench" / "gguf")
     written = run_isolated(

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from balcony_edge.bench import BenchConfig, run_bench
-from balcony_edge.bench.benchmark import genai_exits
+from balcony_edge.bench.benchmark import genai_exits, llama_cpp_exits
 from balcony_edge.bench.decode import BareDecoder, EngineDecoder, alternate, greedy_run, summarize
 from balcony_edge.bench.floors import floor_graphs
 from balcony_edge.bench.quality import perplexities_from_eval
@@ -210,7 +210,7 @@ import json
 from pathlib import Path
 from balcony_edge.bench import BenchConfig, run_bench
 from balcony_edge.bench.decode import EngineDecoder, alternate
-from balcony_edge.bench.benchmark import genai_exits
+from balcony_edge.bench.benchmark import genai_exits, llama_cpp_exits
 config = BenchConfig(
     export=Path({str(tiny_export)!r}), new_tokens=3, prompt_tokens=8, repeats=1, threads=1, memory=False,
     thread_pool="process", say=lambda t: None
@@ -290,3 +290,15 @@ def test_the_export_ab_script_compares_two_exports_exit_by_exit(tiny_export, tmp
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["exit"] for row in rows] == [e.exit for e in Manifest.load(tiny_export).exits]
     assert all(row["same_tokens"] and row["a_tok_s"] > 0 and row["b_over_a"] > 0 for row in rows)
+
+
+def test_llama_cpp_exit_files_are_skipped_for_a_checkpoint_of_deeper_balconies(tiny_export, tiny_base, tmp_path):
+    from balcony_edge.checkpoint import build_model, save_checkpoint
+    from balcony_edge.model import BalconyConfig
+
+    exits = [entry.exit for entry in Manifest.load(tiny_export).exits if not entry.is_full]
+    model = build_model(tiny_base, BalconyConfig(tuple(exits), deeper=((exits[0], 2),)))
+    save_checkpoint(model, tiny_base.identity.name, tmp_path / "deep", training={})
+    config = BenchConfig(export=tiny_export, checkpoint=tmp_path / "deep", say=lambda t: None)
+    result = llama_cpp_exits(config, Manifest.load(tiny_export), "f16", None, [])
+    assert result == {"skipped": f"exit {exits[0]} of {tmp_path / 'deep'} has a balcony of 2 layers"}

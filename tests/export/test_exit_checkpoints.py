@@ -18,8 +18,8 @@ from balcony_edge.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from balcony_edge.cli import main
-from balcony_edge.common.errors import ExportError
+from balcony_edge.cli import _eval_engine, main
+from balcony_edge.common.errors import BalconyError, ExportError
 from balcony_edge.export.exit_checkpoints import LISTING_FILE, ExitCheckpointConfig, export_exit_checkpoints
 from balcony_edge.export.exporter import ExportConfig, export_checkpoint
 from balcony_edge.export.gguf_exits import read_source, write_exit_gguf
@@ -198,14 +198,14 @@ def test_chat_on_a_folder_of_plain_exits_says_what_runs_them(tiny_checkpoint, tm
         Manifest.load(out)
 
 
-def test_a_deeper_balcony_exports_as_hf_and_gguf_exits_of_k_plus_n_layers_and_onnx_refuses_it(tmp_path):
+def test_a_deeper_balcony_exports_as_an_hf_exit_of_k_plus_n_layers_and_onnx_refuses_it(tmp_path):
     base_dir = make_base_folder(tmp_path / "base", layers=4)
     model = build_model(load_base_model(str(base_dir)), BalconyConfig((1, 2), "random", deeper=((1, 2),)))
     spread(model.balcony_state_dict().values())
     checkpoint = tmp_path / "deep"
     save_checkpoint(model, str(base_dir), checkpoint, training={"tokens_seen": 10})
     out, _ = export_exit_checkpoints(ExitCheckpointConfig(format="hf", checkpoint=checkpoint, out=tmp_path / "hf"))
-    model, _, base = load_checkpoint(checkpoint)
+    model, info, base = load_checkpoint(checkpoint)
     ids = torch.tensor([base.tokenizer.encode("a tiny text for the tiny model")])
     plain = AutoModelForCausalLM.from_pretrained(out / "exit_1")
     assert plain.config.num_hidden_layers == 3 and "num_hidden_layers: 3" in (out / "exit_1" / "README.md").read_text()
@@ -213,22 +213,39 @@ def test_a_deeper_balcony_exports_as_hf_and_gguf_exits_of_k_plus_n_layers_and_on
     with pytest.raises(ExportError, match="exit 1's balcony has 2 layers .* --exits"):
         export_checkpoint(ExportConfig(checkpoint=checkpoint, out=tmp_path / "onnx"))
     assert not (tmp_path / "onnx").exists()
-    export_checkpoint(ExportConfig(checkpoint=checkpoint, out=tmp_path / "onnx", exits="2", verify=False))
+    export_checkpoint(ExportConfig(checkpoint=checkpoint, out=tmp_path / "onnx", exits="2"))  # verified against torch
+    # An export whose exit 1 has one layer was made from another checkpoint: eval --chat --export refuses it.
+    shallow = build_model(base, BalconyConfig((1, 2), "random"))
+    save_checkpoint(shallow, str(base_dir), tmp_path / "shallow", training={"tokens_seen": 10})
+    export_checkpoint(ExportConfig(checkpoint=tmp_path / "shallow", out=tmp_path / "shallow-onnx", verify=False))
+    with pytest.raises(BalconyError, match="has exit 1, whose balcony in the checkpoint has 2 layers"):
+        _eval_engine(tmp_path / "shallow-onnx", info, info.config.exits)
 
 
-def test_a_deeper_balcony_becomes_more_blocks_of_a_gguf_exit(tmp_path):
+@pytest.fixture(scope="module")
+def deeper_gguf_exit_8(tmp_path_factory):
+    """The shipped exit 8 and a second balcony layer moved off its identity start, as an fp32 GGUF file."""
     shipped, _, base = load_checkpoint()
-    model = build_model(base, BalconyConfig((8,), deeper=((8, 2),)))  # the shipped exit 8, and a layer after it
-    copy_balcony_weights(model, shipped.balcony_state_dict(), SHIPPED_CHECKPOINT, start=True)
+    model = build_model(base, BalconyConfig((8,), deeper=((8, 2),)))
+    copy_balcony_weights(model, shipped.balcony_state_dict(), SHIPPED_CHECKPOINT, start_from=shipped.config)
     second = model.balcony_layers(8)[1]
     for name in ("self_attn.o_proj", "mlp.down_proj"):  # away from the identity start, so that the layer counts
         torch.nn.init.normal_(second.get_submodule(name).weight, std=0.01, generator=torch.Generator().manual_seed(0))
-    path = tmp_path / "exit_8.gguf"
+    path = tmp_path_factory.mktemp("deeper-gguf") / "exit_8.gguf"
     write_exit_gguf(path, 8, model, read_source(default_gguf_path()), "fp32")
+    return model, base, path
+
+
+def test_a_deeper_balcony_becomes_more_blocks_of_a_gguf_exit(deeper_gguf_exit_8):
+    _, _, path = deeper_gguf_exit_8
     written = gguf.GGUFReader(path)
     assert written.fields["llama.block_count"].contents() == 10
     assert {t.name for t in written.tensors if t.name.startswith("blk.9.")}
+
+
+def test_a_deeper_gguf_exit_generates_the_torch_exits_tokens_in_llama_cpp(deeper_gguf_exit_8):
     llama_cpp = pytest.importorskip("llama_cpp")
+    model, base, path = deeper_gguf_exit_8
     ids, expected = base.tokenizer.encode(PROMPT), []
     for _ in range(12):  # torch's greedy tokens, up to the first near tie (fp32 sums may break it either way)
         top = model.exit_model(8)(torch.tensor([ids + expected])).logits[0, -1].topk(2)

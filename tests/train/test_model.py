@@ -103,8 +103,8 @@ def test_exit_model_refuses_an_untrained_exit(tiny_base):
 
 def test_a_deeper_balcony_starts_as_its_first_layer_and_runs_as_an_exit_model_of_k_plus_n_layers(tiny_base):
     shallow = build_model(tiny_base, BalconyConfig((1, 2)))
-    deeper = build_model(tiny_base, BalconyConfig((1, 2), deeper=((1, 3),)))
-    assert [len(deeper.balcony_layers(k)) for k in (1, 2)] == [3, 1]
+    deeper = build_model(tiny_base, BalconyConfig((1, 2), deeper=((1, 2),)))
+    assert [len(deeper.balcony_layers(k)) for k in (1, 2)] == [2, 1]
     ids = _ids(tiny_base, seq=12)
     start = deeper.all_logits(ids)
     torch.testing.assert_close(start[1], shallow.all_logits(ids)[1], rtol=1e-5, atol=1e-5)  # the identity start
@@ -112,19 +112,25 @@ def test_a_deeper_balcony_starts_as_its_first_layer_and_runs_as_an_exit_model_of
         torch.nn.init.normal_(layer.get_submodule("mlp.down_proj").weight, std=0.2)
     trained = deeper.all_logits(ids)
     assert not torch.allclose(trained[1], start[1])
-    assert deeper.exit_model(1).config.num_hidden_layers == 4
+    assert deeper.exit_model(1).config.num_hidden_layers == deeper.exit_layers(1) == 3
     torch.testing.assert_close(trained[1], deeper.exit_model(1)(ids).logits, rtol=1e-5, atol=1e-5)
     ids = [5, 17, 42]
     for _ in range(6):  # the cached generation (the extra layer's own KV slot) is the uncached one
         ids.append(int(deeper.exit_model(1)(torch.tensor([ids])).logits[0, -1].argmax()))
     assert generate_greedy(deeper, 1, [5, 17, 42], max_new_tokens=6) == ids[3:]
-    assert any(name.startswith("extra_layers.1.1.") for name in deeper.balcony_state_dict())
+    assert any(name.startswith("extra_layers.1.0.") for name in deeper.balcony_state_dict())
 
 
 @pytest.mark.parametrize(
     ("deeper", "match"),
-    [(((3, 2),), "not one of the exits"), (((1, 9),), "give 2 to 4"), (((1, 2), (1, 3)), "name an exit twice")],
+    [(((3, 2),), "not one of the exits"), (((1, 9),), "give 1 to 4"), (((1, 2), (1, 3)), "name exit 1 twice")],
 )
 def test_balcony_layers_are_checked(deeper, match):
     with pytest.raises(ExitsError, match=match):
         BalconyConfig((1, 2), deeper=deeper)
+
+
+def test_a_balcony_may_not_run_as_many_layers_as_the_full_model(tiny_base):
+    layers = tiny_base.identity.num_layers
+    with pytest.raises(ExitsError, match=f"would run {layers} of the base's {layers} layers.*at most 1"):
+        build_model(tiny_base, BalconyConfig((layers - 2,), deeper=((layers - 2, 2),)))

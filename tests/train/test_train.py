@@ -5,11 +5,12 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import tiny_train_config
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from balcony_edge.checkpoint import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, load_checkpoint
 from balcony_edge.common.errors import BalconyError, CheckpointError, ExitsError
@@ -100,7 +101,7 @@ def test_init_from_starts_from_a_checkpoints_balconies_and_keeps_its_record(peak
     summary = train(_config(peaked_base_dir, text_dir, tmp_path / "second", init_from=str(tmp_path / "first")))
     assert summary["init_from"]["training"]["tokens_seen"] == 2 * 4 * 32 and summary["seed"] == 0
     with pytest.raises(
-        CheckpointError, match=r"--init-from: .* holds no balcony at exit 2; train exits it holds \(1,3\)"
+        CheckpointError, match=r"--init-from: .* holds no balcony at exit 2; train --exits among those it holds \(1,3\)"
     ):
         Trainer(_config(peaked_base_dir, text_dir, tmp_path / "third", exits=(1, 2), init_from=str(tmp_path / "first")))
 
@@ -271,26 +272,39 @@ def test_ddp_with_two_gloo_processes_gives_the_weights_of_one_process(peaked_bas
 def test_init_from_may_train_fewer_exits_and_deepen_a_balcony(peaked_base_dir, text_dir, tmp_path):
     train(_config(peaked_base_dir, text_dir, tmp_path / "first", max_tokens=4 * 32 * 2))
     first = load_file(tmp_path / "first" / WEIGHTS_FILE)
-    trainer = Trainer(
-        _config(
-            peaked_base_dir,
-            text_dir,
-            tmp_path / "deep",
-            exits=(3,),
-            balcony_layers="3:2",
-            init_from=str(tmp_path / "first"),
-        )
+    deep = _config(
+        peaked_base_dir,
+        text_dir,
+        tmp_path / "deep",
+        exits=(1,),
+        balcony_layers="1:2",
+        init_from=str(tmp_path / "first"),
     )
+    trainer = Trainer(deep)
     for name, tensor in trainer.model.balcony_state_dict().items():
         if name.startswith("extra_layers."):
-            assert name.startswith("extra_layers.3.0.")
+            assert name.startswith("extra_layers.1.0.")
         else:
-            assert name.startswith(("balconies.3.", "norms.3.")) and torch.equal(tensor, first[name]), name
+            assert name.startswith(("balconies.1.", "norms.1.")) and torch.equal(tensor, first[name]), name
     train(trainer.config)
     _, info, _ = load_checkpoint(tmp_path / "deep")
-    assert info.config.deeper == ((3, 2),)
-    with pytest.raises(CheckpointError, match="a balcony of 2 layers at exit 3"):
-        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "back", exits=(3,), init_from=str(tmp_path / "deep")))
-    for bad, match in [("2:2", "not among --exits"), ("3:9", "give 2 to 4"), ("3", "is not EXIT:LAYERS")]:
+    assert info.config.deeper == ((1, 2),)
+    with pytest.raises(CheckpointError, match="a balcony of 2 layers at exit 1; give --balcony-layers 1:2 or more"):
+        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "back", exits=(1,), init_from=str(tmp_path / "deep")))
+    with pytest.raises(CheckpointError, match="balcony_layers='1:2', not ''"):
+        Trainer(_config(peaked_base_dir, text_dir, tmp_path / "deep", exits=(1,)), resume=True)
+    # A damaged source (its second layer's tensors gone) is refused, not started again from the identity.
+    weights = {n: t for n, t in load_file(tmp_path / "deep" / WEIGHTS_FILE).items() if not n.startswith("extra_")}
+    save_file(weights, tmp_path / "deep" / WEIGHTS_FILE)
+    again = _config(peaked_base_dir, text_dir, tmp_path / "again", exits=(1,), balcony_layers="1:2")
+    with pytest.raises(CheckpointError, match="does not hold the balconies"):
+        Trainer(replace(again, init_from=str(tmp_path / "deep")))
+    for bad, match in [
+        ("2:2", "not among --exits"),
+        ("3:9", "give 1 to 4"),
+        ("3:0", "give 1 to 4"),
+        ("3", "is not EXIT:LAYERS"),
+        ("3:2,3:1", "names exit 3 twice"),
+    ]:
         with pytest.raises(ExitsError, match=match):
             _bare_config(balcony_layers=bad)
