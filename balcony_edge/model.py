@@ -111,10 +111,15 @@ class BalconyModel(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.base.model.layers
 
-    def _new_balcony(self, k: int) -> nn.Module:
+    def _layer_copy(self, slot: int) -> nn.Module:
+        """A trainable copy of the last backbone layer whose attention writes KV-cache slot `slot` of the exit model."""
         layer = copy.deepcopy(self.layers[-1])
         attention: Any = layer.get_submodule("self_attn")  # transformers' attention, whose layer_idx is a plain int
-        attention.layer_idx = k  # its KV-cache slot in the k + 1 layer exit model
+        attention.layer_idx = slot
+        return layer.requires_grad_(True)
+
+    def _new_balcony(self, k: int) -> nn.Module:
+        layer = self._layer_copy(k)  # the first layer after backbone layer k - 1: slot k
         if self.config.balcony_init == "random":
             std = getattr(self.base.config, "initializer_range", 0.02)
             for module in layer.modules():
@@ -124,20 +129,18 @@ class BalconyModel(nn.Module):
                         nn.init.zeros_(module.bias)
                 elif type(module).__name__.endswith("RMSNorm"):
                     nn.init.ones_(module.get_parameter("weight"))
-        return layer.requires_grad_(True)
+        return layer
 
     def _new_extra_layer(self, slot: int) -> nn.Module:
         """A balcony layer after the first: a copy of the last layer whose output projections are zero, so that it
         starts as the identity (the exit computes what it did with one layer) and learns a residual."""
-        layer = copy.deepcopy(self.layers[-1])
-        attention: Any = layer.get_submodule("self_attn")
-        attention.layer_idx = slot
+        layer = self._layer_copy(slot)
         for name in ("self_attn.o_proj", "mlp.down_proj"):
             projection: Any = layer.get_submodule(name)
             nn.init.zeros_(projection.weight)
             if projection.bias is not None:
                 nn.init.zeros_(projection.bias)
-        return layer.requires_grad_(True)
+        return layer
 
     def balcony_layers(self, k: int) -> list[nn.Module]:
         """Exit k's balcony, its decoder layers in order."""

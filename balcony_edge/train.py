@@ -170,7 +170,8 @@ class TrainConfig:
                 raise BalconyError(f"{_flag(name)} must be {rule}, not {reprlib.repr(value)}")
         if not isinstance(self.balcony_layers, str):
             raise BalconyError(f"--balcony-layers must be text such as '8:2', not {reprlib.repr(self.balcony_layers)}")
-        BalconyConfig(self.exits, deeper=parse_balcony_layers(self.balcony_layers, self.exits))  # checks it now
+        deeper = BalconyConfig(self.exits, deeper=parse_balcony_layers(self.balcony_layers, self.exits)).deeper
+        self.balcony_layers = ",".join(f"{k}:{n}" for k, n in deeper)  # one spelling, compared on --resume
         if self.micro_batch_size > self.batch_size:
             raise BalconyError(
                 f"--micro-batch-size {self.micro_batch_size} is larger than "
@@ -346,13 +347,15 @@ class Trainer:
         self.base = base or load_base_model(config.base)
         exits = parse_exits(config.exits, self.base.identity.num_layers)
         config.exits = exits
-        deeper = parse_balcony_layers(config.balcony_layers, exits)
-        config.balcony_layers = ",".join(f"{k}:{n}" for k, n in deeper)
         resume_state = self._resume_state() if resume else None
 
         torch.manual_seed(config.seed)
         self.model: BalconyModel = build_model(
-            self.base, BalconyConfig(exits, config.balcony_init, config.norm_init, deeper), seed=config.seed
+            self.base,
+            BalconyConfig(
+                exits, config.balcony_init, config.norm_init, parse_balcony_layers(config.balcony_layers, exits)
+            ),
+            seed=config.seed,
         )
         # What the run started from (--init-from): that checkpoint's training record, kept in this run's record.
         self.init_training = None
@@ -407,7 +410,7 @@ class Trainer:
         path = folder / STATE_FILE
         if not path.is_file():
             raise CheckpointError(f"--resume: {path} not found; start without --resume or point --out at a run folder")
-        self._check_same_balconies(read_info(folder), "--resume", self.out, "trains", "resume with", start=False)
+        self._check_same_balconies(read_info(folder), "--resume", self.out, "trains", "resume with")
         state = _load_training_state(path)
         # A setting newer than the run's state file was, for that run, its default (how the older code behaved).
         saved = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING} | state["config"]
@@ -421,28 +424,17 @@ class Trainer:
                 )
         return state
 
-    def _check_same_balconies(self, info, option: str, folder: Path, verb: str, fix: str, start: bool) -> None:
-        """Refuse a checkpoint (to resume or start from) of another base model or other exits; a run may start
-        (`start`) from a checkpoint of more exits, or of shallower balconies, and trains those it names."""
+    def _check_same_base(self, info, option: str, folder: Path, fix: str) -> None:
+        """Refuse a checkpoint (to resume or start from) trained on another base model."""
         if info.base["sha256"] != self.base.identity.sha256:
             raise CheckpointError(
                 f"{option}: {folder} was trained on base {info.base.get('name')!r}, "
                 f"not {self.base.identity.name!r}; {fix} the same --base"
             )
-        if start:
-            for k in self.config.exits:
-                if k not in info.config.exits:
-                    raise CheckpointError(
-                        f"{option}: {folder} holds no balcony at exit {k}; "
-                        f"train --exits among those it holds ({','.join(map(str, info.config.exits))})"
-                    )
-                n = info.config.layers_at(k)
-                if n > self.model.config.layers_at(k):
-                    raise CheckpointError(
-                        f"{option}: {folder} holds a balcony of {n} layers at exit {k}; "
-                        f"give --balcony-layers {k}:{n} or more"
-                    )
-            return
+
+    def _check_same_balconies(self, info, option: str, folder: Path, verb: str, fix: str) -> None:
+        """Refuse a checkpoint to resume of another base model or other exits."""
+        self._check_same_base(info, option, folder, fix)
         if tuple(info.config.exits) != tuple(self.config.exits):
             theirs = ",".join(map(str, info.config.exits))
             raise CheckpointError(
@@ -450,11 +442,28 @@ class Trainer:
                 f"{','.join(map(str, self.config.exits))}; {fix} --exits {theirs}"
             )
 
+    def _check_can_start_from(self, info, folder: Path) -> None:
+        """Refuse a checkpoint to start from (--init-from) of another base model, without a balcony at an exit this
+        run trains, or with a deeper one there; it may hold more exits and shallower balconies."""
+        self._check_same_base(info, "--init-from", folder, "train with")
+        for k in self.config.exits:
+            if k not in info.config.exits:
+                raise CheckpointError(
+                    f"--init-from: {folder} holds no balcony at exit {k}; "
+                    f"train --exits among those it holds ({','.join(map(str, info.config.exits))})"
+                )
+            n = info.config.layers_at(k)
+            if n > self.model.config.layers_at(k):
+                raise CheckpointError(
+                    f"--init-from: {folder} holds a balcony of {n} layers at exit {k}; "
+                    f"give --balcony-layers {k}:{n} or more"
+                )
+
     def _start_from(self, folder: Path) -> dict:
         """Copy a trained checkpoint's balconies into the fresh model; returns that checkpoint's training record."""
         folder = readable_folder(folder)
         info = read_info(folder)
-        self._check_same_balconies(info, "--init-from", folder, "holds", "train with", start=True)
+        self._check_can_start_from(info, folder)
         copy_balcony_weights(self.model, read_weights(folder), folder / WEIGHTS_FILE, start_from=info.config)
         before, c = info.training or {}, self.config
         if (
