@@ -1,17 +1,15 @@
 """What running an exit as a chain of pieces costs against one session on that exit's standard graph, on the CPU.
 
-In one process on onnxruntime's process-wide pool (as `chat` and `bench` run), rounds alternate two decoders of the
-same export at each exit asked for: the engine's `Sequence` (the chain: segments, balcony, head) and one onnxruntime
-session on the exit's standard graph (`exit_k.onnx` / `full.onnx`, IO binding, past and present sharing one buffer
-per layer, on the same pool). Each decodes `--tokens` greedy tokens after a 64-token prompt on its own (the bench's
-timed greedy loop; their median steps are compared), so both see a warm cache; the order turns every round and the
-median of the rounds' ratios is printed, since this machine's speed drifts between rounds. Both must give the same
-tokens. When
-onnxruntime_genai is importable, each round also runs onnxruntime-genai's own loop on the exit's genai folder (the same
-graph, its own session and threads), to tell the chain's cost from the cost of driving one graph from Python. Then, per
-piece of the
-chain, where a run's time goes: `PieceRunner.run` in all, the onnxruntime call inside it, and the rest (Python,
-binding).
+In one process on onnxruntime's process-wide pool (so that both decoders wake the same threads), rounds alternate two
+decoders of the same export at each exit asked for: the engine's `Sequence` (the chain: segments, balcony, head, on
+its step plan) and one onnxruntime session on the exit's standard graph (`exit_k.onnx` / `full.onnx`, IO binding, past
+and present sharing one buffer per layer). Each decodes `--tokens` greedy tokens after a 64-token prompt (the bench's
+timed greedy loop; their median steps are compared); the order turns every round and the median of the rounds' ratios
+is printed, since this machine's speed drifts between rounds. Both must give the same tokens. When onnxruntime_genai
+is importable, each round also runs onnxruntime-genai's own loop on the exit's genai folder (the same graph, its own
+session and threads), to tell the chain's cost from the cost of driving one graph from Python. Then, per piece of the
+chain, its onnxruntime call, and the step's time outside those calls. Sessions loaded later in a process ran 0-6%
+faster in such A/Bs (docs/benchmarks.md), so the ratios carry that order's bias.
 
 python scripts/chain_overhead.py <cache>/exports/smollm2-balcony-int4 --exits 8 30 --rounds 6
 """
@@ -86,42 +84,32 @@ def genai_run(model, prompt: list[int], tokens: int) -> RunTiming:
     return RunTiming(len(prompt), prefilled - started, prefilled - started + steps[0], steps[1:], made)
 
 
-def piece_overheads(engine: Engine, exit: int, tokens: int) -> dict[str, dict[str, float]]:
-    """Per piece of the exit's chain: median microseconds of PieceRunner.run, of the onnxruntime call in it, and the
-    rest."""
+def piece_overheads(engine: Engine, exit: int, tokens: int) -> dict[str, object]:
+    """Median microseconds of each piece's onnxruntime call in a decode step at `exit`, and of the step's time outside
+    them (Python, the step plan's writes, choosing the token)."""
     chain = next(entry.chain for entry in engine.manifest.exits if entry.exit == exit)
-    spans: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in chain}
+    calls: dict[str, list[float]] = {name: [] for name in chain}
     originals = {}
     for name in chain:
-        runner, (whole, inner) = engine.runners[name], spans[name]
-        originals[name] = (runner.run, runner.session.run_with_iobinding)
+        session = engine.runners[name].session
+        originals[name] = session.run_with_iobinding
 
-        def timed_call(binding, _call=runner.session.run_with_iobinding, _inner=inner):
+        def timed_call(binding, _call=session.run_with_iobinding, _times=calls[name]):
             started = time.perf_counter()
             _call(binding)
-            _inner.append(time.perf_counter() - started)
+            _times.append(time.perf_counter() - started)
 
-        def timed_run(binding, first, total, _run=runner.run, _whole=whole):
-            started = time.perf_counter()
-            output = _run(binding, first, total)
-            _whole.append(time.perf_counter() - started)
-            return output
-
-        runner.session.run_with_iobinding, runner.run = timed_call, timed_run
+        session.run_with_iobinding = timed_call
     try:
-        greedy_run(EngineDecoder(engine, exit), PROMPT, tokens)
+        run = greedy_run(EngineDecoder(engine, exit), PROMPT, tokens)
     finally:
-        for name, (run, call) in originals.items():
-            engine.runners[name].run, engine.runners[name].session.run_with_iobinding = run, call
-    result = {}
-    for name, (whole, inner) in spans.items():
-        run_us, call_us = statistics.median(whole[-tokens:]) * 1e6, statistics.median(inner[-tokens:]) * 1e6
-        result[name] = {
-            "run_us": round(run_us, 1),
-            "onnxruntime_us": round(call_us, 1),
-            "outside_us": round(run_us - call_us, 1),
-        }
-    return result
+        for name, call in originals.items():
+            engine.runners[name].session.run_with_iobinding = call
+    inside = [sum(times) for times in zip(*(calls[name][-tokens:] for name in chain))]
+    return {
+        "onnxruntime_us": {name: round(statistics.median(calls[name][-tokens:]) * 1e6, 1) for name in chain},
+        "outside_us": round(statistics.median(s - i for s, i in zip(run.step_s, inside)) * 1e6, 1),
+    }
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ Exit k is a chain of pieces (segments up to depth k, balcony k, head). Before a 
 cache slots lack (because earlier tokens ran at shallower exits) is computed in the same call, from the hidden
 states at the piece's input depth, which the shallower chain already produced and this sequence kept. So
 deepening from exit a to b runs only the pieces between a and b over the backlog, and each token's logits equal
-those of exit k run alone on the same prefix. The head runs on the last position only.
+those of exit k run alone on the same prefix. The head runs on the last position only. A step that adds only
+the newest position to every piece of the chain runs on the exit's step plan (its buffers bound once).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.core.kv_cache import KVCache
 from balcony_edge.runtime.core.manifest import Manifest, Piece
 from balcony_edge.runtime.core.piece_runner import PieceRunner
+from balcony_edge.runtime.core.step_plan import StepPlan
 from balcony_edge.runtime.core.text import PromptError
 
 
@@ -80,6 +82,7 @@ class Sequence:
     ):
         self.manifest, self.runners, self.device = manifest, runners, device
         self.chains = {entry.exit: [runners[name] for name in entry.chain] for entry in manifest.exits}
+        self._plannable = {exit: StepPlan.fits(chain) for exit, chain in self.chains.items()}
         # The pieces that read the hidden states at each depth: what a boundary must keep rows for.
         self._consumers: dict[int, list[PieceRunner]] = {}
         for runner in runners.values():
@@ -95,6 +98,7 @@ class Sequence:
     def _reset_state(self) -> None:
         self.cache = KVCache(self.manifest, self.device)
         self._bindings: dict[str, tuple[tuple[int, int, int], ort.IOBinding]] = {}  # name: (cache version, binding)
+        self._plans: dict[int, tuple[tuple[int, int, int], StepPlan]] = {}  # exit: (cache version, plan)
         self._boundaries: dict[int, Boundary] = {}
         self._last_logits: dict[int, tuple[int, np.ndarray]] = {}
         self._computed = 0  # positions computed by any exit so far
@@ -203,6 +207,8 @@ class Sequence:
             self.last_catch_up = 0
             return last[1]
         self.cache.reserve(count)
+        if not every_position and self._plannable[exit] and self.ready_for_batch(exit):
+            return self._step(exit, count)
         *body, head = self.chains[exit]
         earliest = count - 1
         for runner in body:  # every chain has at least one piece before its head (the manifest checks it)
@@ -228,6 +234,19 @@ class Sequence:
         if count == 0 or exit not in self.chains or (last is not None and last[0] == count):
             return False
         return all(self.cache.filled_of(r.piece.cache_slots) == count - 1 for r in self.chains[exit][:-1])
+
+    def _step(self, exit: int, count: int) -> np.ndarray:
+        """The newest token through the exit's chain on its step plan (every piece lacks that position alone)."""
+        version, plan = self._plans.get(exit, (None, None))
+        if plan is None or version != self.cache.version:
+            plan = StepPlan(self.chains[exit], self.cache.values)
+            self._plans[exit] = (self.cache.version, plan)
+        outputs = plan.step(self.tokens[-1], count)
+        for runner, output in zip(plan.runners[:-1], outputs):
+            self.after_piece(runner.piece, count - 1, output)
+        logits = outputs[-1][0, -1].copy()  # the plan's buffer is the next step's
+        self.after_logits(exit, count - 1, logits)
+        return logits
 
     def _run_piece(self, runner: PieceRunner, count: int) -> tuple[int, np.ndarray]:
         """Bring one piece up to `count` positions (at least the last one computed); (first position run, its

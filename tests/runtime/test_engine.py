@@ -62,6 +62,27 @@ def test_a_long_deep_stretch_then_shallow_catches_up_exactly(engine):
         sequence.append(tokens[position + 1])
 
 
+def test_steps_on_the_bound_plan_equal_one_run_over_the_whole_prefix(engine):
+    """One-token steps run on each exit's step plan (buffers bound once); across the cache's growth past its first
+    capacity (256) and across switches, each step's logits equal those of one run of the chain over the prefix."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, engine.manifest.vocab_size, size=300).tolist()
+    whole = {exit: engine.sequence(tokens).logits(exit, every_position=True) for exit in engine.exits}
+    sequence = engine.sequence(tokens[:1])
+    schedule = [engine.exits[(position // 50) % len(engine.exits)] for position in range(len(tokens))]
+    earlier = None
+    for position, exit in enumerate(schedule):
+        logits = sequence.logits(exit)
+        np.testing.assert_allclose(logits, whole[exit][position], rtol=0, atol=1e-4)
+        if earlier is not None:  # a step leaves the logits it returned before as they were
+            np.testing.assert_array_equal(earlier[0], earlier[1])
+        earlier = (logits, logits.copy())
+        if position + 1 < len(tokens):
+            sequence.append(tokens[position + 1])
+    assert set(sequence._plans) == set(engine.exits)  # every exit stepped on its plan
+    assert sequence.cache.capacity > 256
+
+
 def test_a_boundary_keeps_exactly_the_rows_put_and_not_dropped():
     rng = np.random.default_rng(2)
     boundary, expected = Boundary(), {}
