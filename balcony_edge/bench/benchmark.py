@@ -20,10 +20,11 @@ from balcony_edge.bench.decode import (
     EngineDecoder,
     alternate,
     context_step_ratio,
+    greedy_run,
     measure,
 )
 from balcony_edge.bench.isolated import PeerFailed, PeerWorker, run_isolated
-from balcony_edge.bench.neighbour import busy_core
+from balcony_edge.bench.neighbour import quiet_and_beside
 from balcony_edge.bench.switching import BACKLOGS, switch_costs
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.export.genai import genai_folder
@@ -153,11 +154,11 @@ def run_bench(config: BenchConfig) -> dict:
     )
     say(f"context: a full-depth decode step after {', '.join(map(str, CONTEXTS))} tokens")
     result["context_step_ratio"] = context_step_ratio(engine, full.exit, CONTEXTS, config.repeats)
-    say(f"neighbour: exit {full.exit} beside one busy core")
-    with busy_core():
-        beside = measure(EngineDecoder(engine, full.exit), prompt, config.new_tokens, config.repeats)
-    result["neighbour_tok_s"] = round(beside.decode_tok_s, 2)
-    result["neighbour_ratio"] = ratio(beside.decode_tok_s, engine_stats[full.exit].decode_tok_s)
+    say(f"neighbour: exit {full.exit} quiet and beside one busy core, in turn")
+    deep = EngineDecoder(engine, full.exit)
+    neighbour = quiet_and_beside(lambda: greedy_run(deep, prompt, config.new_tokens).decode_tok_s, config.repeats)
+    result["neighbour_tok_s"] = neighbour["neighbour_tok_s"]
+    result["neighbour_ratio"] = neighbour["neighbour_ratio"]
     engine_tokens = engine_stats[full.exit].tokens
     result["peers"] = measure_peers(config, manifest, prompt, notes, engine) if config.peers else {}
     del engine  # its sessions are not needed any more; the memory measurement gets the memory and caches

@@ -13,7 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
-from balcony_edge.bench.neighbour import busy_core
+from balcony_edge.bench.neighbour import quiet_and_beside
 
 
 def torch_generate(
@@ -182,15 +182,18 @@ def llama_cpp(gguf_path, prompt: list[int], new_tokens: int, repeats: int, threa
 
 
 def llama_cpp_neighbour(gguf_path, prompt: list[int], new_tokens: int, repeats: int, threads: int | None) -> dict:
-    """llama.cpp's decode tok/s quiet, then beside one busy core (neighbour.py), measured back to back."""
+    """llama.cpp's decode tok/s quiet and beside one busy core (neighbour.py), in turn for `repeats` rounds."""
     timer = llama_cpp_timer(gguf_path, prompt, threads)
     if timer is None:
         return LLAMA_CPP_MISSING
     timed, info = timer
-    quiet = _decode_and_first_token(timed, new_tokens, repeats)["decode_tok_s"]
-    with busy_core():
-        beside = _decode_and_first_token(timed, new_tokens, repeats)["decode_tok_s"]
-    return {"quiet_tok_s": quiet, "neighbour_tok_s": beside, "neighbour_ratio": round(beside / quiet, 3), **info}
+    timed(8)
+
+    def decode_tok_s() -> float:
+        first = timed(1)
+        return new_tokens / (timed(new_tokens + 1) - first)
+
+    return {**quiet_and_beside(decode_tok_s, repeats), **info}
 
 
 GENAI_MISSING = {

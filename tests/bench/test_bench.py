@@ -6,9 +6,11 @@ No timing thresholds: speed is measured by `balcony-edge bench`, and its figures
 import dataclasses
 import importlib.util
 import json
+import statistics
 import sys
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -18,6 +20,7 @@ from balcony_edge.bench import BenchConfig, run_bench
 from balcony_edge.bench.benchmark import genai_exits, llama_cpp_exits
 from balcony_edge.bench.decode import BareDecoder, EngineDecoder, alternate, greedy_run, summarize
 from balcony_edge.bench.floors import floor_graphs
+from balcony_edge.bench.neighbour import quiet_and_beside
 from balcony_edge.bench.quality import perplexities_from_eval
 from balcony_edge.bench.report import target_lines
 from balcony_edge.bench.switching import deepening_time, switch_cost_steps
@@ -302,3 +305,21 @@ def test_llama_cpp_exit_files_are_skipped_for_a_checkpoint_of_deeper_balconies(t
     config = BenchConfig(export=tiny_export, checkpoint=tmp_path / "deep", say=lambda t: None)
     result = llama_cpp_exits(config, Manifest.load(tiny_export), "f16", None, [])
     assert result == {"skipped": f"exit {exits[0]} of {tmp_path / 'deep'} has a balcony of 2 layers"}
+
+
+def test_quiet_and_busy_runs_alternate_and_the_ratio_is_the_median_of_the_rounds():
+    """Each call sees the busy loop running exactly when it is a busy run; the order turns every round."""
+    seen, speeds = [], iter([100.0, 50.0, 30.0, 90.0, 80.0, 60.0])  # round 0 quiet, busy; round 1 busy, quiet; ...
+
+    def busy() -> bool:
+        return any("monotonic" in " ".join(child.cmdline()) for child in psutil.Process().children())
+
+    def decode_tok_s() -> float:
+        seen.append(busy())
+        return next(speeds)
+
+    result = quiet_and_beside(decode_tok_s, rounds=3)
+    assert seen == [False, True, True, False, False, True]
+    assert not busy()  # the busy loop is gone
+    assert result["quiet_tok_s"] == 90.0 and result["neighbour_tok_s"] == 50.0
+    assert result["neighbour_ratio"] == pytest.approx(statistics.median([0.5, 30 / 90, 60 / 80]), abs=1e-3)
