@@ -1,5 +1,6 @@
 """Driving one piece's graph: its inputs bound, its KV cache slots bound as both past and present (written in place),
-its output returned. The one place that calls onnxruntime to run a graph; only `Sequence` decides what to run."""
+its output returned, for any positions (prefills, catch-ups, batches; one-token steps of one sequence run on a
+`StepPlan` instead). Only `Sequence` and `BatchDecoder` decide what to run."""
 
 from __future__ import annotations
 

@@ -170,10 +170,10 @@ class ProcessPool:
             )
 
 
-# A session pool's workers spin this long after their work (us), backing off up to this factor, then sleep. Measured
-# on 2 cores, int4 full depth (docs/benchmarks.md, "Thread pools"): as fast as the process pool when quiet (which
-# spins without end), and 0.83-0.85x of their quiet speed beside one busy core, where the process pool fell to
-# 0.38-0.47x; pools that never spin ran at 0.8x the speed when quiet.
+# A session pool's workers spin this long after their work (us), backing off up to this factor, then sleep; and they
+# stop spinning when their session's run returns. Measured on 2 cores, int4 full depth (docs/benchmarks.md, "Thread
+# pools"): as fast as the process pool when quiet (which spins without end) and faster beside one busy core; pools
+# that never spin ran at 0.8x the speed when quiet.
 SPIN_US = 25
 SPIN_BACKOFF_MAX = 32
 
@@ -196,6 +196,9 @@ def session_options(threads: int | None, prepack: bool, thread_pool: str = "sess
         options.add_session_config_entry("session.intra_op.allow_spinning", "1")
         options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
         options.add_session_config_entry("session.intra_op.spin_backoff_max", str(SPIN_BACKOFF_MAX))
+        # The spin is for the gaps between a run's nodes; when the run returns the next piece's pool takes over, so
+        # these workers sleep at once instead of spinning beside it.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
