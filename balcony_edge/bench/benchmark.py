@@ -180,7 +180,7 @@ def run_bench(config: BenchConfig) -> dict:
     result["llama_cpp_neighbour_ratio"] = result["peers"].get("llama_cpp_neighbour", {}).get("neighbour_ratio")
     llama_exits = result["peers"].get("llama_cpp_exits", {}).get("exits", {})
     for row in result["exits"]:
-        row["vs_llama_cpp_full"] = ratio(row["decode_tok_s"], llama.get("decode_tok_s"))
+        row["vs_llama_cpp_full"] = llama.get("in_turn", {}).get(str(row["exit"]), {}).get("engine_vs_peer")
         same_exit = (
             llama.get("decode_tok_s") if row["full"] else llama_exits.get(str(row["exit"]), {}).get("decode_tok_s")
         )
@@ -264,8 +264,8 @@ PEER_TIMEOUT_S = 900  # a peer's child process is stopped after this long (its f
 
 def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], notes: list[str], engine: Engine) -> dict:
     """torch generate of the base model; llama.cpp on the default GGUF when the base is the default model (its full
-    model and each exit's own file, each timed in turn with the engine at the same depth, and its full model beside
-    one busy core); onnxruntime-genai on each exit's graph, in turn with the engine. Each peer runs in a child process
+    model timed in turn with the engine at every exit, each exit's own file in turn with the engine at that exit, and
+    its full model beside one busy core); onnxruntime-genai on each exit's graph, in turn with the engine. Each peer runs in a child process
     (bench/isolated.py): one that crashes or hangs is a note."""
     from balcony_edge.bench.peers import LLAMA_CPP_TYPES
     from balcony_edge.common.paths import cache_dir
@@ -274,7 +274,6 @@ def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], no
     gpu = config.provider != "cpu"
     common = {"prompt": prompt, "new_tokens": config.new_tokens, "repeats": config.repeats, "threads": config.threads}
     peers = {"torch": run_isolated("torch", PEER_TIMEOUT_S, base_spec=manifest.base["source"], gpu=gpu, **common)}
-    full = manifest.exits[-1].exit
     gguf = default_gguf(manifest)
     if gguf is None:
         peers["llama_cpp"] = {"skipped": "no GGUF of this base model (only the default smollm2 has one)"}
@@ -291,7 +290,8 @@ def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], no
             peers["llama_cpp"] = converted
         else:
             path = converted["path"] or str(gguf)
-            peers["llama_cpp"] = side_by_side(config, engine, full, prompt, "llama_cpp", gguf_path=path)
+            exits = [entry.exit for entry in manifest.exits]  # the full model against every exit, in turn
+            peers["llama_cpp"] = side_by_side(config, engine, exits, prompt, "llama_cpp", gguf_path=path)
             peers["llama_cpp"]["file_type"] = file_type
             config.say("peer: llama.cpp beside one busy core")
             peers["llama_cpp_neighbour"] = run_isolated("llama_cpp_neighbour", PEER_TIMEOUT_S, gguf_path=path, **common)
@@ -303,12 +303,17 @@ def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], no
     return peers
 
 
-def side_by_side(config: BenchConfig, engine: Engine, exit: int, prompt: list[int], peer: str, **where) -> dict:
-    """A peer in a worker process, timed in turn with the engine at `exit` (decode.alternate); or {"skipped": why}."""
+def side_by_side(config: BenchConfig, engine: Engine, exits: list[int], prompt: list[int], peer: str, **where) -> dict:
+    """A peer in a worker process, timed in turn with the engine at each of `exits` (decode.alternate): the figures
+    against the last one, and with several exits each one's under `in_turn`; or {"skipped": why}."""
     try:
         with PeerWorker(peer, PEER_TIMEOUT_S, prompt=prompt, threads=config.threads, **where) as worker:
-            figures = alternate(EngineDecoder(engine, exit), worker.timed, prompt, config.new_tokens, config.repeats)
-            return {**figures, **worker.info}
+            rounds = {
+                exit: alternate(EngineDecoder(engine, exit), worker.timed, prompt, config.new_tokens, config.repeats)
+                for exit in exits
+            }
+            in_turn = {"in_turn": {str(exit): figures for exit, figures in rounds.items()}} if len(exits) > 1 else {}
+            return {**rounds[exits[-1]], **in_turn, **worker.info}
     except PeerFailed as err:
         return {"skipped": str(err)}
 
@@ -350,7 +355,7 @@ def llama_cpp_exits(config: BenchConfig, manifest: Manifest, file_type: str, eng
     if written["files"] is None:
         return {"skipped": "llama-cpp-python is not installed"}
     runs = {
-        k: side_by_side(config, engine, int(k), prompt, "llama_cpp", gguf_path=path)
+        k: side_by_side(config, engine, [int(k)], prompt, "llama_cpp", gguf_path=path)
         for k, path in written["files"].items()
     }
     return {"checkpoint": str(checkpoint), "file_type": file_type, "exits": runs}
@@ -365,7 +370,7 @@ def genai_exits(config: BenchConfig, manifest: Manifest, engine: Engine, prompt:
     for entry in manifest.exits:
         config.say(f"peer: onnxruntime-genai on {entry.graph}, in turn with the engine")
         folder = str(Path(config.export) / genai_folder(entry))
-        run = side_by_side(config, engine, entry.exit, prompt, "onnxruntime_genai", folder=folder)
+        run = side_by_side(config, engine, [entry.exit], prompt, "onnxruntime_genai", folder=folder)
         if "skipped" in run:
             return run
         runs[str(entry.exit)] = run

@@ -278,6 +278,35 @@ def test_the_engine_and_a_peer_alternate_round_by_round(engine):
     assert order == ["engine", "engine", "peer", "peer", "engine", "engine", "peer"]
 
 
+def test_a_peer_is_timed_in_turn_with_the_engine_at_every_exit_asked(engine, monkeypatch):
+    """llama.cpp's full model against each exit: one worker, each exit's rounds under in_turn, the last exit's on top."""
+    from balcony_edge.bench import benchmark
+
+    class FakeWorker:  # a peer making 100 tokens/s, without a child process
+        info = {"file": "full.gguf"}
+
+        def __init__(self, name, timeout_s, **where):
+            self.name = name
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def timed(self, count):
+            return 0.01 * count
+
+    monkeypatch.setattr(benchmark, "PeerWorker", FakeWorker)
+    config = BenchConfig(export=engine.folder, new_tokens=4, repeats=2, threads=1, say=lambda t: None)
+    result = benchmark.side_by_side(config, engine, engine.exits, [5, 6, 7], "llama_cpp", gguf_path="x")
+    assert set(result["in_turn"]) == {str(exit) for exit in engine.exits} and result["file"] == "full.gguf"
+    assert all(r["decode_tok_s"] == pytest.approx(100.0) and r["rounds"] == 2 for r in result["in_turn"].values())
+    assert result["engine_vs_peer"] == result["in_turn"][str(engine.exits[-1])]["engine_vs_peer"]
+    single = benchmark.side_by_side(config, engine, [engine.exits[0]], [5, 6, 7], "llama_cpp", gguf_path="x")
+    assert "in_turn" not in single and single["engine_vs_peer"] > 0
+
+
 def test_the_export_ab_script_compares_two_exports_exit_by_exit(tiny_export, tmp_path):
     import subprocess
     from pathlib import Path
