@@ -265,8 +265,8 @@ PEER_TIMEOUT_S = 900  # a peer's child process is stopped after this long (its f
 def measure_peers(config: BenchConfig, manifest: Manifest, prompt: list[int], notes: list[str], engine: Engine) -> dict:
     """torch generate of the base model; llama.cpp on the default GGUF when the base is the default model (its full
     model timed in turn with the engine at every exit, each exit's own file in turn with the engine at that exit, and
-    its full model beside one busy core); onnxruntime-genai on each exit's graph, in turn with the engine. Each peer runs in a child process
-    (bench/isolated.py): one that crashes or hangs is a note."""
+    its full model beside one busy core); onnxruntime-genai on each exit's graph, in turn with the engine. Each peer
+    runs in a child process (bench/isolated.py): one that crashes or hangs is a note."""
     from balcony_edge.bench.peers import LLAMA_CPP_TYPES
     from balcony_edge.common.paths import cache_dir
 
