@@ -34,6 +34,11 @@ SWITCHING_LIMIT = {
     ("float16", "cpu"): 0.25,
     ("float16", "gpu"): 0.25,
 }
+# int4 and int8 weights (MatMulNBits, accuracy level 4) on the CPU: onnxruntime quantises each activation row to int8
+# before the product, so the attention kernel's last-bit difference between a run over several tokens and a one-token
+# step can flip a rounding and grow through the layers (docs/runtime.md, "How switching stays exact": 0.98 on the int4
+# export of run 11, where an exit's own one-token steps differ from one run over the prefix by up to 1.2).
+QUANTISED_ACTIVATIONS_CPU_LIMIT = 2.0
 SCHEDULE = (8, 8, 30, 16, 24, 8, 30, 30, 16, 8)  # exits in turn, a few tokens each (missing exits are skipped)
 
 
@@ -81,9 +86,12 @@ def check(folder: str, provider: str, reference: dict[int, list[int]] | None, to
             row["same_as_cpu"] = same
         result["exits"][exit] = row
     result["switching_max_abs_diff"] = switching_error(engine, prompt)
-    result["switching_limit"] = SWITCHING_LIMIT[
-        (KV_DTYPES[engine.manifest.dtype], "cpu" if provider == "cpu" else "gpu")
-    ]
+    quantised_activations = (engine.manifest.quantization or {}).get("accuracy_level") == 4 and provider == "cpu"
+    result["switching_limit"] = (
+        QUANTISED_ACTIVATIONS_CPU_LIMIT
+        if quantised_activations
+        else SWITCHING_LIMIT[(KV_DTYPES[engine.manifest.dtype], "cpu" if provider == "cpu" else "gpu")]
+    )
     return result
 
 
