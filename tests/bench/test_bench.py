@@ -279,7 +279,7 @@ def test_the_engine_and_a_peer_alternate_round_by_round(engine):
 
 
 def test_a_peer_is_timed_in_turn_with_the_engine_at_every_exit_asked(engine, monkeypatch):
-    """llama.cpp's full model against each exit: one worker, each exit's rounds under in_turn, the last exit's on top."""
+    """llama.cpp's full model against each exit: one worker, each exit's rounds under in_turn, the last on top."""
     from balcony_edge.bench import benchmark
 
     class FakeWorker:  # a peer making 100 tokens/s, without a child process
