@@ -179,8 +179,9 @@ def run_bench(config: BenchConfig) -> dict:
     result["engine_vs_llama_cpp"] = llama.get("engine_vs_peer")  # measured in turn with it
     result["llama_cpp_neighbour_ratio"] = result["peers"].get("llama_cpp_neighbour", {}).get("neighbour_ratio")
     llama_exits = result["peers"].get("llama_cpp_exits", {}).get("exits", {})
+    llama_in_turn = llama.get("in_turn", {str(full.exit): llama})  # an export of one exit: its full depth only
     for row in result["exits"]:
-        row["vs_llama_cpp_full"] = llama.get("in_turn", {}).get(str(row["exit"]), {}).get("engine_vs_peer")
+        row["vs_llama_cpp_full"] = llama_in_turn.get(str(row["exit"]), {}).get("engine_vs_peer")
         same_exit = (
             llama.get("decode_tok_s") if row["full"] else llama_exits.get(str(row["exit"]), {}).get("decode_tok_s")
         )

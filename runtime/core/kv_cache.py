@@ -11,12 +11,15 @@ shallow exit leave the deeper slots short.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnxruntime as ort
 
 from balcony_edge.runtime.core.manifest import Manifest
 
 INITIAL_CAPACITY = 256  # tokens
+_STORE_NUMBERS = itertools.count()  # a store's number is never reused, where id() of a freed store may be
 
 
 class KVStore:
@@ -33,6 +36,7 @@ class KVStore:
         self.limit = manifest.generation.context_length
         self.slots = list(manifest.cache_slots)
         self.capacity = 0
+        self.number = next(_STORE_NUMBERS)
         self.version = 0  # changes whenever the buffers are replaced (bindings must then be made again)
         self._host: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._device: dict[str, tuple[ort.OrtValue, ort.OrtValue]] = {}
@@ -114,7 +118,7 @@ class KVCache:
     @property
     def version(self) -> tuple[int, int, int]:
         """Changes whenever the buffers behind this cache change (grown, or moved to another store or row)."""
-        return id(self.store), self.store.version, self.row
+        return self.store.number, self.store.version, self.row
 
     @property
     def values(self) -> dict[str, tuple[ort.OrtValue, ort.OrtValue]]:

@@ -82,7 +82,9 @@ class Sequence:
     ):
         self.manifest, self.runners, self.device = manifest, runners, device
         self.chains = {entry.exit: [runners[name] for name in entry.chain] for entry in manifest.exits}
-        self._plannable = {exit: StepPlan.fits(chain) for exit, chain in self.chains.items()}
+        # The plan binds host buffers once; a GPU provider copies a bound host input at binding time, so only the CPU
+        # provider steps on plans.
+        self._plannable = {exit: device == "cpu" and StepPlan.fits(chain) for exit, chain in self.chains.items()}
         # The pieces that read the hidden states at each depth: what a boundary must keep rows for.
         self._consumers: dict[int, list[PieceRunner]] = {}
         for runner in runners.values():

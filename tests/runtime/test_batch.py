@@ -123,6 +123,27 @@ def test_a_released_sequence_keeps_its_cache_and_a_full_batch_is_refused(engine)
         batch.step([(third, 1)])
 
 
+def test_a_sequence_back_from_a_batch_steps_into_its_new_buffers(engine):
+    """Admitted, then released into a new store of its own (which Python may place where the freed first store was):
+    its bindings and step plans are made again, so the steps after write the new buffers (a store's identity is a
+    number never reused, not its address)."""
+    tokens, exit = list(range(5, 20)), engine.exits[-1]
+    batch = engine.batch_decoder(2)
+    for _ in range(20):
+        sequence = engine.sequence(tokens[:5])
+        sequence.logits(exit)
+        sequence.append(tokens[5])
+        sequence.logits(exit)  # a one-token step: the plan of the first store
+        batch.admit(sequence)
+        batch.release(sequence)
+        for token in tokens[6:12]:
+            sequence.append(token)
+            sequence.logits(exit)
+        reference = engine.sequence(tokens[:12])
+        reference.logits(exit)
+        np.testing.assert_allclose(sequence.cache.keys("layer.0", 12), reference.cache.keys("layer.0", 12), atol=1e-5)
+
+
 def test_an_export_of_schema_3_gives_the_logits_of_the_current_one(tiny_export, tmp_path):
     old = Engine.load(as_schema_3(tiny_export, tmp_path / "old"), providers=["cpu"], threads=1)
     new = Engine.load(tiny_export, providers=["cpu"], threads=1)
