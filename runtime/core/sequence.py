@@ -83,8 +83,8 @@ class Sequence:
         self.manifest, self.runners, self.device = manifest, runners, device
         self.chains = {entry.exit: [runners[name] for name in entry.chain] for entry in manifest.exits}
         # The plan binds host buffers once; a GPU provider copies a bound host input at binding time, so only the CPU
-        # provider steps on plans.
-        self._plannable = {exit: device == "cpu" and StepPlan.fits(chain) for exit, chain in self.chains.items()}
+        # provider steps on plans, and only with pieces that take sequence lengths (not an older export's mask).
+        self._plannable = device == "cpu" and not any(runner.takes_mask for runner in runners.values())
         # The pieces that read the hidden states at each depth: what a boundary must keep rows for.
         self._consumers: dict[int, list[PieceRunner]] = {}
         for runner in runners.values():
@@ -209,7 +209,7 @@ class Sequence:
             self.last_catch_up = 0
             return last[1]
         self.cache.reserve(count)
-        if not every_position and self._plannable[exit] and self.ready_for_batch(exit):
+        if not every_position and self._plannable and self.ready_for_batch(exit):
             return self._step(exit, count)
         *body, head = self.chains[exit]
         earliest = count - 1

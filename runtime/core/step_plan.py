@@ -14,7 +14,8 @@ from balcony_edge.runtime.core.piece_runner import PieceRunner
 
 class StepPlan:
     """Bindings of one exit's pieces over one cache version's buffers, for steps that run only the newest position
-    through every piece (no backlog to catch up)."""
+    through every piece (no backlog to catch up). The pieces take sequence lengths (manifest schema 4 and later);
+    every chain starts with the segment that reads token ids (the manifest checks it)."""
 
     def __init__(self, chain: list[PieceRunner], values: dict[str, tuple[ort.OrtValue, ort.OrtValue]]):
         self.runners = chain
@@ -36,14 +37,6 @@ class StepPlan:
             self.outputs.append(output)
             self._bindings.append(binding)
             previous = output
-
-    @staticmethod
-    def fits(chain: list[PieceRunner]) -> bool:
-        """Whether a chain can be planned: its first piece reads token ids, and none needs an attention mask (exports
-        before manifest schema 4) or reads another dtype than its predecessor writes."""
-        if chain[0].dtype != np.int64 or any(runner.takes_mask for runner in chain):
-            return False
-        return all(after.dtype == before.output_dtype for before, after in zip(chain, chain[1:]))
 
     def step(self, token: int, count: int) -> list[np.ndarray]:
         """Run the newest position (`token`, the count-th) through every piece; each piece's output [1, 1, width],
