@@ -133,6 +133,7 @@ def run_bench(config: BenchConfig) -> dict:
         "threads": config.threads,
         "thread_pool": config.thread_pool,
         "prepack": engine.prepack,
+        "huge_pages_mb": engine.huge_page_bytes >> 20,  # onnxruntime's weights collapsed into huge pages
         "new_tokens": config.new_tokens,
         "prompt_tokens": len(prompt),
         "repeats": config.repeats,

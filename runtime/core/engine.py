@@ -23,6 +23,7 @@ from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.core.batch import BatchDecoder
 from balcony_edge.runtime.core.constraints import JsonConstraint, JsonGrammar
 from balcony_edge.runtime.core.generation import MAX_TOP_LOGPROBS, GeneratedToken, Generation
+from balcony_edge.runtime.core.huge_pages import collapse_new_memory
 from balcony_edge.runtime.core.integrity import check_export_files
 from balcony_edge.runtime.core.manifest import ExitGraph, Manifest
 from balcony_edge.runtime.core.piece_runner import PieceRunner
@@ -64,6 +65,7 @@ class Engine:
         self.codec = TextCodec(folder, manifest)
         self.settings = settings
         self.prepack = settings.prepack
+        self.huge_page_bytes = 0  # onnxruntime's memory collapsed into huge pages (set as the sessions open)
         self.provider, self.fallbacks, self.weights, self.runners = self._open_sessions(settings)
         self.device = device_of(self.provider)
         self._profiles: list[ExitProfile] | None = None
@@ -80,6 +82,7 @@ class Engine:
         trust_modified: bool = False,
         warn: Callable[[str], None] | None = None,
         thread_pool: str = "session",
+        huge_pages: bool = True,
     ) -> Engine:
         """Load an export folder (default: the default export); providers tried in order: TensorRT, CUDA, CPU.
 
@@ -95,9 +98,12 @@ class Engine:
         "process" runs every piece on onnxruntime's one process-wide pool, which spins without end, and once it exists
         onnxruntime refuses every later session in the process that asks for a pool of its own (docs/benchmarks.md,
         "Thread pools").
+
+        huge_pages: collapse onnxruntime's prepacked CPU weights into transparent huge pages where Linux allows it
+        (`huge_pages.py`; off only to measure what it brings).
         """
         folder = export_folder(folder)
-        settings = session_settings(providers, threads, prepack, thread_pool)
+        settings = session_settings(providers, threads, prepack, thread_pool, huge_pages)
         return cls(folder, Manifest.load(folder), settings, trust_modified=trust_modified, warn=warn)
 
     def _open_sessions(
@@ -110,12 +116,15 @@ class Engine:
             try:
                 weights = SharedWeights(self.folder, self.manifest)
                 runners: dict[str, PieceRunner] = {}
-                for piece in self.manifest.pieces:
-                    quiet = _quietly if provider != "CPUExecutionProvider" else _as_is
-                    session, printed = quiet(open_session, self.folder, piece, weights, provider, settings)
-                    if session.get_providers()[0] != provider:  # onnxruntime fell back to the CPU
-                        raise RuntimeError(_fallback_reason(printed) or "no usable GPU")
-                    runners[piece.name] = PieceRunner(session, piece)
+                on_cpu = provider == "CPUExecutionProvider"  # where the kernels stream the weights from host memory
+                with collapse_new_memory(enabled=settings.huge_pages and on_cpu) as collapsed:
+                    for piece in self.manifest.pieces:
+                        quiet = _as_is if on_cpu else _quietly
+                        session, printed = quiet(open_session, self.folder, piece, weights, provider, settings)
+                        if session.get_providers()[0] != provider:  # onnxruntime fell back to the CPU
+                            raise RuntimeError(_fallback_reason(printed) or "no usable GPU")
+                        runners[piece.name] = PieceRunner(session, piece)
+                self.huge_page_bytes = collapsed.bytes
                 return provider, fallbacks, weights, runners
             except Exception as err:  # a provider that cannot start is skipped, with the reason reported
                 fallbacks[provider] = first_line(err)
@@ -366,7 +375,11 @@ def export_folder(folder: str | Path | None) -> Path:
 
 
 def session_settings(
-    providers: list[str] | None, threads: int | None, prepack: bool = True, thread_pool: str = "session"
+    providers: list[str] | None,
+    threads: int | None,
+    prepack: bool = True,
+    thread_pool: str = "session",
+    huge_pages: bool = True,
 ) -> SessionSettings:
     """How an engine's sessions are made: the providers this onnxruntime has, in order, and the TensorRT cache in
     ours."""
@@ -376,6 +389,7 @@ def session_settings(
         trt_cache=str(cache_dir() / "tensorrt"),
         prepack=prepack,
         thread_pool=thread_pool,
+        huge_pages=huge_pages,
     )
 
 

@@ -36,6 +36,7 @@ class SessionSettings:
     trt_cache: str | None = None  # folder for TensorRT engine and timing caches
     prepack: bool = True  # CPU MatMul weight prepacking (off only to measure what it brings)
     thread_pool: str = "session"  # "process": every piece on onnxruntime's process-wide pool (see ProcessPool)
+    huge_pages: bool = True  # prepacked CPU weights on huge pages (off only to measure what it brings)
 
     def __post_init__(self) -> None:
         if self.thread_pool not in THREAD_POOLS:
