@@ -143,7 +143,9 @@ def run_bench(config: BenchConfig) -> dict:
     engine_stats: dict[int, DecodeStats] = {}
     for entry in manifest.exits:
         say(f"engine: exit {entry.exit}")
-        engine_stats[entry.exit] = measure(EngineDecoder(engine, entry.exit), prompt, config.new_tokens, config.repeats)
+        engine_stats[entry.exit] = measure(
+            EngineDecoder(engine, entry.exit, config.new_tokens), prompt, config.new_tokens, config.repeats
+        )
 
     full = manifest.exits[-1]
     bare = floor_stats.get(full.exit)
@@ -156,7 +158,7 @@ def run_bench(config: BenchConfig) -> dict:
     say(f"context: a full-depth decode step after {', '.join(map(str, CONTEXTS))} tokens")
     result["context_step_ratio"] = context_step_ratio(engine, full.exit, CONTEXTS, config.repeats)
     say(f"neighbour: exit {full.exit} quiet and beside one busy core, in turn")
-    deep = EngineDecoder(engine, full.exit)
+    deep = EngineDecoder(engine, full.exit, config.new_tokens)
     neighbour = quiet_and_beside(lambda: greedy_run(deep, prompt, config.new_tokens).decode_tok_s, config.repeats)
     result["neighbour_tok_s"] = neighbour["neighbour_tok_s"]
     result["neighbour_ratio"] = neighbour["neighbour_ratio"]
@@ -311,7 +313,13 @@ def side_by_side(config: BenchConfig, engine: Engine, exits: list[int], prompt: 
     try:
         with PeerWorker(peer, PEER_TIMEOUT_S, prompt=prompt, threads=config.threads, **where) as worker:
             rounds = {
-                exit: alternate(EngineDecoder(engine, exit), worker.timed, prompt, config.new_tokens, config.repeats)
+                exit: alternate(
+                    EngineDecoder(engine, exit, config.new_tokens),
+                    worker.timed,
+                    prompt,
+                    config.new_tokens,
+                    config.repeats,
+                )
                 for exit in exits
             }
             in_turn = {"in_turn": {str(exit): figures for exit, figures in rounds.items()}} if len(exits) > 1 else {}

@@ -66,14 +66,16 @@ def summarize(runs: list[RunTiming]) -> DecodeStats:
 
 
 class EngineDecoder:
-    """The runtime's own decode path at one fixed exit: `Sequence.append` + `Sequence.logits(exit)`."""
+    """The runtime's own decode path at one fixed exit, as `Engine.generate` drives it: the prompt with room made for
+    `new_tokens` (`Sequence.make_room`), then `Sequence.append` + `Sequence.logits(exit)`."""
 
-    def __init__(self, engine: Engine, exit: int):
-        self.engine, self.exit = engine, exit
+    def __init__(self, engine: Engine, exit: int, new_tokens: int = 0):
+        self.engine, self.exit, self.new_tokens = engine, exit, new_tokens
         self.sequence: Sequence | None = None
 
     def prefill(self, prompt: list[int]) -> np.ndarray:
         self.sequence = self.engine.sequence(prompt)
+        self.sequence.make_room(self.new_tokens)
         return self.sequence.logits(self.exit)
 
     def step(self, token: int) -> np.ndarray:

@@ -342,6 +342,7 @@ class Engine:
                     f"the prompt fills the context of {sequence.context_length} tokens; "
                     "shorten it or start a new conversation (/reset)"
                 )
+        sequence.make_room(max_new_tokens)
         eos = set() if ignore_eos else set(self.manifest.generation.eos_token_ids)
         return Generation(
             sequence,

@@ -25,6 +25,11 @@ from balcony_edge.runtime.core.piece_runner import PieceRunner
 from balcony_edge.runtime.core.step_plan import StepPlan
 from balcony_edge.runtime.core.text import PromptError
 
+# Room made with a prompt for this many tokens of its answer: growing the cache copies all of it (13-17 ms after a
+# 256-token prompt at int4 on a 2-core EPYC, four decode steps), which the answer's first steps should not wait for;
+# longer answers grow by doubling.
+ANSWER_ROOM = 256  # tokens
+
 
 class ContextFullError(BalconyError):
     """The sequence reached the model's context length."""
@@ -169,6 +174,12 @@ class Sequence:
             yield
         finally:
             self._in_use.release()
+
+    def make_room(self, new_tokens: int) -> None:
+        """Grow the cache now for the tokens fed so far and the next min(new_tokens, ANSWER_ROOM) (within the context
+        length), so that decoding them never stops to grow it."""
+        with self._exclusive():
+            self.cache.reserve(min(len(self.tokens) + min(new_tokens, ANSWER_ROOM), self.context_length))
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens and what the cache holds of them (a prefix another request shares); the

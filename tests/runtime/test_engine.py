@@ -415,3 +415,37 @@ def test_a_complete_json_answer_ends_even_with_ignore_eos(engine):
         engine.generate("Describe the harbour.", 300, "full", SamplingConfig(), ignore_eos=True, constraint=constraint)
     )
     assert tokens[-1].finish == "stop" and json.loads("".join(t.text for t in tokens))
+
+
+def test_room_made_for_an_answer_spares_its_steps_any_cache_growth(engine):
+    rng = np.random.default_rng(3)
+    vocab = engine.manifest.vocab_size
+    prompt = rng.integers(0, vocab, size=256).tolist()  # fills the first capacity exactly: the next token would grow it
+    roomy, plain = engine.sequence(prompt), engine.sequence(prompt)
+    roomy.make_room(40)
+    version, capacity = roomy.cache.version, roomy.cache.capacity
+    assert capacity >= 296
+    token = int(np.argmax(roomy.logits(engine.exits[0])))
+    assert int(np.argmax(plain.logits(engine.exits[0]))) == token
+    for step in range(40):
+        exit = engine.exits[step % len(engine.exits)]
+        roomy.append(token)
+        plain.append(token)
+        logits = roomy.logits(exit)
+        np.testing.assert_array_equal(logits, plain.logits(exit))  # the same numbers in a larger buffer
+        token = int(np.argmax(logits))
+    assert roomy.cache.version == version and roomy.cache.capacity == capacity
+    assert plain.cache.capacity > 256  # the plain sequence grew on the way
+
+
+def test_start_makes_room_for_the_answer_up_to_answer_room(engine, monkeypatch):
+    from balcony_edge.runtime.core import sequence as sequence_module
+
+    monkeypatch.setattr(sequence_module, "ANSWER_ROOM", 64)  # the tiny model's context is short
+    limit, room = engine.manifest.generation.context_length, sequence_module.ANSWER_ROOM
+    prompt = list(range(10, 30))
+    assert 2 * (len(prompt) + room) <= limit  # so that room for the whole answer would show
+    short = engine.start(prompt, max_new_tokens=50, budget="full", chat=False)
+    assert short.sequence.cache.capacity >= 70
+    long = engine.start(prompt, max_new_tokens=limit - len(prompt), budget="full", chat=False)
+    assert len(prompt) + room <= long.sequence.cache.capacity < limit  # room for the start, not for all of it
