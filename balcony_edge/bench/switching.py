@@ -17,8 +17,10 @@ def switch_cost_steps(deepening_s: list[float], deep_step_s: float) -> float:
 
 
 def deepening_time(engine, prompt: list[int], shallow: int, deep: int, backlog: int) -> float:
-    """Seconds of the first `logits(deep)` after `backlog` greedy tokens at `shallow` (both exits saw the prompt)."""
+    """Seconds of the first `logits(deep)` after `backlog` greedy tokens at `shallow` (both exits saw the prompt; room
+    made for the answer, as `Engine.generate` makes it)."""
     sequence = engine.sequence(prompt)
+    sequence.make_room(backlog + 1)
     sequence.logits(deep)
     token = int(np.argmax(sequence.logits(shallow)))
     for _ in range(backlog):
