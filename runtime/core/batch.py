@@ -36,6 +36,7 @@ class BatchDecoder:
         free = [row for row in range(self.store.rows) if row not in self.occupants]
         if not free:
             raise BalconyError(f"all {self.store.rows} rows of the batch are taken; release one first")
+        self.store.reserve(sequence.cache.capacity)  # keep the room made for its answer (Sequence.make_room)
         sequence.cache.move_to(self.store, free[0])
         self.occupants[free[0]] = sequence
 

@@ -3,9 +3,10 @@ reads every weight of its exit once (int4 exit 8: about 35 MB, full depth about 
 and their TLB misses a step (docs/benchmarks.md, "Huge pages", for what it brings).
 
 onnxruntime allocates prepacked weights itself, so the anonymous memory that appears while the sessions open is
-collapsed into huge pages once they are open (MADV_COLLAPSE: Linux 6.1 and later, whatever the THP setting short of
-`never`; the kernel refuses some ranges, such as thread stacks, which stay as they are). Nothing is advised for later
-faults, so memory not yet touched stays unmapped. Elsewhere (another OS, an older kernel, THP off) nothing happens.
+collapsed into huge pages once they are open (MADV_COLLAPSE: Linux 6.1 and later). Only 2 MiB blocks whose pages are
+all present are collapsed (packed weights are written whole; a thread's stack is not), so collapsing never adds
+memory, and nothing is advised for later faults. The kernel would collapse whatever the THP setting; we leave a
+machine whose THP is `never` alone, as its owner asked. Elsewhere (another OS, an older kernel) nothing happens.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import contextlib
 import ctypes
 import functools
 import logging
+import mmap
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 HUGE_PAGE = 2 << 20  # bytes
+PAGE = mmap.PAGESIZE  # bytes
 MADV_COLLAPSE = 25
 _THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _MAPS = Path("/proc/self/maps")
@@ -28,8 +31,8 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _madvise() -> Callable[[int, int, int], int] | None:
-    """libc's madvise where this is Linux and transparent huge pages are not switched off, else None."""
+def _libc() -> ctypes.CDLL | None:
+    """The C library the process already has, where this is Linux and transparent huge pages are not switched off."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -38,15 +41,24 @@ def _madvise() -> Callable[[int, int, int], int] | None:
         return None
     if "[never]" in setting:
         return None
-    madvise = ctypes.CDLL(None, use_errno=True).madvise  # the C library the process already has
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    libc.mincore.restype = ctypes.c_int
+    return libc
 
 
 def available() -> bool:
     """Whether this process can ask for transparent huge pages."""
-    return _madvise() is not None
+    return _libc() is not None
+
+
+def _all_present(libc: ctypes.CDLL, start: int) -> bool:
+    """Whether every page of the huge page at `start` is in memory (mincore)."""
+    pages = HUGE_PAGE // PAGE
+    present = (ctypes.c_ubyte * pages)()
+    return libc.mincore(start, HUGE_PAGE, present) == 0 and all(flag & 1 for flag in present)
 
 
 def _aligned(start: int, end: int) -> tuple[int, int]:
@@ -58,7 +70,7 @@ def _anonymous_ranges() -> list[tuple[int, int]]:
     """This process's private writable anonymous mappings (heap included), as [start, end) byte addresses."""
     ranges = []
     for line in _MAPS.read_text().splitlines():
-        fields = line.split()
+        fields = line.split(maxsplit=5)
         address, perms, inode = fields[0], fields[1], fields[4]
         path = fields[5] if len(fields) > 5 else ""
         if inode == "0" and perms.startswith("rw") and perms.endswith("p") and path in ("", "[heap]"):
@@ -91,17 +103,18 @@ class Collapsed:
 def collapse_new_memory(enabled: bool = True) -> Iterator[Collapsed]:
     """Collapse into huge pages the anonymous memory this process maps inside the block (onnxruntime's prepacked
     weights while sessions open), when enabled and available."""
-    madvise = _madvise() if enabled else None
-    before = _anonymous_ranges() if madvise else []
+    libc = _libc() if enabled else None
+    before = _anonymous_ranges() if libc else []
     report = Collapsed()
     yield report
-    if madvise is None:
+    if libc is None:
         return
     for start, end in _new_ranges(before, _anonymous_ranges()):
         first, last = _aligned(start, end)
-        if last - first < HUGE_PAGE:
-            continue
-        if madvise(first, last - first, MADV_COLLAPSE) == 0:
-            report.bytes += last - first
-        else:  # a kernel before 6.1, or a range it refuses (thread stacks): left on small pages
-            log.debug("MADV_COLLAPSE of %d bytes failed (errno %d)", last - first, ctypes.get_errno())
+        for block in range(first, last, HUGE_PAGE):
+            if not _all_present(libc, block):
+                continue
+            if libc.madvise(block, HUGE_PAGE, MADV_COLLAPSE) == 0:
+                report.bytes += HUGE_PAGE
+            else:  # a kernel before 6.1, or a block it refuses: left on small pages
+                log.debug("MADV_COLLAPSE at %#x failed (errno %d)", block, ctypes.get_errno())

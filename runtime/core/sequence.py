@@ -25,9 +25,9 @@ from balcony_edge.runtime.core.piece_runner import PieceRunner
 from balcony_edge.runtime.core.step_plan import StepPlan
 from balcony_edge.runtime.core.text import PromptError
 
-# Room made with a prompt for this many tokens of its answer: growing the cache copies all of it (13-17 ms after a
-# 256-token prompt at int4 on a 2-core EPYC, four decode steps), which the answer's first steps should not wait for;
-# longer answers grow by doubling.
+# Room made with a prompt for this many tokens of its answer: growing the cache copies all of it, several decode steps'
+# time after a few hundred tokens (docs/benchmarks.md, "Room for the answer"), which the answer's first steps should
+# not wait for; longer answers grow by doubling.
 ANSWER_ROOM = 256  # tokens
 
 
@@ -178,6 +178,8 @@ class Sequence:
     def make_room(self, new_tokens: int) -> None:
         """Grow the cache now for the tokens fed so far and the next min(new_tokens, ANSWER_ROOM) (within the context
         length), so that decoding them never stops to grow it."""
+        if not (is_whole_number(new_tokens) and new_tokens >= 0):
+            raise BalconyError(f"new_tokens {new_tokens!r} must be a whole number of tokens, at least 0")
         with self._exclusive():
             self.cache.reserve(min(len(self.tokens) + min(new_tokens, ANSWER_ROOM), self.context_length))
 

@@ -144,6 +144,15 @@ def test_a_sequence_back_from_a_batch_steps_into_its_new_buffers(engine):
         np.testing.assert_allclose(sequence.cache.keys("layer.0", 12), reference.cache.keys("layer.0", 12), atol=1e-5)
 
 
+def test_a_sequence_admitted_to_a_batch_keeps_the_room_made_for_its_answer(engine):
+    sequence = engine.sequence(list(range(1, 21)))
+    sequence.make_room(100)
+    room = sequence.cache.capacity
+    batch = engine.batch_decoder(2)
+    batch.admit(sequence)
+    assert sequence.cache.store is batch.store and sequence.cache.capacity >= room >= 120
+
+
 def test_an_export_of_schema_3_gives_the_logits_of_the_current_one(tiny_export, tmp_path):
     old = Engine.load(as_schema_3(tiny_export, tmp_path / "old"), providers=["cpu"], threads=1)
     new = Engine.load(tiny_export, providers=["cpu"], threads=1)

@@ -438,6 +438,12 @@ def test_room_made_for_an_answer_spares_its_steps_any_cache_growth(engine):
     assert plain.cache.capacity > 256  # the plain sequence grew on the way
 
 
+@pytest.mark.parametrize("bad", [2.5, -1, "8"])
+def test_make_room_refuses_what_is_not_a_number_of_tokens(engine, bad):
+    with pytest.raises(BalconyError, match="whole number of tokens"):
+        engine.sequence([1, 2]).make_room(bad)
+
+
 def test_start_makes_room_for_the_answer_up_to_answer_room(engine, monkeypatch):
     from balcony_edge.runtime.core import sequence as sequence_module
 

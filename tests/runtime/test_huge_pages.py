@@ -3,8 +3,8 @@ when told to."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
-import platform
 import re
 
 import numpy as np
@@ -13,11 +13,6 @@ import pytest
 from balcony_edge.runtime import Engine
 from balcony_edge.runtime.core import engine as engine_module
 from balcony_edge.runtime.core import huge_pages
-
-
-def _kernel_at_least(major: int, minor: int) -> bool:
-    found = re.match(r"(\d+)\.(\d+)", platform.release())
-    return bool(found) and (int(found[1]), int(found[2])) >= (major, minor)
 
 
 def _touched(nbytes: int) -> np.ndarray:
@@ -56,9 +51,26 @@ def test_aligned_keeps_only_whole_huge_pages():
     assert last - first < page  # no whole huge page inside: nothing to collapse
 
 
+def _collapse_works() -> bool:
+    """Whether this kernel collapses a written 2 MiB block (Linux 6.1 and later, where nothing forbids it)."""
+    if not huge_pages.available():
+        return False
+    scratch = _touched(2 * huge_pages.HUGE_PAGE)
+    block, _ = huge_pages._aligned(scratch.ctypes.data, scratch.ctypes.data + scratch.nbytes)
+    return huge_pages._libc().madvise(block, huge_pages.HUGE_PAGE, huge_pages.MADV_COLLAPSE) == 0
+
+
+def _thp_setting() -> str:
+    found = re.search(r"\[(\w+)\]", open("/sys/kernel/mm/transparent_hugepage/enabled").read())
+    return found[1] if found else ""
+
+
 needs_collapse = pytest.mark.skipif(
-    not (huge_pages.available() and _kernel_at_least(6, 1)),
-    reason="transparent huge pages with MADV_COLLAPSE need Linux 6.1 or later with THP not switched off",
+    not _collapse_works(), reason="this kernel does not collapse memory into huge pages (MADV_COLLAPSE, Linux 6.1+)"
+)
+needs_madvise_mode = pytest.mark.skipif(
+    not _collapse_works() or _thp_setting() != "madvise",
+    reason="telling collapsed memory from memory the kernel gave huge pages at once needs THP set to madvise",
 )
 
 
@@ -71,7 +83,7 @@ def test_memory_touched_inside_the_block_is_collapsed_into_huge_pages():
     assert int(array.sum()) == array.size  # contents kept
 
 
-@needs_collapse
+@needs_madvise_mode
 def test_memory_from_before_the_block_or_when_disabled_is_left_alone():
     earlier = _touched(16 << 20)
     with huge_pages.collapse_new_memory():
@@ -83,17 +95,29 @@ def test_memory_from_before_the_block_or_when_disabled_is_left_alone():
     assert _huge_bytes_under(later) == 0
 
 
+@needs_madvise_mode
+def test_blocks_not_wholly_in_memory_are_left_alone_so_collapsing_adds_no_memory():
+    with huge_pages.collapse_new_memory() as collapsed:
+        memory = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        array = np.frombuffer(memory, dtype=np.uint8)
+        array[:: 2 * mmap.PAGESIZE] = 1  # every other page touched: no 2 MiB block is wholly in memory
+    assert collapsed.bytes == 0
+    assert _huge_bytes_under(array) == 0
+
+
 @pytest.mark.parametrize("asked", [True, False])
 def test_engine_collapses_its_sessions_memory_only_when_asked(tiny_export, monkeypatch, asked):
     calls = []
-    real = huge_pages.collapse_new_memory
 
+    @contextlib.contextmanager
     def spy(enabled=True):
         calls.append(enabled)
-        return real(enabled)
+        report = huge_pages.Collapsed()
+        yield report
+        report.bytes = 6 << 20 if enabled else 0
 
     monkeypatch.setattr(engine_module, "collapse_new_memory", spy)
     engine = Engine.load(tiny_export, providers=["cpu"], threads=1, huge_pages=asked)
     assert calls == [asked]
     assert engine.settings.huge_pages is asked
-    assert engine.huge_page_bytes >= 0 if asked else engine.huge_page_bytes == 0
+    assert engine.huge_page_bytes == (6 << 20 if asked else 0)
