@@ -915,6 +915,13 @@ def bench(
         bool,
         typer.Option("--prepack/--no-prepack", help="CPU weight prepacking (--no-prepack: to measure what it brings)."),
     ] = True,
+    huge_pages: Annotated[
+        bool,
+        typer.Option(
+            "--huge-pages/--no-huge-pages",
+            help="Packed CPU weights on huge pages where Linux allows (--no-huge-pages: to measure what they bring).",
+        ),
+    ] = True,
     thread_pool: ThreadPoolOpt = "session",
     floor: Annotated[
         bool,
@@ -959,6 +966,7 @@ def bench(
         threads=threads,
         provider=provider,
         prepack=prepack,
+        huge_pages=huge_pages,
         thread_pool=thread_pool,
         floors=floor,
         peers=peers,

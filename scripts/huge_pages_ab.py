@@ -2,8 +2,9 @@
 against one without, greedy decode (128 tokens after a 64-token prompt) at every exit.
 
 Default: one engine per process, the two kinds alternated in pairs (the order swapped every pair), as an application
-runs one engine; prints each process's tok/s, then each exit's median ratio over the pairs. --together: both engines
-in one process, decoding in turn, in each load order (where a session's memory lands moves its speed too).
+runs one engine; prints each process's load time, memory and tok/s, then each exit's median ratio over the pairs.
+--together: both engines in one process, decoding in turn, in each load order (where a session's memory lands moves
+its speed too).
 
 python scripts/huge_pages_ab.py <export> [--pairs 6]
 python scripts/huge_pages_ab.py <export> --together [--rounds 6]
@@ -19,6 +20,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 
 from balcony_edge.runtime import Engine
 
@@ -40,10 +42,20 @@ def step_seconds(engine: Engine, exit: int) -> float:
 
 
 def alone(export: str, huge: bool) -> dict:
-    """This process's one engine: tok/s per exit (best of 3 runs) and how much was collapsed."""
+    """This process's one engine: seconds to load it, tok/s per exit (best of 3 runs), how much was collapsed and the
+    process's resident memory (MB)."""
+    started = time.perf_counter()
     engine = Engine.load(export, huge_pages=huge)
+    load_s = time.perf_counter() - started
     speeds = {str(exit): round(1 / min(step_seconds(engine, exit) for _ in range(3)), 1) for exit in engine.exits}
-    return {"huge": huge, "collapsed_mb": engine.huge_page_bytes >> 20, "tok_s": speeds}
+    rss_mb = psutil.Process().memory_info().rss >> 20
+    return {
+        "huge": huge,
+        "collapsed_mb": engine.huge_page_bytes >> 20,
+        "load_s": round(load_s, 2),
+        "rss_mb": rss_mb,
+        "tok_s": speeds,
+    }
 
 
 def together(export: str, order: list[bool], rounds: int) -> dict:

@@ -51,6 +51,7 @@ class BenchConfig:
     threads: int | None = None  # intra-op threads (onnxruntime and torch); None: their defaults (all cores)
     provider: str = "cpu"
     prepack: bool = True  # CPU weight prepacking (False: to measure what it brings)
+    huge_pages: bool = True  # packed CPU weights on huge pages where Linux allows (False: to measure what they bring)
     # the engine's onnxruntime threads (runtime.core.sessions): "session" as chat and serve run, or "process"
     thread_pool: str = "session"
     floors: bool = True
@@ -118,7 +119,9 @@ def run_bench(config: BenchConfig) -> dict:
     folder = export_folder(config.export)
     manifest = Manifest.load(folder)
     check_export_files(folder, manifest, trust_modified=config.trust_modified, warn=say)
-    settings = session_settings([config.provider], config.threads, config.prepack, config.thread_pool)
+    settings = session_settings(
+        [config.provider], config.threads, config.prepack, config.thread_pool, config.huge_pages
+    )
     prompt = bench_prompt(TextCodec(folder, manifest), manifest, config.prompt_tokens)
     notes: list[str] = []
     # The floors run first, in onnxruntime's default sessions: none can be made once the engine's process pool exists.

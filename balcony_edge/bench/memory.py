@@ -38,6 +38,7 @@ def measure_in_subprocess(folder: Path, mode: str, settings: SessionSettings) ->
     if settings.threads:
         command += ["--threads", str(settings.threads)]
     command += ["--prepack" if settings.prepack else "--no-prepack"]
+    command += ["--huge-pages" if settings.huge_pages else "--no-huge-pages"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         from balcony_edge.common.errors import BalconyError
@@ -96,6 +97,7 @@ def probe(folder: Path, mode: str, settings: SessionSettings) -> dict:
         "exits": engine.exits,
         "rss_bytes": psutil.Process().memory_info().rss,
         "prepack": engine.prepack,
+        "huge_pages_mb": engine.huge_page_bytes >> 20,
     }
     gpu = _gpu_bytes() if engine.provider != "CPUExecutionProvider" else None
     if gpu is not None:
@@ -110,10 +112,15 @@ def main() -> None:
     parser.add_argument("--provider", action="append", help="repeatable, in order of preference; default: cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--thread-pool", choices=THREAD_POOLS, default="session")
     args = parser.parse_args()
     settings = SessionSettings(
-        resolve_providers(args.provider or ["cpu"]), args.threads, prepack=args.prepack, thread_pool=args.thread_pool
+        resolve_providers(args.provider or ["cpu"]),
+        args.threads,
+        prepack=args.prepack,
+        thread_pool=args.thread_pool,
+        huge_pages=args.huge_pages,
     )
     print(json.dumps(probe(args.folder, args.mode, settings)))
 

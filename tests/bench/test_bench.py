@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 
 import numpy as np
@@ -187,8 +188,9 @@ def test_onnxruntime_genai_runs_each_exit_graph_when_importable(tiny_export):
 def test_bench_command_prints_json_and_writes_the_plot(tiny_export, tmp_path):
     plot = tmp_path / "bench.png"
     options = (
-        "--json --new-tokens 3 --prompt-tokens 8 --repeats 1 --threads 1 --no-floor --no-peers --no-memory".split()
-    )
+        "--json --new-tokens 3 --prompt-tokens 8 --repeats 1 --threads 1 --no-floor --no-peers --no-memory "
+        "--no-huge-pages"
+    ).split()
     done = CliRunner().invoke(app, ["bench", str(tiny_export), "--plot", str(plot), *options])
     assert done.exit_code == 0, done.output
     result = json.loads(done.stdout)  # one JSON object on stdout; progress goes to stderr
@@ -196,8 +198,27 @@ def test_bench_command_prints_json_and_writes_the_plot(tiny_export, tmp_path):
         result["exits"][0]["floor_tok_s"] is None and result["exits"][-1]["floor_tok_s"] > 0
     )  # bare loop on the full graph
     assert result["engine_vs_torch"] is None and result["memory_ratio_all_vs_full"] is None
+    assert result["huge_pages_mb"] == 0
     assert any("floors skipped" in note for note in result["notes"])
     assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("huge", [True, False])
+def test_the_memory_probe_gets_the_engines_settings(tiny_export, monkeypatch, huge):
+    from balcony_edge.bench import memory
+    from balcony_edge.runtime.core.sessions import SessionSettings
+
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout='{"rss_bytes": 1}\n', stderr="")
+
+    monkeypatch.setattr(memory.subprocess, "run", run)
+    settings = SessionSettings(("CPUExecutionProvider",), threads=1, prepack=False, huge_pages=huge)
+    assert memory.measure_in_subprocess(tiny_export, "full", settings) == {"rss_bytes": 1}
+    assert "--no-prepack" in commands[0]
+    assert ("--huge-pages" if huge else "--no-huge-pages") in commands[0]
 
 
 def test_bench_without_torch_skips_floors_with_a_note_and_runs_peers_in_children_on_the_process_pool(tiny_export):
