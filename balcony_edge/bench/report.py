@@ -159,7 +159,8 @@ def plot_bench(result: dict, path: str) -> None:
         ax_quality.set_ylabel("held-out perplexity")
     else:
         ax_quality.plot([r["decode_tok_s"] for r in rows], [r["bandwidth_gb_s"] for r in rows], "o-")
-        ax_quality.set_ylabel("achieved weight bandwidth (GB/s); no perplexities given")
+        ax_quality.set_ylabel("achieved weight bandwidth (GB/s)")
+        ax_quality.set_title("no perplexities given (--eval or --checkpoint)", fontsize="medium")
     ax_quality.set_xlabel("decode tokens/s")
     for ax in (ax_speed, ax_quality):
         ax.grid(alpha=0.3)
