@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
+from balcony_edge.bench.peers import one_run
 from balcony_edge.runtime.core.manifest import ATTENTION_MASK, INPUT_IDS
 from balcony_edge.runtime.core.piece_runner import NUMPY_TYPES
 
@@ -186,10 +187,9 @@ def alternate(decoder, peer_timed, prompt: list[int], new_tokens: int, rounds: i
         engine.append(greedy_run(decoder, prompt, new_tokens).decode_tok_s)
 
     def run_peer() -> None:
-        first = peer_timed(1)
-        whole = peer_timed(new_tokens + 1)
+        first, tok_s = one_run(peer_timed, new_tokens)
         firsts.append(first)
-        peer.append(new_tokens / (whole - first))
+        peer.append(tok_s)
 
     for round_ in range(rounds):
         for run in (run_engine, run_peer) if round_ % 2 == 0 else (run_peer, run_engine):

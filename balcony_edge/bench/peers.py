@@ -188,12 +188,7 @@ def llama_cpp_neighbour(gguf_path, prompt: list[int], new_tokens: int, repeats: 
         return LLAMA_CPP_MISSING
     timed, info = timer
     timed(8)
-
-    def decode_tok_s() -> float:
-        first = timed(1)
-        return new_tokens / (timed(new_tokens + 1) - first)
-
-    return {**quiet_and_beside(decode_tok_s, repeats), **info}
+    return {**quiet_and_beside(lambda: one_run(timed, new_tokens)[1], repeats), **info}
 
 
 GENAI_MISSING = {
@@ -254,6 +249,13 @@ def genai_generator(model, prompt: list[int], new_tokens: int):
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
     return og.Generator(model, params)
+
+
+def one_run(timed, new_tokens: int) -> tuple[float, float]:
+    """One timed run of a peer (timed(count) -> seconds for the prompt and `count` tokens): seconds to its first token,
+    and its decode tok/s over `new_tokens` more (a run of new_tokens + 1 with the first token's time taken off)."""
+    first = timed(1)
+    return first, new_tokens / (timed(new_tokens + 1) - first)
 
 
 def _decode_and_first_token(timed, new_tokens: int, repeats: int) -> dict:

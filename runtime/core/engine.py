@@ -117,9 +117,9 @@ class Engine:
                 weights = SharedWeights(self.folder, self.manifest)
                 runners: dict[str, PieceRunner] = {}
                 on_cpu = provider == "CPUExecutionProvider"  # where the kernels stream the weights from host memory
+                quiet = _as_is if on_cpu else _quietly
                 with collapse_new_memory(enabled=settings.huge_pages and on_cpu) as collapsed:
                     for piece in self.manifest.pieces:
-                        quiet = _as_is if on_cpu else _quietly
                         session, printed = quiet(open_session, self.folder, piece, weights, provider, settings)
                         if session.get_providers()[0] != provider:  # onnxruntime fell back to the CPU
                             raise RuntimeError(_fallback_reason(printed) or "no usable GPU")

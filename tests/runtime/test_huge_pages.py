@@ -87,7 +87,7 @@ def test_memory_touched_inside_the_block_is_collapsed_into_huge_pages():
 def test_memory_from_before_the_block_or_when_disabled_is_left_alone():
     earlier = _touched(16 << 20)
     with huge_pages.collapse_new_memory():
-        pass
+        pass  # nothing mapped inside the block: the earlier memory must stay as it is
     assert _huge_bytes_under(earlier) == 0
     with huge_pages.collapse_new_memory(enabled=False) as collapsed:
         later = _touched(16 << 20)
