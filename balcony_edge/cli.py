@@ -922,6 +922,13 @@ def bench(
             help="Packed CPU weights on huge pages where Linux allows (--no-huge-pages: to measure what they bring).",
         ),
     ] = True,
+    packed_weights: Annotated[
+        bool,
+        typer.Option(
+            "--packed/--no-packed",
+            help="CPU weights packed once on disk, one-session steps (--no-packed: to measure what it brings).",
+        ),
+    ] = True,
     thread_pool: ThreadPoolOpt = "session",
     floor: Annotated[
         bool,
@@ -936,7 +943,7 @@ def bench(
         ),
     ] = True,
     memory: Annotated[
-        bool, typer.Option("--memory/--no-memory", help="Measure RSS of all exits against the full model alone.")
+        bool, typer.Option("--memory/--no-memory", help="Measure memory of all exits against the full model alone.")
     ] = True,
     eval_file: Annotated[
         Optional[Path],
@@ -967,6 +974,7 @@ def bench(
         provider=provider,
         prepack=prepack,
         huge_pages=huge_pages,
+        packed_weights=packed_weights,
         thread_pool=thread_pool,
         floors=floor,
         peers=peers,

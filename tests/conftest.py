@@ -144,6 +144,13 @@ def tiny_train_config(base_dir, text_dir, out, **overrides):
     return TrainConfig(**(settings | overrides))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """What the code under test caches (packed weights, calibrations, floors) goes to this run's temporary folder, not
+    the user's; tests that need a cache of their own set BALCONY_EDGE_CACHE themselves."""
+    os.environ["BALCONY_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 TINY_EXITS = (1, 2)
 TINY_LAYERS = 4
 

@@ -52,6 +52,7 @@ class BenchConfig:
     provider: str = "cpu"
     prepack: bool = True  # CPU weight prepacking (False: to measure what it brings)
     huge_pages: bool = True  # packed CPU weights on huge pages where Linux allows (False: to measure what they bring)
+    packed_weights: bool = True  # weights packed once on disk, one-session steps (False: to measure what they bring)
     # the engine's onnxruntime threads (runtime.core.sessions): "session" as chat and serve run, or "process"
     thread_pool: str = "session"
     floors: bool = True
@@ -120,7 +121,7 @@ def run_bench(config: BenchConfig) -> dict:
     manifest = Manifest.load(folder)
     check_export_files(folder, manifest, trust_modified=config.trust_modified, warn=say)
     settings = session_settings(
-        [config.provider], config.threads, config.prepack, config.thread_pool, config.huge_pages
+        [config.provider], config.threads, config.prepack, config.thread_pool, config.huge_pages, config.packed_weights
     )
     prompt = bench_prompt(TextCodec(folder, manifest), manifest, config.prompt_tokens)
     notes: list[str] = []
@@ -137,6 +138,7 @@ def run_bench(config: BenchConfig) -> dict:
         "thread_pool": config.thread_pool,
         "prepack": engine.prepack,
         "huge_pages_mb": engine.huge_page_bytes >> 20,  # onnxruntime's weights collapsed into huge pages
+        "step_graphs": sorted(engine.step_graphs),  # exits whose one-token steps run as one session (packed weights)
         "new_tokens": config.new_tokens,
         "prompt_tokens": len(prompt),
         "repeats": config.repeats,

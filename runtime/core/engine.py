@@ -17,6 +17,7 @@ from typing import cast
 import onnxruntime as ort
 
 from balcony_edge.common.atomic import readable_folder, write_text_atomically
+from balcony_edge.common.console import log_warning
 from balcony_edge.common.errors import BalconyError, first_line
 from balcony_edge.common.paths import cache_dir, default_export_dir
 from balcony_edge.common.validation import is_whole_number
@@ -26,6 +27,7 @@ from balcony_edge.runtime.core.generation import MAX_TOP_LOGPROBS, GeneratedToke
 from balcony_edge.runtime.core.huge_pages import collapse_new_memory
 from balcony_edge.runtime.core.integrity import check_export_files
 from balcony_edge.runtime.core.manifest import ExitGraph, Manifest
+from balcony_edge.runtime.core.packed_weights import PackedGraphs, packed_graphs
 from balcony_edge.runtime.core.piece_runner import PieceRunner
 from balcony_edge.runtime.core.sampling import Sampler, SamplingConfig
 from balcony_edge.runtime.core.sequence import ContextFullError, Sequence
@@ -34,8 +36,10 @@ from balcony_edge.runtime.core.sessions import (
     SessionSettings,
     SharedWeights,
     device_of,
+    open_packed_session,
     open_session,
     resolve_providers,
+    session_options,
 )
 from balcony_edge.runtime.core.text import PromptError, TextCodec, TextStream, check_prompt_text
 from balcony_edge.runtime.device.controller import Budget, Chooser, Controller, ControllerConfig, ExitProfile
@@ -66,6 +70,9 @@ class Engine:
         self.settings = settings
         self.prepack = settings.prepack
         self.huge_page_bytes = 0  # onnxruntime's memory collapsed into huge pages (set as the sessions open)
+        self.warn = warn or log_warning
+        self.packed: PackedGraphs | None = None  # the packed graphs the CPU sessions were opened from
+        self.step_graphs: dict[int, ort.InferenceSession] = {}  # exit -> its step graph's session (packed weights)
         self.provider, self.fallbacks, self.weights, self.runners = self._open_sessions(settings)
         self.device = device_of(self.provider)
         self._profiles: list[ExitProfile] | None = None
@@ -83,6 +90,7 @@ class Engine:
         warn: Callable[[str], None] | None = None,
         thread_pool: str = "session",
         huge_pages: bool = True,
+        packed_weights: bool = True,
     ) -> Engine:
         """Load an export folder (default: the default export); providers tried in order: TensorRT, CUDA, CPU.
 
@@ -101,9 +109,14 @@ class Engine:
 
         huge_pages: collapse onnxruntime's prepacked CPU weights into transparent huge pages where Linux allows it
         (`huge_pages.py`; off only to measure what it brings).
+
+        packed_weights: on the CPU, open every graph from a copy that onnxruntime saved with its weights packed for
+        this CPU, all in one shared file (`packed_weights.py`; made on first load, in the cache folder), and run each
+        one-token step through its exit's whole chain as one session. Off, or where the cache cannot be written (then
+        `warn` says why), the pieces pack their weights on the heap and steps run the chain piece by piece.
         """
         folder = export_folder(folder)
-        settings = session_settings(providers, threads, prepack, thread_pool, huge_pages)
+        settings = session_settings(providers, threads, prepack, thread_pool, huge_pages, packed_weights)
         return cls(folder, Manifest.load(folder), settings, trust_modified=trust_modified, warn=warn)
 
     def _open_sessions(
@@ -118,12 +131,20 @@ class Engine:
                 runners: dict[str, PieceRunner] = {}
                 on_cpu = provider == "CPUExecutionProvider"  # where the kernels stream the weights from host memory
                 quiet = _as_is if on_cpu else _quietly
+                self.packed = packed = self._packed_graphs(settings) if on_cpu else None
                 with collapse_new_memory(enabled=settings.huge_pages and on_cpu) as collapsed:
                     for piece in self.manifest.pieces:
-                        session, printed = quiet(open_session, self.folder, piece, weights, provider, settings)
-                        if session.get_providers()[0] != provider:  # onnxruntime fell back to the CPU
-                            raise RuntimeError(_fallback_reason(printed) or "no usable GPU")
+                        if packed is not None:
+                            session = open_packed_session(packed.piece(piece.graph), settings)
+                        else:
+                            session, printed = quiet(open_session, self.folder, piece, weights, provider, settings)
+                            if session.get_providers()[0] != provider:  # onnxruntime fell back to the CPU
+                                raise RuntimeError(_fallback_reason(printed) or "no usable GPU")
                         runners[piece.name] = PieceRunner(session, piece)
+                    if packed is not None:
+                        self.step_graphs = {
+                            e.exit: open_packed_session(packed.step(e.exit), settings) for e in self.manifest.exits
+                        }
                 self.huge_page_bytes = collapsed.bytes
                 return provider, fallbacks, weights, runners
             except Exception as err:  # a provider that cannot start is skipped, with the reason reported
@@ -139,6 +160,19 @@ class Engine:
             "use --provider cpu, or check the GPU driver and onnxruntime-gpu"
         )
 
+    def _packed_graphs(self, settings: SessionSettings) -> PackedGraphs | None:
+        """The export's packed graphs (made on first use), or None where they are off or cannot be made (said once)."""
+        if not (settings.packed_weights and settings.prepack):
+            return None
+        try:
+            return packed_graphs(self.folder, lambda: session_options(settings.threads, True, settings.thread_pool))
+        except Exception as err:  # a cache that cannot be written, an onnxruntime that cannot save packed weights
+            self.warn(
+                f"packed weights unavailable ({first_line(err)}); running the pieces as they are (slower steps); "
+                "set BALCONY_EDGE_CACHE to a writable folder with room for about 1.5x the export's weights"
+            )
+            return None
+
     @property
     def exits(self) -> list[int]:
         """Every exit depth of this export, ascending; the last is the full model."""
@@ -146,7 +180,7 @@ class Engine:
 
     def sequence(self, token_ids: Iterable[int] = (), sliding_window: bool = False) -> Sequence:
         """A new conversation state (its own KV cache) over these sessions."""
-        return Sequence(self.manifest, self.runners, self.device, token_ids, sliding_window)
+        return Sequence(self.manifest, self.runners, self.device, token_ids, sliding_window, self.step_graphs)
 
     def batch_decoder(self, rows: int) -> BatchDecoder:
         """Rows for `rows` sequences decoded as one batch, each at its own exit (CPU provider)."""
@@ -219,7 +253,7 @@ class Engine:
     def _calibration_path(self) -> Path:
         graphs = "-".join(self.manifest.files[e.graph][:8] for e in self.manifest.exits)
         threads = self.settings.threads or 0  # 0: onnxruntime's default
-        packed = "" if self.prepack else "-unpacked"
+        packed = ("-steps" if self.step_graphs else "") if self.prepack else "-unpacked"
         return (
             cache_dir() / "calibration" / f"{graphs}-{self.provider}-{threads}{packed}-{self.settings.thread_pool}.json"
         )
@@ -381,6 +415,7 @@ def session_settings(
     prepack: bool = True,
     thread_pool: str = "session",
     huge_pages: bool = True,
+    packed_weights: bool = True,
 ) -> SessionSettings:
     """How an engine's sessions are made: the providers this onnxruntime has, in order, and the TensorRT cache in
     ours."""
@@ -391,6 +426,7 @@ def session_settings(
         prepack=prepack,
         thread_pool=thread_pool,
         huge_pages=huge_pages,
+        packed_weights=packed_weights,
     )
 
 

@@ -2,19 +2,17 @@
 its external data in the weights file only, every piece's graph has the inputs and outputs the manifest describes,
 every weight lies inside that file, and every file matches its checksum.
 
-Torch- and onnx-free: graphs are read with protobuf through a descriptor of the few onnx.proto messages that can
-hold a tensor. Checks run in that order, and a file that fails one is not touched by the next: a name that leads
-out of the folder is never opened.
+Torch- and onnx-free: graphs are read with protobuf through `onnx_subset`. Checks run in that order, and a file
+that fails one is not touched by the next: a name that leads out of the folder is never opened.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
+from google.protobuf import message
 
 from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.console import log_warning
@@ -31,58 +29,9 @@ from balcony_edge.runtime.core.manifest import (
     Piece,
     hidden_name,
 )
+from balcony_edge.runtime.core.onnx_subset import ELEM_TYPES, EXTERNAL, model_class, tensors
 
 MODIFIED = "sha256 differs"  # why a file that changed since the export is named
-
-
-# The part of onnx.proto (same field numbers) through which a ModelProto reaches a TensorProto; parsing keeps
-# these fields and skips every other one. Message -> field -> (number, message name or scalar type, repeated).
-_ONNX_SUBSET = {
-    "ModelProto": {
-        "graph": (7, "GraphProto", False),
-        "training_info": (20, "TrainingInfoProto", True),
-        "functions": (25, "FunctionProto", True),
-    },
-    "TrainingInfoProto": {"initialization": (1, "GraphProto", False), "algorithm": (2, "GraphProto", False)},
-    "FunctionProto": {"node": (7, "NodeProto", True), "attribute_proto": (11, "AttributeProto", True)},
-    "GraphProto": {
-        "node": (1, "NodeProto", True),
-        "initializer": (5, "TensorProto", True),
-        "input": (11, "ValueInfoProto", True),
-        "output": (12, "ValueInfoProto", True),
-        "sparse_initializer": (15, "SparseTensorProto", True),
-    },
-    "ValueInfoProto": {"name": (1, "bytes", False), "type": (2, "TypeProto", False)},
-    "TypeProto": {"tensor_type": (1, "TypeProtoTensor", False)},
-    "TypeProtoTensor": {"elem_type": (1, "int32", False), "shape": (2, "TensorShapeProto", False)},
-    "TensorShapeProto": {"dim": (1, "Dimension", True)},
-    "Dimension": {"dim_value": (1, "int64", False), "dim_param": (2, "bytes", False)},
-    "NodeProto": {"attribute": (5, "AttributeProto", True)},
-    "AttributeProto": {
-        "t": (5, "TensorProto", False),
-        "g": (6, "GraphProto", False),
-        "tensors": (10, "TensorProto", True),
-        "graphs": (11, "GraphProto", True),
-        "sparse_tensor": (22, "SparseTensorProto", False),
-        "sparse_tensors": (23, "SparseTensorProto", True),
-    },
-    "SparseTensorProto": {"values": (1, "TensorProto", False), "indices": (2, "TensorProto", False)},
-    # bytes, not string: a name that is not UTF-8 must not stop the check
-    "TensorProto": {
-        "name": (8, "bytes", False),
-        "external_data": (13, "StringStringEntryProto", True),
-        "data_location": (14, "int32", False),
-    },
-    "StringStringEntryProto": {"key": (1, "bytes", False), "value": (2, "bytes", False)},
-}
-_SCALAR_TYPES = {
-    "bytes": descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
-    "int32": descriptor_pb2.FieldDescriptorProto.TYPE_INT32,
-    "int64": descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
-}
-# onnx TensorProto.DataType of the cache's numpy names; hidden states and logits are of the activation dtype
-_ELEM_TYPES = {"float32": 1, "int8": 3, "int32": 6, "float16": 10, "int64": 7}
-_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 
 def check_export_files(
@@ -176,12 +125,12 @@ def _foreign_external_data(folder: Path, manifest: Manifest, skip: set[str]) -> 
 def _external_data_problem(path: Path, weights_file: str) -> str | None:
     """Why a graph's tensors may read data from anywhere but weights_file (onnxruntime would read it), or None."""
     try:
-        model = _model_class().FromString(path.read_bytes())
+        model = model_class().FromString(path.read_bytes())
     except message.DecodeError:
         return "not an ONNX model (its protobuf does not parse)"
-    for tensor in _tensors(model):
+    for tensor in tensors(model):
         locations = [entry.value for entry in tensor.external_data if entry.key == b"location"]
-        if (locations or tensor.data_location == _EXTERNAL) and locations != [weights_file.encode()]:
+        if (locations or tensor.data_location == EXTERNAL) and locations != [weights_file.encode()]:
             shown = (
                 ", ".join(repr(location.decode(errors="backslashreplace")) for location in locations) or "no location"
             )
@@ -204,8 +153,8 @@ def _expected_io(piece: Piece, manifest: Manifest) -> tuple[dict, dict]:
     """A piece's inputs and outputs as the manifest describes them: name -> (onnx element type, shape with None for
     any size)."""
     kv, names = manifest.kv, manifest.io_names
-    activation = _ELEM_TYPES[KV_DTYPES[manifest.dtype]]
-    cache = (_ELEM_TYPES[kv.dtype], (None, kv.num_kv_heads, None, kv.head_dim))
+    activation = ELEM_TYPES[KV_DTYPES[manifest.dtype]]
+    cache = (ELEM_TYPES[kv.dtype], (None, kv.num_kv_heads, None, kv.head_dim))
     hidden = (activation, (None, None, kv.hidden_size))
     inputs: dict[str, tuple] = {}
     outputs: dict[str, tuple]
@@ -214,11 +163,11 @@ def _expected_io(piece: Piece, manifest: Manifest) -> tuple[dict, dict]:
         outputs = {names["logits"]: (activation, (None, None, manifest.vocab_size))}
     else:
         first = INPUT_IDS if piece.kind == "segment" and piece.first_layer == 0 else hidden_name(piece.first_layer)
-        inputs[first] = (_ELEM_TYPES["int64"], (None, None)) if first == INPUT_IDS else hidden
+        inputs[first] = (ELEM_TYPES["int64"], (None, None)) if first == INPUT_IDS else hidden
         if manifest.schema_version >= LENGTHS_VERSION:
-            inputs |= {SEQLENS_K: (_ELEM_TYPES["int32"], (None,)), TOTAL_SEQUENCE_LENGTH: (_ELEM_TYPES["int32"], ())}
+            inputs |= {SEQLENS_K: (ELEM_TYPES["int32"], (None,)), TOTAL_SEQUENCE_LENGTH: (ELEM_TYPES["int32"], ())}
         else:
-            inputs[names["attention_mask"]] = (_ELEM_TYPES["int64"], (None, None))
+            inputs[names["attention_mask"]] = (ELEM_TYPES["int64"], (None, None))
         last = piece.kind == "balcony" or piece.end_layer == manifest.num_layers
         outputs = {EXIT_HIDDEN if last else hidden_name(piece.end_layer): hidden}
     for slot in piece.cache_slots:
@@ -231,7 +180,7 @@ def _io_problem(path: Path, piece: Piece, manifest: Manifest) -> str | None:
     """Why a piece's graph does not take and give what the manifest says it does (another piece's graph, other KV
     heads), or None; onnxruntime would otherwise fail later, with an error about dimensions."""
     try:
-        graph = _model_class().FromString(path.read_bytes()).graph
+        graph = model_class().FromString(path.read_bytes()).graph
     except message.DecodeError:
         return "not an ONNX model (its protobuf does not parse)"
     for kind, declared, expected in zip(
@@ -252,43 +201,6 @@ def _io_problem(path: Path, piece: Piece, manifest: Manifest) -> str | None:
                     f"where the manifest says type {elem_type} and shape {list(shape)}"
                 )
     return None
-
-
-def _tensors(proto: message.Message) -> Iterator[message.Message]:
-    """Every TensorProto inside a parsed message of _ONNX_SUBSET: initializers, attributes, subgraphs, functions."""
-    if proto.DESCRIPTOR.name == "TensorProto":
-        yield proto
-        return
-    declared = _ONNX_SUBSET[proto.DESCRIPTOR.name]
-    for field, value in proto.ListFields():
-        kind, repeated = declared[field.name][1:]  # from the table: protobuf's own flag changed name across versions
-        if kind in _SCALAR_TYPES or kind == "ValueInfoProto":  # a graph's inputs and outputs hold no tensor data
-            continue
-        for child in value if repeated else [value]:
-            yield from _tensors(child)
-
-
-@functools.cache
-def _model_class() -> type[message.Message]:
-    """The ModelProto class of _ONNX_SUBSET, in a descriptor pool of its own (onnx may have filled the default one)."""
-    package = "balcony_edge_onnx_subset"
-    file = descriptor_pb2.FileDescriptorProto(name=f"{package}.proto", package=package, syntax="proto2")
-    for message_name, message_fields in _ONNX_SUBSET.items():
-        declared = file.message_type.add(name=message_name)
-        for field_name, (number, kind, repeated) in message_fields.items():
-            label = (
-                descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
-                if repeated
-                else descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
-            )
-            field = declared.field.add(name=field_name, number=number, label=label)
-            if kind in _SCALAR_TYPES:
-                field.type = _SCALAR_TYPES[kind]
-            else:
-                field.type, field.type_name = descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE, f".{package}.{kind}"
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.ModelProto"))
 
 
 def _weights_past_end(folder: Path, manifest: Manifest, skip: set[str]) -> dict[str, str]:

@@ -5,7 +5,8 @@ cache slots lack (because earlier tokens ran at shallower exits) is computed in 
 states at the piece's input depth, which the shallower chain already produced and this sequence kept. So
 deepening from exit a to b runs only the pieces between a and b over the backlog, and each token's logits equal
 those of exit k run alone on the same prefix. The head runs on the last position only. A step that adds only
-the newest position to every piece of the chain runs on the exit's step plan (its buffers bound once).
+the newest position to every piece of the chain runs on the exit's step plan (its buffers bound once): the exit's
+step graph where the engine has one (packed weights, CPU), else its chain.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.core.kv_cache import KVCache
 from balcony_edge.runtime.core.manifest import Manifest, Piece
 from balcony_edge.runtime.core.piece_runner import PieceRunner
-from balcony_edge.runtime.core.step_plan import StepPlan
+from balcony_edge.runtime.core.step_plan import StepGraphPlan, StepPlan
 from balcony_edge.runtime.core.text import PromptError
 
 # Room made with a prompt for this many tokens of its answer: growing the cache copies all of it, several decode steps'
@@ -84,12 +85,15 @@ class Sequence:
         device: str = "cpu",
         token_ids: Iterable[int] = (),
         sliding_window: bool = False,
+        step_graphs: dict[int, ort.InferenceSession] | None = None,
     ):
+        """step_graphs: exit -> a session of its step graph (packed_weights.py), for one-token steps on the CPU."""
         self.manifest, self.runners, self.device = manifest, runners, device
         self.chains = {entry.exit: [runners[name] for name in entry.chain] for entry in manifest.exits}
         # The plan binds host buffers once; a GPU provider copies a bound host input at binding time, so only the CPU
         # provider steps on plans, and only with pieces that take sequence lengths (not an older export's mask).
         self._plannable = device == "cpu" and not any(runner.takes_mask for runner in runners.values())
+        self.step_graphs = step_graphs or {}
         # The pieces that read the hidden states at each depth: what a boundary must keep rows for.
         self._consumers: dict[int, list[PieceRunner]] = {}
         for runner in runners.values():
@@ -105,7 +109,7 @@ class Sequence:
     def _reset_state(self) -> None:
         self.cache = KVCache(self.manifest, self.device)
         self._bindings: dict[str, tuple[tuple[int, int, int], ort.IOBinding]] = {}  # name: (cache version, binding)
-        self._plans: dict[int, tuple[tuple[int, int, int], StepPlan]] = {}  # exit: (cache version, plan)
+        self._plans: dict[int, tuple[tuple[int, int, int], StepPlan | StepGraphPlan]] = {}  # exit: (version, plan)
         self._boundaries: dict[int, Boundary] = {}
         self._last_logits: dict[int, tuple[int, np.ndarray]] = {}
         self._computed = 0  # positions computed by any exit so far
@@ -251,15 +255,18 @@ class Sequence:
         return all(self.cache.filled_of(r.piece.cache_slots) == count - 1 for r in self.chains[exit][:-1])
 
     def _step(self, exit: int, count: int) -> np.ndarray:
-        """The newest token through the exit's chain on its step plan (every piece lacks that position alone)."""
+        """The newest token through the exit's step plan (every piece of its chain lacks that position alone)."""
         version, plan = self._plans.get(exit, (None, None))
         if plan is None or version != self.cache.version:
-            plan = StepPlan(self.chains[exit], self.cache.values)
+            if exit in self.step_graphs:
+                plan = StepGraphPlan(self.step_graphs[exit], self.chains[exit], self.cache.values)
+            else:
+                plan = StepPlan(self.chains[exit], self.cache.values)
             self._plans[exit] = (self.cache.version, plan)
-        outputs = plan.step(self.tokens[-1], count)
-        for runner, output in zip(plan.runners[:-1], outputs):
+        plan.step(self.tokens[-1], count)
+        for runner, output in zip(plan.runners[:-1], plan.piece_outputs):
             self.after_piece(runner.piece, count - 1, output)
-        logits = outputs[-1][0, -1].copy()  # the plan's buffer is the next step's
+        logits = plan.logits[0, -1].copy()  # the plan's buffer is the next step's
         self.after_logits(exit, count - 1, logits)
         return logits
 
@@ -276,12 +283,12 @@ class Sequence:
         self.after_piece(piece, start, output)
         return start, output
 
-    def after_piece(self, piece: Piece, start: int, output: np.ndarray) -> None:
+    def after_piece(self, piece: Piece, start: int, output: np.ndarray | None) -> None:
         """Record that a piece ran positions start.. (up to the last token): its slots filled, and its output kept
-        at its depth while a lagging piece still needs it."""
+        at its depth while a lagging piece still needs it (a segment's; None only where nothing reads it)."""
         count = len(self.tokens)
         self.cache.mark(piece.cache_slots, count)
-        if piece.kind == "segment" and piece.end_layer in self._consumers:
+        if piece.kind == "segment" and piece.end_layer in self._consumers and output is not None:
             boundary = self._boundaries.setdefault(piece.end_layer, Boundary())
             boundary.put(start, output)
             needed = min(self.cache.filled_of(c.piece.cache_slots) for c in self._consumers[piece.end_layer])

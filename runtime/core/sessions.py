@@ -37,6 +37,7 @@ class SessionSettings:
     prepack: bool = True  # CPU MatMul weight prepacking (off only to measure what it brings)
     thread_pool: str = "session"  # "process": every piece on onnxruntime's process-wide pool (see ProcessPool)
     huge_pages: bool = True  # prepacked CPU weights on huge pages (off only to measure what it brings)
+    packed_weights: bool = True  # CPU: weights packed once on disk, and one-session steps (packed_weights.py)
 
     def __post_init__(self) -> None:
         if self.thread_pool not in THREAD_POOLS:
@@ -204,6 +205,12 @@ def session_options(threads: int | None, prepack: bool, thread_pool: str = "sess
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     return options
+
+
+def open_packed_session(graph: Path, settings: SessionSettings) -> ort.InferenceSession:
+    """A CPU session for a packed graph (packed_weights.py), which maps its weights, packed, from the shared file."""
+    options = session_options(settings.threads, settings.prepack, settings.thread_pool)
+    return ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def open_session(

@@ -1,15 +1,26 @@
-"""One exit's chain bound once for one-token decode steps: each piece's input, output and lengths are buffers of
-ours that onnxruntime reads and writes in place, and each piece reads the buffer its predecessor wrote, so a step
-only writes the token and the length and runs the pieces (binding per run cost 50-100 us a piece, about a tenth of
-a step at int4)."""
+"""One exit bound once for one-token decode steps: as its chain of pieces (`StepPlan`) or, where the packed weights
+give one, as its step graph (`StepGraphPlan`, the whole chain as one session). Inputs, outputs and lengths are buffers
+of ours that onnxruntime reads and writes in place, so a step only writes the token and the length and runs (binding
+per run cost 50-100 us a piece, about a tenth of a step at int4)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
 
-from balcony_edge.runtime.core.manifest import SEQLENS_K, TOTAL_SEQUENCE_LENGTH
-from balcony_edge.runtime.core.piece_runner import PieceRunner
+from balcony_edge.runtime.core.manifest import (
+    ATTENTION_MASK,
+    EXIT_HIDDEN,
+    INPUT_IDS,
+    LOGITS,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+)
+from balcony_edge.runtime.core.piece_runner import NUMPY_TYPES, PieceRunner
 
 
 class StepPlan:
@@ -23,7 +34,7 @@ class StepPlan:
         self._seqlens = np.zeros(1, dtype=np.int32)  # positions before the new one (GroupQueryAttention's seqlens_k)
         self._total = np.zeros((), dtype=np.int32)
         lengths = (ort.OrtValue.ortvalue_from_numpy(self._seqlens), ort.OrtValue.ortvalue_from_numpy(self._total))
-        self.outputs: list[np.ndarray] = []
+        outputs: list[np.ndarray] = []
         self._bindings: list[ort.IOBinding] = []
         previous = self._token
         for runner in chain:
@@ -34,16 +45,61 @@ class StepPlan:
                 binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, lengths[1])
             output = np.zeros((1, 1, runner.output_width), dtype=runner.output_dtype)
             binding.bind_ortvalue_output(runner.output, ort.OrtValue.ortvalue_from_numpy(output))
-            self.outputs.append(output)
+            outputs.append(output)
             self._bindings.append(binding)
             previous = output
+        *self.piece_outputs, self.logits = outputs
 
-    def step(self, token: int, count: int) -> list[np.ndarray]:
-        """Run the newest position (`token`, the count-th) through every piece; each piece's output [1, 1, width],
-        overwritten by the next step."""
+    def step(self, token: int, count: int) -> None:
+        """Run the newest position (`token`, the count-th) through every piece: `piece_outputs` (each piece's output
+        [1, 1, width], the head's aside) and `logits` [1, 1, vocab], overwritten by the next step."""
         self._token[0, 0] = token
         self._seqlens[0] = count - 1
         self._total[()] = count
         for runner, binding in zip(self.runners, self._bindings):
             runner.session.run_with_iobinding(binding)
-        return self.outputs
+
+
+class StepGraphPlan:
+    """An exit's step graph bound over one cache version's buffers: the exit graph, whose cache slots are its chain's
+    in chain order (export/compose.py numbers them so), with the hidden states at the chain's boundaries as outputs
+    (packed_weights.py). Same results as the chain's `StepPlan`, in one run."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        chain: list[PieceRunner],
+        values: dict[str, tuple[ort.OrtValue, ort.OrtValue]],
+    ):
+        self.runners, self.session = chain, session
+        self._binding = binding = session.io_binding()
+        slots = [slot for runner in chain[:-1] for slot in runner.piece.cache_slots]
+        for i, slot in enumerate(slots):
+            key, value = values[slot]
+            binding.bind_ortvalue_input(PAST_KEY.format(slot=i), key)
+            binding.bind_ortvalue_input(PAST_VALUE.format(slot=i), value)
+            binding.bind_ortvalue_output(PRESENT_KEY.format(slot=i), key)
+            binding.bind_ortvalue_output(PRESENT_VALUE.format(slot=i), value)
+        self._token = np.zeros((1, 1), dtype=np.int64)
+        binding.bind_ortvalue_input(INPUT_IDS, ort.OrtValue.ortvalue_from_numpy(self._token))
+        self._mask = np.ones((1, values[slots[0]][0].shape()[2]), dtype=np.int64)  # as long as the cache holds
+        self.logits = self._bound_output(LOGITS)
+        # Each segment's hidden states, which a balcony or a deeper segment reads (balconies and the full model's last
+        # segment give the head's input instead, which nothing keeps).
+        self.piece_outputs = [
+            None if runner.output == EXIT_HIDDEN else self._bound_output(runner.output) for runner in chain[:-1]
+        ]
+
+    def _bound_output(self, name: str) -> np.ndarray:
+        """A [1, 1, width] buffer of ours bound to output `name`."""
+        declared = {output.name: output for output in self.session.get_outputs()}[name]
+        buffer = np.zeros((1, 1, declared.shape[-1]), dtype=NUMPY_TYPES[declared.type])
+        self._binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buffer))
+        return buffer
+
+    def step(self, token: int, count: int) -> None:
+        """Run the newest position (`token`, the count-th): `piece_outputs` (the hidden states a boundary keeps, None
+        for a piece whose output nothing keeps) and `logits`, overwritten by the next step."""
+        self._token[0, 0] = token
+        self._binding.bind_cpu_input(ATTENTION_MASK, self._mask[:, :count])
+        self.session.run_with_iobinding(self._binding)

@@ -9,6 +9,7 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -203,8 +204,8 @@ def test_bench_command_prints_json_and_writes_the_plot(tiny_export, tmp_path):
     assert plot.stat().st_size > 0
 
 
-@pytest.mark.parametrize("huge", [True, False])
-def test_the_memory_probe_gets_the_engines_settings(tiny_export, monkeypatch, huge):
+@pytest.mark.parametrize("huge, packed", [(True, True), (False, False)])
+def test_the_memory_probe_gets_the_engines_settings(tiny_export, monkeypatch, huge, packed):
     from balcony_edge.bench import memory
     from balcony_edge.runtime.core.sessions import SessionSettings
 
@@ -215,10 +216,38 @@ def test_the_memory_probe_gets_the_engines_settings(tiny_export, monkeypatch, hu
         return subprocess.CompletedProcess(command, 0, stdout='{"rss_bytes": 1}\n', stderr="")
 
     monkeypatch.setattr(memory.subprocess, "run", run)
-    settings = SessionSettings(("CPUExecutionProvider",), threads=1, prepack=False, huge_pages=huge)
+    settings = SessionSettings(
+        ("CPUExecutionProvider",), threads=1, prepack=False, huge_pages=huge, packed_weights=packed
+    )
     assert memory.measure_in_subprocess(tiny_export, "full", settings) == {"rss_bytes": 1}
     assert "--no-prepack" in commands[0]
     assert ("--huge-pages" if huge else "--no-huge-pages") in commands[0]
+    assert ("--packed-weights" if packed else "--no-packed-weights") in commands[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="Linux's pagemap")
+def test_resident_bytes_count_a_file_page_mapped_twice_once(tmp_path):
+    import mmap
+
+    from balcony_edge.bench.memory import resident_bytes
+
+    size, slack = 16 << 20, 2 << 20
+    path = tmp_path / "weights"
+    path.write_bytes(np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).tobytes())
+    resident_bytes()  # its own first allocations out of the way
+    figures = [(resident_bytes(), psutil.Process().memory_info().rss)]
+    with open(path, "rb") as handle:
+        maps = []
+        for _ in range(2):
+            maps.append(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+            assert int(np.frombuffer(maps[-1], dtype=np.uint8)[::4096].sum()) > 0  # every page read
+            figures.append((resident_bytes(), psutil.Process().memory_info().rss))
+        for m in maps:
+            m.close()
+    (resident_0, rss_0), (resident_1, rss_1), (resident_2, rss_2) = figures
+    assert resident_1 - resident_0 >= size - slack and rss_1 - rss_0 >= size - slack  # the first mapping counts
+    assert rss_2 - rss_1 >= size - slack  # RSS counts the second mapping's pages again
+    assert abs(resident_2 - resident_1) <= slack  # once here
 
 
 def test_bench_without_torch_skips_floors_with_a_note_and_runs_peers_in_children_on_the_process_pool(tiny_export):

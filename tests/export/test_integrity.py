@@ -22,7 +22,7 @@ from rich.console import Console
 from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.errors import IntegrityError, ManifestError
 from balcony_edge.export.inspect import exits_table, files_table, inspect_export
-from balcony_edge.runtime.core import integrity
+from balcony_edge.runtime.core import onnx_subset
 from balcony_edge.runtime.core.integrity import check_export_files, export_problems
 from balcony_edge.runtime.core.manifest import Manifest
 
@@ -284,7 +284,7 @@ NESTED = {"TypeProtoTensor": onnx.TypeProto.Tensor, "Dimension": onnx.TensorShap
 
 
 def test_the_onnx_subset_has_the_field_numbers_of_onnx_proto():
-    for message_name, fields in integrity._ONNX_SUBSET.items():
+    for message_name, fields in onnx_subset.ONNX_SUBSET.items():
         descriptor = (NESTED.get(message_name) or getattr(onnx, message_name)).DESCRIPTOR
         for field_name, (number, kind, repeated) in fields.items():
             field = descriptor.fields_by_name[field_name]

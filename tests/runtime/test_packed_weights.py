@@ -1,0 +1,119 @@
+"""Packed weights: every graph saved by onnxruntime with its weights packed, in one shared file, each blob once; step
+graphs that give the chain's logits exactly; the folder made once per export, CPU and onnxruntime, and an engine
+that runs the chain when it cannot be made."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from balcony_edge.runtime import Engine
+from balcony_edge.runtime.core import packed_weights
+from balcony_edge.runtime.core.onnx_subset import model_class, tensors
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_export):
+    return {
+        "steps": Engine.load(tiny_export, providers=["cpu"], threads=1),
+        "chain": Engine.load(tiny_export, providers=["cpu"], threads=1, packed_weights=False),
+    }
+
+
+def _packed_folder(engine: Engine):
+    assert engine.packed is not None
+    return engine.packed.folder
+
+
+def _switching_logits(engine: Engine, tokens: list[int], schedule: list[int]) -> np.ndarray:
+    sequence = engine.sequence(tokens[:4])
+    rows = []
+    for position, exit in enumerate(schedule):
+        rows.append(sequence.logits(exit))
+        sequence.append(tokens[4 + position])
+    return np.stack(rows)
+
+
+def test_step_graphs_give_the_chains_logits_exactly_across_switches(engines):
+    steps, chain = engines["steps"], engines["chain"]
+    assert sorted(steps.step_graphs) == steps.exits and chain.step_graphs == {}
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, steps.manifest.vocab_size, size=300).tolist()
+    # long stretches at each exit (steps on the step graphs), deepenings and shallowings (catch-ups on the pieces),
+    # across the cache's growth past its first capacity
+    schedule = [steps.exits[(position // 37) % len(steps.exits)] for position in range(290)]
+    expected = _switching_logits(chain, tokens, schedule)
+    np.testing.assert_array_equal(_switching_logits(steps, tokens, schedule), expected)
+
+
+def test_every_blob_is_stored_once_and_the_packed_forms_are_kept(engines):
+    folder = _packed_folder(engines["steps"])
+    data = (folder / packed_weights.DATA_FILE).read_bytes()
+    places: dict[bytes, set[int]] = {}  # content -> offsets it is stored at
+    packed_forms = 0
+    for name in json.loads((folder / packed_weights.STAMP_FILE).read_text())["graphs"]:
+        for tensor in tensors(model_class().FromString((folder / name).read_bytes())):
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            if not entries:
+                continue
+            assert entries[b"location"] == packed_weights.DATA_FILE.encode()
+            spans = [(int(entries[b"offset"]), int(entries[b"length"]))]
+            for key, value in entries.items():
+                if key.startswith(packed_weights.PREPACKED):
+                    offset, length, _ = value.split(b"|")[1].split(b";")
+                    spans.append((int(offset), int(length)))
+                    packed_forms += 1
+            for offset, length in spans:
+                assert offset % packed_weights.BLOB_ALIGNMENT == 0 and offset + length <= len(data)
+                places.setdefault(hashlib.sha256(data[offset : offset + length]).digest(), set()).add(offset)
+    assert packed_forms > 0  # onnxruntime saved the MatMuls' packed weights
+    assert all(len(offsets) == 1 for offsets in places.values())
+
+
+def test_the_packed_folder_is_made_once_and_reused(engines, monkeypatch):
+    folder = _packed_folder(engines["steps"])
+    made = []
+    monkeypatch.setattr(packed_weights, "_fill", lambda *args: made.append(args))
+    engine = Engine.load(engines["steps"].folder, providers=["cpu"], threads=1)
+    assert made == [] and sorted(engine.step_graphs) == engine.exits
+    assert _packed_folder(engine) == folder
+
+
+def test_a_changed_export_gets_a_new_packed_folder_and_its_old_one_goes(tiny_export, tmp_path):
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    first = _packed_folder(Engine.load(export, providers=["cpu"], threads=1))
+    graph = export / Engine.load(export, providers=["cpu"], threads=1).manifest.pieces[0].graph
+    os.utime(graph, ns=(graph.stat().st_atime_ns, graph.stat().st_mtime_ns + 10**9))  # rewritten in place
+    second = _packed_folder(Engine.load(export, providers=["cpu"], threads=1))
+    assert second != first and (second / packed_weights.STAMP_FILE).is_file()
+    assert not first.exists()
+
+
+def test_without_a_writable_cache_the_engine_runs_the_chain_and_says_why_once(tiny_export, tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("BALCONY_EDGE_CACHE", str(blocked / "cache"))
+    said = []
+    engine = Engine.load(tiny_export, providers=["cpu"], threads=1, warn=said.append)
+    assert engine.step_graphs == {}
+    assert len(said) == 1 and said[0].startswith("packed weights unavailable (") and "BALCONY_EDGE_CACHE" in said[0]
+    tokens = list(range(3, 20))
+    chain = Engine.load(tiny_export, providers=["cpu"], threads=1, packed_weights=False)
+    np.testing.assert_array_equal(engine.sequence(tokens).logits(1), chain.sequence(tokens).logits(1))
+
+
+def test_an_int8_cache_export_steps_on_its_step_graphs_exactly(tiny_export_kv8):
+    steps = Engine.load(tiny_export_kv8, providers=["cpu"], threads=1)
+    chain = Engine.load(tiny_export_kv8, providers=["cpu"], threads=1, packed_weights=False)
+    assert sorted(steps.step_graphs) == steps.exits
+    tokens = np.random.default_rng(6).integers(0, steps.manifest.vocab_size, size=80).tolist()
+    schedule = [steps.exits[(position // 9) % len(steps.exits)] for position in range(70)]
+    expected = _switching_logits(chain, tokens, schedule)
+    np.testing.assert_array_equal(_switching_logits(steps, tokens, schedule), expected)
