@@ -23,6 +23,7 @@ from balcony_edge.common.paths import cache_dir, default_export_dir
 from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.core.batch import BatchDecoder
 from balcony_edge.runtime.core.constraints import JsonConstraint, JsonGrammar
+from balcony_edge.runtime.core.contention import CpuContention
 from balcony_edge.runtime.core.generation import MAX_TOP_LOGPROBS, GeneratedToken, Generation
 from balcony_edge.runtime.core.huge_pages import collapse_new_memory
 from balcony_edge.runtime.core.integrity import check_export_files
@@ -73,6 +74,7 @@ class Engine:
         self.warn = warn or log_warning
         self.packed: PackedGraphs | None = None  # the packed graphs the CPU sessions were opened from
         self.step_graphs: dict[int, ort.InferenceSession] = {}  # exit -> its step graph's session (packed weights)
+        self.contention = CpuContention()  # other processes' CPU load: steps on the chain while they are busy
         self.provider, self.fallbacks, self.weights, self.runners = self._open_sessions(settings)
         self.device = device_of(self.provider)
         self._profiles: list[ExitProfile] | None = None
@@ -180,7 +182,9 @@ class Engine:
 
     def sequence(self, token_ids: Iterable[int] = (), sliding_window: bool = False) -> Sequence:
         """A new conversation state (its own KV cache) over these sessions."""
-        return Sequence(self.manifest, self.runners, self.device, token_ids, sliding_window, self.step_graphs)
+        return Sequence(
+            self.manifest, self.runners, self.device, token_ids, sliding_window, self.step_graphs, self.contention
+        )
 
     def batch_decoder(self, rows: int) -> BatchDecoder:
         """Rows for `rows` sequences decoded as one batch, each at its own exit (CPU provider)."""

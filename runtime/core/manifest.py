@@ -114,7 +114,8 @@ class ExitGraph:
     """One exit: exit k runs backbone layers 0..k-1, then balcony k (k = num_layers: the full model), then the head.
 
     The runtime drives `chain`, pieces shared with the other exits; `graph` is the same computation as one
-    ordinary decoder graph (optimum / onnxruntime-genai I/O names) for other clients, beside its genai config."""
+    ordinary decoder graph (optimum / onnxruntime-genai I/O names) for other clients, beside its genai config, and
+    the runtime's step graph on the CPU (packed_weights.py)."""
 
     exit: int  # backbone layers before the head
     graph: str  # the standard .onnx graph of this exit in the export folder

@@ -6,7 +6,7 @@ states at the piece's input depth, which the shallower chain already produced an
 deepening from exit a to b runs only the pieces between a and b over the backlog, and each token's logits equal
 those of exit k run alone on the same prefix. The head runs on the last position only. A step that adds only
 the newest position to every piece of the chain runs on the exit's step plan (its buffers bound once): the exit's
-step graph where the engine has one (packed weights, CPU), else its chain.
+step graph where the engine has one (packed weights, CPU) and other processes leave the CPU quiet, else its chain.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from balcony_edge.common.errors import BalconyError
 from balcony_edge.common.validation import is_whole_number
+from balcony_edge.runtime.core.contention import CpuContention
 from balcony_edge.runtime.core.kv_cache import KVCache
 from balcony_edge.runtime.core.manifest import Manifest, Piece
 from balcony_edge.runtime.core.piece_runner import PieceRunner
@@ -86,14 +87,17 @@ class Sequence:
         token_ids: Iterable[int] = (),
         sliding_window: bool = False,
         step_graphs: dict[int, ort.InferenceSession] | None = None,
+        contention: CpuContention | None = None,
     ):
-        """step_graphs: exit -> a session of its step graph (packed_weights.py), for one-token steps on the CPU."""
+        """step_graphs: exit -> a session of its step graph (packed_weights.py), for one-token steps on the CPU while
+        `contention` (shared by the engine's sequences) finds the CPU quiet."""
         self.manifest, self.runners, self.device = manifest, runners, device
         self.chains = {entry.exit: [runners[name] for name in entry.chain] for entry in manifest.exits}
         # The plan binds host buffers once; a GPU provider copies a bound host input at binding time, so only the CPU
         # provider steps on plans, and only with pieces that take sequence lengths (not an older export's mask).
         self._plannable = device == "cpu" and not any(runner.takes_mask for runner in runners.values())
         self.step_graphs = step_graphs or {}
+        self.contention = contention
         # The pieces that read the hidden states at each depth: what a boundary must keep rows for.
         self._consumers: dict[int, list[PieceRunner]] = {}
         for runner in runners.values():
@@ -109,7 +113,8 @@ class Sequence:
     def _reset_state(self) -> None:
         self.cache = KVCache(self.manifest, self.device)
         self._bindings: dict[str, tuple[tuple[int, int, int], ort.IOBinding]] = {}  # name: (cache version, binding)
-        self._plans: dict[int, tuple[tuple[int, int, int], StepPlan | StepGraphPlan]] = {}  # exit: (version, plan)
+        # (exit, on its step graph): (cache version, plan)
+        self._plans: dict[tuple[int, bool], tuple[tuple[int, int, int], StepPlan | StepGraphPlan]] = {}
         self._boundaries: dict[int, Boundary] = {}
         self._last_logits: dict[int, tuple[int, np.ndarray]] = {}
         self._computed = 0  # positions computed by any exit so far
@@ -256,13 +261,14 @@ class Sequence:
 
     def _step(self, exit: int, count: int) -> np.ndarray:
         """The newest token through the exit's step plan (every piece of its chain lacks that position alone)."""
-        version, plan = self._plans.get(exit, (None, None))
+        whole = exit in self.step_graphs and not (self.contention is not None and self.contention.contended())
+        version, plan = self._plans.get((exit, whole), (None, None))
         if plan is None or version != self.cache.version:
-            if exit in self.step_graphs:
+            if whole:
                 plan = StepGraphPlan(self.step_graphs[exit], self.chains[exit], self.cache.values)
             else:
                 plan = StepPlan(self.chains[exit], self.cache.values)
-            self._plans[exit] = (self.cache.version, plan)
+            self._plans[exit, whole] = (self.cache.version, plan)
         plan.step(self.tokens[-1], count)
         for runner, output in zip(plan.runners[:-1], plan.piece_outputs):
             self.after_piece(runner.piece, count - 1, output)

@@ -1,0 +1,66 @@
+"""Whether other processes keep the CPU busy beside the engine, from the machine's and this process's CPU times
+(psutil), sampled at most every INTERVAL_S.
+
+An exit's step graph runs a whole token in one session whose thread pool works through hundreds of nodes: fastest on
+a quiet CPU, but beside a busy core its pool waits on a thread that has to share that core, and the chain of pieces,
+whose pools hand over between short runs, keeps more of its speed (docs/benchmarks.md, "Packed weights and step
+graphs"). The sequence asks before each one-token step and runs the chain while others are busy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+
+INTERVAL_S = 0.1  # how often the CPU times are read (in 10 ms ticks: 0.1 s of 2 cores tells 0.1 core apart)
+BUSY_CORES = 0.5  # others' load, in cores, from which the CPU counts as contended ...
+QUIET_CORES = 0.25  # ... and below which it counts as quiet again (between the two: as it was)
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent working, all cores (not idle, waiting on I/O, or stolen by a
+    hypervisor)."""
+    times = psutil.cpu_times()
+    return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
+
+
+def own_busy_s() -> float:
+    """CPU seconds this process has spent, all its threads."""
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
+class CpuContention:
+    """`contended()`: whether other processes used at least BUSY_CORES of CPU over the last interval (with hysteresis
+    down to QUIET_CORES). Thread-safe; the clock and the two readings can be given (tests)."""
+
+    def __init__(
+        self,
+        machine: Callable[[], float] = machine_busy_s,
+        own: Callable[[], float] = own_busy_s,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._machine, self._own, self._clock = machine, own, clock
+        self._lock = threading.Lock()
+        self._last = (clock(), machine(), own())
+        self._contended = False
+        self.others_cores = 0.0  # the last interval's reading
+
+    def contended(self) -> bool:
+        now = self._clock()
+        if now - self._last[0] >= INTERVAL_S and self._lock.acquire(blocking=False):
+            try:
+                machine, own = self._machine(), self._own()
+                at, machine_before, own_before = self._last
+                self.others_cores = max(0.0, (machine - machine_before) - (own - own_before)) / (now - at)
+                self._last = (now, machine, own)
+                if self.others_cores >= BUSY_CORES:
+                    self._contended = True
+                elif self.others_cores < QUIET_CORES:
+                    self._contended = False
+            finally:
+                self._lock.release()
+        return self._contended
