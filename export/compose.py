@@ -5,8 +5,9 @@ keep their names (all graphs point into the one weights file); the hidden states
 become internal values, and so do the sequence lengths the pieces take, made once from the graph's attention_mask;
 the cache slots get the layer numbers of an ordinary decoder of exit + 1 layers
 (`past_key_values.{i}.key` ... `present.{i}.value`, the balcony as layer `exit`), which onnxruntime-genai and
-optimum expect. Composing instead of building again keeps the exit graphs equal to the chains by construction,
-and quantises each weight once.
+optimum expect: the chain's slots numbered in chain order, which the runtime's step graphs rely on
+(runtime/core/step_plan.py). Composing instead of building again keeps the exit graphs equal to the chains by
+construction, and quantises each weight once.
 """
 
 from __future__ import annotations

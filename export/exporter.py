@@ -253,7 +253,8 @@ def write_export(
         graphs = []
         for k in depths:
             chain = exit_chain(layout, k, model.num_layers)
-            proto = compose_exit(f"exit_{k}", [(p, protos[p.name]) for p in layout if p.name in chain])
+            by_name = {p.name: p for p in layout}
+            proto = compose_exit(f"exit_{k}", [(by_name[name], protos[name]) for name in chain])
             name = graph_file(k, model.num_layers)
             graphs.append(
                 ExitGraph(

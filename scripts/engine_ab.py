@@ -10,7 +10,9 @@ its speed too), and the largest difference between their logits, decoding at eac
 switches exits.
 
 python scripts/engine_ab.py <export> --setting packed_weights [--pairs 6]
-python scripts/engine_ab.py <export> --setting huge_pages --together [--rounds 6]
+python scripts/engine_ab.py <export> --setting huge_pages --together [--rounds 6] [--no-packed]
+
+--no-packed: both engines without packed weights (where huge pages hold the prepacked weights).
 """
 
 from __future__ import annotations
@@ -49,15 +51,15 @@ def decode(engine: Engine, exits: list[int]) -> tuple[float, np.ndarray]:
     return statistics.median(times), np.stack(rows)
 
 
-def load(export: str, setting: str, on: bool) -> Engine:
-    return Engine.load(export, **{setting: on})
+def load(export: str, setting: str, on: bool, packed: bool) -> Engine:
+    return Engine.load(export, **({"packed_weights": packed} | {setting: on}))
 
 
-def alone(export: str, setting: str, on: bool) -> dict:
+def alone(export: str, setting: str, on: bool, packed: bool) -> dict:
     """This process's one engine: seconds to load it, tok/s per exit (best of 3 runs), how much was collapsed, which
     exits step as one session, and the process's memory (MB: RSS, and each resident page once)."""
     started = time.perf_counter()
-    engine = load(export, setting, on)
+    engine = load(export, setting, on, packed)
     load_s = time.perf_counter() - started
     speeds = {str(exit): round(1 / min(decode(engine, [exit])[0] for _ in range(3)), 1) for exit in engine.exits}
     return {
@@ -71,10 +73,10 @@ def alone(export: str, setting: str, on: bool) -> dict:
     }
 
 
-def together(export: str, setting: str, order: list[bool], rounds: int) -> dict:
+def together(export: str, setting: str, order: list[bool], rounds: int, packed: bool) -> dict:
     """Both engines in this process, loaded in `order`, decoding in turn: tok/s per exit and on / off, and the largest
     logit difference between them (each exit, and a schedule switching exit every 9 tokens)."""
-    engines = {on: load(export, setting, on) for on in order}
+    engines = {on: load(export, setting, on, packed) for on in order}
     result: dict = {"order": ["on" if on else "off" for on in order]}
     exits = engines[True].exits
     for exit in exits:
@@ -109,15 +111,16 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--together", action="store_true")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--child", choices=("on", "off", "on-first", "off-first"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child in ("on", "off"):
-        print(json.dumps(alone(args.export, args.setting, args.child == "on")))
+        print(json.dumps(alone(args.export, args.setting, args.child == "on", args.packed)))
     elif args.child:
         order = [True, False] if args.child == "on-first" else [False, True]
-        print(json.dumps(together(args.export, args.setting, order, args.rounds)))
+        print(json.dumps(together(args.export, args.setting, order, args.rounds, args.packed)))
     else:
-        settings = (args.export, "--setting", args.setting)
+        settings = (args.export, "--setting", args.setting, "--packed" if args.packed else "--no-packed")
         if args.together:
             for order in ("on-first", "off-first"):
                 print(json.dumps(child(*settings, "--rounds", str(args.rounds), "--child", order)), flush=True)

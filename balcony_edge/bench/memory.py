@@ -78,7 +78,7 @@ def resident_bytes() -> int | None:
         pagemap = open("/proc/self/pagemap", "rb")
     except OSError:
         return None
-    anonymous, file_pages = 0, set[tuple[tuple[str, int], int]]()
+    anonymous, file_pages = 0, dict[tuple[str, int], list[np.ndarray]]()  # (device, inode) -> file page numbers
     with pagemap:
         for line in smaps:
             fields = line.split()
@@ -91,8 +91,9 @@ def resident_bytes() -> int | None:
                 entries = np.frombuffer(pagemap.read((end - start) // page * 8), dtype=np.uint64)
                 # present (bit 63) and the file's own page (bit 61), not a private copy (counted as anonymous)
                 present = np.flatnonzero((entries >> np.uint64(63)) & (entries >> np.uint64(61)) & np.uint64(1))
-                file_pages.update(zip([inode] * len(present), (first_page + present).tolist()))
-    return anonymous + len(file_pages) * page
+                file_pages.setdefault(inode, []).append(first_page + present)
+    distinct = sum(len(np.unique(np.concatenate(pages))) for pages in file_pages.values())
+    return anonymous + distinct * page
 
 
 def _gpu_bytes() -> int | None:

@@ -50,17 +50,24 @@ class CpuContention:
         self.others_cores = 0.0  # the last interval's reading
 
     def contended(self) -> bool:
-        now = self._clock()
-        if now - self._last[0] >= INTERVAL_S and self._lock.acquire(blocking=False):
+        if self._clock() - self._last[0] >= INTERVAL_S and self._lock.acquire(blocking=False):
             try:
-                machine, own = self._machine(), self._own()
-                at, machine_before, own_before = self._last
-                self.others_cores = max(0.0, (machine - machine_before) - (own - own_before)) / (now - at)
-                self._last = (now, machine, own)
-                if self.others_cores >= BUSY_CORES:
-                    self._contended = True
-                elif self.others_cores < QUIET_CORES:
-                    self._contended = False
+                self._sample()
             finally:
                 self._lock.release()
         return self._contended
+
+    def _sample(self) -> None:
+        """Read the CPU times again (under the lock, and only once the interval has passed: another thread may have
+        just read them)."""
+        now = self._clock()
+        at, machine_before, own_before = self._last
+        if now - at < INTERVAL_S:
+            return
+        machine, own = self._machine(), self._own()
+        self.others_cores = max(0.0, (machine - machine_before) - (own - own_before)) / (now - at)
+        self._last = (now, machine, own)
+        if self.others_cores >= BUSY_CORES:
+            self._contended = True
+        elif self.others_cores < QUIET_CORES:
+            self._contended = False

@@ -28,7 +28,7 @@ from balcony_edge.runtime.core.generation import MAX_TOP_LOGPROBS, GeneratedToke
 from balcony_edge.runtime.core.huge_pages import collapse_new_memory
 from balcony_edge.runtime.core.integrity import check_export_files
 from balcony_edge.runtime.core.manifest import ExitGraph, Manifest
-from balcony_edge.runtime.core.packed_weights import PackedGraphs, packed_graphs
+from balcony_edge.runtime.core.packed_weights import PackedGraphs, discard, packed_graphs
 from balcony_edge.runtime.core.piece_runner import PieceRunner
 from balcony_edge.runtime.core.sampling import Sampler, SamplingConfig
 from balcony_edge.runtime.core.sequence import ContextFullError, Sequence
@@ -115,7 +115,8 @@ class Engine:
         packed_weights: on the CPU, open every graph from a copy that onnxruntime saved with its weights packed for
         this CPU, all in one shared file (`packed_weights.py`; made on first load, in the cache folder), and run each
         one-token step through its exit's whole chain as one session. Off, or where the cache cannot be written (then
-        `warn` says why), the pieces pack their weights on the heap and steps run the chain piece by piece.
+        `warn` says why), the pieces pack their weights on the heap and steps run the chain piece by piece; with
+        prepack=False too.
         """
         folder = export_folder(folder)
         settings = session_settings(providers, threads, prepack, thread_pool, huge_pages, packed_weights)
@@ -130,23 +131,17 @@ class Engine:
         for provider in settings.providers:
             try:
                 weights = SharedWeights(self.folder, self.manifest)
-                runners: dict[str, PieceRunner] = {}
                 on_cpu = provider == "CPUExecutionProvider"  # where the kernels stream the weights from host memory
                 quiet = _as_is if on_cpu else _quietly
-                self.packed = packed = self._packed_graphs(settings) if on_cpu else None
                 with collapse_new_memory(enabled=settings.huge_pages and on_cpu) as collapsed:
-                    for piece in self.manifest.pieces:
-                        if packed is not None:
-                            session = open_packed_session(packed.piece(piece.graph), settings)
-                        else:
+                    runners = self._open_packed(settings) if on_cpu else None
+                    if runners is None:
+                        runners = {}
+                        for piece in self.manifest.pieces:
                             session, printed = quiet(open_session, self.folder, piece, weights, provider, settings)
                             if session.get_providers()[0] != provider:  # onnxruntime fell back to the CPU
                                 raise RuntimeError(_fallback_reason(printed) or "no usable GPU")
-                        runners[piece.name] = PieceRunner(session, piece)
-                    if packed is not None:
-                        self.step_graphs = {
-                            e.exit: open_packed_session(packed.step(e.exit), settings) for e in self.manifest.exits
-                        }
+                            runners[piece.name] = PieceRunner(session, piece, weights)
                 self.huge_page_bytes = collapsed.bytes
                 return provider, fallbacks, weights, runners
             except Exception as err:  # a provider that cannot start is skipped, with the reason reported
@@ -162,18 +157,41 @@ class Engine:
             "use --provider cpu, or check the GPU driver and onnxruntime-gpu"
         )
 
-    def _packed_graphs(self, settings: SessionSettings) -> PackedGraphs | None:
-        """The export's packed graphs (made on first use), or None where they are off or cannot be made (said once)."""
+    def _open_packed(self, settings: SessionSettings) -> dict[str, PieceRunner] | None:
+        """Every piece, and every exit's step graph where steps run on plans, opened from the export's packed weights
+        (made on first use); None where they are off, or cannot be made or opened (then said once, in a line)."""
         if not (settings.packed_weights and settings.prepack):
             return None
+        fallback = "running the pieces as they are (slower steps)"
         try:
-            return packed_graphs(self.folder, lambda: session_options(settings.threads, True, settings.thread_pool))
-        except Exception as err:  # a cache that cannot be written, an onnxruntime that cannot save packed weights
+            packed = packed_graphs(self.folder, lambda: session_options(settings.threads, True, settings.thread_pool))
+        except OSError as err:
             self.warn(
-                f"packed weights unavailable ({first_line(err)}); running the pieces as they are (slower steps); "
-                "set BALCONY_EDGE_CACHE to a writable folder with room for about 1.5x the export's weights"
+                f"packed weights unavailable ({first_line(err)}); {fallback}; set BALCONY_EDGE_CACHE to a writable "
+                "folder with room for twice the export's weights"
             )
             return None
+        except Exception as err:  # onnxruntime could not save packed weights, or saved what this version cannot read
+            self.warn(
+                f"packed weights unavailable: onnxruntime did not save them ({first_line(err)}); {fallback}; "
+                "load with packed_weights=False to skip trying"
+            )
+            return None
+        try:
+            pieces = self.manifest.pieces
+            runners = {p.name: PieceRunner(open_packed_session(packed.piece(p.graph), settings), p) for p in pieces}
+            plannable = not any(runner.takes_mask for runner in runners.values())  # as Sequence decides
+            exits = self.manifest.exits if plannable else []
+            steps = {e.exit: open_packed_session(packed.step(e.exit), settings) for e in exits}
+        except Exception as err:  # a folder damaged on disk, or taken away meanwhile
+            discard(packed)
+            self.warn(
+                f"the packed weights in {packed.folder} could not be opened ({first_line(err)}); {fallback}; "
+                "they are made again on the next load"
+            )
+            return None
+        self.packed, self.step_graphs = packed, steps
+        return runners
 
     @property
     def exits(self) -> list[int]:

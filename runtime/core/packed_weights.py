@@ -13,8 +13,8 @@ onnxruntime writes each graph, optimised, with its initializers and their prepac
 once, and the graphs pointed at it. The folder is <cache>/packed/<key>: the key covers the export folder and its files
 (manifest checksum, sizes and modification times), onnxruntime's version and the CPU, since packed layouts depend on
 both.
-Made whole or not at all (staged, then renamed), one process at a time; a new folder for an export replaces the
-older ones this module made for the same export folder.
+Made whole or not at all (staged, then renamed), one process at a time; a new folder for an export, made by the same
+onnxruntime on the same CPU, replaces the older ones this module made for the same export folder (its files changed).
 """
 
 from __future__ import annotations
@@ -30,18 +30,26 @@ from pathlib import Path
 from typing import BinaryIO
 
 import onnxruntime as ort
+from google.protobuf import message
 
 from balcony_edge.common.atomic import exclusive_target, write_folder_atomically
 from balcony_edge.common.checksums import file_sha256
 from balcony_edge.common.paths import cache_dir
-from balcony_edge.runtime.core.manifest import MANIFEST_FILE, Manifest, Piece, hidden_name
+from balcony_edge.runtime.core.manifest import LENGTHS_VERSION, MANIFEST_FILE, Manifest, Piece, hidden_name
 from balcony_edge.runtime.core.onnx_subset import model_class, tensors
 
 FORMAT = 1  # of the folder: raise when what is written changes
 DATA_FILE = "packed.bin"
 STAMP_FILE = "packed.json"  # written last: a folder without it is not used
-BLOB_ALIGNMENT = 4096  # each blob starts on a page of the data file
-PREPACKED = b"prepacked_"  # external-data keys of a tensor's prepacked forms: "<kernel key>|offset;length;alignment"
+BLOB_ALIGNMENT = max(mmap.ALLOCATIONGRANULARITY, 4096)  # each blob starts where a mapping can (a page)
+# External-data keys onnxruntime writes: where a tensor's data lies, and its prepacked forms, each entry
+# "<kernel key>|offset;length;checksum" with one "|offset;length;checksum" more per further buffer of that kernel.
+PLACE_KEYS = (b"location", b"offset", b"length", b"checksum")
+SAVING = {  # onnxruntime's options for saving a graph: initializers of 1 KiB and more in the data file, packed too
+    "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
+    "session.save_external_prepacked_constant_initializers": "1",
+}
+PREPACKED = b"prepacked_"
 
 
 @dataclass(frozen=True)
@@ -67,55 +75,57 @@ def packed_graphs(folder: Path, make_options: Callable[[], ort.SessionOptions]) 
     options, so that the graphs are optimised as its sessions would optimise them."""
     folder = Path(folder)
     manifest = Manifest.load(folder)  # the folder's own: every graph, whichever exits this engine opens
-    target = cache_dir() / "packed" / _key(folder, manifest)
+    stamp = {"format": FORMAT, "export": str(folder.resolve()), "onnxruntime": ort.__version__, "cpu": _cpu_hash()}
+    target = cache_dir() / "packed" / _key(folder, manifest, stamp)
     if not (target / STAMP_FILE).is_file():
         with exclusive_target(target, "packed weights", wait=True):
             if not (target / STAMP_FILE).is_file():  # another process may have made it meanwhile
-                write_folder_atomically(target, lambda staging: _fill(staging, folder, manifest, make_options))
-                _remove_older(target, folder)
+                write_folder_atomically(target, lambda staging: _fill(staging, folder, manifest, make_options, stamp))
+                _remove_older(target, stamp)
     return PackedGraphs(target)
 
 
-def _key(folder: Path, manifest: Manifest) -> str:
-    """What the packed graphs depend on: the export's files, onnxruntime and the CPU."""
+def discard(packed: PackedGraphs) -> None:
+    """Remove a packed folder that could not be opened (made again on the next load)."""
+    shutil.rmtree(packed.folder, ignore_errors=True)
+
+
+def _key(folder: Path, manifest: Manifest, stamp: dict) -> str:
+    """What the packed graphs depend on: the export folder (one packed folder each, see _remove_older) and its files,
+    onnxruntime and the CPU."""
     names = sorted({manifest.weights_file, *(p.graph for p in manifest.pieces), *(e.graph for e in manifest.exits)})
     files = {name: [(folder / name).stat().st_size, (folder / name).stat().st_mtime_ns] for name in names}
-    identity = {
-        "format": FORMAT,
-        "export": str(folder.resolve()),  # one packed folder per export folder (see _remove_older)
-        "manifest": file_sha256(folder / MANIFEST_FILE),
-        "files": files,
-        "onnxruntime": ort.__version__,
-        "cpu": _cpu_identity(),
-    }
+    identity = {**stamp, "manifest": file_sha256(folder / MANIFEST_FILE), "files": files}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _cpu_identity() -> str:
-    """The CPU's model and instruction sets (Linux), else what the platform module says."""
+def _cpu_hash() -> str:
+    """The CPU's model and instruction sets (Linux; else what the platform module says), hashed."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = ("model name", "flags", "Features", "CPU part")  # x86 and Arm names
+        identity = "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
     except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-    wanted = ("model name", "flags", "Features", "CPU part")  # x86 and Arm names
-    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+        identity = f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
-def _fill(staging: Path, folder: Path, manifest: Manifest, make_options: Callable[[], ort.SessionOptions]) -> None:
+def _fill(
+    staging: Path, folder: Path, manifest: Manifest, make_options: Callable[[], ort.SessionOptions], stamp: dict
+) -> None:
     """Save every piece and step graph into staging, merging their data into DATA_FILE as each one is saved (so that
-    only one graph's own data file exists at a time)."""
+    only one graph's own data file exists at a time). Exports whose pieces take a mask (schema 3) get no step graphs:
+    their steps do not run on plans."""
     pieces = {piece.name: piece for piece in manifest.pieces}
     graphs = {piece.graph: (folder / piece.graph).read_bytes() for piece in manifest.pieces}
-    for entry in manifest.exits:
+    for entry in manifest.exits if manifest.schema_version >= LENGTHS_VERSION else []:
         graphs[step_graph_name(entry.exit)] = _step_graph(folder, entry.graph, [pieces[n] for n in entry.chain])
     with open(staging / DATA_FILE, "wb") as data:
         merged = _Merged(data)
         for name, graph in graphs.items():
             _save_optimised(graph, folder, staging, name, make_options())
             merged.take(staging, name)
-    (staging / STAMP_FILE).write_text(
-        json.dumps({"format": FORMAT, "export": str(folder.resolve()), "graphs": sorted(graphs)}, indent=1)
-    )
+    (staging / STAMP_FILE).write_text(json.dumps({**stamp, "graphs": sorted(graphs)}, indent=1))
 
 
 def _step_graph(folder: Path, exit_graph: str, chain: list[Piece]) -> bytes:
@@ -139,8 +149,8 @@ def _save_optimised(graph: bytes, folder: Path, staging: Path, name: str, option
     options.optimized_model_filepath = str(staging / name)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", _own_data(name))
-    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    for key, value in SAVING.items():
+        options.add_session_config_entry(key, value)
     ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -164,44 +174,59 @@ class _Merged:
         return self.offsets[digest]
 
     def take(self, staging: Path, name: str) -> None:
-        """Move graph `name`'s own data into the shared file and point its tensors there; its own file goes."""
+        """Move graph `name`'s own data into the shared file and point its tensors there; its own file goes. A graph
+        without a single packed form is refused: its session would pack its weights on the heap after all."""
         own = staging / _own_data(name)
         model = model_class().FromString((staging / name).read_bytes())
         with open(own, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as source:
-            for tensor in tensors(model):
-                entries = {entry.key: entry.value for entry in tensor.external_data}
-                if not entries:
-                    continue
-                start, length = int(entries[b"offset"]), int(entries[b"length"])
-                rewritten = {
-                    b"location": DATA_FILE.encode(),
-                    b"offset": str(self.put(source[start : start + length])).encode(),
-                    b"length": str(length).encode(),
-                }
-                for key, value in entries.items():
-                    if key.startswith(PREPACKED):
-                        kernel_key, place = value.split(b"|")
-                        offset, size, alignment = place.split(b";")
-                        blob = source[int(offset) : int(offset) + int(size)]
-                        rewritten[key] = b"%s|%d;%s;%s" % (kernel_key, self.put(blob), size, alignment)
-                del tensor.external_data[:]
-                for key, value in rewritten.items():
-                    tensor.external_data.add(key=key, value=value)
+            packed_forms = sum(self._moved(tensor, source, name) for tensor in tensors(model) if tensor.external_data)
+        if packed_forms == 0:
+            raise ValueError(f"onnxruntime saved no packed weights for {name}")
         (staging / name).write_bytes(model.SerializeToString())
         own.unlink()
 
+    def _moved(self, tensor: message.Message, source: mmap.mmap, name: str) -> int:
+        """Put one tensor's data and packed forms into the shared file and point its entries there; how many packed
+        forms it has."""
+        place = {entry.key: entry.value for entry in tensor.external_data if entry.key in PLACE_KEYS}
+        if place.get(b"location") != _own_data(name).encode():
+            raise ValueError(f"{name}: a tensor's data in {place.get(b'location')!r}, not in its own data file")
+        start = int(place.get(b"offset", b"0"))
+        length = int(place[b"length"]) if b"length" in place else len(source) - start
+        entries = [(b"location", DATA_FILE.encode()), (b"offset", b"%d" % self.put(source[start : start + length]))]
+        entries.append((b"length", b"%d" % length))
+        if b"checksum" in place:
+            entries.append((b"checksum", place[b"checksum"]))
+        packed_forms = 0
+        for entry in tensor.external_data:  # the packed forms: one entry per kernel, in order
+            if entry.key.startswith(PREPACKED):
+                kernel_key, *buffers = entry.value.split(b"|")
+                moved = []
+                for buffer in buffers:
+                    offset, size, checksum = buffer.split(b";")
+                    blob = source[int(offset) : int(offset) + int(size)]
+                    moved.append(b"%d;%s;%s" % (self.put(blob), size, checksum))
+                entries.append((entry.key, b"|".join([kernel_key, *moved])))
+                packed_forms += 1
+            elif entry.key not in PLACE_KEYS:
+                raise ValueError(f"{name}: unknown external-data key {entry.key!r} (a newer onnxruntime?)")
+        del tensor.external_data[:]
+        for key, value in entries:
+            tensor.external_data.add(key=key, value=value)
+        return packed_forms
 
-def _remove_older(target: Path, folder: Path) -> None:
-    """Remove the other packed folders made for the same export folder (by an earlier export there, or another
-    onnxruntime): only folders whose stamp this module wrote."""
-    export = str(folder.resolve())
+
+def _remove_older(target: Path, stamp: dict) -> None:
+    """Remove the other packed folders made for the same export folder by the same onnxruntime on the same CPU (so the
+    export's files changed since): only folders whose stamp this module wrote. Folders of another onnxruntime or CPU
+    sharing this cache are another environment's, and stay."""
+    same = {key: stamp[key] for key in ("format", "export", "onnxruntime", "cpu")}
     for other in target.parent.iterdir():
-        stamp = other / STAMP_FILE
-        if other == target or not stamp.is_file():
+        if other == target or not (other / STAMP_FILE).is_file():
             continue
         try:
-            made_for = json.loads(stamp.read_text()).get("export")
+            written = json.loads((other / STAMP_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if made_for == export:
+        if isinstance(written, dict) and all(written.get(key) == value for key, value in same.items()):
             shutil.rmtree(other, ignore_errors=True)

@@ -23,8 +23,10 @@ from balcony_edge.runtime.core.manifest import (
 class PieceRunner:
     """One piece's session; `run` computes positions start..start+n-1 of a sequence from its first input."""
 
-    def __init__(self, session: ort.InferenceSession, piece: Piece):
-        self.session, self.piece = session, piece
+    def __init__(self, session: ort.InferenceSession, piece: Piece, lender: object = None):
+        """lender: what the session's initializers are borrowed from (`SharedWeights`), kept as long as the runner: a
+        sequence may outlive its engine, and onnxruntime does not hold what add_initializer lends it."""
+        self.session, self.piece, self.lender = session, piece, lender
         inputs = [i.name for i in session.get_inputs()]
         self.first_input = inputs[0]  # input_ids, hidden_{depth} or exit_hidden
         output = session.get_outputs()[0]

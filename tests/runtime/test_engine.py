@@ -457,3 +457,23 @@ def test_start_makes_room_for_the_answer_up_to_answer_room(engine, monkeypatch):
     assert short.sequence.cache.capacity >= 70
     long = engine.start(prompt, max_new_tokens=limit - len(prompt), budget="full", chat=False)
     assert len(prompt) + room <= long.sequence.cache.capacity < limit  # room for the start, not for all of it
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_sequence_outlives_its_engine(tiny_export, packed):
+    """Nothing the sessions borrow goes with the engine (in a child: a use after free would crash the process)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import gc, numpy as np\n"
+        "from balcony_edge.runtime import Engine\n"
+        f"engine = Engine.load({str(tiny_export)!r}, providers=['cpu'], threads=1, packed_weights={packed})\n"
+        "expected = engine.sequence(list(range(3, 40))).logits(1)\n"
+        "sequence = engine.sequence(list(range(3, 40)))\n"
+        "del engine\n"
+        "gc.collect()\n"
+        "print(bool(np.array_equal(sequence.logits(1), expected)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["True"], done.stderr[-500:]

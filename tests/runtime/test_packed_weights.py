@@ -16,12 +16,30 @@ from balcony_edge.runtime.core import packed_weights
 from balcony_edge.runtime.core.onnx_subset import model_class, tensors
 
 
+class Quiet:
+    """A CPU that no other process keeps busy, whatever the machine running the tests is doing."""
+
+    def contended(self) -> bool:
+        return False
+
+
+def _pair(export) -> dict[str, Engine]:
+    steps = Engine.load(export, providers=["cpu"], threads=1)
+    steps.contention = Quiet()
+    return {"steps": steps, "chain": _chain(export)}
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_export):
-    return {
-        "steps": Engine.load(tiny_export, providers=["cpu"], threads=1),
-        "chain": Engine.load(tiny_export, providers=["cpu"], threads=1, packed_weights=False),
-    }
+    return _pair(tiny_export)
+
+
+@pytest.fixture(scope="module")
+def tiny_export_int4(tiny_checkpoint, tmp_path_factory):
+    from balcony_edge.export.exporter import ExportConfig, export_checkpoint
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-int4"
+    return export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, out=out, quantize="int4"))
 
 
 def _packed_folder(engine: Engine):
@@ -30,24 +48,38 @@ def _packed_folder(engine: Engine):
 
 
 def _switching_logits(engine: Engine, tokens: list[int], schedule: list[int]) -> np.ndarray:
+    """Logits along `schedule` (an exit per step after a 4-token prompt); on a step-graph engine, every exit must
+    have stepped on its step graph."""
     sequence = engine.sequence(tokens[:4])
     rows = []
     for position, exit in enumerate(schedule):
         rows.append(sequence.logits(exit))
         sequence.append(tokens[4 + position])
+    if engine.step_graphs:
+        assert {(exit, True) for exit in engine.exits} <= set(sequence._plans)
     return np.stack(rows)
 
 
-def test_step_graphs_give_the_chains_logits_exactly_across_switches(engines):
+def _check_exact(engines: dict[str, Engine], steps_per_exit: int, length: int, seed: int) -> None:
     steps, chain = engines["steps"], engines["chain"]
     assert sorted(steps.step_graphs) == steps.exits and chain.step_graphs == {}
-    rng = np.random.default_rng(5)
-    tokens = rng.integers(0, steps.manifest.vocab_size, size=300).tolist()
-    # long stretches at each exit (steps on the step graphs), deepenings and shallowings (catch-ups on the pieces),
-    # across the cache's growth past its first capacity
-    schedule = [steps.exits[(position // 37) % len(steps.exits)] for position in range(290)]
+    tokens = np.random.default_rng(seed).integers(0, steps.manifest.vocab_size, size=length + 10).tolist()
+    # stretches at each exit (steps on the step graphs), deepenings and shallowings (catch-ups on the pieces)
+    schedule = [steps.exits[(position // steps_per_exit) % len(steps.exits)] for position in range(length)]
     expected = _switching_logits(chain, tokens, schedule)
     np.testing.assert_array_equal(_switching_logits(steps, tokens, schedule), expected)
+
+
+def test_step_graphs_give_the_chains_logits_exactly_across_switches(engines):
+    _check_exact(engines, steps_per_exit=37, length=290, seed=5)  # across the cache's growth past 256 too
+
+
+def test_int4_step_graphs_give_the_chains_logits_exactly(tiny_export_int4):
+    _check_exact(_pair(tiny_export_int4), steps_per_exit=9, length=70, seed=8)
+
+
+def test_an_int8_cache_export_steps_on_its_step_graphs_exactly(tiny_export_kv8):
+    _check_exact(_pair(tiny_export_kv8), steps_per_exit=9, length=70, seed=6)
 
 
 def test_every_blob_is_stored_once_and_the_packed_forms_are_kept(engines):
@@ -105,15 +137,43 @@ def test_without_a_writable_cache_the_engine_runs_the_chain_and_says_why_once(ti
     assert engine.step_graphs == {}
     assert len(said) == 1 and said[0].startswith("packed weights unavailable (") and "BALCONY_EDGE_CACHE" in said[0]
     tokens = list(range(3, 20))
-    chain = Engine.load(tiny_export, providers=["cpu"], threads=1, packed_weights=False)
-    np.testing.assert_array_equal(engine.sequence(tokens).logits(1), chain.sequence(tokens).logits(1))
+    np.testing.assert_array_equal(engine.sequence(tokens).logits(1), _chain(tiny_export).sequence(tokens).logits(1))
 
 
-def test_an_int8_cache_export_steps_on_its_step_graphs_exactly(tiny_export_kv8):
-    steps = Engine.load(tiny_export_kv8, providers=["cpu"], threads=1)
-    chain = Engine.load(tiny_export_kv8, providers=["cpu"], threads=1, packed_weights=False)
-    assert sorted(steps.step_graphs) == steps.exits
-    tokens = np.random.default_rng(6).integers(0, steps.manifest.vocab_size, size=80).tolist()
-    schedule = [steps.exits[(position // 9) % len(steps.exits)] for position in range(70)]
-    expected = _switching_logits(chain, tokens, schedule)
-    np.testing.assert_array_equal(_switching_logits(steps, tokens, schedule), expected)
+def test_a_damaged_packed_folder_is_said_removed_and_made_again(tiny_export, tmp_path, monkeypatch):
+    monkeypatch.setenv("BALCONY_EDGE_CACHE", str(tmp_path / "cache"))
+    folder = _packed_folder(Engine.load(tiny_export, providers=["cpu"], threads=1))
+    (folder / packed_weights.DATA_FILE).write_bytes(b"")  # damaged on disk
+    said = []
+    engine = Engine.load(tiny_export, providers=["cpu"], threads=1, warn=said.append)
+    assert engine.step_graphs == {} and engine.packed is None and not folder.exists()
+    assert len(said) == 1 and said[0].startswith(f"the packed weights in {folder} could not be opened (")
+    tokens = list(range(3, 20))
+    np.testing.assert_array_equal(engine.sequence(tokens).logits(1), _chain(tiny_export).sequence(tokens).logits(1))
+    again = Engine.load(tiny_export, providers=["cpu"], threads=1)
+    assert _packed_folder(again) == folder and sorted(again.step_graphs) == again.exits
+
+
+def test_graphs_saved_without_packed_forms_are_refused_and_nothing_is_left(tiny_export, tmp_path, monkeypatch):
+    monkeypatch.setenv("BALCONY_EDGE_CACHE", str(tmp_path / "cache"))
+    saving = packed_weights.SAVING | {"session.save_external_prepacked_constant_initializers": "0"}
+    monkeypatch.setattr(packed_weights, "SAVING", saving)  # as an onnxruntime that saves no packed forms would
+    said = []
+    engine = Engine.load(tiny_export, providers=["cpu"], threads=1, warn=said.append)
+    assert engine.step_graphs == {} and engine.packed is None
+    assert len(said) == 1 and "onnxruntime did not save them (onnxruntime saved no packed weights for " in said[0]
+    assert not [path for path in (tmp_path / "cache" / "packed").iterdir() if not path.name.endswith(".lock")]
+
+
+def test_folders_of_another_onnxruntime_for_the_same_export_stay(tiny_export, tmp_path, monkeypatch):
+    monkeypatch.setenv("BALCONY_EDGE_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "cache" / "packed" / "made-by-another-onnxruntime"
+    other.mkdir(parents=True)
+    stamp = {"format": packed_weights.FORMAT, "export": str(tiny_export.resolve()), "onnxruntime": "0.0", "cpu": "x"}
+    (other / packed_weights.STAMP_FILE).write_text(json.dumps(stamp))
+    Engine.load(tiny_export, providers=["cpu"], threads=1)
+    assert other.exists()
+
+
+def _chain(export) -> Engine:
+    return Engine.load(export, providers=["cpu"], threads=1, packed_weights=False)
