@@ -21,16 +21,15 @@ QUIET_CORES = 0.25  # ... and below which it counts as quiet again (between the 
 
 
 def machine_busy_s() -> float:
-    """CPU seconds the whole machine has spent working, all cores (not idle, waiting on I/O, or stolen by a
-    hypervisor)."""
+    """CPU seconds the whole machine has spent running user code, all cores. Kernel time is left out: reading a
+    freshly mapped file makes kernel threads busy for a moment, which is no neighbour taking a core."""
     times = psutil.cpu_times()
-    return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
+    return times.user + times.nice
 
 
 def own_busy_s() -> float:
-    """CPU seconds this process has spent, all its threads."""
-    times = psutil.Process().cpu_times()
-    return times.user + times.system
+    """CPU seconds this process has spent running user code, all its threads."""
+    return psutil.Process().cpu_times().user
 
 
 class CpuContention:
@@ -45,12 +44,12 @@ class CpuContention:
     ):
         self._machine, self._own, self._clock = machine, own, clock
         self._lock = threading.Lock()
-        self._last = (clock(), machine(), own())
+        self._last: tuple[float, float, float] | None = None  # taken at the first question, not while sessions load
         self._contended = False
         self.others_cores = 0.0  # the last interval's reading
 
     def contended(self) -> bool:
-        if self._clock() - self._last[0] >= INTERVAL_S and self._lock.acquire(blocking=False):
+        if (self._last is None or self._clock() - self._last[0] >= INTERVAL_S) and self._lock.acquire(blocking=False):
             try:
                 self._sample()
             finally:
@@ -61,6 +60,9 @@ class CpuContention:
         """Read the CPU times again (under the lock, and only once the interval has passed: another thread may have
         just read them)."""
         now = self._clock()
+        if self._last is None:
+            self._last = (now, self._machine(), self._own())
+            return
         at, machine_before, own_before = self._last
         if now - at < INTERVAL_S:
             return

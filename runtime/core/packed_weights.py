@@ -38,7 +38,7 @@ from balcony_edge.common.paths import cache_dir
 from balcony_edge.runtime.core.manifest import LENGTHS_VERSION, MANIFEST_FILE, Manifest, Piece, hidden_name
 from balcony_edge.runtime.core.onnx_subset import model_class, tensors
 
-FORMAT = 1  # of the folder: raise when what is written changes
+FORMAT = 2  # of the folder: raise when what is written changes (2: the stamp names onnxruntime and the CPU)
 DATA_FILE = "packed.bin"
 STAMP_FILE = "packed.json"  # written last: a folder without it is not used
 BLOB_ALIGNMENT = max(mmap.ALLOCATIONGRANULARITY, 4096)  # each blob starts where a mapping can (a page)
@@ -217,10 +217,9 @@ class _Merged:
 
 
 def _remove_older(target: Path, stamp: dict) -> None:
-    """Remove the other packed folders made for the same export folder by the same onnxruntime on the same CPU (so the
-    export's files changed since): only folders whose stamp this module wrote. Folders of another onnxruntime or CPU
-    sharing this cache are another environment's, and stay."""
-    same = {key: stamp[key] for key in ("format", "export", "onnxruntime", "cpu")}
+    """Remove the other packed folders made for the same export folder by this module: those of an older format, and
+    those of the same onnxruntime on the same CPU (so the export's files changed since). Folders of another
+    onnxruntime or CPU sharing this cache are another environment's, and stay."""
     for other in target.parent.iterdir():
         if other == target or not (other / STAMP_FILE).is_file():
             continue
@@ -228,5 +227,8 @@ def _remove_older(target: Path, stamp: dict) -> None:
             written = json.loads((other / STAMP_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(written, dict) and all(written.get(key) == value for key, value in same.items()):
+        if not isinstance(written, dict) or written.get("export") != stamp["export"]:
+            continue
+        older = isinstance(written.get("format"), int) and written["format"] < FORMAT
+        if older or all(written.get(key) == stamp[key] for key in ("format", "onnxruntime", "cpu")):
             shutil.rmtree(other, ignore_errors=True)
