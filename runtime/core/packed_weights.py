@@ -14,7 +14,8 @@ once, and the graphs pointed at it. The folder is <cache>/packed/<key>: the key 
 (manifest checksum, sizes and modification times), onnxruntime's version and the CPU, since packed layouts depend on
 both.
 Made whole or not at all (staged, then renamed), one process at a time; a new folder for an export, made by the same
-onnxruntime on the same CPU, replaces the older ones this module made for the same export folder (its files changed).
+onnxruntime on the same CPU, replaces the older ones this module made for the same export folder (its files changed),
+and folders made for export folders that are gone are removed.
 """
 
 from __future__ import annotations
@@ -217,9 +218,10 @@ class _Merged:
 
 
 def _remove_older(target: Path, stamp: dict) -> None:
-    """Remove the other packed folders made for the same export folder by this module: those of an older format, and
-    those of the same onnxruntime on the same CPU (so the export's files changed since). Folders of another
-    onnxruntime or CPU sharing this cache are another environment's, and stay."""
+    """Remove packed folders this module made that nothing will use again: those made for an export folder that no
+    longer exists, and for the same export folder those of an older format or of the same onnxruntime on the same CPU
+    (so the export's files changed since). Folders of another onnxruntime or CPU sharing this cache are another
+    environment's, and stay."""
     for other in target.parent.iterdir():
         if other == target or not (other / STAMP_FILE).is_file():
             continue
@@ -227,8 +229,11 @@ def _remove_older(target: Path, stamp: dict) -> None:
             written = json.loads((other / STAMP_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(written, dict) or written.get("export") != stamp["export"]:
+        if not isinstance(written, dict) or not isinstance(written.get("export"), str):
             continue
+        gone = not Path(written["export"]).is_dir()
+        same_export = written["export"] == stamp["export"]
         older = isinstance(written.get("format"), int) and written["format"] < FORMAT
-        if older or all(written.get(key) == stamp[key] for key in ("format", "onnxruntime", "cpu")):
+        same_environment = all(written.get(key) == stamp[key] for key in ("format", "onnxruntime", "cpu"))
+        if gone or (same_export and (older or same_environment)):
             shutil.rmtree(other, ignore_errors=True)

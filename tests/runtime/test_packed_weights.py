@@ -165,7 +165,7 @@ def test_graphs_saved_without_packed_forms_are_refused_and_nothing_is_left(tiny_
     assert not [path for path in (tmp_path / "cache" / "packed").iterdir() if not path.name.endswith(".lock")]
 
 
-def test_folders_of_another_onnxruntime_stay_and_older_formats_go(tiny_export, tmp_path, monkeypatch):
+def test_another_onnxruntimes_folders_stay_older_formats_and_orphans_go(tiny_export, tmp_path, monkeypatch):
     monkeypatch.setenv("BALCONY_EDGE_CACHE", str(tmp_path / "cache"))
     other = tmp_path / "cache" / "packed" / "made-by-another-onnxruntime"
     other.mkdir(parents=True)
@@ -174,8 +174,11 @@ def test_folders_of_another_onnxruntime_stay_and_older_formats_go(tiny_export, t
     older = tmp_path / "cache" / "packed" / "made-in-an-older-format"
     older.mkdir()
     (older / packed_weights.STAMP_FILE).write_text(json.dumps(stamp | {"format": packed_weights.FORMAT - 1}))
+    orphan = tmp_path / "cache" / "packed" / "made-for-an-export-since-deleted"
+    orphan.mkdir()
+    (orphan / packed_weights.STAMP_FILE).write_text(json.dumps(stamp | {"export": str(tmp_path / "deleted")}))
     Engine.load(tiny_export, providers=["cpu"], threads=1)
-    assert other.exists() and not older.exists()
+    assert other.exists() and not older.exists() and not orphan.exists()
 
 
 def _chain(export) -> Engine:
