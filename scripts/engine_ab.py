@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--child", choices=("on", "off", "on-first", "off-first"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.setting == "packed_weights" and not args.packed:
+        parser.error("--no-packed holds packed weights off in both engines; not with --setting packed_weights")
     if args.child in ("on", "off"):
         print(json.dumps(alone(args.export, args.setting, args.child == "on", args.packed)))
     elif args.child:

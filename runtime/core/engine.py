@@ -47,6 +47,7 @@ from balcony_edge.runtime.device.controller import Budget, Chooser, Controller, 
 from balcony_edge.runtime.device.hub import SignalHub
 
 CALIBRATION_PROMPT_TOKENS = 32
+PACKED_FALLBACK = "running the pieces as they are (slower steps)"  # what the engine does without packed weights
 CALIBRATION_STEPS = 8
 
 
@@ -114,9 +115,9 @@ class Engine:
 
         packed_weights: on the CPU, open every graph from a copy that onnxruntime saved with its weights packed for
         this CPU, all in one shared file (`packed_weights.py`; made on first load, in the cache folder), and run each
-        one-token step through its exit's whole chain as one session. Off, or where the cache cannot be written (then
-        `warn` says why), the pieces pack their weights on the heap and steps run the chain piece by piece; with
-        prepack=False too.
+        one-token step through its exit's whole chain as one session. Off, or where they cannot be made or opened
+        (the cache cannot be written, onnxruntime saves no packed forms, a folder is damaged; `warn` says why), the
+        pieces pack their weights on the heap and steps run the chain piece by piece; with prepack=False too.
         """
         folder = export_folder(folder)
         settings = session_settings(providers, threads, prepack, thread_pool, huge_pages, packed_weights)
@@ -133,8 +134,11 @@ class Engine:
                 weights = SharedWeights(self.folder, self.manifest)
                 on_cpu = provider == "CPUExecutionProvider"  # where the kernels stream the weights from host memory
                 quiet = _as_is if on_cpu else _quietly
+                # Packed weights are made (on first use) before the memory the sessions take is watched: the heap a
+                # build leaves behind is not theirs.
+                packed = self._packed_graphs(settings) if on_cpu else None
                 with collapse_new_memory(enabled=settings.huge_pages and on_cpu) as collapsed:
-                    runners = self._open_packed(settings) if on_cpu else None
+                    runners = self._open_packed(packed, settings) if packed is not None else None
                     if runners is None:
                         runners = {}
                         for piece in self.manifest.pieces:
@@ -157,26 +161,28 @@ class Engine:
             "use --provider cpu, or check the GPU driver and onnxruntime-gpu"
         )
 
-    def _open_packed(self, settings: SessionSettings) -> dict[str, PieceRunner] | None:
-        """Every piece, and every exit's step graph where steps run on plans, opened from the export's packed weights
-        (made on first use); None where they are off, or cannot be made or opened (then said once, in a line)."""
+    def _packed_graphs(self, settings: SessionSettings) -> PackedGraphs | None:
+        """The export's packed graphs (made on first use); None where they are off or cannot be made (said once, in a
+        line)."""
         if not (settings.packed_weights and settings.prepack):
             return None
-        fallback = "running the pieces as they are (slower steps)"
         try:
-            packed = packed_graphs(self.folder, lambda: session_options(settings.threads, True, settings.thread_pool))
+            return packed_graphs(self.folder, lambda: session_options(settings.threads, True, settings.thread_pool))
         except OSError as err:
             self.warn(
-                f"packed weights unavailable ({first_line(err)}); {fallback}; set BALCONY_EDGE_CACHE to a writable "
-                "folder with room for twice the export's weights"
+                f"packed weights unavailable ({first_line(err)}); {PACKED_FALLBACK}; set BALCONY_EDGE_CACHE to a "
+                "writable folder with room for about four times the export's weights file"
             )
-            return None
         except Exception as err:  # onnxruntime could not save packed weights, or saved what this version cannot read
             self.warn(
-                f"packed weights unavailable: onnxruntime did not save them ({first_line(err)}); {fallback}; "
+                f"packed weights unavailable: onnxruntime did not save them ({first_line(err)}); {PACKED_FALLBACK}; "
                 "load with packed_weights=False to skip trying"
             )
-            return None
+        return None
+
+    def _open_packed(self, packed: PackedGraphs, settings: SessionSettings) -> dict[str, PieceRunner] | None:
+        """Every piece, and every exit's step graph where steps run on plans, opened from the packed graphs; None
+        where they cannot be opened (the folder is removed, to be made again on the next load; said in a line)."""
         try:
             pieces = self.manifest.pieces
             runners = {p.name: PieceRunner(open_packed_session(packed.piece(p.graph), settings), p) for p in pieces}
@@ -186,7 +192,7 @@ class Engine:
         except Exception as err:  # a folder damaged on disk, or taken away meanwhile
             discard(packed)
             self.warn(
-                f"the packed weights in {packed.folder} could not be opened ({first_line(err)}); {fallback}; "
+                f"the packed weights in {packed.folder} could not be opened ({first_line(err)}); {PACKED_FALLBACK}; "
                 "they are made again on the next load"
             )
             return None

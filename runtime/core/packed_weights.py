@@ -15,7 +15,7 @@ once, and the graphs pointed at it. The folder is <cache>/packed/<key>: the key 
 both.
 Made whole or not at all (staged, then renamed), one process at a time; a new folder for an export, made by the same
 onnxruntime on the same CPU, replaces the older ones this module made for the same export folder (its files changed),
-and folders made for export folders that are gone are removed.
+and that environment's folders for export folders that are gone are removed.
 """
 
 from __future__ import annotations
@@ -218,12 +218,12 @@ class _Merged:
 
 
 def _remove_older(target: Path, stamp: dict) -> None:
-    """Remove packed folders this module made that nothing will use again: those made for an export folder that no
-    longer exists, and for the same export folder those of an older format or of the same onnxruntime on the same CPU
-    (so the export's files changed since). Folders of another onnxruntime or CPU sharing this cache are another
-    environment's, and stay."""
+    """Remove packed folders this module made that nothing will use again: for the same export folder those of an
+    older format or of the same onnxruntime on the same CPU (so the export's files changed since), and those of this
+    onnxruntime and CPU made for an export folder that no longer exists. Folders of another onnxruntime or CPU sharing
+    this cache are another environment's (whose export paths may differ), and stay; so do staging folders."""
     for other in target.parent.iterdir():
-        if other == target or not (other / STAMP_FILE).is_file():
+        if other == target or other.name.startswith(".") or not (other / STAMP_FILE).is_file():
             continue
         try:
             written = json.loads((other / STAMP_FILE).read_text())
@@ -231,9 +231,9 @@ def _remove_older(target: Path, stamp: dict) -> None:
             continue
         if not isinstance(written, dict) or not isinstance(written.get("export"), str):
             continue
-        gone = not Path(written["export"]).is_dir()
         same_export = written["export"] == stamp["export"]
         older = isinstance(written.get("format"), int) and written["format"] < FORMAT
         same_environment = all(written.get(key) == stamp[key] for key in ("format", "onnxruntime", "cpu"))
-        if gone or (same_export and (older or same_environment)):
+        gone = not Path(written["export"]).is_dir()  # seen from here: only this environment's folders can tell
+        if (same_export and older) or (same_environment and (same_export or gone)):
             shutil.rmtree(other, ignore_errors=True)

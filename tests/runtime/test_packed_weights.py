@@ -9,6 +9,7 @@ import json
 import os
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from balcony_edge.runtime import Engine
@@ -174,11 +175,15 @@ def test_another_onnxruntimes_folders_stay_older_formats_and_orphans_go(tiny_exp
     older = tmp_path / "cache" / "packed" / "made-in-an-older-format"
     older.mkdir()
     (older / packed_weights.STAMP_FILE).write_text(json.dumps(stamp | {"format": packed_weights.FORMAT - 1}))
-    orphan = tmp_path / "cache" / "packed" / "made-for-an-export-since-deleted"
+    here = {"onnxruntime": ort.__version__, "cpu": packed_weights._cpu_hash(), "format": packed_weights.FORMAT}
+    orphan = tmp_path / "cache" / "packed" / "made-here-for-an-export-since-deleted"
     orphan.mkdir()
-    (orphan / packed_weights.STAMP_FILE).write_text(json.dumps(stamp | {"export": str(tmp_path / "deleted")}))
+    (orphan / packed_weights.STAMP_FILE).write_text(json.dumps(stamp | here | {"export": str(tmp_path / "gone")}))
+    elsewhere = tmp_path / "cache" / "packed" / "made-elsewhere-for-a-path-not-here"
+    elsewhere.mkdir()
+    (elsewhere / packed_weights.STAMP_FILE).write_text(json.dumps(stamp | {"export": str(tmp_path / "gone")}))
     Engine.load(tiny_export, providers=["cpu"], threads=1)
-    assert other.exists() and not older.exists() and not orphan.exists()
+    assert other.exists() and elsewhere.exists() and not older.exists() and not orphan.exists()
 
 
 def _chain(export) -> Engine:
