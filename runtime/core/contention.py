@@ -3,8 +3,8 @@
 
 An exit's step graph runs a whole token in one session whose thread pool works through hundreds of nodes: fastest on
 a quiet CPU, but beside a busy core its pool waits on a thread that has to share that core, and the chain of pieces,
-whose pools hand over between short runs, keeps more of its speed (docs/benchmarks.md, "Packed weights and step
-graphs"). The sequence asks before each one-token step and runs the chain while others are busy.
+whose pools hand over between short runs, keeps more of its speed (docs/benchmarks.md, "Thread pools"). The sequence
+asks before each one-token step and runs the chain while others are busy.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def own_busy_s() -> float:
 
 
 class CpuContention:
-    """`contended()`: whether other processes used at least BUSY_CORES of CPU over the last interval (with hysteresis
-    down to QUIET_CORES). Thread-safe; the clock and the two readings can be given (tests)."""
+    """`contended()`: whether other processes ran user code on at least BUSY_CORES of CPU over the last interval (with
+    hysteresis down to QUIET_CORES). Thread-safe; the clock and the two readings can be given (tests)."""
 
     def __init__(
         self,
