@@ -188,3 +188,66 @@ def test_another_onnxruntimes_folders_stay_older_formats_and_orphans_go(tiny_exp
 
 def _chain(export) -> Engine:
     return Engine.load(export, providers=["cpu"], threads=1, packed_weights=False)
+
+
+def _saved_graph(staging, name: str, entries: list[tuple[bytes, bytes]], data: bytes) -> None:
+    """A graph as onnxruntime saves one: one tensor whose external-data entries are `entries`, its own data file."""
+    model = model_class()()
+    tensor = model.graph.initializer.add(name=b"w", data_location=1)
+    for key, value in entries:
+        tensor.external_data.add(key=key, value=value)
+    (staging / name).write_bytes(model.SerializeToString())
+    (staging / packed_weights._own_data(name)).write_bytes(data)
+
+
+def test_a_saved_graphs_blobs_move_into_the_shared_file_whatever_entries_onnxruntime_wrote(tmp_path):
+    own = packed_weights._own_data("g.onnx").encode()
+    data = b"W" * 10 + b"A" * 6 + b"B" * 4 + b"C" * 3
+    entries = [  # no offset (0), a checksum kept, one kernel with two buffers, a second kernel with one
+        (b"location", own),
+        (b"length", b"10"),
+        (b"checksum", b"7"),
+        (b"prepacked_0", b"Kernel+1|10;6;0|16;4;0"),
+        (b"prepacked_1", b"Other+2|20;3;5"),
+    ]
+    _saved_graph(tmp_path, "g.onnx", entries, data)
+    with open(tmp_path / packed_weights.DATA_FILE, "wb") as shared:
+        packed_weights._Merged(shared).take(tmp_path, "g.onnx")
+    merged = (tmp_path / packed_weights.DATA_FILE).read_bytes()
+    tensor = next(tensors(model_class().FromString((tmp_path / "g.onnx").read_bytes())))
+    written = [(entry.key, entry.value) for entry in tensor.external_data]
+    assert [key for key, _ in written] == [
+        b"location",
+        b"offset",
+        b"length",
+        b"checksum",
+        b"prepacked_0",
+        b"prepacked_1",
+    ]
+    place = dict(written)
+    assert place[b"location"] == packed_weights.DATA_FILE.encode() and place[b"checksum"] == b"7"
+    assert merged[int(place[b"offset"]) :][:10] == b"W" * 10
+    kernel, *buffers = place[b"prepacked_0"].split(b"|")
+    assert kernel == b"Kernel+1" and len(buffers) == 2
+    for buffer, expected in zip(buffers + place[b"prepacked_1"].split(b"|")[1:], (b"A" * 6, b"B" * 4, b"C" * 3)):
+        offset, length, checksum = buffer.split(b";")
+        assert (
+            merged[int(offset) : int(offset) + int(length)] == expected
+            and int(offset) % packed_weights.BLOB_ALIGNMENT == 0
+        )
+    assert place[b"prepacked_1"].endswith(b";3;5") and not (tmp_path / packed_weights._own_data("g.onnx")).exists()
+
+
+@pytest.mark.parametrize(
+    ("entries", "refusal"),
+    [
+        ([(b"location", b"elsewhere.bin"), (b"length", b"1")], "not in its own data file"),
+        ([(b"location", b"OWN"), (b"length", b"1"), (b"sliced", b"1")], "unknown external-data key"),
+        ([(b"location", b"OWN"), (b"length", b"1")], "onnxruntime saved no packed weights for g.onnx"),
+    ],
+)
+def test_a_saved_graph_that_is_not_as_expected_is_refused(tmp_path, entries, refusal):
+    own = packed_weights._own_data("g.onnx").encode()
+    _saved_graph(tmp_path, "g.onnx", [(key, own if value == b"OWN" else value) for key, value in entries], b"x")
+    with open(tmp_path / packed_weights.DATA_FILE, "wb") as shared, pytest.raises(ValueError, match=refusal):
+        packed_weights._Merged(shared).take(tmp_path, "g.onnx")
