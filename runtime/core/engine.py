@@ -29,7 +29,7 @@ from balcony_edge.runtime.core.huge_pages import collapse_new_memory
 from balcony_edge.runtime.core.integrity import check_export_files
 from balcony_edge.runtime.core.manifest import ExitGraph, Manifest
 from balcony_edge.runtime.core.packed_weights import PackedGraphs, discard, packed_graphs
-from balcony_edge.runtime.core.piece_runner import PieceRunner
+from balcony_edge.runtime.core.piece_runner import PieceRunner, steps_on_plans
 from balcony_edge.runtime.core.sampling import Sampler, SamplingConfig
 from balcony_edge.runtime.core.sequence import ContextFullError, Sequence
 from balcony_edge.runtime.core.sessions import (
@@ -186,8 +186,7 @@ class Engine:
         try:
             pieces = self.manifest.pieces
             runners = {p.name: PieceRunner(open_packed_session(packed.piece(p.graph), settings), p) for p in pieces}
-            plannable = not any(runner.takes_mask for runner in runners.values())  # as Sequence decides
-            exits = self.manifest.exits if plannable else []
+            exits = self.manifest.exits if steps_on_plans(runners.values(), "cpu") else []
             steps = {e.exit: open_packed_session(packed.step(e.exit), settings) for e in exits}
         except Exception as err:  # a folder damaged on disk, or taken away meanwhile
             discard(packed)

@@ -4,6 +4,8 @@ its output returned, for any positions (prefills, catch-ups, batches; one-token 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnxruntime as ort
 
@@ -41,11 +43,7 @@ class PieceRunner:
         batch's rows), past and present to the same buffers (remade when they grow)."""
         binding = self.session.io_binding()
         for slot in self.piece.cache_slots:
-            key, value = values[slot]
-            binding.bind_ortvalue_input(PAST_KEY.format(slot=slot), key)
-            binding.bind_ortvalue_input(PAST_VALUE.format(slot=slot), value)
-            binding.bind_ortvalue_output(PRESENT_KEY.format(slot=slot), key)
-            binding.bind_ortvalue_output(PRESENT_VALUE.format(slot=slot), value)
+            bind_cache_slot(binding, slot, values[slot])
         return binding
 
     def run(self, binding: ort.IOBinding, first: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
@@ -66,6 +64,22 @@ class PieceRunner:
         binding.bind_output(self.output, "cpu", 0, self.output_dtype.type, list(output.shape), output.ctypes.data)
         self.session.run_with_iobinding(binding)
         return output
+
+
+def bind_cache_slot(binding: ort.IOBinding, name: str, buffers: tuple[ort.OrtValue, ort.OrtValue]) -> None:
+    """Bind one cache slot's key and value buffers as both past and present (written in place); `name` fills the slot
+    in the I/O names: a manifest slot for a piece, a layer number for an exit graph."""
+    key, value = buffers
+    binding.bind_ortvalue_input(PAST_KEY.format(slot=name), key)
+    binding.bind_ortvalue_input(PAST_VALUE.format(slot=name), value)
+    binding.bind_ortvalue_output(PRESENT_KEY.format(slot=name), key)
+    binding.bind_ortvalue_output(PRESENT_VALUE.format(slot=name), value)
+
+
+def steps_on_plans(runners: Iterable[PieceRunner], device: str) -> bool:
+    """Whether one-token steps run on bound plans: on the CPU provider only (a GPU provider copies a bound host input
+    when it is bound), and only with pieces that take sequence lengths (not an older export's mask)."""
+    return device == "cpu" and not any(runner.takes_mask for runner in runners)
 
 
 # onnxruntime's names of the tensor types a piece or an exit graph passes: activations, and an int8 KV cache.

@@ -23,7 +23,7 @@ from balcony_edge.common.validation import is_whole_number
 from balcony_edge.runtime.core.contention import CpuContention
 from balcony_edge.runtime.core.kv_cache import KVCache
 from balcony_edge.runtime.core.manifest import Manifest, Piece
-from balcony_edge.runtime.core.piece_runner import PieceRunner
+from balcony_edge.runtime.core.piece_runner import PieceRunner, steps_on_plans
 from balcony_edge.runtime.core.step_plan import StepGraphPlan, StepPlan
 from balcony_edge.runtime.core.text import PromptError
 
@@ -93,9 +93,7 @@ class Sequence:
         `contention` (shared by the engine's sequences) finds the CPU quiet."""
         self.manifest, self.runners, self.device = manifest, runners, device
         self.chains = {entry.exit: [runners[name] for name in entry.chain] for entry in manifest.exits}
-        # The plan binds host buffers once; a GPU provider copies a bound host input at binding time, so only the CPU
-        # provider steps on plans, and only with pieces that take sequence lengths (not an older export's mask).
-        self._plannable = device == "cpu" and not any(runner.takes_mask for runner in runners.values())
+        self._plannable = steps_on_plans(runners.values(), device)
         self.step_graphs = step_graphs or {}
         self.contention = contention
         # The pieces that read the hidden states at each depth: what a boundary must keep rows for.

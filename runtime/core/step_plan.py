@@ -13,14 +13,10 @@ from balcony_edge.runtime.core.manifest import (
     EXIT_HIDDEN,
     INPUT_IDS,
     LOGITS,
-    PAST_KEY,
-    PAST_VALUE,
-    PRESENT_KEY,
-    PRESENT_VALUE,
     SEQLENS_K,
     TOTAL_SEQUENCE_LENGTH,
 )
-from balcony_edge.runtime.core.piece_runner import NUMPY_TYPES, PieceRunner
+from balcony_edge.runtime.core.piece_runner import NUMPY_TYPES, PieceRunner, bind_cache_slot
 
 
 class StepPlan:
@@ -74,12 +70,8 @@ class StepGraphPlan:
         self.runners, self.session = chain, session
         self._binding = binding = session.io_binding()
         slots = [slot for runner in chain[:-1] for slot in runner.piece.cache_slots]
-        for i, slot in enumerate(slots):
-            key, value = values[slot]
-            binding.bind_ortvalue_input(PAST_KEY.format(slot=i), key)
-            binding.bind_ortvalue_input(PAST_VALUE.format(slot=i), value)
-            binding.bind_ortvalue_output(PRESENT_KEY.format(slot=i), key)
-            binding.bind_ortvalue_output(PRESENT_VALUE.format(slot=i), value)
+        for layer, slot in enumerate(slots):
+            bind_cache_slot(binding, str(layer), values[slot])
         self._token = np.zeros((1, 1), dtype=np.int64)
         binding.bind_ortvalue_input(INPUT_IDS, ort.OrtValue.ortvalue_from_numpy(self._token))
         self._mask = np.ones((1, values[slots[0]][0].shape()[2]), dtype=np.int64)  # as long as the cache holds
